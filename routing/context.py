@@ -1,0 +1,31 @@
+"""Everything a route needs, built once per router replica and handed to routes as a typed dependency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from routing.catalog import ModelCatalog
+from routing.engine_client import EngineClient
+from routing.metrics import RouterMetrics
+from serve.config import RouterConfig
+
+
+@dataclass
+class RouterContext:
+    """The router replica's collaborators."""
+
+    engine: EngineClient
+    catalog: ModelCatalog
+    metrics: RouterMetrics
+    config: RouterConfig
+
+
+def get_context(request: Request) -> RouterContext:
+    context: RouterContext = request.app.state.context
+    return context
+
+
+ContextDep = Annotated[RouterContext, Depends(get_context)]

@@ -1,0 +1,96 @@
+"""`POST /v1/completions` and `POST /v1/chat/completions`: validate, resolve the model, relay the engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray.serve.exceptions import BackPressureError
+
+from routing.catalog import ModelTarget
+from routing.context import ContextDep, RouterContext
+from routing.errors import EngineFailure, OpenAIError, Overloaded, UpstreamError, error_response, sse_error
+from routing.metrics import RequestTimer
+from routing.protocol import Endpoint, parse_body
+from serve.wire import EngineError, ReplicaItem, Usage
+
+logger = logging.getLogger("loraplex.router")
+router = APIRouter()
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+@router.post("/v1/completions", response_model=None)
+async def create_completion(request: Request, context: ContextDep) -> Response:
+    return await _generate("completions", request, context)
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(request: Request, context: ContextDep) -> Response:
+    return await _generate("chat", request, context)
+
+
+async def _generate(endpoint: Endpoint, request: Request, context: RouterContext) -> Response:
+    target: ModelTarget | None = None
+    timer = context.metrics.track(context.metrics.label(None, False), endpoint)
+    try:
+        body = parse_body(await request.body(), endpoint, max_bytes=MAX_BODY_BYTES, max_n=context.config.max_n)
+        target = context.catalog.resolve(body["model"])
+        timer.label = context.metrics.label(target.id, target.adapter is not None)
+        body["model"] = target.id
+        items = context.engine.generate(endpoint, body)
+        first = await _first_item(items)
+        if isinstance(first, EngineError):
+            raise UpstreamError(first)
+        if isinstance(first, dict):
+            timer.tokens(*_usage_of(first))
+            timer.finish(200)
+            return JSONResponse(first)
+        if isinstance(first, str):
+            timer.first_token_seen()
+            return StreamingResponse(_relay(first, items, timer), media_type="text/event-stream")
+        raise EngineFailure(f"engine answered with an unexpected {type(first).__name__}")
+    except OpenAIError as exc:
+        timer.finish(exc.status)
+        return error_response(exc)
+
+
+async def _first_item(items: AsyncIterator[ReplicaItem]) -> ReplicaItem:
+    try:
+        return await anext(items)
+    except BackPressureError:
+        raise Overloaded("all engine replicas are at capacity; retry shortly") from None
+    except StopAsyncIteration:
+        raise EngineFailure("engine replica closed the request without an answer") from None
+    except OpenAIError:
+        raise
+    except Exception as exc:  # a replica that died or failed: the handle re-raises its error here
+        logger.exception("engine replica failed before answering")
+        raise EngineFailure(f"engine replica failed: {type(exc).__name__}") from exc
+
+
+async def _relay(first: str, items: AsyncIterator[ReplicaItem], timer: RequestTimer) -> AsyncIterator[str]:
+    """Streams the engine's events to the client; a failure mid-stream ends it with an error event."""
+    status = 200
+    try:
+        yield first
+        async for item in items:
+            if isinstance(item, str):
+                yield item
+            elif isinstance(item, Usage):
+                timer.tokens(item.prompt_tokens, item.completion_tokens)
+    except Exception as exc:
+        logger.exception("engine replica failed mid-stream")
+        failure = EngineFailure(f"engine replica failed mid-stream: {type(exc).__name__}")
+        status = failure.status
+        yield sse_error(failure)
+    finally:
+        timer.finish(status)
+
+
+def _usage_of(response: dict[str, Any]) -> tuple[int, int]:
+    usage = response.get("usage") or {}
+    return int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))

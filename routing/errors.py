@@ -1,0 +1,143 @@
+"""The one error model: exceptions that carry their OpenAI error type and HTTP status.
+
+Every error leaves the router as `{"error": {"message", "type", "param", "code"}}`; streams end with
+one such event followed by `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.wire import EngineError
+
+logger = logging.getLogger("loraplex.router")
+
+
+class OpenAIError(Exception):
+    """Base of every error the router answers with; subclasses fix status and type."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidRequest(OpenAIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ModelNotFound(OpenAIError):
+    status = 404
+    type = "not_found_error"
+    code = "model_not_found"
+
+
+class RouteNotFound(OpenAIError):
+    status = 404
+    type = "not_found_error"
+
+
+class MethodNotAllowed(OpenAIError):
+    status = 405
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(OpenAIError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class Overloaded(OpenAIError):
+    """The service is at capacity; the client should retry after `retry_after` seconds."""
+
+    status = 503
+    type = "overloaded_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class EngineFailure(OpenAIError):
+    """An engine replica failed while serving the request."""
+
+    status = 500
+    type = "server_error"
+
+
+class UpstreamError(OpenAIError):
+    """An error answered by an engine replica, passed on with the replica's status."""
+
+    def __init__(self, error: EngineError) -> None:
+        super().__init__(error.message, param=error.param, code=error.code)
+        self.status = error.status
+        self.type = error.type
+
+
+def error_response(exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+def sse_error(exc: OpenAIError) -> str:
+    """The closing events of a stream that failed after it started."""
+    return f"data: {json.dumps(exc.body())}\n\ndata: [DONE]\n\n"
+
+
+def validation_param(loc: tuple[int | str, ...]) -> str | None:
+    """`("body", "messages", 0, "role")` → `"messages.0.role"`: the field the client got wrong."""
+    parts = [str(part) for part in loc if part != "body"]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Makes every error path of `app`, FastAPI's own included, answer in OpenAI's shape."""
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        return error_response(InvalidRequest(first["msg"], param=validation_param(tuple(first["loc"]))))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(RouteNotFound(f"no route {request.method} {request.url.path}"))
+        if exc.status_code == 405:
+            return error_response(MethodNotAllowed(f"method {request.method} not allowed on {request.url.path}"))
+        error = OpenAIError(str(exc.detail))
+        error.status = exc.status_code
+        error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(error)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(OpenAIError(f"internal error: {type(exc).__name__}"))

@@ -1,0 +1,24 @@
+"""The router as a Ray Serve deployment: the application's ingress and only public surface."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve
+
+from routing.app import create_app
+from routing.catalog import ModelCatalog
+from routing.engine_client import ServeEngineClient
+from serve.config import RouterConfig
+
+
+@serve.ingress()
+class RouterIngress:
+    """Builds the FastAPI router in the replica, wired to the engine deployment's handle."""
+
+    def __init__(self, engine: Any, base_id: str, adapters: list[str], config: RouterConfig) -> None:
+        self._app = create_app(ServeEngineClient(engine), ModelCatalog(base_id, adapters), config)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return self._app

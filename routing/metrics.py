@@ -1,0 +1,84 @@
+"""The router's Prometheus metrics, per model (base or adapter) with a bounded number of label values."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+OTHER = "other"
+UNKNOWN = "unknown"
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class RouterMetrics:
+    """Request, token and latency series labelled by model id; at most `max_adapters` adapter labels."""
+
+    def __init__(self, registry: CollectorRegistry, max_adapters: int) -> None:
+        self.registry = registry
+        self._max_adapters = max_adapters
+        self._adapter_labels: set[str] = set()
+        self.requests = Counter(
+            "loraplex_requests", "Requests answered, by model, endpoint and HTTP status.",
+            ["model", "endpoint", "status"], registry=registry,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "loraplex_prompt_tokens", "Prompt tokens processed, by model.", ["model"], registry=registry
+        )
+        self.completion_tokens = Counter(
+            "loraplex_completion_tokens", "Completion tokens generated, by model.", ["model"], registry=registry
+        )
+        self.ttft = Histogram(
+            "loraplex_time_to_first_token_seconds", "Time to the first streamed token, by model.",
+            ["model"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "loraplex_request_latency_seconds", "End-to-end request latency, by model and endpoint.",
+            ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+
+    def label(self, model_id: str | None, is_adapter: bool) -> str:
+        """The label value for a model: adapters beyond the cap share `other`."""
+        if model_id is None:
+            return UNKNOWN
+        if not is_adapter or model_id in self._adapter_labels:
+            return model_id
+        if len(self._adapter_labels) < self._max_adapters:
+            self._adapter_labels.add(model_id)
+            return model_id
+        return OTHER
+
+    def track(self, label: str, endpoint: str) -> RequestTimer:
+        return RequestTimer(self, label, endpoint)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass
+class RequestTimer:
+    """Measures one request from arrival to its last byte and records it once."""
+
+    metrics: RouterMetrics
+    label: str
+    endpoint: str
+    started: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    done: bool = False
+
+    def first_token_seen(self) -> None:
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+            self.metrics.ttft.labels(self.label).observe(self.first_token - self.started)
+
+    def tokens(self, prompt: int, completion: int) -> None:
+        self.metrics.prompt_tokens.labels(self.label).inc(prompt)
+        self.metrics.completion_tokens.labels(self.label).inc(completion)
+
+    def finish(self, status: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.metrics.requests.labels(self.label, self.endpoint, str(status)).inc()
+        self.metrics.latency.labels(self.label, self.endpoint).observe(time.perf_counter() - self.started)

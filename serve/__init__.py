@@ -1,0 +1,1 @@
+"""What runs in an engine replica and how a loraplex application is assembled and started."""

@@ -1,0 +1,165 @@
+"""Configuration of a loraplex application: documented pydantic models, loadable from YAML.
+
+The same models back the `loraplex serve` flags, the `--config FILE.yaml` file and the
+`args:` block of a Ray Serve config (`import_path: serve.app:build_app`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+_ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
+
+# vLLM sizes its LoRA buffers by max_lora_rank and accepts only these bounds.
+LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineConfig(_Strict):
+    """Settings of the vLLM engine that each engine replica runs."""
+
+    model: str = Field(description="Path of a Hugging Face-format causal LM folder.")
+    served_model_name: str | None = Field(
+        default=None,
+        description="Public id of the base model; defaults to the model folder's name.",
+    )
+    max_loras: int = Field(
+        default=4, ge=1, description="Adapters that can take part in one engine step (GPU/engine slots)."
+    )
+    max_lora_rank: LoraRank = Field(
+        default=64,
+        description=(
+            "Largest adapter rank accepted. vLLM sizes its LoRA buffers by this bound, so on CPU it "
+            "dominates the cost of adapter requests: 64 admits most published adapters; lower it "
+            "(e.g. 16) when every adapter you serve is small."
+        ),
+    )
+    max_cpu_loras: int | None = Field(
+        default=None,
+        ge=1,
+        description="Adapters kept in the engine's CPU cache (LRU); defaults to max_loras.",
+    )
+    max_model_len: int = Field(default=2048, ge=16, description="Longest prompt plus completion, in tokens.")
+    max_num_seqs: int = Field(default=64, ge=1, description="Sequences the engine batches in one step.")
+    dtype: Literal["checkpoint", "auto", "float32", "bfloat16", "float16"] = Field(
+        default="checkpoint",
+        description=(
+            "Weights and activations type. `checkpoint` uses the dtype the model's config.json declares, "
+            "so outputs match transformers on the same weights; `auto` lets vLLM choose (bfloat16 on CPU)."
+        ),
+    )
+    kv_cache_gib: float = Field(default=2.0, gt=0, description="KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(
+        default=0.5, gt=0, le=1, description="Fraction of accelerator memory the engine may use."
+    )
+    cpu_threads_bind: str = Field(
+        default="auto",
+        description="CPU cores of the engine's worker (VLLM_CPU_OMP_THREADS_BIND): `auto`, `nobind` or ids like `0-3`.",
+    )
+    enforce_eager: bool = Field(default=True, description="Skip graph capture; faster start-up on CPU.")
+    seed: int = Field(default=0, description="Engine seed, for reproducible sampling with a request seed.")
+
+    @model_validator(mode="after")
+    def _cpu_tier_holds_engine_slots(self) -> EngineConfig:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be at least max_loras")
+        return self
+
+    def engine_dtype(self) -> str:
+        """The dtype passed to vLLM: `checkpoint` resolved from the model's config.json."""
+        if self.dtype != "checkpoint":
+            return self.dtype
+        config_file = Path(self.model) / "config.json"
+        if not config_file.is_file():
+            return "auto"
+        declared = json.loads(config_file.read_text())
+        value = declared.get("dtype") or declared.get("torch_dtype")
+        return value if value in ("float32", "bfloat16", "float16") else "auto"
+
+    @property
+    def model_id(self) -> str:
+        """The id clients use for the base model."""
+        return self.served_model_name or Path(self.model).name
+
+
+class AdapterConfig(_Strict):
+    """A LoRA adapter served from the start."""
+
+    name: str = Field(description="Adapter name, `[A-Za-z0-9._-]`; clients ask for `BASE:NAME` or `NAME`.")
+    path: str = Field(description="Folder of a PEFT LoRA adapter (adapter_config.json + safetensors).")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_safe(cls, value: str) -> str:
+        if not _ADAPTER_NAME.match(value):
+            raise ValueError(f"adapter name {value!r} must match {ADAPTER_NAME_PATTERN}")
+        return value
+
+
+class EngineDeploymentConfig(_Strict):
+    """How the engine deployment is scaled and guarded by Ray Serve."""
+
+    num_replicas: int = Field(default=1, ge=1, description="Engine replicas, each with its own vLLM engine.")
+    num_cpus: float = Field(default=1.0, gt=0, description="Logical Ray CPUs reserved per engine replica.")
+    max_ongoing_requests: int = Field(
+        default=64, ge=1, description="Requests one replica accepts at once; more wait in the router."
+    )
+    health_check_period_s: float = Field(default=10.0, gt=0, description="Seconds between engine health checks.")
+
+
+class RouterConfig(_Strict):
+    """The OpenAI-compatible router (the application's ingress)."""
+
+    num_replicas: int = Field(default=1, ge=1, description="Router replicas behind Ray Serve's proxy.")
+    max_ongoing_requests: int = Field(default=256, ge=1, description="Requests one router replica accepts at once.")
+    max_adapter_labels: int = Field(
+        default=50,
+        ge=1,
+        description="Distinct adapter values in metric labels; further adapters are counted as `other`.",
+    )
+    max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request) accepted.")
+
+
+class AppConfig(_Strict):
+    """A whole loraplex application: one base model, its adapters, and how it is deployed."""
+
+    engine: EngineConfig
+    adapters: list[AdapterConfig] = Field(default_factory=list, description="Adapters served from the start.")
+    engine_deployment: EngineDeploymentConfig = Field(default_factory=EngineDeploymentConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+
+    @model_validator(mode="after")
+    def _adapter_names_unique(self) -> AppConfig:
+        names = [adapter.name for adapter in self.adapters]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"adapter names must be unique, repeated: {duplicates}")
+        return self
+
+
+def load_config(path: Path, overrides: dict[str, Any] | None = None) -> AppConfig:
+    """Reads an AppConfig from YAML, then applies `overrides` (a nested dict) on top."""
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return AppConfig.model_validate(_merge(data, overrides or {}))
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

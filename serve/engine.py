@@ -1,0 +1,185 @@
+"""The engine replica: one in-process vLLM `AsyncLLM` with LoRA, behind vLLM's OpenAI serving layer.
+
+Requests for the base model and for any adapter go into the same engine, so vLLM batches them
+together step by step. Chat templates, sampling, logprobs and stop handling are vLLM's own; this
+class adapts them to the replica's wire protocol (`serve.wire`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from serve.config import AdapterConfig, EngineConfig
+from serve.wire import Endpoint, EngineError, ReplicaItem, Usage
+
+if TYPE_CHECKING:
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger("loraplex.engine")
+
+
+def adapter_model_id(base_id: str, name: str) -> str:
+    """The public id of adapter `name` on base model `base_id`."""
+    return f"{base_id}:{name}"
+
+
+def vllm_cli_args(config: EngineConfig, adapters: list[AdapterConfig]) -> list[str]:
+    """The `vllm serve` flags equivalent to `config`; the reference server takes the same list."""
+    args = [
+        "--model", config.model,
+        "--served-model-name", config.model_id,
+        "--enable-lora",
+        "--max-loras", str(config.max_loras),
+        "--max-lora-rank", str(config.max_lora_rank),
+        "--max-cpu-loras", str(config.max_cpu_loras or config.max_loras),
+        "--max-model-len", str(config.max_model_len),
+        "--max-num-seqs", str(config.max_num_seqs),
+        "--dtype", config.engine_dtype(),
+        "--gpu-memory-utilization", str(config.gpu_memory_utilization),
+        "--seed", str(config.seed),
+        "--disable-log-stats",
+    ]  # fmt: skip
+    if config.enforce_eager:
+        args.append("--enforce-eager")
+    if adapters:
+        args.append("--lora-modules")
+        args.extend(f"{adapter_model_id(config.model_id, a.name)}={a.path}" for a in adapters)
+    return args
+
+
+def engine_env(config: EngineConfig) -> dict[str, str]:
+    """Environment that vLLM reads at engine start-up (it has no arguments for these)."""
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": f"{config.kv_cache_gib:g}",
+        "VLLM_CPU_OMP_THREADS_BIND": config.cpu_threads_bind,
+    }
+
+
+class EngineReplica:
+    """Hosts one vLLM engine and answers completions and chat requests in the wire protocol."""
+
+    async def __init__(self, config: EngineConfig, adapters: list[AdapterConfig]) -> None:
+        os.environ.update(engine_env(config))
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._config = config
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(config, adapters))
+        validate_parsed_serve_args(args)
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        self._engine: AsyncLLM = AsyncLLM.from_vllm_config(
+            vllm_config=vllm_config,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            enable_log_requests=False,
+            disable_log_stats=engine_args.disable_log_stats,
+        )
+        state = State()
+        await init_app_state(self._engine, state, args, await self._engine.get_supported_tasks())
+        self._models: OpenAIServingModels = state.openai_serving_models
+        self._completion: OpenAIServingCompletion = state.openai_serving_completion
+        self._chat: OpenAIServingChat = state.openai_serving_chat
+
+    async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[ReplicaItem]:
+        """Runs one request; yields items as described in `serve.wire`."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.exceptions import VLLMClientError
+
+        streaming = bool(body.get("stream"))
+        options = body.get("stream_options") or {}
+        client_wants_usage = streaming and bool(options.get("include_usage"))
+        if streaming:
+            # Always ask vLLM for the final usage event: the router's token metrics need it.
+            body = {**body, "stream_options": {**options, "include_usage": True}}
+
+        serving = self._completion if endpoint == "completions" else self._chat
+        try:
+            if endpoint == "completions":
+                result = await self._completion.create_completion(CompletionRequest.model_validate(body))
+            else:
+                result = await self._chat.create_chat_completion(ChatCompletionRequest.model_validate(body))
+        except ValidationError as exc:
+            yield validation_error(exc)
+            return
+        except (ValueError, VLLMClientError) as exc:
+            yield from_vllm_error(serving.create_error_response(exc))
+            return
+
+        if isinstance(result, ErrorResponse):
+            yield from_vllm_error(result)
+        elif not streaming:
+            yield result.model_dump(mode="json")
+        else:
+            usage: Usage | None = None
+            async for event in result:
+                if usage is None and (usage := final_usage(event)) is not None and not client_wants_usage:
+                    continue
+                yield event
+            if usage is not None:
+                yield usage
+
+    async def check_health(self) -> None:
+        """Called by Ray Serve; raising marks this replica unhealthy so Serve replaces it."""
+        await self._engine.check_health()
+
+    async def adapters(self) -> list[str]:
+        """Ids of the adapters this replica's engine knows."""
+        return sorted(self._models.lora_requests)
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def final_usage(event: str) -> Usage | None:
+    """The token counts carried by a stream's closing usage event, or None for any other event."""
+    if '"usage"' not in event or not event.startswith("data: {"):
+        return None
+    payload = json.loads(event[len("data: ") :])
+    usage = payload.get("usage")
+    if payload.get("choices") or not usage:
+        return None
+    return Usage(prompt_tokens=usage["prompt_tokens"], completion_tokens=usage.get("completion_tokens") or 0)
+
+
+def from_vllm_error(response: ErrorResponse) -> EngineError:
+    """vLLM's error (its `code` is the HTTP status) in the wire protocol's terms."""
+    error = response.error
+    return EngineError(
+        status=int(error.code), message=error.message, type=_error_type(int(error.code)), param=error.param
+    )
+
+
+def validation_error(exc: ValidationError) -> EngineError:
+    """A pydantic validation failure of vLLM's request model, naming the first offending field."""
+    first = exc.errors(include_url=False)[0]
+    cause = (first.get("ctx") or {}).get("error")
+    param = getattr(cause, "parameter", None) or ".".join(str(part) for part in first["loc"]) or None
+    message = str(cause) if cause is not None else first["msg"]
+    return EngineError(status=400, message=message, type="invalid_request_error", param=param)
+
+
+def _error_type(status: int) -> str:
+    if status == 404:
+        return "not_found_error"
+    if status < 500:
+        return "invalid_request_error"
+    return "server_error"

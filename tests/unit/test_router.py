@@ -1,0 +1,186 @@
+"""The router alone, against a fake engine: model resolution, validation, errors, streaming, metrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from ray.serve.exceptions import BackPressureError
+
+from routing.app import create_app
+from routing.catalog import ModelCatalog
+from serve.config import RouterConfig
+from serve.wire import EngineError, Usage
+from tests.unit.fake_engine import FakeEngine
+
+BASE = "tiny-base"
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def make_client(engine: FakeEngine, **config: Any) -> httpx.AsyncClient:
+    app = create_app(engine, ModelCatalog(BASE, ["a1", "a2"]), RouterConfig(**config))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+async def client(engine: FakeEngine) -> AsyncIterator[httpx.AsyncClient]:
+    async with make_client(engine) as client:
+        yield client
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    assert error["param"] == param
+    return error
+
+
+async def test_models_lists_base_then_adapters_with_parent(client: httpx.AsyncClient) -> None:
+    data = (await client.get("/v1/models")).json()["data"]
+    assert [(m["id"], m["parent"]) for m in data] == [
+        (BASE, None), (f"{BASE}:a1", BASE), (f"{BASE}:a2", BASE),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("requested", [f"{BASE}:a1", "a1"])
+async def test_adapter_id_and_bare_name_reach_the_engine_as_canonical_id(
+    client: httpx.AsyncClient, engine: FakeEngine, requested: str
+) -> None:
+    response = await client.post("/v1/completions", json={"model": requested, "prompt": "x"})
+    assert response.status_code == 200
+    assert engine.requests[-1][1]["model"] == f"{BASE}:a1"
+    assert response.json()["model"] == f"{BASE}:a1"
+
+
+async def test_retrieve_model(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/v1/models/a2")).json()["id"] == f"{BASE}:a2"
+    assert_openai_error(await client.get("/v1/models/zzz"), 404, "model")
+
+
+BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
+    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model"),
+    ("/v1/chat/completions", {"model": f"{BASE}:nope", **CHAT}, 404, "model"),
+    ("/v1/completions", {"prompt": "x"}, 400, "model"),
+    ("/v1/completions", {"model": BASE}, 400, "prompt"),
+    ("/v1/completions", {"model": BASE, "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": BASE, "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"model": BASE, "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": BASE, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": BASE, "prompt": "x", "n": 99}, 400, "n"),
+    ("/v1/completions", {"model": BASE, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"model": BASE, "prompt": "x", "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ("/v1/chat/completions", {"model": BASE, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": BASE, "messages": [{"content": "hi"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {"model": BASE, **CHAT, "top_logprobs": 3}, 400, "top_logprobs"),
+    ("/v1/chat/completions", [1, 2], 400, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "payload", "status", "param"), BAD_REQUESTS)
+async def test_bad_requests_get_openai_errors(
+    client: httpx.AsyncClient, engine: FakeEngine, path: str, payload: Any, status: int, param: str | None
+) -> None:
+    assert_openai_error(await client.post(path, json=payload), status, param)
+    assert engine.requests == []
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe", b'{"model": "x"', b"[" * 100_000])
+async def test_unparseable_bodies_are_400(client: httpx.AsyncClient, raw: bytes) -> None:
+    response = await client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert_openai_error(response, 400)
+
+
+async def test_oversized_body_is_413(client: httpx.AsyncClient) -> None:
+    payload = {"model": BASE, "prompt": "x" * (5 * 1024 * 1024)}
+    assert_openai_error(await client.post("/v1/completions", json=payload), 413)
+
+
+async def test_unknown_route_and_method_use_the_error_shape(client: httpx.AsyncClient) -> None:
+    assert_openai_error(await client.get("/v1/nothing"), 404)
+    assert_openai_error(await client.get("/v1/completions"), 405)
+
+
+async def test_engine_error_passes_through_with_its_status_and_param() -> None:
+    error = EngineError(status=400, message="prompt too long", type="invalid_request_error", param="prompt")
+    async with make_client(FakeEngine(lambda *_: [error])) as client:
+        response = await client.post("/v1/completions", json={"model": BASE, "prompt": "x"})
+    assert_openai_error(response, 400, "prompt")
+
+
+async def test_engine_failure_before_answer_is_500_and_router_keeps_serving() -> None:
+    calls = iter([[RuntimeError("replica died")], None])
+    engine = FakeEngine(lambda e, b: next(calls) or FakeEngine().script(e, b))
+    async with make_client(engine) as client:
+        assert_openai_error(await client.post("/v1/completions", json={"model": BASE, "prompt": "x"}), 500)
+        assert (await client.post("/v1/completions", json={"model": BASE, "prompt": "x"})).status_code == 200
+
+
+async def test_backpressure_is_503_with_retry_after() -> None:
+    async with make_client(
+        FakeEngine(lambda *_: [BackPressureError(num_queued_requests=1, max_queued_requests=1)])
+    ) as c:
+        response = await c.post("/v1/completions", json={"model": BASE, "prompt": "x"})
+    assert_openai_error(response, 503)
+    assert response.headers["retry-after"] == "1"
+
+
+async def test_stream_relays_events_and_hides_usage_item(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/completions", json={"model": "a2", "prompt": "x", "stream": True})
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in response.text.split("\n\n") if line]
+    assert events[-1] == "data: [DONE]"
+    assert [json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]] == ["a", "b"]
+
+
+async def test_failure_mid_stream_ends_with_error_event_then_done() -> None:
+    def script(endpoint: Any, body: Any) -> list[Any]:
+        return ['data: {"choices": []}\n\n', RuntimeError("replica died")]
+
+    async with make_client(FakeEngine(script)) as client:
+        response = await client.post("/v1/completions", json={"model": BASE, "prompt": "x", "stream": True})
+    events = [line for line in response.text.split("\n\n") if line]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["error"]["type"] == "server_error"
+
+
+async def test_metrics_count_requests_and_tokens_per_model(client: httpx.AsyncClient) -> None:
+    await client.post("/v1/completions", json={"model": "a1", "prompt": "x"})
+    await client.post("/v1/completions", json={"model": "a1", "prompt": "x", "stream": True})
+    await client.post("/v1/completions", json={"model": "zzz", "prompt": "x"})
+    text = (await client.get("/metrics")).text
+    a1 = f'model="{BASE}:a1"'
+    assert f'loraplex_requests_total{{endpoint="completions",{a1},status="200"}} 2.0' in text
+    assert f"loraplex_completion_tokens_total{{{a1}}} 4.0" in text
+    assert f"loraplex_prompt_tokens_total{{{a1}}} 6.0" in text
+    assert f"loraplex_time_to_first_token_seconds_count{{{a1}}} 1.0" in text
+    assert 'loraplex_requests_total{endpoint="completions",model="unknown",status="404"} 1.0' in text
+
+
+async def test_adapter_labels_are_capped_and_fold_into_other(engine: FakeEngine) -> None:
+    async with make_client(engine, max_adapter_labels=1) as client:
+        for model in ("a1", "a2", BASE):
+            await client.post("/v1/completions", json={"model": model, "prompt": "x"})
+        text = (await client.get("/metrics")).text
+    assert f'model="{BASE}:a1"' in text
+    assert f'model="{BASE}:a2"' not in text
+    assert 'model="other"' in text
+    assert f'model="{BASE}"' in text
+
+
+async def test_health(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/health")).json() == {"status": "ok"}
+
+
+def test_usage_item_type_is_plain_data() -> None:
+    assert Usage(1, 2) == Usage(prompt_tokens=1, completion_tokens=2)
