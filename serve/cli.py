@@ -87,15 +87,15 @@ def run(config: AppConfig, host: str, port: int) -> None:
 
     from serve.app import build_app
 
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
     else:
         ray.init(address="local", num_cpus=max(8, 4 * (os.cpu_count() or 1)), include_dashboard=False)
+    # After ray.init: Ray's core worker installs a SIGTERM handler that would end us before clean-up.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)

@@ -1,0 +1,190 @@
+"""One real loraplex server for the integration suite, started the way a user starts it.
+
+`loraplex serve` runs as a child process on a free port, with a copy of the default model under
+another name and adapters that these tests make themselves with PEFT (plus one demo adapter), so
+nothing depends on how the project built its own assets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from serve.assets import LORA_TARGETS, prepare
+from tests.integration.reference import Reference
+
+REPO = Path(__file__).resolve().parents[2]
+ASSETS = REPO / ".loraplex"
+MODEL_ID = "smol-copy"
+STARTUP_TIMEOUT_S = 420
+
+
+@dataclass(frozen=True)
+class ExternalAdapter:
+    """An adapter as a stranger might make it: its own rank, targets and scaling."""
+
+    name: str
+    rank: int
+    alpha: int
+    targets: tuple[str, ...]
+    seed: int
+    scale: float
+
+
+EXTERNAL_ADAPTERS = (
+    ExternalAdapter("ext-qv", rank=4, alpha=8, targets=("q_proj", "v_proj"), seed=11, scale=0.6),
+    ExternalAdapter("ext-all", rank=32, alpha=16, targets=LORA_TARGETS, seed=12, scale=0.3),
+)
+
+
+def make_adapter(model_dir: Path, spec: ExternalAdapter, dest: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets), task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(spec.seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                scale = spec.scale if "lora_B" in name else 1.0
+                param.copy_(scale * torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
+    model.save_pretrained(dest)
+    return dest
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The running server and what it serves."""
+
+    base_url: str
+    model_id: str
+    model_dir: Path
+    adapters: dict[str, Path]
+    log: Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    model_src, demo = prepare(ASSETS)
+    work = tmp_path_factory.mktemp("stack")
+    model_dir = work / MODEL_ID
+    shutil.copytree(model_src, model_dir)
+    adapters = {spec.name: make_adapter(model_dir, spec, work / spec.name) for spec in EXTERNAL_ADAPTERS}
+    adapters["alpha"] = demo["alpha"]
+
+    port = free_port()
+    log = work / "server.log"
+    command = [str(Path(sys.executable).parent / "loraplex"), "serve", "--model", str(model_dir), "--port", str(port)]
+    for name, path in adapters.items():
+        command += ["--adapter", f"{name}={path}"]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(process, base_url, log)
+        yield Stack(base_url=base_url, model_id=MODEL_ID, model_dir=model_dir, adapters=adapters, log=log)
+    finally:
+        stop(process)
+
+
+def wait_until_ready(process: subprocess.Popen[bytes], base_url: str, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"loraplex serve exited with {process.returncode}:\n{tail(log)}")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(1)
+    pytest.fail(f"loraplex serve not healthy after {STARTUP_TIMEOUT_S}s:\n{tail(log)}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as a user's Ctrl-C or an orchestrator would; the CLI must clean up Ray and vLLM."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            pytest.fail("loraplex serve did not stop within 90s of SIGTERM")
+    assert_nothing_left_behind(process.pid)
+
+
+def session_processes(session: int) -> list[int]:
+    """Processes still alive in the server's session (Ray and vLLM children inherit it)."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == session:
+                    alive.append(int(entry.name))
+            except ProcessLookupError:
+                continue
+    return alive
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:80]
+    except OSError:
+        return f"pid {pid} (gone)"
+
+
+def assert_nothing_left_behind(session: int) -> None:
+    deadline = time.monotonic() + 20
+    while (left := session_processes(session)) and time.monotonic() < deadline:
+        time.sleep(1)
+    if left:
+        names = [command_line(pid) for pid in left]
+        os.killpg(session, signal.SIGKILL)
+        pytest.fail(f"loraplex serve left processes behind: {names}")
+
+
+def tail(log: Path, lines: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def async_client(stack: Stack) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def reference(stack: Stack) -> Reference:
+    return Reference(stack.model_dir, stack.adapters)
+
+
+def adapter_config(path: Path) -> dict[str, object]:
+    return dict(json.loads((path / "adapter_config.json").read_text()))
