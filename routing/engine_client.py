@@ -21,4 +21,4 @@ class ServeEngineClient:
         self._handle = handle.options(stream=True)
 
     def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[ReplicaItem]:
-        return self._handle.generate.remote(endpoint, body)  # type: ignore[no-any-return]
+        return self._handle.generate.remote(endpoint, body)

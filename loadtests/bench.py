@@ -1,0 +1,235 @@
+"""`make bench`: vLLM's own OpenAI server, loraplex and Ray Serve LLM, same model, adapters, engine
+settings and workloads, one after the other in one run. Writes docs/benchmarks/ and ends with
+`throughput_vs_vllm base=<ratio> adapters8=<ratio> zipf64=<ratio>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+
+from loadtests.loadgen import Report, Workload, run
+from serve.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
+from serve.config import AdapterConfig, EngineConfig
+from serve.engine import adapter_model_id, engine_env, vllm_cli_args
+
+SYSTEMS = ("vllm", "loraplex", "rayserve-llm")
+BUCKET = "loraplex-bench"
+STARTUP_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Setup:
+    engine: EngineConfig
+    adapters: list[AdapterConfig]
+    work: Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def process(command: list[str], env: dict[str, str], log: Path, ready_url: str) -> Iterator[None]:
+    """Runs `command` until `ready_url` answers 200; stops its whole session afterwards."""
+    with log.open("wb") as sink:
+        child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if child.poll() is not None:
+                raise RuntimeError(f"{command[:3]} exited {child.returncode}; see {log}")
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{command[:3]} not ready after {STARTUP_TIMEOUT_S}s; see {log}")
+            time.sleep(1)
+        yield
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            with suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=90)
+        with suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+
+def base_env(setup: Setup) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(engine_env(setup.engine))
+    return env
+
+
+@contextmanager
+def start_vllm(setup: Setup) -> Iterator[str]:
+    port = free_port()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port)]
+    command += vllm_cli_args(setup.engine, setup.adapters)
+    with process(command, base_env(setup), setup.work / "vllm.log", f"http://127.0.0.1:{port}/v1/models"):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def start_loraplex(setup: Setup) -> Iterator[str]:
+    port = free_port()
+    config_file = setup.work / "loraplex.yaml"
+    config = {"engine": setup.engine.model_dump(), "adapters": [a.model_dump() for a in setup.adapters]}
+    config_file.write_text(yaml.safe_dump(config))
+    command = [
+        str(Path(sys.executable).parent / "loraplex"),
+        "serve",
+        "--config",
+        str(config_file),
+        "--port",
+        str(port),
+    ]
+    with process(command, base_env(setup), setup.work / "loraplex.log", f"http://127.0.0.1:{port}/health"):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def start_rayserve_llm(setup: Setup) -> Iterator[str]:
+    """Ray Serve LLM reads adapters only from object storage: moto serves them as S3 on loopback."""
+    s3_port = free_port()
+    s3_url = f"http://127.0.0.1:{s3_port}"
+    s3_env = {
+        "AWS_ENDPOINT_URL_S3": s3_url, "AWS_ENDPOINT_URL": s3_url, "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+    }  # fmt: skip
+    moto = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)]
+    with process(moto, base_env(setup), setup.work / "moto.log", f"{s3_url}/moto-api/"):
+        upload_adapters(setup.adapters, s3_url)
+        engine = setup.engine
+        spec = {
+            "model_id": engine.model_id,
+            "model": engine.model,
+            "engine_kwargs": {
+                "enable_lora": True, "max_loras": engine.max_loras, "max_lora_rank": engine.max_lora_rank,
+                "max_cpu_loras": engine.max_cpu_loras or engine.max_loras, "max_model_len": engine.max_model_len,
+                "max_num_seqs": engine.max_num_seqs, "dtype": engine.engine_dtype(),
+                "gpu_memory_utilization": engine.gpu_memory_utilization, "enforce_eager": engine.enforce_eager,
+                "seed": engine.seed,
+            },
+            "lora_config": {"dynamic_lora_loading_path": f"s3://{BUCKET}/loras", "max_num_adapters_per_replica": 64},
+            "env": {**engine_env(engine), **s3_env},
+        }  # fmt: skip
+        spec_file = setup.work / "rayllm.json"
+        spec_file.write_text(json.dumps(spec))
+        port = free_port()
+        command = [sys.executable, "-m", "loadtests.rayllm_server", str(spec_file), str(port)]
+        env = {**base_env(setup), **s3_env}
+        with process(command, env, setup.work / "rayllm.log", f"http://127.0.0.1:{port}/v1/models"):
+            yield f"http://127.0.0.1:{port}"
+
+
+def upload_adapters(adapters: list[AdapterConfig], endpoint: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                      aws_access_key_id="bench", aws_secret_access_key="bench")  # fmt: skip
+    s3.create_bucket(Bucket=BUCKET)
+    for adapter in adapters:
+        for file in Path(adapter.path).iterdir():
+            if file.is_file() and not file.name.startswith("."):
+                s3.upload_file(str(file), BUCKET, f"loras/{adapter.name}/{file.name}")
+
+
+LOGS = {"vllm": "vllm.log", "loraplex": "loraplex.log", "rayserve-llm": "rayllm.log"}
+STARTERS = {"vllm": start_vllm, "loraplex": start_loraplex, "rayserve-llm": start_rayserve_llm}
+
+
+def workloads(base: str, adapters: list[str], requests: int, concurrency: int, max_tokens: int) -> list[Workload]:
+    common = {"num_requests": requests, "concurrency": concurrency, "max_tokens": max_tokens}
+    return [
+        Workload("base", (base,), popularity="single", **common),
+        Workload("adapters8", tuple(adapters[:8]), popularity="uniform", **common),
+        Workload("zipf64", tuple(adapters[:64]), popularity="zipf", **common),
+    ]
+
+
+def warm_up(url: str, model: str) -> None:
+    body = {"model": model, "prompt": "Hello", "max_tokens": 4}
+    httpx.post(f"{url}/v1/completions", json=body, timeout=300).raise_for_status()
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, no GPU, Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--assets", type=Path, default=Path(".loraplex"))
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--workloads", nargs="+", default=["base", "adapters8", "zipf64"])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    model_dir = build_default_model(args.assets / "models" / DEFAULT_MODEL_NAME)
+    adapter_dirs = build_adapters(model_dir, bench_adapters(64), args.assets / "bench-adapters")
+    engine = EngineConfig(model=str(model_dir.resolve()))
+    adapters = [AdapterConfig(name=name, path=str(path.resolve())) for name, path in adapter_dirs.items()]
+    ids = [adapter_model_id(engine.model_id, a.name) for a in adapters]
+    chosen = [w for w in workloads(engine.model_id, ids, args.requests, args.concurrency, args.max_tokens)
+              if w.name in args.workloads]  # fmt: skip
+
+    results: dict[str, dict[str, dict[str, float | int | str]]] = {}
+    with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as tmp:
+        setup = Setup(engine=engine, adapters=adapters, work=Path(tmp))
+        for system in args.systems:
+            results[system] = {}
+            try:
+                with STARTERS[system](setup) as url:
+                    warm_up(url, engine.model_id)
+                    for workload in chosen:
+                        report: Report = asyncio.run(run(url, workload))
+                        results[system][workload.name] = report.summary()
+                        print(system, json.dumps(report.summary()), flush=True)
+            except Exception as exc:  # one system failing must not lose the others' figures
+                results[system]["failure"] = {"error": f"{type(exc).__name__}: {exc}"}
+                log = setup.work / LOGS[system]
+                log_tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:]) if log.exists() else ""
+                print(f"{system} failed: {exc}\n{log_tail}", flush=True)
+
+    from loadtests.report import write_report
+
+    command = (
+        "make bench"
+        if argv is None and len(sys.argv) == 1
+        else "python -m loadtests.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    )
+    print(write_report(args.out, results, engine, machine(), command))
+
+
+if __name__ == "__main__":
+    main()

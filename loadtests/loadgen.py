@@ -1,0 +1,202 @@
+"""A load generator for any OpenAI-compatible server: closed loop (concurrency) or open loop (rate).
+
+Each request is a streamed `/v1/completions` call, so time to first token and time per output token
+are measured on the client, the same way for every system under test. `ignore_eos` makes every
+request produce exactly `max_tokens`, so systems are compared on equal work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import httpx
+
+Popularity = Literal["single", "uniform", "zipf"]
+
+PROMPTS = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a bicycle stays upright while moving.",
+    "List five facts about the planet Mars.",
+    "What is the capital of France?",
+    "Describe the water cycle to a ten-year-old.",
+    "Write a haiku about the sea.",
+    "Give three tips for writing clear documentation.",
+    "Summarise the plot of a detective novel in four sentences.",
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What to send: how many requests, to which models, how fast, and how long each is."""
+
+    name: str
+    models: tuple[str, ...]
+    popularity: Popularity = "uniform"
+    num_requests: int = 64
+    concurrency: int = 32
+    rate: float | None = None
+    """Requests per second (Poisson arrivals); None means closed loop at `concurrency`."""
+    max_tokens: int = 64
+    zipf_s: float = 1.1
+    seed: int = 0
+
+    def schedule(self) -> list[tuple[str, str]]:
+        """(model, prompt) of every request, reproducible from `seed`."""
+        rng = random.Random(self.seed)
+        if self.popularity == "single":
+            weights = [1.0] + [0.0] * (len(self.models) - 1)
+        elif self.popularity == "zipf":
+            weights = [1 / (rank**self.zipf_s) for rank in range(1, len(self.models) + 1)]
+        else:
+            weights = [1.0] * len(self.models)
+        models = rng.choices(self.models, weights=weights, k=self.num_requests)
+        return [(model, rng.choice(PROMPTS)) for model in models]
+
+
+@dataclass
+class Result:
+    """One request as the client saw it."""
+
+    model: str
+    status: int
+    ttft: float | None = None
+    latency: float = 0.0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Report:
+    """Aggregates of one workload run."""
+
+    workload: str
+    duration_s: float
+    results: list[Result] = field(default_factory=list)
+
+    @property
+    def ok(self) -> list[Result]:
+        return [r for r in self.results if r.status == 200 and r.error is None]
+
+    @property
+    def errors(self) -> int:
+        return len(self.results) - len(self.ok)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(r.completion_tokens for r in self.ok)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.duration_s if self.duration_s else 0.0
+
+    @property
+    def requests_per_s(self) -> float:
+        return len(self.ok) / self.duration_s if self.duration_s else 0.0
+
+    def ttft_ms(self, q: float) -> float:
+        return 1000 * quantile([r.ttft for r in self.ok if r.ttft is not None], q)
+
+    def tpot_ms(self, q: float) -> float:
+        per_token = [
+            (r.latency - r.ttft) / (r.completion_tokens - 1)
+            for r in self.ok
+            if r.ttft is not None and r.completion_tokens > 1
+        ]
+        return 1000 * quantile(per_token, q)
+
+    def summary(self) -> dict[str, float | int | str]:
+        return {
+            "workload": self.workload,
+            "requests": len(self.results),
+            "errors": self.errors,
+            "duration_s": round(self.duration_s, 2),
+            "tok_per_s": round(self.tokens_per_s, 1),
+            "req_per_s": round(self.requests_per_s, 2),
+            "ttft_p50_ms": round(self.ttft_ms(0.5), 1),
+            "ttft_p99_ms": round(self.ttft_ms(0.99), 1),
+            "tpot_p50_ms": round(self.tpot_ms(0.5), 1),
+            "tpot_p99_ms": round(self.tpot_ms(0.99), 1),
+        }
+
+
+def quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(q * 100) - 1))]
+
+
+async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Result:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    result = Result(model=model, status=0)
+    started = time.perf_counter()
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            result.status = response.status_code
+            if response.status_code != 200:
+                result.error = (await response.aread()).decode(errors="replace")[:200]
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    result.error = str(event["error"])[:200]
+                if event.get("choices") and result.ttft is None and event["choices"][0].get("text"):
+                    result.ttft = time.perf_counter() - started
+                if event.get("usage"):
+                    result.completion_tokens = int(event["usage"]["completion_tokens"])
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        result.latency = time.perf_counter() - started
+    return result
+
+
+async def run(base_url: str, workload: Workload, timeout_s: float = 600) -> Report:
+    """Sends `workload` to the server at `base_url` and returns what it measured."""
+    schedule = workload.schedule()
+    limits = httpx.Limits(max_connections=max(workload.concurrency, 1) * 2)
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as client:
+        started = time.perf_counter()
+        if workload.rate is None:
+            results = await _closed_loop(client, workload, schedule)
+        else:
+            results = await _open_loop(client, workload, schedule, workload.rate)
+        return Report(workload=workload.name, duration_s=time.perf_counter() - started, results=results)
+
+
+async def _closed_loop(client: httpx.AsyncClient, workload: Workload, schedule: list[tuple[str, str]]) -> list[Result]:
+    gate = asyncio.Semaphore(workload.concurrency)
+
+    async def guarded(model: str, prompt: str) -> Result:
+        async with gate:
+            return await one_request(client, model, prompt, workload.max_tokens)
+
+    return list(await asyncio.gather(*(guarded(m, p) for m, p in schedule)))
+
+
+async def _open_loop(
+    client: httpx.AsyncClient, workload: Workload, schedule: list[tuple[str, str]], rate: float
+) -> list[Result]:
+    rng = random.Random(workload.seed + 1)
+    tasks = []
+    for model, prompt in schedule:
+        tasks.append(asyncio.create_task(one_request(client, model, prompt, workload.max_tokens)))
+        await asyncio.sleep(rng.expovariate(rate))
+    return list(await asyncio.gather(*tasks))

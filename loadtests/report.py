@@ -1,0 +1,86 @@
+"""Writes a benchmark run under docs/benchmarks/: results.json, a markdown table, and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from serve.config import EngineConfig
+
+Results = dict[str, dict[str, dict[str, float | int | str]]]
+REFERENCE = "vllm"
+COLUMNS = ("tok_per_s", "req_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "errors")
+
+
+def ratio(results: Results, system: str, workload: str) -> float:
+    try:
+        ours = float(results[system][workload]["tok_per_s"])
+        theirs = float(results[REFERENCE][workload]["tok_per_s"])
+    except KeyError:
+        return math.nan
+    return ours / theirs if theirs else math.nan
+
+
+def write_report(out: Path, results: Results, engine: EngineConfig, machine: str, command: str) -> str:
+    """Writes the report; returns its last line, `throughput_vs_vllm base=... adapters8=... zipf64=...`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"machine": machine, "command": command, "results": results},
+                                                 indent=2) + "\n")  # fmt: skip
+    workloads = sorted({w for per_system in results.values() for w in per_system if w != "failure"},
+                       key=["base", "adapters8", "zipf64"].index)  # fmt: skip
+    lines = [
+        "# Benchmarks: vLLM's OpenAI server vs loraplex vs Ray Serve LLM",
+        "",
+        f"Machine: {machine}.  ",
+        f"Command: `{command}`.  ",
+        f"Engine settings (identical for all three): max_lora_rank={engine.max_lora_rank}, "
+        f"max_loras={engine.max_loras}, max_cpu_loras={engine.max_cpu_loras or engine.max_loras}, "
+        f"max_num_seqs={engine.max_num_seqs}, max_model_len={engine.max_model_len}, dtype={engine.engine_dtype()}, "
+        f"KV cache {engine.kv_cache_gib:g} GiB, SmolLM2-135M-Instruct, rank-8 adapters.",
+        "",
+        "Each workload: streamed `/v1/completions`, `ignore_eos`, closed loop; see `loadtests/loadgen.py`.",
+        "",
+        "| system | workload | " + " | ".join(COLUMNS) + " | tok/s vs vLLM |",
+        "|---|---|" + "---|" * (len(COLUMNS) + 1),
+    ]
+    for system, per_system in results.items():
+        if "failure" in per_system:
+            lines.append(f"| {system} | (failed) | {per_system['failure']['error']} |" + " |" * len(COLUMNS))
+        for workload in workloads:
+            row = per_system.get(workload)
+            if row is None:
+                continue
+            cells = " | ".join(str(row[c]) for c in COLUMNS)
+            lines.append(f"| {system} | {workload} | {cells} | {ratio(results, system, workload):.2f} |")
+    final = "throughput_vs_vllm " + " ".join(
+        f"{w}={ratio(results, 'loraplex', w):.2f}" for w in ("base", "adapters8", "zipf64")
+    )
+    lines += ["", "![throughput](throughput.png)", "", "```", final, "```", ""]
+    (out / "README.md").write_text("\n".join(lines))
+    plot(out, results, workloads)
+    return final
+
+
+def plot(out: Path, results: Results, workloads: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = [s for s in results if any(w in results[s] for w in workloads)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(len(systems), 1)
+    for i, system in enumerate(systems):
+        xs = [j + i * width for j in range(len(workloads))]
+        tput = [float(results[system].get(w, {}).get("tok_per_s", 0)) for w in workloads]
+        ttft = [float(results[system].get(w, {}).get("ttft_p50_ms", 0)) for w in workloads]
+        axes[0].bar(xs, tput, width, label=system)
+        axes[1].bar(xs, ttft, width, label=system)
+    for axis, title in zip(axes, ("output tokens/s (higher is better)", "p50 TTFT ms (lower is better)"), strict=True):
+        axis.set_xticks([j + width * (len(systems) - 1) / 2 for j in range(len(workloads))], workloads)
+        axis.set_title(title)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,78 @@
+"""Configuration models, the CLI's adapter flag and the engine's vLLM arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import typer
+from pydantic import ValidationError
+
+from serve.cli import parse_adapter
+from serve.config import AdapterConfig, AppConfig, EngineConfig, load_config
+from serve.engine import final_usage, vllm_cli_args
+
+BAD_CONFIGS = [
+    ({"engine": {"model": "/m"}, "adapters": [{"name": "../x", "path": "/a"}]}, "adapter name"),
+    ({"engine": {"model": "/m"}, "adapters": [{"name": "a", "path": "/1"}, {"name": "a", "path": "/2"}]}, "unique"),
+    ({"engine": {"model": "/m", "max_loras": 4, "max_cpu_loras": 2}}, "max_cpu_loras"),
+    ({"engine": {"model": "/m", "max_lora_rank": 7}}, "max_lora_rank"),
+    ({"engine": {"model": "/m", "dtype": "int4"}}, "dtype"),
+    ({"engine": {"model": "/m", "surprise": 1}}, "surprise"),
+]
+
+
+@pytest.mark.parametrize(("data", "mentions"), BAD_CONFIGS)
+def test_bad_configs_are_refused_with_the_reason(data: dict[str, object], mentions: str) -> None:
+    with pytest.raises(ValidationError, match=mentions):
+        AppConfig.model_validate(data)
+
+
+def test_defaults_are_deliberate() -> None:
+    config = AppConfig.model_validate({"engine": {"model": "/models/my-base"}})
+    assert config.engine.model_id == "my-base"
+    assert config.engine.max_lora_rank == 64
+    assert config.engine_deployment.num_replicas == 1
+
+
+def test_yaml_config_with_overrides(tmp_path: Path) -> None:
+    file = tmp_path / "c.yaml"
+    file.write_text("engine:\n  model: /m\n  max_loras: 2\nadapters:\n  - {name: a, path: /a}\n")
+    config = load_config(file, {"engine": {"max_lora_rank": 16}})
+    assert (config.engine.max_loras, config.engine.max_lora_rank) == (2, 16)
+    assert [a.name for a in config.adapters] == ["a"]
+
+
+def test_checkpoint_dtype_follows_config_json(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"torch_dtype": "bfloat16"}')
+    assert EngineConfig(model=str(tmp_path)).engine_dtype() == "bfloat16"
+    assert EngineConfig(model=str(tmp_path), dtype="float32").engine_dtype() == "float32"
+    assert EngineConfig(model=str(tmp_path / "missing")).engine_dtype() == "auto"
+
+
+def test_vllm_args_register_adapters_under_their_public_ids(tmp_path: Path) -> None:
+    config = EngineConfig(model=str(tmp_path / "base"), max_cpu_loras=8)
+    args = vllm_cli_args(config, [AdapterConfig(name="x", path="/x")])
+    assert args[args.index("--lora-modules") + 1] == "base:x=/x"
+    assert args[args.index("--max-cpu-loras") + 1] == "8"
+    assert args[args.index("--max-lora-rank") + 1] == "64"
+
+
+def test_adapter_flag() -> None:
+    assert parse_adapter("a=/tmp")["name"] == "a"
+    with pytest.raises(typer.BadParameter):
+        parse_adapter("just-a-path")
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        ('data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}\n\n', (3, 5)),
+        ('data: {"choices":[{"text":"usage"}]}\n\n', None),
+        ("data: [DONE]\n\n", None),
+        ('data: {"choices":[{"text":"x"}],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n', None),
+    ],
+)
+def test_final_usage_event_is_recognised(event: str, expected: tuple[int, int] | None) -> None:
+    usage = final_usage(event)
+    assert (None if usage is None else (usage.prompt_tokens, usage.completion_tokens)) == expected
