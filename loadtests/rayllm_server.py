@@ -32,6 +32,8 @@ def main(config_file: str, port: int) -> None:
             lora_config=spec.get("lora_config"),
             runtime_env={"env_vars": spec["env"]},
             deployment_config={"num_replicas": 1},
+            # No accelerator here: CPU bundles make Ray Serve LLM schedule the engine without a GPU.
+            placement_group_config={"bundles": [{"CPU": 1}]},
         )
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_openai_app({"llm_configs": [llm_config]}), blocking=False)

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from routing.catalog import ModelCatalog
 from routing.context import RouterContext
-from routing.endpoints import generate, models, ops
+from routing.endpoints import adapters, generate, models, ops
 from routing.engine_client import EngineClient
 from routing.errors import install_error_handlers
 from routing.metrics import RouterMetrics
@@ -24,6 +24,6 @@ def create_app(engine: EngineClient, catalog: ModelCatalog, config: RouterConfig
         config=config,
     )
     install_error_handlers(app)
-    for endpoints in (generate, models, ops):
+    for endpoints in (generate, models, adapters, ops):
         app.include_router(endpoints.router)
     return app

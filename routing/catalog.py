@@ -1,15 +1,17 @@
-"""The models a router serves: one base model and its adapters, and how request ids resolve to them."""
+"""The models a router serves: the base model and the registry's adapters, and how ids resolve to them."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from routing.errors import ModelNotFound
+from routing.registry_client import RegistryClient
+from serve.adapters.registry import AdapterRecord, Snapshot
 
 SEPARATOR = ":"
+REFRESH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -18,44 +20,66 @@ class ModelTarget:
 
     id: str
     """Canonical id: the base model's id, or `BASE:NAME` for an adapter."""
-    adapter: str | None
-    """Adapter name, or None for the base model."""
+    adapter: AdapterRecord | None
+    """The adapter at its current version, or None for the base model."""
 
 
 class ModelCatalog:
-    """Resolves `BASE`, `BASE:NAME` and bare `NAME` to a `ModelTarget`; lists models for `/v1/models`."""
+    """Resolves `BASE`, `BASE:NAME` and bare `NAME`; follows the registry within `REFRESH_S` seconds."""
 
-    def __init__(self, base_id: str, adapters: Iterable[str]) -> None:
+    def __init__(self, base_id: str, registry: RegistryClient) -> None:
         self.base_id = base_id
-        self._adapters = set(adapters)
+        self.registry = registry
+        self._snapshot = Snapshot(generation=0, records={})
+        self._checked = 0.0
         self._created = int(time.time())
 
     def adapter_id(self, name: str) -> str:
         return f"{self.base_id}{SEPARATOR}{name}"
 
-    def resolve(self, requested: str) -> ModelTarget:
+    async def refresh(self, force: bool = False) -> None:
+        """Fetches the registry's snapshot if it changed; asks at most every `REFRESH_S` unless forced."""
+        now = time.monotonic()
+        if not force and now - self._checked < REFRESH_S:
+            return
+        self._checked = now
+        if await self.registry.generation() != self._snapshot.generation:
+            self._snapshot = await self.registry.snapshot()
+
+    async def resolve(self, requested: str) -> ModelTarget:
         if requested == self.base_id:
             return ModelTarget(id=self.base_id, adapter=None)
         prefix = self.base_id + SEPARATOR
         name = requested[len(prefix) :] if requested.startswith(prefix) else requested
-        if name in self._adapters:
-            return ModelTarget(id=self.adapter_id(name), adapter=name)
-        raise ModelNotFound(f"The model `{requested}` does not exist.", param="model")
+        await self.refresh()
+        record = self._snapshot.records.get(name)
+        if record is None:
+            await self.refresh(force=True)  # registered a moment ago through another router replica?
+            record = self._snapshot.records.get(name)
+        if record is None:
+            raise ModelNotFound(f"The model `{requested}` does not exist.", param="model")
+        return ModelTarget(id=self.adapter_id(name), adapter=record)
 
-    def models(self) -> list[dict[str, Any]]:
+    async def records(self) -> list[AdapterRecord]:
+        await self.refresh()
+        return sorted(self._snapshot.records.values(), key=lambda r: r.name)
+
+    async def models(self) -> list[dict[str, Any]]:
         """OpenAI model objects: the base model first, then adapters with `parent` = base."""
-        base = self._card(self.base_id, parent=None)
-        return [base] + [self._card(self.adapter_id(name), parent=self.base_id) for name in sorted(self._adapters)]
+        base = self._card(self.base_id, parent=None, created=self._created)
+        return [base] + [self._card(self.adapter_id(r.name), self.base_id, r.created) for r in await self.records()]
 
-    def model(self, requested: str) -> dict[str, Any]:
-        target = self.resolve(requested)
-        return self._card(target.id, parent=None if target.adapter is None else self.base_id)
+    async def model(self, requested: str) -> dict[str, Any]:
+        target = await self.resolve(requested)
+        if target.adapter is None:
+            return self._card(target.id, parent=None, created=self._created)
+        return self._card(target.id, parent=self.base_id, created=target.adapter.created)
 
-    def _card(self, model_id: str, parent: str | None) -> dict[str, Any]:
+    def _card(self, model_id: str, parent: str | None, created: int) -> dict[str, Any]:
         return {
             "id": model_id,
             "object": "model",
-            "created": self._created,
+            "created": created,
             "owned_by": "loraplex",
             "root": self.base_id,
             "parent": parent,

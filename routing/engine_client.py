@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from serve.adapters.registry import AdapterRecord
 from serve.wire import Endpoint, ReplicaItem
 
 
 class EngineClient(Protocol):
     """Sends one request to some engine replica and streams back its items (see `serve.wire`)."""
 
-    def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[ReplicaItem]: ...
+    def generate(
+        self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None
+    ) -> AsyncIterator[ReplicaItem]: ...
 
 
 class ServeEngineClient:
@@ -20,5 +23,7 @@ class ServeEngineClient:
     def __init__(self, handle: Any) -> None:
         self._handle = handle.options(stream=True)
 
-    def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[ReplicaItem]:
-        return self._handle.generate.remote(endpoint, body)
+    def generate(
+        self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None
+    ) -> AsyncIterator[ReplicaItem]:
+        return self._handle.generate.remote(endpoint, body, adapter)

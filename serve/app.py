@@ -1,4 +1,4 @@
-"""Assembles a loraplex application: the engine deployment behind the router ingress.
+"""Assembles a loraplex application: the adapter registry, the engine deployment, the router ingress.
 
 `build_app` is also the Ray Serve import path (`import_path: serve.app:build_app`), taking the
 `AppConfig` fields as its `args`.
@@ -6,23 +6,43 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
 from routing.ingress import RouterIngress
+from serve.adapters.registry import RegistryDeployment
 from serve.config import AppConfig
 from serve.engine import EngineReplica, engine_env
 
 ENGINE_DEPLOYMENT = "LoraplexEngine"
 ROUTER_DEPLOYMENT = "LoraplexRouter"
+REGISTRY_DEPLOYMENT = "LoraplexRegistry"
+
+
+def absolute_paths(config: AppConfig) -> AppConfig:
+    """Resolves relative paths against the caller's folder: replicas run in folders of Ray's choosing."""
+    registry = config.registry.model_copy(
+        update={
+            "state_file": str(Path(config.registry.state_file).resolve()),
+            "cache_dir": str(Path(config.registry.cache_dir).resolve()),
+            "local_roots": [str(Path(root).resolve()) for root in config.registry.local_roots],
+        }
+    )
+    adapters = [a.model_copy(update={"path": str(Path(a.path).resolve())}) for a in config.adapters]
+    engine = config.engine.model_copy(update={"model": str(Path(config.engine.model).resolve())})
+    return config.model_copy(update={"registry": registry, "adapters": adapters, "engine": engine})
 
 
 def build_app(args: AppConfig | dict[str, Any]) -> Application:
     """The Serve application for `args` (an `AppConfig` or its dict form)."""
-    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
+    config = absolute_paths(args if isinstance(args, AppConfig) else AppConfig.model_validate(args))
     scaling = config.engine_deployment
+    registry = serve.deployment(name=REGISTRY_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0.1})(
+        RegistryDeployment
+    ).bind(config)
     engine = serve.deployment(
         name=ENGINE_DEPLOYMENT,
         num_replicas=scaling.num_replicas,
@@ -33,16 +53,11 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
             "num_cpus": scaling.num_cpus,
             "runtime_env": {"env_vars": engine_env(config.engine)},
         },
-    )(EngineReplica)
+    )(EngineReplica).bind(config, registry)
     router = serve.deployment(
         name=ROUTER_DEPLOYMENT,
         num_replicas=config.router.num_replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
         ray_actor_options={"num_cpus": 0.5},
     )(RouterIngress)
-    return router.bind(
-        engine.bind(config.engine, config.adapters),
-        config.engine.model_id,
-        [adapter.name for adapter in config.adapters],
-        config.router,
-    )
+    return router.bind(engine, registry, config.engine.model_id, config.router)

@@ -49,6 +49,13 @@ def serve_command(
     max_lora_rank: Annotated[int | None, typer.Option(help="Largest adapter rank accepted.")] = None,
     replicas: Annotated[int | None, typer.Option(help="Engine replicas.")] = None,
     dtype: Annotated[str | None, typer.Option(help="checkpoint | auto | float32 | bfloat16 | float16.")] = None,
+    infra_cpus: Annotated[
+        str,
+        typer.Option(
+            help="CPUs for a local Ray's own processes and the router: `auto` (the core vLLM reserves when it "
+            "binds its worker automatically), `all`, or ids like `1` or `2,3`."
+        ),
+    ] = "auto",
 ) -> None:
     """Serve MODEL and its adapters on HOST:PORT until Ctrl-C or SIGTERM."""
     overrides: dict[str, Any] = {"engine": {}, "engine_deployment": {}}
@@ -67,7 +74,7 @@ def serve_command(
         app_config = _load(config, overrides, extra_adapters)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    run(app_config, host, port)
+    run(app_config, host, port, infra_cpus)
 
 
 def _load(config: Path | None, overrides: dict[str, Any], adapters: list[dict[str, str]]) -> AppConfig:
@@ -80,7 +87,25 @@ def _load(config: Path | None, overrides: dict[str, Any], adapters: list[dict[st
     return AppConfig.model_validate(merged)
 
 
-def run(config: AppConfig, host: str, port: int) -> None:
+def infrastructure_cpus(spec: str, config: AppConfig) -> set[int] | None:
+    """The cores Ray's processes should keep to, so they do not preempt vLLM's bound CPU worker.
+
+    vLLM's automatic binding gives its worker all cores but the last and keeps the last for the
+    scheduler and the API server; our proxy, router and replica processes belong there too.
+    """
+    available = sorted(os.sched_getaffinity(0))
+    if spec == "all" or len(available) < 2:
+        return None
+    if spec == "auto":
+        binds_itself = config.engine.cpu_threads_bind == "auto" and config.engine_deployment.num_replicas == 1
+        return {available[-1]} if binds_itself else None
+    try:
+        return {int(part) for part in spec.split(",")}
+    except ValueError:
+        raise typer.BadParameter(f"--infra-cpus takes auto, all or CPU ids, not {spec!r}") from None
+
+
+def run(config: AppConfig, host: str, port: int, infra_cpus: str = "auto") -> None:
     """Starts (or joins, with RAY_ADDRESS) a Ray cluster, deploys the app, blocks, then cleans up."""
     import ray
     from ray import serve
@@ -91,6 +116,9 @@ def run(config: AppConfig, host: str, port: int) -> None:
     if address:
         ray.init(address=address)
     else:
+        # Ray's processes inherit this affinity; vLLM's worker sets its own when it binds its cores.
+        if (cpus := infrastructure_cpus(infra_cpus, config)) is not None:
+            os.sched_setaffinity(0, cpus)
         ray.init(address="local", num_cpus=max(8, 4 * (os.cpu_count() or 1)), include_dashboard=False)
     # After ray.init: Ray's core worker installs a SIGTERM handler that would end us before clean-up.
     stop = threading.Event()
@@ -109,6 +137,48 @@ def run(config: AppConfig, host: str, port: int) -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+adapters_app = typer.Typer(add_completion=False, help="Manage a running server's adapters.")
+app.add_typer(adapters_app, name="adapters")
+UrlOption = Annotated[str, typer.Option(help="The server's base URL.", envvar="LORAPLEX_URL")]
+
+
+def _call(method: str, url: str, **kwargs: Any) -> Any:
+    import httpx
+
+    response = httpx.request(method, url, timeout=300, **kwargs)
+    if response.status_code >= 400:
+        error = response.json().get("error", {})
+        typer.echo(f"error {response.status_code}: {error.get('message', response.text)}", err=True)
+        raise typer.Exit(1)
+    return response.json()
+
+
+@adapters_app.command("list")
+def adapters_list(url: UrlOption = "http://127.0.0.1:8000") -> None:
+    """List registered adapters."""
+    for item in _call("GET", f"{url}/v1/adapters")["data"]:
+        pinned = " pinned" if item["pinned"] else ""
+        typer.echo(f"{item['id']}\tv{item['version']}\tr={item['rank']}\t{item['source']}{pinned}")
+
+
+@adapters_app.command("add")
+def adapters_add(
+    name: str,
+    source: str,
+    pinned: Annotated[bool, typer.Option(help="Never evict once loaded.")] = False,
+    url: UrlOption = "http://127.0.0.1:8000",
+) -> None:
+    """Register NAME from SOURCE (a folder, file://... or s3://...); a new version if NAME exists."""
+    item = _call("POST", f"{url}/v1/adapters", json={"name": name, "source": source, "pinned": pinned})
+    typer.echo(f"{item['id']} v{item['version']}")
+
+
+@adapters_app.command("rm")
+def adapters_rm(name: str, url: UrlOption = "http://127.0.0.1:8000") -> None:
+    """Unregister NAME."""
+    typer.echo(_call("DELETE", f"{url}/v1/adapters/{name}")["id"] + " removed")
 
 
 def main() -> None:

@@ -135,6 +135,31 @@ class RouterConfig(_Strict):
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request) accepted.")
 
 
+class RegistryConfig(_Strict):
+    """Where the adapter registry keeps its state and which adapter sources it accepts."""
+
+    state_file: str = Field(
+        default=".loraplex/registry.json", description="JSON file the registry persists to; survives restarts."
+    )
+    cache_dir: str = Field(
+        default=".loraplex/adapter-cache", description="Per-node copies of adapters, one folder per content hash."
+    )
+    local_roots: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Folders under which local (`/path`, `file://`) adapter sources may be registered through the API. "
+            "Folders of adapters given in the config or on the command line are always allowed."
+        ),
+    )
+    max_adapter_bytes: int = Field(default=2 * 1024**3, ge=1, description="Largest adapter accepted, in bytes.")
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint for `s3://` sources (MinIO, moto, ...); None means AWS."
+    )
+    s3_region: str = Field(default="us-east-1", description="S3 region.")
+    s3_access_key_id: str | None = Field(default=None, description="S3 key id; None uses the usual AWS chain.")
+    s3_secret_access_key: str | None = Field(default=None, description="S3 secret; None uses the usual AWS chain.")
+
+
 class AppConfig(_Strict):
     """A whole loraplex application: one base model, its adapters, and how it is deployed."""
 
@@ -142,6 +167,7 @@ class AppConfig(_Strict):
     adapters: list[AdapterConfig] = Field(default_factory=list, description="Adapters served from the start.")
     engine_deployment: EngineDeploymentConfig = Field(default_factory=EngineDeploymentConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     @model_validator(mode="after")
     def _adapter_names_unique(self) -> AppConfig:

@@ -7,15 +7,20 @@ class adapts them to the replica's wire protocol (`serve.wire`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from serve.config import AdapterConfig, EngineConfig
+from serve.adapters.loader import AdapterLoader, LoaderStats
+from serve.adapters.registry import AdapterRecord, make_resolver
+from serve.adapters.validation import AdapterInvalid
+from serve.config import AdapterConfig, AppConfig, EngineConfig
 from serve.wire import Endpoint, EngineError, ReplicaItem, Usage
 
 if TYPE_CHECKING:
@@ -26,6 +31,7 @@ if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
 logger = logging.getLogger("loraplex.engine")
+REGISTRY_POLL_S = 2.0
 
 
 def adapter_model_id(base_id: str, name: str) -> str:
@@ -69,7 +75,8 @@ class EngineReplica:
     """Hosts one vLLM engine and answers completions and chat requests in the wire protocol."""
 
     # Ray Serve awaits an async constructor, so the engine is up before the replica takes requests.
-    async def __init__(self, config: EngineConfig, adapters: list[AdapterConfig]) -> None:  # type: ignore[misc]
+    async def __init__(self, app: AppConfig, registry: Any) -> None:  # type: ignore[misc]
+        config = app.engine
         os.environ.update(engine_env(config))
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -80,7 +87,8 @@ class EngineReplica:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self._config = config
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(config, adapters))
+        # Adapters are not given to vLLM up front: the loader installs registered ones on first use.
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(config, []))
         validate_parsed_serve_args(args)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
@@ -95,9 +103,32 @@ class EngineReplica:
         self._models: OpenAIServingModels = state.openai_serving_models
         self._completion: OpenAIServingCompletion = state.openai_serving_completion
         self._chat: OpenAIServingChat = state.openai_serving_chat
+        self._registry = registry
+        self._loader = AdapterLoader(
+            self._engine, self._models, make_resolver(app), Path(app.registry.cache_dir), config.model_id
+        )
+        self._generation = 0
+        self._watcher = asyncio.create_task(self._follow_registry())
 
-    async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[ReplicaItem]:
-        """Runs one request; yields items as described in `serve.wire`."""
+    async def _follow_registry(self) -> None:
+        """Frees adapters that were unregistered; new versions are picked up by the next request."""
+        while True:
+            await asyncio.sleep(REGISTRY_POLL_S)
+            try:
+                generation = await self._registry.generation.remote()
+                if generation == self._generation:
+                    continue
+                snapshot = await self._registry.snapshot.remote()
+                for name in set(self._loader.held()) - set(snapshot.records):
+                    await self._loader.forget(name)
+                self._generation = snapshot.generation
+            except Exception:  # the registry restarting must not stop this replica from serving
+                logger.warning("could not reach the adapter registry", exc_info=True)
+
+    async def generate(
+        self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None = None
+    ) -> AsyncIterator[ReplicaItem]:
+        """Runs one request, for `adapter` at the version the router resolved; yields `serve.wire` items."""
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -109,6 +140,19 @@ class EngineReplica:
         if streaming:
             # Always ask vLLM for the final usage event: the router's token metrics need it.
             body = {**body, "stream_options": {**options, "include_usage": True}}
+
+        if adapter is not None:
+            try:
+                await self._loader.ensure(adapter)
+            except AdapterInvalid as exc:
+                yield EngineError(status=422, message=str(exc), type="invalid_request_error", param="model")
+                return
+            except Exception as exc:
+                logger.exception("loading adapter %s failed", adapter.name)
+                yield EngineError(
+                    status=500, message=f"loading adapter {adapter.name!r} failed: {exc}", type="server_error"
+                )
+                return
 
         serving = self._completion if endpoint == "completions" else self._chat
         result: object
@@ -142,10 +186,16 @@ class EngineReplica:
         await self._engine.check_health()
 
     async def adapters(self) -> list[str]:
-        """Ids of the adapters this replica's engine knows."""
-        return sorted(self._models.lora_requests)
+        """Names of the adapters this replica holds."""
+        return self._loader.held()
+
+    async def stats(self) -> LoaderStats:
+        return self._loader.stats
 
     def __del__(self) -> None:
+        watcher = getattr(self, "_watcher", None)
+        if watcher is not None:
+            watcher.cancel()
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()

@@ -38,10 +38,10 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
     timer = context.metrics.track(context.metrics.label(None, False), endpoint)
     try:
         body = parse_body(await request.body(), endpoint, max_bytes=MAX_BODY_BYTES, max_n=context.config.max_n)
-        target = context.catalog.resolve(body["model"])
+        target = await context.catalog.resolve(body["model"])
         timer.label = context.metrics.label(target.id, target.adapter is not None)
         body["model"] = target.id
-        items = context.engine.generate(endpoint, body)
+        items = context.engine.generate(endpoint, body, target.adapter)
         first = await _first_item(items)
         if isinstance(first, EngineError):
             raise UpstreamError(first)

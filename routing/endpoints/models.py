@@ -13,9 +13,9 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def list_models(context: ContextDep) -> dict[str, Any]:
-    return {"object": "list", "data": context.catalog.models()}
+    return {"object": "list", "data": await context.catalog.models()}
 
 
 @router.get("/v1/models/{model:path}")
 async def retrieve_model(model: str, context: ContextDep) -> dict[str, Any]:
-    return context.catalog.model(model)
+    return await context.catalog.model(model)

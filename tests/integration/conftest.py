@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +77,10 @@ class Stack:
     model_dir: Path
     adapters: dict[str, Path]
     log: Path
+    uploads: Path
+    """A folder the server accepts local adapter sources from."""
+    s3_url: str
+    """A real S3 endpoint (moto) on loopback that the server reads `s3://` sources from."""
 
 
 def free_port() -> int:
@@ -85,8 +89,36 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "loraplex-test", "AWS_SECRET_ACCESS_KEY": "loraplex-test"}
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def s3_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server on a free loopback port."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("wb") as sink:
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/moto-api/", timeout=2)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    pytest.fail(f"moto did not start:\n{tail(log)}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str) -> Iterator[Stack]:
     model_src, demo = prepare(ASSETS)
     work = tmp_path_factory.mktemp("stack")
     model_dir = work / MODEL_ID
@@ -94,9 +126,27 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     adapters = {spec.name: make_adapter(model_dir, spec, work / spec.name) for spec in EXTERNAL_ADAPTERS}
     adapters["alpha"] = demo["alpha"]
 
+    uploads = work / "uploads"
+    uploads.mkdir()
+    config = work / "loraplex.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "engine": {"model": str(model_dir)},
+                "registry": {
+                    "state_file": str(work / "registry.json"),
+                    "cache_dir": str(work / "adapter-cache"),
+                    "local_roots": [str(uploads)],
+                    "s3_endpoint_url": s3_url,
+                    "s3_access_key_id": S3_KEYS["AWS_ACCESS_KEY_ID"],
+                    "s3_secret_access_key": S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+                },
+            }
+        )
+    )
     port = free_port()
     log = work / "server.log"
-    command = [str(Path(sys.executable).parent / "loraplex"), "serve", "--model", str(model_dir), "--port", str(port)]
+    command = [str(Path(sys.executable).parent / "loraplex"), "serve", "--config", str(config), "--port", str(port)]
     for name, path in adapters.items():
         command += ["--adapter", f"{name}={path}"]
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
@@ -105,7 +155,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(process, base_url, log)
-        yield Stack(base_url=base_url, model_id=MODEL_ID, model_dir=model_dir, adapters=adapters, log=log)
+        yield Stack(base_url=base_url, model_id=MODEL_ID, model_dir=model_dir, adapters=adapters, log=log,
+                    uploads=uploads, s3_url=s3_url)  # fmt: skip
     finally:
         stop(process)
 
@@ -176,9 +227,12 @@ def client(stack: Stack) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-@pytest.fixture(scope="session")
-def async_client(stack: Stack) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+@pytest.fixture
+async def async_client(stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
+    """One per test: its connections belong to that test's event loop."""
+    client = openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+    yield client
+    await client.close()
 
 
 @pytest.fixture(scope="session")

@@ -14,14 +14,15 @@ from routing.app import create_app
 from routing.catalog import ModelCatalog
 from serve.config import RouterConfig
 from serve.wire import EngineError, Usage
-from tests.unit.fake_engine import FakeEngine
+from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
 
 BASE = "tiny-base"
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 
-def make_client(engine: FakeEngine, **config: Any) -> httpx.AsyncClient:
-    app = create_app(engine, ModelCatalog(BASE, ["a1", "a2"]), RouterConfig(**config))
+def make_client(engine: FakeEngine, registry: FakeRegistry | None = None, **config: Any) -> httpx.AsyncClient:
+    registry = registry or FakeRegistry({name: record(name) for name in ("a1", "a2")})
+    app = create_app(engine, ModelCatalog(BASE, registry), RouterConfig(**config))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
 
 
@@ -59,6 +60,7 @@ async def test_adapter_id_and_bare_name_reach_the_engine_as_canonical_id(
     response = await client.post("/v1/completions", json={"model": requested, "prompt": "x"})
     assert response.status_code == 200
     assert engine.requests[-1][1]["model"] == f"{BASE}:a1"
+    assert engine.adapters[-1] == record("a1")
     assert response.json()["model"] == f"{BASE}:a1"
 
 

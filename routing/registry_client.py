@@ -1,0 +1,38 @@
+"""How the router reaches the adapter registry: a protocol, and its Ray Serve handle implementation."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from serve.adapters.registry import AdapterRecord, RegistryError, Snapshot
+
+
+class RegistryClient(Protocol):
+    """The registry operations the router uses."""
+
+    async def generation(self) -> int: ...
+    async def snapshot(self) -> Snapshot: ...
+    async def register(self, name: str, source: str, pinned: bool) -> AdapterRecord | RegistryError: ...
+    async def unregister(self, name: str) -> AdapterRecord | RegistryError: ...
+
+
+class ServeRegistryClient:
+    """A `RegistryClient` over the registry deployment's handle."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    async def generation(self) -> int:
+        return int(await self._handle.generation.remote())
+
+    async def snapshot(self) -> Snapshot:
+        snapshot: Snapshot = await self._handle.snapshot.remote()
+        return snapshot
+
+    async def register(self, name: str, source: str, pinned: bool) -> AdapterRecord | RegistryError:
+        outcome: AdapterRecord | RegistryError = await self._handle.register.remote(name, source, pinned)
+        return outcome
+
+    async def unregister(self, name: str) -> AdapterRecord | RegistryError:
+        outcome: AdapterRecord | RegistryError = await self._handle.unregister.remote(name)
+        return outcome

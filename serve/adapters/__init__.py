@@ -1,0 +1,1 @@
+"""Adapters as data: where they come from (sources), what makes one acceptable (validation)."""

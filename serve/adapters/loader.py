@@ -1,0 +1,111 @@
+"""Loads registered adapters into one replica's engine, lazily, once, at the version asked for.
+
+Each adapter version gets its own engine LoRA id and a local copy keyed by content hash, so a new
+version never reuses old weights or old prefix-cache blocks (vLLM keys those by name and path),
+while requests already running keep the version they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serve.adapters.registry import AdapterRecord
+from serve.adapters.sources import SourceResolver
+from serve.adapters.validation import AdapterInvalid, content_hash
+
+
+@dataclass
+class LoaderStats:
+    """Counters the replica reports: cache hits and misses, loads and their total time."""
+
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    load_seconds: float = 0.0
+    unloads: int = 0
+
+
+class AdapterLoader:
+    """Makes `record` usable by the engine under its public id `BASE:NAME`."""
+
+    def __init__(self, engine: Any, models: Any, resolver: SourceResolver, cache_dir: Path, base_id: str) -> None:
+        self._engine = engine
+        self._models = models
+        self._resolver = resolver
+        self._cache_dir = cache_dir
+        self._base_id = base_id
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._versions: dict[str, str] = {}
+        self.stats = LoaderStats()
+
+    def public_id(self, name: str) -> str:
+        return f"{self._base_id}:{name}"
+
+    async def ensure(self, record: AdapterRecord) -> None:
+        """Loads `record` unless this replica already serves that exact version."""
+        if self._versions.get(record.name) == record.content_hash:
+            self.stats.hits += 1
+            return
+        async with self._locks[record.name]:
+            if self._versions.get(record.name) == record.content_hash:
+                self.stats.hits += 1  # a concurrent first request loaded it while we waited
+                return
+            self.stats.misses += 1
+            started = time.perf_counter()
+            folder = await asyncio.to_thread(self._local_copy, record)
+            await self._install(record, folder)
+            self.stats.loads += 1
+            self.stats.load_seconds += time.perf_counter() - started
+
+    async def forget(self, name: str) -> None:
+        """Stops serving `name` here; the engine frees it (running requests hold their own reference)."""
+        async with self._locks[name]:
+            previous = self._models.lora_requests.pop(self.public_id(name), None)
+            self._versions.pop(name, None)
+            if previous is not None:
+                await self._engine.remove_lora(previous.lora_int_id)
+                self.stats.unloads += 1
+
+    def held(self) -> list[str]:
+        return sorted(self._versions)
+
+    def _local_copy(self, record: AdapterRecord) -> Path:
+        """The adapter's files on this node, fetched once and checked against the registered hash."""
+        folder = self._cache_dir / record.content_hash
+        if folder.is_dir():
+            return folder
+        self._cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self._cache_dir))
+        try:
+            self._resolver.fetch(record.source, staging)
+            if content_hash(staging) != record.content_hash:
+                raise AdapterInvalid(f"{record.source} changed since it was registered; register it again")
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return folder
+
+    async def _install(self, record: AdapterRecord, folder: Path) -> None:
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(
+            lora_name=self.public_id(record.name),
+            lora_int_id=self._models.lora_id_counter.inc(1),
+            lora_path=str(folder),
+        )
+        await self._engine.add_lora(request)
+        if record.pinned:
+            await self._engine.pin_lora(request.lora_int_id)
+        previous = self._models.lora_requests.get(request.lora_name)
+        self._models.lora_requests[request.lora_name] = request
+        self._versions[record.name] = record.content_hash
+        if previous is not None:
+            # Requests already running hold `previous` and finish on it; new ones get `request`.
+            await self._engine.remove_lora(previous.lora_int_id)

@@ -1,0 +1,175 @@
+"""The adapter registry: the one source of truth for which adapters exist, at which version.
+
+It runs as a single Ray Serve deployment that every router and engine replica reaches through a
+handle, and persists to a JSON file, so it survives a restart of the application. Writes are
+validated (fetched, checked against the base model) before anything is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from serve.adapters.sources import LocalSource, S3Source, SourceResolver
+from serve.adapters.validation import AdapterInvalid, base_linear_shapes, validate_adapter
+from serve.config import ADAPTER_NAME_PATTERN, AppConfig
+
+_NAME = re.compile(ADAPTER_NAME_PATTERN)
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One registered adapter at its current version."""
+
+    name: str
+    source: str
+    version: int
+    content_hash: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    pinned: bool
+    created: int
+
+
+@dataclass(frozen=True)
+class RegistryError:
+    """A refused registry operation, in OpenAI's terms."""
+
+    status: int
+    message: str
+    param: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """All records at one generation; the generation grows with every change."""
+
+    generation: int
+    records: dict[str, AdapterRecord]
+
+
+class AdapterRegistry:
+    """Validates, records and persists adapters; serves snapshots to routers and replicas."""
+
+    def __init__(
+        self,
+        state_file: Path,
+        base_model: Path,
+        resolver: SourceResolver,
+        *,
+        max_rank: int,
+        max_bytes: int,
+        initial: dict[str, str] | None = None,
+    ) -> None:
+        self._file = state_file
+        self._resolver = resolver
+        self._max_rank = max_rank
+        self._max_bytes = max_bytes
+        self._base_shapes = base_linear_shapes(base_model)
+        self._records: dict[str, AdapterRecord] = self._load()
+        self._generation = 1
+        self._lock = asyncio.Lock()
+        for name, source in (initial or {}).items():
+            # Configured adapters are checked at every start: changed weights become a new version.
+            pinned = name in self._records and self._records[name].pinned
+            outcome = self._validate_and_record(name, source, pinned=pinned)
+            if isinstance(outcome, RegistryError):
+                raise AdapterInvalid(f"adapter {name!r}: {outcome.message}")
+
+    async def snapshot(self) -> Snapshot:
+        return Snapshot(generation=self._generation, records=dict(self._records))
+
+    async def generation(self) -> int:
+        return self._generation
+
+    async def register(self, name: str, source: str, pinned: bool = False) -> AdapterRecord | RegistryError:
+        """Adds `name`, or makes a new version of it when the weights changed."""
+        async with self._lock:
+            return await asyncio.to_thread(self._validate_and_record, name, source, pinned)
+
+    async def unregister(self, name: str) -> AdapterRecord | RegistryError:
+        async with self._lock:
+            record = self._records.pop(name, None)
+            if record is None:
+                return RegistryError(404, f"adapter {name!r} is not registered", "name")
+            self._save()
+            self._generation += 1
+            return record
+
+    def _validate_and_record(self, name: str, source: str, pinned: bool) -> AdapterRecord | RegistryError:
+        if not _NAME.match(name):
+            return RegistryError(400, f"adapter name must match {ADAPTER_NAME_PATTERN}", "name")
+        staging = Path(tempfile.mkdtemp(prefix="loraplex-adapter-"))
+        try:
+            self._resolver.fetch(source, staging)
+            meta = validate_adapter(staging, self._base_shapes, max_rank=self._max_rank, max_bytes=self._max_bytes)
+        except AdapterInvalid as exc:
+            return RegistryError(400, str(exc), exc.param)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        previous = self._records.get(name)
+        if previous is not None and previous.content_hash == meta.content_hash and previous.source == source:
+            record = replace(previous, pinned=pinned)
+        else:
+            record = AdapterRecord(
+                name=name, source=source, version=(previous.version + 1) if previous else 1,
+                content_hash=meta.content_hash, rank=meta.rank, alpha=meta.alpha,
+                target_modules=meta.target_modules, size_bytes=meta.size_bytes, pinned=pinned,
+                created=int(time.time()),
+            )  # fmt: skip
+        self._records[name] = record
+        self._save()
+        self._generation += 1
+        return record
+
+    def _load(self) -> dict[str, AdapterRecord]:
+        if not self._file.is_file():
+            return {}
+        data = json.loads(self._file.read_text())
+        return {
+            item["name"]: AdapterRecord(**{**item, "target_modules": tuple(item["target_modules"])})
+            for item in data["adapters"]
+        }
+
+    def _save(self) -> None:
+        """Atomically replaces the state file, so a crash leaves the old or the new state, never half."""
+        self._file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"adapters": [asdict(r) for r in self._records.values()]}, indent=2))
+        os.replace(tmp, self._file)
+
+
+def make_resolver(config: AppConfig) -> SourceResolver:
+    """Sources allowed by `config`: its local roots plus the folders of its configured adapters."""
+    roots = [Path(root).resolve() for root in config.registry.local_roots]
+    roots += [Path(adapter.path).resolve() for adapter in config.adapters]
+    s3 = S3Source(
+        endpoint_url=config.registry.s3_endpoint_url,
+        region=config.registry.s3_region,
+        access_key_id=config.registry.s3_access_key_id,
+        secret_access_key=config.registry.s3_secret_access_key,
+    )
+    return SourceResolver(local=LocalSource(tuple(roots)), s3=s3)
+
+
+class RegistryDeployment(AdapterRegistry):
+    """The registry as the application builds it from an `AppConfig`."""
+
+    def __init__(self, config: AppConfig) -> None:
+        super().__init__(
+            Path(config.registry.state_file),
+            Path(config.engine.model),
+            make_resolver(config),
+            max_rank=config.engine.max_lora_rank,
+            max_bytes=config.registry.max_adapter_bytes,
+            initial={adapter.name: adapter.path for adapter in config.adapters},
+        )

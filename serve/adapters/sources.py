@@ -1,0 +1,104 @@
+"""Where adapters come from: local folders (`/path`, `file://`) and S3-compatible object stores (`s3://`).
+
+A source copies an adapter folder into a local directory. New schemes (say `hf://`) plug in by
+adding a `Source` to `SourceResolver`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from serve.adapters.validation import AdapterInvalid
+
+MAX_FILES = 64
+
+
+class SourceUnreachable(AdapterInvalid):
+    """The source could not be read (missing folder, unknown bucket, network failure)."""
+
+
+class Source(Protocol):
+    """Copies the adapter at `uri` into the empty folder `dest`."""
+
+    def fetch(self, uri: str, dest: Path) -> None: ...
+
+
+@dataclass(frozen=True)
+class LocalSource:
+    """Folders on this machine, only under `allowed_roots` (an empty tuple allows none)."""
+
+    allowed_roots: tuple[Path, ...]
+
+    def fetch(self, uri: str, dest: Path) -> None:
+        path = Path(urlparse(uri).path if uri.startswith("file://") else uri).resolve()
+        if not any(path.is_relative_to(root.resolve()) for root in self.allowed_roots):
+            raise AdapterInvalid(f"{uri} is outside the allowed adapter roots")
+        if not path.is_dir():
+            raise SourceUnreachable(f"{uri} is not a folder")
+        files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+        if len(files) > MAX_FILES:
+            raise AdapterInvalid(f"{uri} holds {len(files)} files; an adapter has a few")
+        for file in files:
+            shutil.copy2(file, dest / file.name)
+
+
+@dataclass(frozen=True)
+class S3Source:
+    """`s3://bucket/prefix` on AWS or any S3-compatible endpoint (MinIO, moto, ...)."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+
+    def fetch(self, uri: str, dest: Path) -> None:
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        parsed = urlparse(uri)
+        bucket, prefix = parsed.netloc, parsed.path.strip("/")
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+        )
+        try:
+            listing = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/", MaxKeys=MAX_FILES + 1)
+            keys = [item["Key"] for item in listing.get("Contents", [])]
+            if not keys:
+                raise SourceUnreachable(f"nothing at {uri}")
+            if len(keys) > MAX_FILES:
+                raise AdapterInvalid(f"{uri} holds more than {MAX_FILES} objects; an adapter has a few")
+            for key in keys:
+                name = key[len(prefix) + 1 :]
+                if "/" in name or not name or name.startswith("."):
+                    continue  # adapters are flat folders; ignore anything nested or hidden
+                client.download_file(bucket, key, str(dest / name))
+        except (BotoCoreError, ClientError) as exc:
+            raise SourceUnreachable(f"cannot read {uri}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class SourceResolver:
+    """Picks the source for a URI by its scheme."""
+
+    local: LocalSource
+    s3: S3Source = field(default_factory=S3Source)
+
+    def fetch(self, uri: str, dest: Path) -> None:
+        scheme = urlparse(uri).scheme
+        source: Source
+        if scheme in ("", "file"):
+            source = self.local
+        elif scheme == "s3":
+            source = self.s3
+        else:
+            raise AdapterInvalid(f"unsupported adapter source scheme {scheme!r}; use a path, file:// or s3://")
+        dest.mkdir(parents=True, exist_ok=True)
+        source.fetch(uri, dest)

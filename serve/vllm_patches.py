@@ -1,0 +1,59 @@
+"""Fixes to vLLM 0.32.0 that loraplex applies in every vLLM process, through vLLM's plugin hook.
+
+Registered as the `vllm.general_plugins` entry point `loraplex`, which vLLM calls in the API
+process, the engine core and every worker. Each fix names the defect it repairs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger("loraplex.vllm_patches")
+_applied = False
+
+
+def register() -> None:
+    """vLLM's plugin entry point."""
+    global _applied
+    if _applied:
+        return
+    _applied = True
+    _mask_base_rows_in_cpu_lora_ops()
+
+
+def _mask_base_rows_in_cpu_lora_ops() -> None:
+    """Base-model tokens must get no LoRA delta on CPU.
+
+    vLLM marks base-model tokens with LoRA index -1, and its CPU (torch) LoRA ops select weights with
+    `weights[indices]`: -1 picks the *last* LoRA slot. Once every `max_loras` slot holds an adapter,
+    base-model requests batched with adapter requests silently get the last slot's adapter applied.
+    loraplex's integration test (base in a mixed batch after adapters were evicted) caught it; the
+    fix zeroes the delta of rows whose index is negative.
+    """
+    from vllm.lora.ops import torch_ops
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+        fixed = _masked(getattr(lora_ops, name))
+        for module in (lora_ops, torch_ops, punica_cpu):
+            if hasattr(module, name):
+                setattr(module, name, fixed)
+    logger.debug("loraplex: CPU LoRA ops mask base-model rows")
+
+
+def _masked(op: Callable[..., None]) -> Callable[..., None]:
+    def masked_op(inputs: Any, weights: Any, output: Any, indices: Any, *args: Any, **kwargs: Any) -> None:
+        base_rows = indices < 0
+        if base_rows.shape[0] != inputs.shape[0] or not bool(base_rows.any()):
+            op(inputs, weights, output, indices, *args, **kwargs)
+            return
+        # Run the op on inputs zeroed for base rows with a valid index, so they add (or set) exactly 0.
+        safe_inputs = inputs * (~base_rows[: inputs.shape[0]]).unsqueeze(-1).to(inputs.dtype)
+        op(safe_inputs, weights, output, indices.clamp(min=0), *args, **kwargs)
+
+    masked_op.__name__ = op.__name__
+    masked_op.__doc__ = op.__doc__
+    return masked_op

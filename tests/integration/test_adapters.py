@@ -1,0 +1,187 @@
+"""Adapter lifecycle on the real stack: register from a folder and from S3, use at once, replace, unregister."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import httpx
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.integration.conftest import EXTERNAL_ADAPTERS, S3_KEYS, ExternalAdapter, Stack, make_adapter
+from tests.integration.reference import Greedy, Reference, assert_close
+
+MAX_TOKENS = 10
+PROMPT = "Write a haiku about the sea."
+
+
+def served(client: openai.OpenAI, model: str, prompt: list[int]) -> Greedy:
+    response = client.completions.create(
+        model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=5,
+        extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
+    )  # fmt: skip
+    logprobs = response.choices[0].logprobs
+    return Greedy(
+        tokens=[int(t.removeprefix("token_id:")) for t in logprobs.tokens],
+        top=[{int(t.removeprefix("token_id:")) for t in step} for step in logprobs.top_logprobs],
+    )
+
+
+def expect(stack: Stack, folder: Path, prompt_text: str = PROMPT) -> tuple[list[int], Greedy]:
+    reference = Reference(stack.model_dir, {"x": folder})
+    prompt = reference.chat_prompt(prompt_text)
+    return prompt, reference.greedy("x", prompt, MAX_TOKENS)
+
+
+def register(stack: Stack, name: str, source: str) -> httpx.Response:
+    return httpx.post(f"{stack.base_url}/v1/adapters", json={"name": name, "source": source}, timeout=120)
+
+
+def new_adapter(stack: Stack, name: str, seed: int, rank: int = 8) -> Path:
+    spec = ExternalAdapter(name, rank=rank, alpha=2 * rank, targets=EXTERNAL_ADAPTERS[1].targets, seed=seed, scale=0.3)
+    return make_adapter(stack.model_dir, spec, stack.uploads / f"{name}-{seed}")
+
+
+def test_register_local_folder_and_use_at_once(client: openai.OpenAI, stack: Stack) -> None:
+    folder = new_adapter(stack, "fresh", seed=21)
+    created = register(stack, "fresh", str(folder))
+    assert created.status_code == 201, created.text
+    assert f"{stack.model_id}:fresh" in {m.id for m in client.models.list()}
+    prompt, want = expect(stack, folder)
+    assert_close(want, served(client, "fresh", prompt), "registered from a local folder")
+
+
+def test_register_from_s3_and_use(client: openai.OpenAI, stack: Stack) -> None:
+    folder = new_adapter(stack, "from-s3", seed=22)
+    s3 = boto3.client("s3", endpoint_url=stack.s3_url, region_name="us-east-1",
+                      aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+    s3.create_bucket(Bucket="adapters")
+    for file in folder.iterdir():
+        s3.upload_file(str(file), "adapters", f"team/from-s3/{file.name}")
+    created = register(stack, "from-s3", "s3://adapters/team/from-s3")
+    assert created.status_code == 201, created.text
+    prompt, want = expect(stack, folder)
+    assert_close(want, served(client, f"{stack.model_id}:from-s3", prompt), "registered from S3")
+
+
+def test_new_version_replaces_weights_everywhere(client: openai.OpenAI, stack: Stack) -> None:
+    first, second = new_adapter(stack, "ver", seed=31), new_adapter(stack, "ver", seed=32)
+    assert register(stack, "ver", str(first)).json()["version"] == 1
+    prompt, want_first = expect(stack, first)
+    assert_close(want_first, served(client, "ver", prompt), "version 1")
+    assert register(stack, "ver", str(second)).json()["version"] == 2
+    _, want_second = expect(stack, second)
+    assert want_second.tokens != want_first.tokens
+    assert_close(want_second, served(client, "ver", prompt), "version 2")
+
+
+def test_unregister_then_404_while_others_keep_answering(client: openai.OpenAI, stack: Stack) -> None:
+    assert register(stack, "brief", str(new_adapter(stack, "brief", seed=41))).status_code == 201
+    assert client.completions.create(model="brief", prompt="Hi", max_tokens=2).choices
+    assert httpx.delete(f"{stack.base_url}/v1/adapters/brief").status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="brief", prompt="Hi", max_tokens=2)
+    assert stack.model_id + ":brief" not in {m.id for m in client.models.list()}
+    assert client.completions.create(model="alpha", prompt="Hi", max_tokens=2).choices
+
+
+def damaged(stack: Stack, name: str, change: str) -> str:
+    folder = new_adapter(stack, name, seed=51)
+    weights = folder / "adapter_model.safetensors"
+    if change == "no-config":
+        (folder / "adapter_config.json").unlink()
+    elif change == "pickled":
+        (folder / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
+    elif change == "wrong-base":
+        tensors = load_file(weights)
+        save_file({key: torch.zeros(t.shape[0], t.shape[1] + 1) for key, t in tensors.items()}, str(weights))
+    elif change == "too-big-rank":
+        folder = new_adapter(stack, name, seed=52, rank=128)
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "reason"),
+    [
+        ("bad-config", "no-config", "adapter_config.json is missing"),
+        ("bad-pickle", "pickled", "pickled weights"),
+        ("bad-base", "wrong-base", "wrong base model"),
+        ("bad-rank", "too-big-rank", "max_lora_rank"),
+        ("bad/name", "none", "must match"),
+    ],
+)
+def test_malformed_adapters_are_refused_and_nothing_is_registered(
+    client: openai.OpenAI, stack: Stack, name: str, change: str, reason: str
+) -> None:
+    response = register(stack, name, damaged(stack, name.replace("/", "-"), change))
+    assert response.status_code == 400, response.text
+    assert reason in response.json()["error"]["message"]
+    assert not any(name in m.id for m in client.models.list())
+    assert client.completions.create(model="alpha", prompt="Hi", max_tokens=2).choices
+
+
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [("/etc", "outside the allowed adapter roots"), ("s3://adapters/nothing-here", "nothing at")],
+)
+def test_unreachable_or_forbidden_sources_are_refused(stack: Stack, source: str, reason: str) -> None:
+    response = register(stack, "nowhere", source)
+    assert response.status_code == 400 and reason in response.json()["error"]["message"]
+
+
+def test_vllm_load_unload_endpoints_and_cli(stack: Stack) -> None:
+    folder = new_adapter(stack, "compat", seed=61)
+    body = {"lora_name": "compat", "lora_path": str(folder)}
+    loaded = httpx.post(f"{stack.base_url}/v1/load_lora_adapter", json=body, timeout=120)
+    assert loaded.status_code == 200 and "added successfully" in loaded.text
+    cli = [str(Path(sys.executable).parent / "loraplex"), "adapters"]
+    listing = subprocess.run([*cli, "list", "--url", stack.base_url], capture_output=True, text=True, check=True)
+    assert f"{stack.model_id}:compat" in listing.stdout
+    removed = subprocess.run(
+        [*cli, "rm", "compat", "--url", stack.base_url], capture_output=True, text=True, check=True
+    )
+    assert "removed" in removed.stdout
+    again = subprocess.run([*cli, "rm", "compat", "--url", stack.base_url], capture_output=True, text=True)
+    assert again.returncode == 1 and "404" in again.stderr
+    added = subprocess.run([*cli, "add", "compat2", str(folder), "--url", stack.base_url], capture_output=True,
+                           text=True, check=True)  # fmt: skip
+    assert "v1" in added.stdout
+    unloaded = httpx.post(f"{stack.base_url}/v1/unload_lora_adapter", json={"lora_name": "compat2"})
+    assert unloaded.status_code == 200
+
+
+async def test_base_is_untouched_when_every_engine_slot_holds_an_adapter(
+    async_client: openai.AsyncOpenAI, client: openai.OpenAI, stack: Stack, reference: Reference
+) -> None:
+    """vLLM 0.32.0 on CPU applied the last slot's adapter to base tokens; serve/vllm_patches.py fixes it."""
+    names = [f"slot{i}" for i in range(5)]  # more than max_loras (4): every slot ends up occupied
+    for i, name in enumerate(names):
+        assert register(stack, name, str(new_adapter(stack, name, seed=70 + i))).status_code == 201
+        client.completions.create(model=name, prompt="Hi", max_tokens=2)
+    prompt = reference.chat_prompt(PROMPT)
+    want = reference.greedy(None, prompt, MAX_TOKENS)
+
+    async def base() -> Greedy:
+        response = await async_client.completions.create(
+            model=stack.model_id, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=5,
+            extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
+        )  # fmt: skip
+        logprobs = response.choices[0].logprobs
+        return Greedy(
+            tokens=[int(t.removeprefix("token_id:")) for t in logprobs.tokens],
+            top=[{int(t.removeprefix("token_id:")) for t in step} for step in logprobs.top_logprobs],
+        )
+
+    async def adapter(name: str) -> None:
+        await async_client.completions.create(model=name, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+
+    results = await asyncio.gather(base(), *(adapter(n) for n in names[-4:]), base())
+    for got in (results[0], results[-1]):
+        assert_close(want, got, "base batched with adapters in every slot")

@@ -1,0 +1,136 @@
+"""Adapter validation and the registry, on real adapter folders checked against the real base model's shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from serve.adapters.registry import AdapterRecord, AdapterRegistry, RegistryError
+from serve.adapters.sources import LocalSource, SourceResolver
+from serve.adapters.validation import AdapterInvalid, base_linear_shapes, validate_adapter
+from serve.assets import DEFAULT_MODEL_NAME, build_default_model
+
+ASSETS = Path(__file__).resolve().parents[2] / ".loraplex"
+LAYER = "base_model.model.model.layers.0.self_attn"
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    return build_default_model(ASSETS / "models" / DEFAULT_MODEL_NAME)
+
+
+@pytest.fixture(scope="module")
+def shapes(model_dir: Path) -> dict[str, list[int]]:
+    return base_linear_shapes(model_dir)
+
+
+def write_adapter(
+    folder: Path, rank: int = 4, tensors: dict[str, torch.Tensor] | None = None, **config: object
+) -> Path:
+    """A minimal PEFT LoRA folder on q_proj of layer 0 (576 → 576 in SmolLM2-135M)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {"peft_type": "LORA", "r": rank, "lora_alpha": 8, "target_modules": ["q_proj"], **config}
+    (folder / "adapter_config.json").write_text(json.dumps(settings))
+    default = {
+        f"{LAYER}.q_proj.lora_A.weight": torch.zeros(rank, 576),
+        f"{LAYER}.q_proj.lora_B.weight": torch.zeros(576, rank),
+    }
+    save_file(tensors if tensors is not None else default, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def check(folder: Path, shapes: dict[str, list[int]], max_rank: int = 64, max_bytes: int = 10**9) -> object:
+    return validate_adapter(folder, shapes, max_rank=max_rank, max_bytes=max_bytes)
+
+
+def test_a_valid_adapter_is_described(tmp_path: Path, shapes: dict[str, list[int]]) -> None:
+    meta = check(write_adapter(tmp_path / "ok"), shapes)
+    assert (meta.rank, meta.target_modules) == (4, ("q_proj",))  # type: ignore[attr-defined]
+    assert len(meta.content_hash) == 64  # type: ignore[attr-defined]
+
+
+BAD_ADAPTERS = [
+    ("no config", lambda f: (f / "adapter_config.json").unlink(), "adapter_config.json is missing"),
+    ("broken config", lambda f: (f / "adapter_config.json").write_text("{"), "not valid JSON"),
+    ("not lora", lambda f: write_adapter(f, peft_type="IA3"), "not a LoRA adapter"),
+    ("rank too high", lambda f: write_adapter(f, rank=128, tensors={}), "exceeds this server's max_lora_rank"),
+    ("pickled", lambda f: (f / "adapter_model.bin").write_bytes(b"x"), "pickled weights"),
+    ("no weights", lambda f: (f / "adapter_model.safetensors").unlink(), "adapter_model.safetensors is missing"),
+    ("wrong shape", lambda f: write_adapter(f, tensors={f"{LAYER}.q_proj.lora_A.weight": torch.zeros(4, 999)}),
+     "wrong base model"),
+    ("unknown module", lambda f: write_adapter(f, tensors={f"{LAYER}.nope.lora_A.weight": torch.zeros(4, 576)}),
+     "does not have"),
+    ("not lora tensors", lambda f: write_adapter(f, tensors={"model.embed_tokens.weight": torch.zeros(2, 2)}),
+     "unsupported tensor"),
+    ("garbage weights", lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x08"), "not a safetensors"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "damage", "reason"), BAD_ADAPTERS, ids=[c[0] for c in BAD_ADAPTERS])
+def test_bad_adapters_are_refused_with_the_reason(
+    tmp_path: Path, shapes: dict[str, list[int]], case: str, damage: object, reason: str
+) -> None:
+    folder = write_adapter(tmp_path / "a")
+    damage(folder)  # type: ignore[operator]
+    with pytest.raises(AdapterInvalid, match=reason):
+        check(folder, shapes, max_rank=64)
+
+
+def test_oversized_adapter_is_refused(tmp_path: Path, shapes: dict[str, list[int]]) -> None:
+    with pytest.raises(AdapterInvalid, match="the limit is 100"):
+        check(write_adapter(tmp_path / "a"), shapes, max_bytes=100)
+
+
+def make_registry(tmp_path: Path, model_dir: Path) -> AdapterRegistry:
+    resolver = SourceResolver(local=LocalSource((tmp_path / "adapters",)))
+    return AdapterRegistry(tmp_path / "state.json", model_dir, resolver, max_rank=64, max_bytes=10**9)
+
+
+def test_registry_versions_persist_and_unregister(tmp_path: Path, model_dir: Path) -> None:
+    registry = make_registry(tmp_path, model_dir)
+    source = str(write_adapter(tmp_path / "adapters" / "v1"))
+    first = asyncio.run(registry.register("sql", source))
+    assert isinstance(first, AdapterRecord) and first.version == 1
+    again = asyncio.run(registry.register("sql", source))
+    assert isinstance(again, AdapterRecord) and again.version == 1  # same weights: same version
+    changed = tmp_path / "adapters" / "v2"
+    write_adapter(changed, tensors={f"{LAYER}.q_proj.lora_A.weight": torch.ones(4, 576),
+                                    f"{LAYER}.q_proj.lora_B.weight": torch.ones(576, 4)})  # fmt: skip
+    second = asyncio.run(registry.register("sql", str(changed)))
+    assert isinstance(second, AdapterRecord) and second.version == 2
+
+    reopened = make_registry(tmp_path, model_dir)
+    assert asyncio.run(reopened.snapshot()).records["sql"] == second
+    assert isinstance(asyncio.run(reopened.unregister("sql")), AdapterRecord)
+    missing = asyncio.run(reopened.unregister("sql"))
+    assert isinstance(missing, RegistryError) and missing.status == 404
+    assert make_registry(tmp_path, model_dir) is not None
+    assert asyncio.run(make_registry(tmp_path, model_dir).snapshot()).records == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "source", "param", "reason"),
+    [
+        ("../etc", "{ok}", "name", "must match"),
+        ("x", "/etc", "source", "outside the allowed adapter roots"),
+        ("x", "{root}/missing", "source", "is not a folder"),
+        ("x", "ftp://host/a", "source", "unsupported adapter source scheme"),
+        ("x", "{root}/../../etc", "source", "outside the allowed adapter roots"),
+    ],
+)
+def test_registry_refuses_bad_names_and_sources(
+    tmp_path: Path, model_dir: Path, name: str, source: str, param: str, reason: str
+) -> None:
+    root = tmp_path / "adapters"
+    ok = write_adapter(root / "ok")
+    registry = make_registry(tmp_path, model_dir)
+    outcome = asyncio.run(registry.register(name, source.format(ok=ok, root=root)))
+    assert isinstance(outcome, RegistryError) and outcome.param == param and reason in outcome.message
+    assert asyncio.run(registry.snapshot()).records == {}
+    shutil.rmtree(root)
