@@ -9,7 +9,7 @@ PORT ?= 8000
 MODEL := $(ASSETS)/models/SmolLM2-135M-Instruct
 DEMO_ADAPTERS := --adapter alpha=$(ASSETS)/adapters/alpha --adapter beta=$(ASSETS)/adapters/beta
 
-.PHONY: install assets serve test test-unit lint format bench
+.PHONY: install assets serve test test-unit lint format bench sim
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ test-unit: install
 
 bench: assets
 	$(BIN)/python -m loadtests.bench
+
+sim: install
+	$(BIN)/python -m loadtests.simulate
 
 lint: install
 	$(BIN)/ruff check serve routing loadtests tests

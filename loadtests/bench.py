@@ -95,7 +95,11 @@ def start_vllm(setup: Setup) -> Iterator[str]:
 def start_loraplex(setup: Setup) -> Iterator[str]:
     port = free_port()
     config_file = setup.work / "loraplex.yaml"
-    config = {"engine": setup.engine.model_dump(), "adapters": [a.model_dump() for a in setup.adapters]}
+    config = {
+        "engine": setup.engine.model_dump(),
+        "adapters": [a.model_dump() for a in setup.adapters],
+        "registry": {"state_file": str(setup.work / "registry.json"), "cache_dir": str(setup.work / "adapter-cache")},
+    }
     config_file.write_text(yaml.safe_dump(config))
     command = [
         str(Path(sys.executable).parent / "loraplex"),

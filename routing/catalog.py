@@ -8,7 +8,7 @@ from typing import Any
 
 from routing.errors import ModelNotFound
 from routing.registry_client import RegistryClient
-from serve.adapters.registry import AdapterRecord, Snapshot
+from serve.adapters.records import AdapterRecord, Snapshot
 
 SEPARATOR = ":"
 REFRESH_S = 1.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from serve.adapters.registry import AdapterRecord
+from serve.adapters.records import AdapterRecord
 from serve.wire import Endpoint, ReplicaItem
 
 

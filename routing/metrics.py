@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from routing.replica_metrics import ReplicaCollector
+
 OTHER = "other"
 UNKNOWN = "unknown"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -33,6 +35,8 @@ class RouterMetrics:
             "loraplex_time_to_first_token_seconds", "Time to the first streamed token, by model.",
             ["model"], buckets=_LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
+        self.replicas = ReplicaCollector()
+        registry.register(self.replicas)
         self.latency = Histogram(
             "loraplex_request_latency_seconds", "End-to-end request latency, by model and endpoint.",
             ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=registry,

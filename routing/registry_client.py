@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from serve.adapters.registry import AdapterRecord, RegistryError, Snapshot
+from serve.adapters.records import AdapterRecord, RegistryError, ReplicaReport, Snapshot
 
 
 class RegistryClient(Protocol):
@@ -14,6 +14,7 @@ class RegistryClient(Protocol):
     async def snapshot(self) -> Snapshot: ...
     async def register(self, name: str, source: str, pinned: bool) -> AdapterRecord | RegistryError: ...
     async def unregister(self, name: str) -> AdapterRecord | RegistryError: ...
+    async def replica_reports(self) -> list[ReplicaReport]: ...
 
 
 class ServeRegistryClient:
@@ -36,3 +37,7 @@ class ServeRegistryClient:
     async def unregister(self, name: str) -> AdapterRecord | RegistryError:
         outcome: AdapterRecord | RegistryError = await self._handle.unregister.remote(name)
         return outcome
+
+    async def replica_reports(self) -> list[ReplicaReport]:
+        reports: list[ReplicaReport] = await self._handle.replica_reports.remote()
+        return reports

@@ -12,13 +12,15 @@ import json
 import logging
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from serve.adapters.loader import AdapterLoader, LoaderStats
-from serve.adapters.registry import AdapterRecord, make_resolver
+from serve.adapters.loader import AdapterLoader
+from serve.adapters.records import AdapterRecord, LoaderStats, ReplicaReport
+from serve.adapters.registry import make_resolver
 from serve.adapters.validation import AdapterInvalid
 from serve.config import AdapterConfig, AppConfig, EngineConfig
 from serve.wire import Endpoint, EngineError, ReplicaItem, Usage
@@ -111,11 +113,21 @@ class EngineReplica:
         self._watcher = asyncio.create_task(self._follow_registry())
 
     async def _follow_registry(self) -> None:
-        """Frees adapters that were unregistered; new versions are picked up by the next request."""
+        """Reports this replica to the registry; frees adapters that were unregistered.
+
+        New versions need no push: the router resolves the version and the next request loads it.
+        """
+        replica = _replica_id()
         while True:
             await asyncio.sleep(REGISTRY_POLL_S)
             try:
-                generation = await self._registry.generation.remote()
+                report = ReplicaReport(
+                    replica=replica,
+                    adapters=tuple(self._loader.held()),
+                    engine_loras=len(await self._engine.list_loras()),
+                    stats=replace(self._loader.stats, load_buckets=list(self._loader.stats.load_buckets)),
+                )
+                generation = await self._registry.report.remote(report)
                 if generation == self._generation:
                     continue
                 snapshot = await self._registry.snapshot.remote()
@@ -199,6 +211,15 @@ class EngineReplica:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _replica_id() -> str:
+    from ray import serve
+
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # outside a Serve replica (tests): the process is the replica
+        return f"pid-{os.getpid()}"
 
 
 def final_usage(event: str) -> Usage | None:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from routing.catalog import SEPARATOR
 from routing.context import ContextDep, RouterContext
 from routing.errors import OpenAIError
-from serve.adapters.registry import AdapterRecord, RegistryError
+from serve.adapters.records import AdapterRecord, RegistryError
 
 router = APIRouter()
 

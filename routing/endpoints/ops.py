@@ -18,4 +18,6 @@ async def health() -> dict[str, str]:
 
 @router.get("/metrics")
 async def metrics(context: ContextDep) -> Response:
+    reports = await context.catalog.registry.replica_reports()
+    context.metrics.replicas.update(reports, registry_size=len(await context.catalog.records()))
     return Response(context.metrics.render(), media_type=CONTENT_TYPE_LATEST)

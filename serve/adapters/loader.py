@@ -12,24 +12,12 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve.adapters.registry import AdapterRecord
+from serve.adapters.records import AdapterRecord, LoaderStats
 from serve.adapters.sources import SourceResolver
 from serve.adapters.validation import AdapterInvalid, content_hash
-
-
-@dataclass
-class LoaderStats:
-    """Counters the replica reports: cache hits and misses, loads and their total time."""
-
-    hits: int = 0
-    misses: int = 0
-    loads: int = 0
-    load_seconds: float = 0.0
-    unloads: int = 0
 
 
 class AdapterLoader:
@@ -61,8 +49,7 @@ class AdapterLoader:
             started = time.perf_counter()
             folder = await asyncio.to_thread(self._local_copy, record)
             await self._install(record, folder)
-            self.stats.loads += 1
-            self.stats.load_seconds += time.perf_counter() - started
+            self.stats.observe_load(time.perf_counter() - started)
 
     async def forget(self, name: str) -> None:
         """Stops serving `name` here; the engine frees it (running requests hold their own reference)."""

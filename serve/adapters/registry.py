@@ -14,47 +14,16 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
+from serve.adapters.records import AdapterRecord, RegistryError, ReplicaReport, Snapshot
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.validation import AdapterInvalid, base_linear_shapes, validate_adapter
 from serve.config import ADAPTER_NAME_PATTERN, AppConfig
 
 _NAME = re.compile(ADAPTER_NAME_PATTERN)
-
-
-@dataclass(frozen=True)
-class AdapterRecord:
-    """One registered adapter at its current version."""
-
-    name: str
-    source: str
-    version: int
-    content_hash: str
-    rank: int
-    alpha: float
-    target_modules: tuple[str, ...]
-    size_bytes: int
-    pinned: bool
-    created: int
-
-
-@dataclass(frozen=True)
-class RegistryError:
-    """A refused registry operation, in OpenAI's terms."""
-
-    status: int
-    message: str
-    param: str | None = None
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """All records at one generation; the generation grows with every change."""
-
-    generation: int
-    records: dict[str, AdapterRecord]
+REPORT_TTL_S = 30.0
 
 
 class AdapterRegistry:
@@ -78,6 +47,7 @@ class AdapterRegistry:
         self._records: dict[str, AdapterRecord] = self._load()
         self._generation = 1
         self._lock = asyncio.Lock()
+        self._reports: dict[str, tuple[float, ReplicaReport]] = {}
         for name, source in (initial or {}).items():
             # Configured adapters are checked at every start: changed weights become a new version.
             pinned = name in self._records and self._records[name].pinned
@@ -90,6 +60,17 @@ class AdapterRegistry:
 
     async def generation(self) -> int:
         return self._generation
+
+    async def report(self, report: ReplicaReport) -> int:
+        """An engine replica's periodic report; returns the generation so it knows whether to sync."""
+        self._reports[report.replica] = (time.monotonic(), report)
+        return self._generation
+
+    async def replica_reports(self) -> list[ReplicaReport]:
+        """Reports of replicas heard from within `REPORT_TTL_S` (a replaced replica drops out)."""
+        now = time.monotonic()
+        self._reports = {k: v for k, v in self._reports.items() if now - v[0] <= REPORT_TTL_S}
+        return [report for _, report in self._reports.values()]
 
     async def register(self, name: str, source: str, pinned: bool = False) -> AdapterRecord | RegistryError:
         """Adds `name`, or makes a new version of it when the weights changed."""

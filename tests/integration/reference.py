@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -75,6 +76,19 @@ class Reference:
             top.append(set(top_ids))
             step_input = torch.tensor([[token]])
         return Greedy(tokens=tokens, top=top)
+
+
+def served_greedy(choice: Any) -> Greedy:
+    """A served completion choice (asked with `logprobs=5` and `return_tokens_as_token_ids`) as a `Greedy`."""
+
+    def token_id(token: str) -> int:
+        return int(token.removeprefix("token_id:"))
+
+    logprobs = choice.logprobs
+    return Greedy(
+        tokens=[token_id(t) for t in logprobs.tokens],
+        top=[{token_id(t) for t in step} for step in logprobs.top_logprobs],
+    )
 
 
 def assert_close(reference: Greedy, served: Greedy, context: str) -> None:

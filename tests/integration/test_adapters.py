@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import boto3
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.integration.conftest import EXTERNAL_ADAPTERS, S3_KEYS, ExternalAdapter, Stack, make_adapter
-from tests.integration.reference import Greedy, Reference, assert_close
+from tests.integration.reference import Greedy, Reference, assert_close, served_greedy
 
 MAX_TOKENS = 10
 PROMPT = "Write a haiku about the sea."
@@ -26,11 +27,7 @@ def served(client: openai.OpenAI, model: str, prompt: list[int]) -> Greedy:
         model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=5,
         extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
     )  # fmt: skip
-    logprobs = response.choices[0].logprobs
-    return Greedy(
-        tokens=[int(t.removeprefix("token_id:")) for t in logprobs.tokens],
-        top=[{int(t.removeprefix("token_id:")) for t in step} for step in logprobs.top_logprobs],
-    )
+    return served_greedy(response.choices[0])
 
 
 def expect(stack: Stack, folder: Path, prompt_text: str = PROMPT) -> tuple[list[int], Greedy]:
@@ -173,11 +170,7 @@ async def test_base_is_untouched_when_every_engine_slot_holds_an_adapter(
             model=stack.model_id, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=5,
             extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
         )  # fmt: skip
-        logprobs = response.choices[0].logprobs
-        return Greedy(
-            tokens=[int(t.removeprefix("token_id:")) for t in logprobs.tokens],
-            top=[{int(t.removeprefix("token_id:")) for t in step} for step in logprobs.top_logprobs],
-        )
+        return served_greedy(response.choices[0])
 
     async def adapter(name: str) -> None:
         await async_client.completions.create(model=name, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
@@ -185,3 +178,36 @@ async def test_base_is_untouched_when_every_engine_slot_holds_an_adapter(
     results = await asyncio.gather(base(), *(adapter(n) for n in names[-4:]), base())
     for got in (results[0], results[-1]):
         assert_close(want, got, "base batched with adapters in every slot")
+
+
+def replica_counter(stack: Stack, name: str) -> float:
+    """Sum over replicas of a replica-reported series, as the router's /metrics shows it."""
+    total = 0.0
+    for line in httpx.get(f"{stack.base_url}/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_for_reports(stack: Stack, name: str, at_least: float) -> float:
+    deadline = time.monotonic() + 20
+    while (value := replica_counter(stack, name)) < at_least and time.monotonic() < deadline:
+        time.sleep(1)  # replicas report every 2 s
+    return value
+
+
+async def test_concurrent_first_requests_load_once_and_metrics_show_it(
+    async_client: openai.AsyncOpenAI, stack: Stack
+) -> None:
+    time.sleep(3)  # let reports of earlier tests' loads arrive first
+    loads_before = wait_for_reports(stack, "loraplex_adapter_load_seconds_count", 1)
+    assert register(stack, "burst", str(new_adapter(stack, "burst", seed=81))).status_code == 201
+    await asyncio.gather(*(async_client.completions.create(model="burst", prompt="Hi", max_tokens=2) for _ in range(6)))
+    loads_after = wait_for_reports(stack, "loraplex_adapter_load_seconds_count", loads_before + 1)
+    time.sleep(3)  # one more report, in case a second load were still being counted
+    assert replica_counter(stack, "loraplex_adapter_load_seconds_count") == loads_before + 1 == loads_after
+    text = httpx.get(f"{stack.base_url}/metrics").text
+    registered = len(httpx.get(f"{stack.base_url}/v1/adapters").json()["data"])
+    assert f"loraplex_registry_adapters {float(registered)}" in text
+    assert replica_counter(stack, "loraplex_adapter_cache_misses_total") >= 1
+    assert replica_counter(stack, "loraplex_replica_adapters_loaded") >= 1

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import Stack
-from tests.integration.reference import Greedy, Reference, assert_close
+from tests.integration.reference import Greedy, Reference, assert_close, served_greedy
 
 MAX_TOKENS = 12
 PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.")
@@ -21,18 +21,6 @@ TARGETS: tuple[str | None, ...] = (None, *ADAPTERS)
 
 def model_for(stack: Stack, adapter: str | None) -> str:
     return stack.model_id if adapter is None else f"{stack.model_id}:{adapter}"
-
-
-def token_id(token: str) -> int:
-    return int(token.removeprefix("token_id:"))
-
-
-def served_greedy(choice: Any) -> Greedy:
-    logprobs = choice.logprobs
-    return Greedy(
-        tokens=[token_id(t) for t in logprobs.tokens],
-        top=[{token_id(t) for t in step} for step in logprobs.top_logprobs],
-    )
 
 
 GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 5}

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve.adapters.registry import AdapterRecord, RegistryError, Snapshot
+from serve.adapters.records import AdapterRecord, RegistryError, ReplicaReport, Snapshot
 from serve.wire import Endpoint, ReplicaItem, Usage
 
 Script = Callable[[Endpoint, dict[str, Any]], list[ReplicaItem | Exception]]
@@ -59,6 +59,10 @@ class FakeRegistry:
 
     records: dict[str, AdapterRecord] = field(default_factory=dict)
     generation_: int = 1
+    reports: list[ReplicaReport] = field(default_factory=list)
+
+    async def replica_reports(self) -> list[ReplicaReport]:
+        return self.reports
 
     async def generation(self) -> int:
         return self.generation_

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from serve.adapters.registry import AdapterRecord, AdapterRegistry, RegistryError
+from serve.adapters.records import AdapterRecord, RegistryError
+from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, SourceResolver
 from serve.adapters.validation import AdapterInvalid, base_linear_shapes, validate_adapter
 from serve.assets import DEFAULT_MODEL_NAME, build_default_model

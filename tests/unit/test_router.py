@@ -12,6 +12,7 @@ from ray.serve.exceptions import BackPressureError
 
 from routing.app import create_app
 from routing.catalog import ModelCatalog
+from serve.adapters.records import LoaderStats, ReplicaReport
 from serve.config import RouterConfig
 from serve.wire import EngineError, Usage
 from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
@@ -186,3 +187,20 @@ async def test_health(client: httpx.AsyncClient) -> None:
 
 def test_usage_item_type_is_plain_data() -> None:
     assert Usage(1, 2) == Usage(prompt_tokens=1, completion_tokens=2)
+
+
+async def test_metrics_include_replica_reports_and_registry_size(engine: FakeEngine) -> None:
+    stats = LoaderStats(hits=5, misses=2, unloads=1)
+    stats.observe_load(0.04)
+    stats.observe_load(3.0)
+    registry = FakeRegistry({"a1": record("a1")})
+    registry.reports = [ReplicaReport(replica="r1", adapters=("a1",), engine_loras=1, stats=stats)]
+    async with make_client(engine, registry) as client:
+        text = (await client.get("/metrics")).text
+    assert "loraplex_registry_adapters 1.0" in text
+    assert 'loraplex_replica_adapters_loaded{replica="r1"} 1.0' in text
+    assert 'loraplex_adapter_cache_hits_total{replica="r1"} 5.0' in text
+    assert 'loraplex_adapter_cache_misses_total{replica="r1"} 2.0' in text
+    assert 'loraplex_adapter_load_seconds_bucket{le="0.05",replica="r1"} 1.0' in text
+    assert 'loraplex_adapter_load_seconds_bucket{le="+Inf",replica="r1"} 2.0' in text
+    assert 'loraplex_adapter_load_seconds_count{replica="r1"} 2.0' in text

@@ -1,0 +1,190 @@
+"""A discrete-event simulator of request routing over engine replicas that hold adapters in an LRU cache.
+
+It runs the *same* policy code the router uses (`routing.policy.AffinityPolicy`) against baselines:
+random, power-of-two least-loaded, and Ray Serve's multiplexed default (prefer replicas that hold the
+model id, power-of-two among them). `make sim` writes docs/sim/ and ends with
+`loads_vs_pow2=<ratio> max_over_mean=<ratio>` for our policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import random
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from routing.policy import AffinityPolicy, ReplicaState
+
+Chooser = Callable[[str, Sequence[ReplicaState], random.Random], str]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """The simulated system and its load."""
+
+    replicas: int = 64
+    adapters: int = 10_000
+    requests: int = 100_000
+    zipf_s: float = 1.1
+    slots: int = 8
+    """Requests a replica runs at once (its batch)."""
+    cache: int = 16
+    """Adapters a replica keeps loaded (LRU)."""
+    service_s: float = 1.0
+    load_s: float = 0.5
+    """Extra time for a request whose adapter the replica must load first."""
+    utilisation: float = 0.7
+    seed: int = 0
+
+
+@dataclass
+class Replica:
+    id: str
+    cache_size: int
+    running: int = 0
+    queue: deque[tuple[float, str]] = field(default_factory=deque)
+    cache: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    served: int = 0
+
+    def state(self) -> ReplicaState:
+        return ReplicaState(self.id, self.running + len(self.queue), frozenset(self.cache))
+
+    def touch(self, adapter: str) -> bool:
+        """Marks `adapter` used; returns True when it had to be loaded (evicting the least recently used)."""
+        if adapter in self.cache:
+            self.cache.move_to_end(adapter)
+            return False
+        self.cache[adapter] = None
+        if len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return True
+
+
+def choose_random(adapter: str, replicas: Sequence[ReplicaState], rng: random.Random) -> str:
+    return rng.choice(replicas).replica_id
+
+
+def choose_pow2(adapter: str, replicas: Sequence[ReplicaState], rng: random.Random) -> str:
+    a, b = rng.sample(list(replicas), 2)
+    return (a if a.ongoing <= b.ongoing else b).replica_id
+
+
+def choose_ray_multiplexed(adapter: str, replicas: Sequence[ReplicaState], rng: random.Random) -> str:
+    holders = [r for r in replicas if adapter in r.adapters]
+    return choose_pow2(adapter, holders, rng) if len(holders) >= 2 else (
+        holders[0].replica_id if holders else choose_pow2(adapter, replicas, rng))  # fmt: skip
+
+
+def loraplex_chooser(policy: AffinityPolicy) -> Chooser:
+    def choose(adapter: str, replicas: Sequence[ReplicaState], rng: random.Random) -> str:
+        return policy.rank(adapter, replicas)[0].replica_id
+
+    return choose
+
+
+@dataclass(frozen=True)
+class Outcome:
+    policy: str
+    loads_per_1000: float
+    p50: float
+    p99: float
+    max_over_mean: float
+
+
+def simulate(scenario: Scenario, name: str, choose: Chooser) -> Outcome:
+    rng = random.Random(scenario.seed)
+    replicas = {f"r{i:03d}": Replica(f"r{i:03d}", scenario.cache) for i in range(scenario.replicas)}
+    weights = [1 / (rank**scenario.zipf_s) for rank in range(1, scenario.adapters + 1)]
+    names = [f"a{i}" for i in range(scenario.adapters)]
+    picks = rng.choices(names, weights=weights, k=scenario.requests)
+    rate = scenario.utilisation * scenario.replicas * scenario.slots / scenario.service_s
+    events: list[tuple[float, int, str, str, float]] = []  # (time, seq, kind, replica, arrival)
+    clock, seq, loads = 0.0, 0, 0
+    latencies: list[float] = []
+    states: dict[str, ReplicaState] = {rid: r.state() for rid, r in replicas.items()}
+
+    def start(replica: Replica, now: float, arrival: float, adapter: str) -> None:
+        nonlocal seq, loads
+        loaded = replica.touch(adapter)
+        loads += loaded
+        replica.running += 1
+        seq += 1
+        duration = scenario.service_s + (scenario.load_s if loaded else 0.0)
+        heapq.heappush(events, (now + duration, seq, "done", replica.id, arrival))
+
+    arrivals = iter(picks)
+    next_arrival = rng.expovariate(rate)
+    pending = scenario.requests
+    while pending or events:
+        if pending and (not events or next_arrival <= events[0][0]):
+            clock = next_arrival
+            adapter = next(arrivals)
+            pending -= 1
+            next_arrival = clock + rng.expovariate(rate)
+            replica = replicas[choose(adapter, list(states.values()), rng)]
+            if replica.running < scenario.slots:
+                start(replica, clock, clock, adapter)
+            else:
+                replica.queue.append((clock, adapter))
+            replica.served += 1
+        else:
+            clock, _, _, rid, arrival = heapq.heappop(events)
+            replica = replicas[rid]
+            replica.running -= 1
+            latencies.append(clock - arrival)
+            if replica.queue:
+                queued_at, queued_adapter = replica.queue.popleft()
+                start(replica, clock, queued_at, queued_adapter)
+        states[replica.id] = replica.state()
+
+    latencies.sort()
+    served = [r.served for r in replicas.values()]
+    return Outcome(
+        policy=name,
+        loads_per_1000=1000 * loads / scenario.requests,
+        p50=latencies[len(latencies) // 2],
+        p99=latencies[int(len(latencies) * 0.99)],
+        max_over_mean=max(served) / (sum(served) / len(served)),
+    )
+
+
+POLICIES: dict[str, Chooser] = {
+    "random": choose_random,
+    "pow2": choose_pow2,
+    "ray-multiplexed": choose_ray_multiplexed,
+    "loraplex": loraplex_chooser(AffinityPolicy()),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--replicas", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=10_000)
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--out", type=Path, default=Path("docs/sim"))
+    args = parser.parse_args(argv)
+    scenario = Scenario(replicas=args.replicas, adapters=args.adapters, requests=args.requests)
+    outcomes = [simulate(scenario, name, choose) for name, choose in POLICIES.items()]
+    pow2 = next(o for o in outcomes if o.policy == "pow2")
+    ours = next(o for o in outcomes if o.policy == "loraplex")
+    lines = [
+        "# Routing simulator", "",
+        f"Scenario: {scenario}. Command: `make sim`.", "",
+        "| policy | adapter loads / 1000 req | p50 latency | p99 latency | max/mean requests per replica |",
+        "|---|---|---|---|---|",
+    ]  # fmt: skip
+    lines += [f"| {o.policy} | {o.loads_per_1000:.1f} | {o.p50:.2f} | {o.p99:.2f} | {o.max_over_mean:.2f} |"
+              for o in outcomes]  # fmt: skip
+    final = f"loads_vs_pow2={ours.loads_per_1000 / pow2.loads_per_1000:.2f} max_over_mean={ours.max_over_mean:.2f}"
+    lines += ["", "```", final, "```", ""]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "README.md").write_text("\n".join(lines))
+    print("\n".join(lines[:-4]))
+    print(final)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Which engine replica gets a request: adapter affinity with bounded load.
+
+The same code decides in the Ray Serve request router and in the routing simulator
+(`loadtests/simulate.py`). For an adapter, replicas are ranked by rendezvous hashing on the adapter's
+name, so each adapter has a stable home; a replica already holding the adapter is preferred; and
+no replica is given more than (1 + epsilon) times the mean load, so a hot adapter spills to its next
+replicas in hash order and spreads as its traffic grows. Base-model requests go to the least loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    """What the policy knows of a replica: its requests in flight and the adapters it holds."""
+
+    replica_id: str
+    ongoing: int
+    adapters: frozenset[str] = frozenset()
+
+
+@lru_cache(maxsize=65536)
+def rendezvous_order(key: str, replica_ids: tuple[str, ...]) -> tuple[str, ...]:
+    """Replica ids by decreasing hash of (key, id): stable, and only 1/N keys move when a replica comes or goes."""
+
+    def weight(replica_id: str) -> bytes:
+        return hashlib.blake2b(f"{key}\0{replica_id}".encode(), digest_size=8).digest()
+
+    return tuple(sorted(replica_ids, key=weight, reverse=True))
+
+
+@dataclass(frozen=True)
+class AffinityPolicy:
+    """Adapter affinity under a load bound of (1 + epsilon) times the mean."""
+
+    epsilon: float = 0.25
+
+    def bound(self, replicas: Sequence[ReplicaState]) -> float:
+        """The most requests any replica may hold once this one is placed."""
+        total = sum(r.ongoing for r in replicas) + 1
+        return float(math.ceil((1 + self.epsilon) * total / len(replicas)))
+
+    def rank(self, adapter: str | None, replicas: Sequence[ReplicaState]) -> list[ReplicaState]:
+        """Replicas best first; the router tries them in this order."""
+        if not replicas:
+            return []
+        if adapter is None:
+            return sorted(replicas, key=lambda r: r.ongoing)
+        cap = self.bound(replicas)
+        by_id = {r.replica_id: r for r in replicas}
+        order = [by_id[i] for i in rendezvous_order(adapter, tuple(sorted(by_id)))]
+        under = [r for r in order if r.ongoing + 1 <= cap]
+        holders = sorted((r for r in under if adapter in r.adapters), key=lambda r: r.ongoing)
+        others = [r for r in under if adapter not in r.adapters]
+        over = sorted((r for r in order if r.ongoing + 1 > cap), key=lambda r: r.ongoing)
+        return holders + others + over

@@ -1,0 +1,60 @@
+"""Adapter-cache and registry series, rebuilt at each scrape from what engine replicas report."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from serve.adapters.records import LOAD_BUCKETS, ReplicaReport
+
+REPLICA = ["replica"]
+
+
+class ReplicaCollector(Collector):
+    """Exposes the latest replica reports and registry size; `update` before each scrape."""
+
+    def __init__(self) -> None:
+        self.reports: list[ReplicaReport] = []
+        self.registry_size = 0
+
+    def update(self, reports: list[ReplicaReport], registry_size: int) -> None:
+        self.reports = reports
+        self.registry_size = registry_size
+
+    def collect(self) -> Iterator[Metric]:
+        size = GaugeMetricFamily("loraplex_registry_adapters", "Adapters in the registry.")
+        size.add_metric([], self.registry_size)
+        yield size
+        installed = GaugeMetricFamily(
+            "loraplex_replica_adapters_loaded", "Adapters installed in an engine replica.", labels=REPLICA
+        )
+        resident = GaugeMetricFamily(
+            "loraplex_replica_engine_loras", "Adapters whose weights the engine holds in memory.", labels=REPLICA
+        )
+        hits = CounterMetricFamily("loraplex_adapter_cache_hits", "Requests whose adapter was ready.", labels=REPLICA)
+        misses = CounterMetricFamily(
+            "loraplex_adapter_cache_misses", "Requests that had to load their adapter.", labels=REPLICA
+        )
+        unloads = CounterMetricFamily(
+            "loraplex_adapter_unloads",
+            "Adapters removed from an engine (unregistered or replaced).",
+            labels=REPLICA,
+        )
+        loads = HistogramMetricFamily(
+            "loraplex_adapter_load_seconds", "Time to fetch and install an adapter in an engine.", labels=REPLICA
+        )
+        for report in self.reports:
+            labels = [report.replica]
+            installed.add_metric(labels, len(report.adapters))
+            resident.add_metric(labels, report.engine_loras)
+            hits.add_metric(labels, report.stats.hits)
+            misses.add_metric(labels, report.stats.misses)
+            unloads.add_metric(labels, report.stats.unloads)
+            buckets = [
+                (str(bound), count) for bound, count in zip(LOAD_BUCKETS, report.stats.load_buckets, strict=True)
+            ]
+            buckets.append(("+Inf", report.stats.loads))
+            loads.add_metric(labels, buckets, report.stats.load_seconds)
+        yield from (installed, resident, hits, misses, unloads, loads)

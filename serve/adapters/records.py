@@ -1,0 +1,72 @@
+"""The plain data that crosses between the registry, routers and engine replicas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One registered adapter at its current version."""
+
+    name: str
+    source: str
+    version: int
+    content_hash: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    pinned: bool
+    created: int
+
+
+@dataclass(frozen=True)
+class RegistryError:
+    """A refused registry operation, in OpenAI's terms."""
+
+    status: int
+    message: str
+    param: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """All records at one generation; the generation grows with every change."""
+
+    generation: int
+    records: dict[str, AdapterRecord]
+
+
+LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class LoaderStats:
+    """Cumulative counters a replica reports: cache hits and misses, loads (a latency histogram), unloads."""
+
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    load_seconds: float = 0.0
+    load_buckets: list[int] = field(default_factory=lambda: [0] * len(LOAD_BUCKETS))
+    unloads: int = 0
+
+    def observe_load(self, seconds: float) -> None:
+        self.loads += 1
+        self.load_seconds += seconds
+        for i, bound in enumerate(LOAD_BUCKETS):
+            if seconds <= bound:
+                self.load_buckets[i] += 1
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    """What one engine replica tells the registry about itself."""
+
+    replica: str
+    adapters: tuple[str, ...]
+    """Adapters installed in this replica's engine."""
+    engine_loras: int
+    """Adapters whose weights the engine currently holds in memory (its LRU caches)."""
+    stats: LoaderStats
