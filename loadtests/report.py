@@ -39,7 +39,8 @@ def write_report(out: Path, results: Results, engine: EngineConfig, machine: str
         f"max_num_seqs={engine.max_num_seqs}, max_model_len={engine.max_model_len}, dtype={engine.engine_dtype()}, "
         f"KV cache {engine.kv_cache_gib:g} GiB, SmolLM2-135M-Instruct, rank-8 adapters.",
         "",
-        "Each workload: streamed `/v1/completions`, `ignore_eos`, closed loop; see `loadtests/loadgen.py`.",
+        "Each workload: streamed `/v1/completions`, `ignore_eos`, closed loop; see `loadtests/loadgen.py`. "
+        "`errors` counts failed requests. Where loraplex's overhead goes: [overhead.md](overhead.md).",
         "",
         "| system | workload | " + " | ".join(COLUMNS) + " | tok/s vs vLLM |",
         "|---|---|" + "---|" * (len(COLUMNS) + 1),
