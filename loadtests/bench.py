@@ -48,8 +48,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def process(command: list[str], env: dict[str, str], log: Path, ready_url: str) -> Iterator[None]:
-    """Runs `command` until `ready_url` answers 200; stops its whole session afterwards."""
+def process(command: list[str], env: dict[str, str], log: Path, ready_url: str) -> Iterator[int]:
+    """Runs `command` until `ready_url` answers 200, yielding its pid; stops its whole session afterwards."""
     with log.open("wb") as sink:
         child = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -65,7 +65,7 @@ def process(command: list[str], env: dict[str, str], log: Path, ready_url: str) 
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{command[:3]} not ready after {STARTUP_TIMEOUT_S}s; see {log}")
             time.sleep(1)
-        yield
+        yield child.pid
     finally:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)

@@ -42,6 +42,11 @@ class ReplicaCollector(Collector):
             "Adapters removed from an engine (unregistered or replaced).",
             labels=REPLICA,
         )
+        evictions = CounterMetricFamily(
+            "loraplex_adapter_evictions",
+            "Installed adapters the engine's LRU dropped from memory (reloaded on their next request).",
+            labels=REPLICA,
+        )
         loads = HistogramMetricFamily(
             "loraplex_adapter_load_seconds", "Time to fetch and install an adapter in an engine.", labels=REPLICA
         )
@@ -52,9 +57,10 @@ class ReplicaCollector(Collector):
             hits.add_metric(labels, report.stats.hits)
             misses.add_metric(labels, report.stats.misses)
             unloads.add_metric(labels, report.stats.unloads)
+            evictions.add_metric(labels, report.stats.evictions)
             buckets = [
                 (str(bound), count) for bound, count in zip(LOAD_BUCKETS, report.stats.load_buckets, strict=True)
             ]
             buckets.append(("+Inf", report.stats.loads))
             loads.add_metric(labels, buckets, report.stats.load_seconds)
-        yield from (installed, resident, hits, misses, unloads, loads)
+        yield from (installed, resident, hits, misses, unloads, evictions, loads)

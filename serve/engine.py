@@ -121,10 +121,12 @@ class EngineReplica:
         while True:
             await asyncio.sleep(REGISTRY_POLL_S)
             try:
+                engine_ids = await self._engine.list_loras()
                 report = ReplicaReport(
                     replica=replica,
                     adapters=tuple(self._loader.held()),
-                    engine_loras=len(await self._engine.list_loras()),
+                    engine_loras=len(engine_ids),
+                    resident=tuple(self._loader.observe_engine(engine_ids)),
                     stats=replace(self._loader.stats, load_buckets=list(self._loader.stats.load_buckets)),
                 )
                 generation = await self._registry.report.remote(report)

@@ -88,7 +88,13 @@ async def get_adapter(name: str, context: ContextDep) -> dict[str, Any]:
     target = await context.catalog.resolve(name)
     if target.adapter is None:
         raise RegistryRefused(RegistryError(404, f"{name!r} is the base model, not an adapter", "name"))
-    return card(context, target.adapter)
+    reports = await context.catalog.registry.replica_reports()
+    placement = [
+        {"replica": r.replica, "resident": target.adapter.name in r.resident}
+        for r in reports
+        if target.adapter.name in r.adapters
+    ]
+    return {**card(context, target.adapter), "replicas": placement}
 
 
 @router.post("/v1/adapters", status_code=201)

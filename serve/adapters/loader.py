@@ -31,6 +31,7 @@ class AdapterLoader:
         self._base_id = base_id
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._versions: dict[str, str] = {}
+        self._resident: set[str] = set()
         self.stats = LoaderStats()
 
     def public_id(self, name: str) -> str:
@@ -56,12 +57,29 @@ class AdapterLoader:
         async with self._locks[name]:
             previous = self._models.lora_requests.pop(self.public_id(name), None)
             self._versions.pop(name, None)
+            self._resident.discard(name)
             if previous is not None:
                 await self._engine.remove_lora(previous.lora_int_id)
                 self.stats.unloads += 1
 
     def held(self) -> list[str]:
         return sorted(self._versions)
+
+    def observe_engine(self, engine_ids: set[int]) -> list[str]:
+        """Names of installed adapters whose weights the engine holds (its `list_loras()`); counts evictions.
+
+        vLLM's LRU drops adapters from memory on its own and reloads them from their folder on the
+        next request, so an installed adapter that left the engine since the last look was evicted.
+        """
+        resident = {
+            name
+            for name in self._versions
+            if (request := self._models.lora_requests.get(self.public_id(name))) is not None
+            and request.lora_int_id in engine_ids
+        }
+        self.stats.evictions += len((self._resident - resident) & set(self._versions))
+        self._resident = resident
+        return sorted(resident)
 
     def _local_copy(self, record: AdapterRecord) -> Path:
         """The adapter's files on this node, fetched once and checked against the registered hash."""

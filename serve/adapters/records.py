@@ -43,7 +43,8 @@ LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 @dataclass
 class LoaderStats:
-    """Cumulative counters a replica reports: cache hits and misses, loads (a latency histogram), unloads."""
+    """Cumulative counters a replica reports: cache hits and misses, loads (a latency histogram), unloads,
+    and evictions (adapters the engine's LRU dropped from memory while still installed)."""
 
     hits: int = 0
     misses: int = 0
@@ -51,6 +52,7 @@ class LoaderStats:
     load_seconds: float = 0.0
     load_buckets: list[int] = field(default_factory=lambda: [0] * len(LOAD_BUCKETS))
     unloads: int = 0
+    evictions: int = 0
 
     def observe_load(self, seconds: float) -> None:
         self.loads += 1
@@ -70,3 +72,5 @@ class ReplicaReport:
     engine_loras: int
     """Adapters whose weights the engine currently holds in memory (its LRU caches)."""
     stats: LoaderStats
+    resident: tuple[str, ...] = ()
+    """Names of the installed adapters among those `engine_loras`."""

@@ -211,3 +211,29 @@ async def test_concurrent_first_requests_load_once_and_metrics_show_it(
     assert f"loraplex_registry_adapters {float(registered)}" in text
     assert replica_counter(stack, "loraplex_adapter_cache_misses_total") >= 1
     assert replica_counter(stack, "loraplex_replica_adapters_loaded") >= 1
+
+
+def test_pinned_adapter_survives_eviction_churn(client: openai.OpenAI, stack: Stack) -> None:
+    """The engine keeps max_cpu_loras (4) adapters in memory; churning 6 others evicts all but the pinned one."""
+    keeper = new_adapter(stack, "keeper", seed=91)
+    pinned = httpx.post(f"{stack.base_url}/v1/adapters", json={"name": "keeper", "source": str(keeper), "pinned": True})
+    assert pinned.status_code == 201 and pinned.json()["pinned"] is True
+    prompt, want = expect(stack, keeper)
+    assert_close(want, served(client, "keeper", prompt), "pinned adapter before churn")
+    evictions_before = replica_counter(stack, "loraplex_adapter_evictions_total")
+
+    churn_folder = new_adapter(stack, "churn", seed=92)
+    churn = [f"churn{i}" for i in range(6)]
+    for name in churn:
+        assert register(stack, name, str(churn_folder)).status_code == 201
+        client.completions.create(model=name, prompt="Hi", max_tokens=1)
+
+    wait_for_reports(stack, "loraplex_adapter_evictions_total", evictions_before + 1)
+    time.sleep(2.5)  # one report after the last churn request
+    placement = httpx.get(f"{stack.base_url}/v1/adapters/keeper").json()["replicas"]
+    assert placement and all(replica["resident"] for replica in placement), placement
+    assert httpx.get(f"{stack.base_url}/v1/adapters/churn0").json()["replicas"][0]["resident"] is False
+    assert replica_counter(stack, "loraplex_adapter_evictions_total") > evictions_before
+    assert_close(want, served(client, "keeper", prompt), "pinned adapter after churn")
+    for name in churn:
+        httpx.delete(f"{stack.base_url}/v1/adapters/{name}")

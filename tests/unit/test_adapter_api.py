@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from routing.app import create_app
 from routing.catalog import ModelCatalog
+from serve.adapters.loader import AdapterLoader
+from serve.adapters.records import LoaderStats, ReplicaReport
+from serve.adapters.sources import LocalSource, SourceResolver
 from serve.config import RouterConfig
 from tests.unit.fake_engine import FakeEngine, FakeRegistry
 
@@ -67,3 +72,37 @@ async def test_refused_writes_record_nothing(
     assert response.status_code == status
     assert response.json()["error"]["param"] == param
     assert await model_ids(client) == [BASE]
+
+
+async def test_adapter_card_shows_where_it_is_installed_and_resident() -> None:
+    registry = FakeRegistry()
+    app = create_app(FakeEngine(), ModelCatalog(BASE, registry), RouterConfig())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+        await client.post("/v1/adapters", json={"name": "hot", "source": "/a/hot"})
+        registry.reports = [
+            ReplicaReport(replica="r1", adapters=("hot",), engine_loras=1, stats=LoaderStats(), resident=("hot",)),
+            ReplicaReport(replica="r2", adapters=("hot",), engine_loras=0, stats=LoaderStats()),
+            ReplicaReport(replica="r3", adapters=(), engine_loras=0, stats=LoaderStats()),
+        ]
+        placement = (await client.get("/v1/adapters/hot")).json()["replicas"]
+    assert placement == [{"replica": "r1", "resident": True}, {"replica": "r2", "resident": False}]
+
+
+class _Models:
+    """Stands in for vLLM's OpenAIServingModels: the LoRA requests the loader installed."""
+
+    def __init__(self) -> None:
+        self.lora_requests: dict[str, SimpleNamespace] = {}
+
+
+def test_loader_counts_adapters_the_engine_evicted() -> None:
+    models = _Models()
+    loader = AdapterLoader(None, models, SourceResolver(LocalSource([])), Path("/nonexistent"), BASE)
+    for lora_id, name in enumerate(("a", "b", "c"), start=1):
+        models.lora_requests[loader.public_id(name)] = SimpleNamespace(lora_int_id=lora_id)
+        loader._versions[name] = f"hash-{name}"
+    assert loader.observe_engine({1, 2, 3}) == ["a", "b", "c"]
+    assert loader.observe_engine({1, 3, 99}) == ["a", "c"] and loader.stats.evictions == 1
+    assert loader.observe_engine({1, 2, 3}) == ["a", "b", "c"] and loader.stats.evictions == 1  # reloaded
+    del loader._versions["c"]  # unregistered: leaving the engine is not an eviction
+    assert loader.observe_engine({1, 2}) == ["a", "b"] and loader.stats.evictions == 1

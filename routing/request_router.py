@@ -1,0 +1,68 @@
+"""The engine deployment's Ray Serve request router: `routing.policy.AffinityPolicy` over live replicas.
+
+Ray Serve instantiates this class inside every caller of the engine deployment (the router ingress
+replicas), calls `choose_replicas` for each request and tries the returned ranks in order, skipping a
+replica whose queue is full. What the policy needs it gets from Serve: each replica's requests in
+flight from Serve's queue-length cache, and the adapters it holds from the replica's
+`record_routing_stats` (every `routing_stats_period_s`), completed by the requests this router sent
+since, so affinity does not wait for the next report.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+from routing.policy import AffinityPolicy, ReplicaState
+from serve.adapters.records import AdapterRecord
+
+ROUTER_CLASS_PATH = "routing.request_router:AdapterAffinityRouter"
+RECENT_TTL_S = 30.0
+"""How long this router assumes a replica keeps an adapter it sent there, absent a report."""
+
+
+def adapter_of(request: PendingRequest | None) -> str | None:
+    """The adapter a `generate(endpoint, body, adapter)` call asks for; None for the base model."""
+    if request is None:
+        return None
+    candidates = [*request.args[2:3], request.kwargs.get("adapter")]
+    for value in candidates:
+        if isinstance(value, AdapterRecord):
+            return value.name
+    return None
+
+
+class AdapterAffinityRouter(FIFOMixin, RequestRouter):
+    """Adapter affinity under a (1 + epsilon) x mean load bound; base requests to the least loaded."""
+
+    def initialize_state(self, epsilon: float = 0.25, **_: Any) -> None:
+        self._policy = AffinityPolicy(epsilon=epsilon)
+        self._recent: dict[tuple[str, str], float] = {}
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        adapter = adapter_of(pending_request)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        states = [self._state(r, adapter) for r in candidate_replicas]
+        return [[by_id[state.replica_id]] for state in self._policy.rank(adapter, states)]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
+        adapter = adapter_of(pending_request)
+        if adapter is not None:
+            self._recent[(replica_id.unique_id, adapter)] = time.monotonic() + RECENT_TTL_S
+            if len(self._recent) > 100_000:
+                now = time.monotonic()
+                self._recent = {key: until for key, until in self._recent.items() if until > now}
+
+    def _state(self, replica: RunningReplica, adapter: str | None) -> ReplicaState:
+        replica_id = replica.replica_id.unique_id
+        ongoing = self.replica_queue_len_cache.get(replica.replica_id) or 0
+        held: frozenset[str] = frozenset(replica.routing_stats.get("adapters", ()))
+        if adapter is not None and adapter not in held and self._recent.get((replica_id, adapter), 0) > time.monotonic():
+            held = held | {adapter}
+        return ReplicaState(replica_id=replica_id, ongoing=ongoing, adapters=held)
