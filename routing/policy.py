@@ -37,14 +37,20 @@ def rendezvous_order(key: str, replica_ids: tuple[str, ...]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class AffinityPolicy:
-    """Adapter affinity under a load bound of (1 + epsilon) times the mean."""
+    """Adapter affinity under a load bound of (1 + epsilon) times the mean, but never below `min_load`.
+
+    `min_load` is what batching makes free: an engine runs that many requests in one step for about
+    the price of one, while loading an adapter elsewhere costs a load and an eviction, so below it
+    a replica is never treated as overloaded.
+    """
 
     epsilon: float = 0.25
+    min_load: int = 0
 
     def bound(self, replicas: Sequence[ReplicaState]) -> float:
         """The most requests any replica may hold once this one is placed."""
         total = sum(r.ongoing for r in replicas) + 1
-        return float(math.ceil((1 + self.epsilon) * total / len(replicas)))
+        return float(max(self.min_load, math.ceil((1 + self.epsilon) * total / len(replicas))))
 
     def rank(self, adapter: str | None, replicas: Sequence[ReplicaState]) -> list[ReplicaState]:
         """Replicas best first; the router tries them in this order."""

@@ -37,8 +37,8 @@ def adapter_of(request: PendingRequest | None) -> str | None:
 class AdapterAffinityRouter(FIFOMixin, RequestRouter):
     """Adapter affinity under a (1 + epsilon) x mean load bound; base requests to the least loaded."""
 
-    def initialize_state(self, epsilon: float = 0.25, **_: Any) -> None:
-        self._policy = AffinityPolicy(epsilon=epsilon)
+    def initialize_state(self, epsilon: float = 0.25, min_load: int = 0, **_: Any) -> None:
+        self._policy = AffinityPolicy(epsilon=epsilon, min_load=min_load)
         self._recent: dict[tuple[str, str], float] = {}
 
     async def choose_replicas(
@@ -62,7 +62,11 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
     def _state(self, replica: RunningReplica, adapter: str | None) -> ReplicaState:
         replica_id = replica.replica_id.unique_id
         ongoing = self.replica_queue_len_cache.get(replica.replica_id) or 0
-        held: frozenset[str] = frozenset(replica.routing_stats.get("adapters", ()))
-        if adapter is not None and adapter not in held and self._recent.get((replica_id, adapter), 0) > time.monotonic():
+        held: frozenset[str] = frozenset((replica.routing_stats or {}).get("adapters", ()))
+        if (
+            adapter is not None
+            and adapter not in held
+            and self._recent.get((replica_id, adapter), 0) > time.monotonic()
+        ):
             held = held | {adapter}
         return ReplicaState(replica_id=replica_id, ongoing=ongoing, adapters=held)

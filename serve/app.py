@@ -13,8 +13,9 @@ from ray import serve
 from ray.serve import Application
 
 from routing.ingress import RouterIngress
+from routing.request_router import ROUTER_CLASS_PATH
 from serve.adapters.registry import RegistryDeployment
-from serve.config import AppConfig
+from serve.config import AppConfig, EngineDeploymentConfig
 from serve.engine import EngineReplica, engine_env
 
 ENGINE_DEPLOYMENT = "LoraplexEngine"
@@ -36,6 +37,15 @@ def absolute_paths(config: AppConfig) -> AppConfig:
     return config.model_copy(update={"registry": registry, "adapters": adapters, "engine": engine})
 
 
+def request_router_config(scaling: EngineDeploymentConfig) -> dict[str, Any]:
+    """The engine deployment's `request_router_config`: our affinity router, or Serve's default."""
+    config: dict[str, Any] = {"request_routing_stats_period_s": scaling.routing_stats_period_s}
+    if scaling.request_router == "affinity":
+        config["request_router_class"] = ROUTER_CLASS_PATH
+        config["request_router_kwargs"] = {"epsilon": scaling.affinity_epsilon, "min_load": scaling.affinity_min_load}
+    return config
+
+
 def build_app(args: AppConfig | dict[str, Any]) -> Application:
     """The Serve application for `args` (an `AppConfig` or its dict form)."""
     config = absolute_paths(args if isinstance(args, AppConfig) else AppConfig.model_validate(args))
@@ -43,9 +53,15 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
     registry = serve.deployment(name=REGISTRY_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0.1})(
         RegistryDeployment
     ).bind(config)
+    replicas: dict[str, Any] = (
+        {"num_replicas": scaling.num_replicas}
+        if scaling.autoscaling is None
+        else {"autoscaling_config": scaling.autoscaling.model_dump()}
+    )
     engine = serve.deployment(
         name=ENGINE_DEPLOYMENT,
-        num_replicas=scaling.num_replicas,
+        **replicas,
+        request_router_config=request_router_config(scaling),
         max_ongoing_requests=scaling.max_ongoing_requests,
         max_queued_requests=scaling.max_queued_requests,
         health_check_period_s=scaling.health_check_period_s,

@@ -199,6 +199,10 @@ class EngineReplica:
         """Called by Ray Serve; raising marks this replica unhealthy so Serve replaces it."""
         await self._engine.check_health()
 
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Called by Ray Serve every `routing_stats_period_s`; the request router reads it."""
+        return {"adapters": self._loader.held()}
+
     async def adapters(self) -> list[str]:
         """Names of the adapters this replica holds."""
         return self._loader.held()

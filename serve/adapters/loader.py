@@ -92,7 +92,12 @@ class AdapterLoader:
             self._resolver.fetch(record.source, staging)
             if content_hash(staging) != record.content_hash:
                 raise AdapterInvalid(f"{record.source} changed since it was registered; register it again")
-            staging.rename(folder)
+            try:
+                staging.rename(folder)
+            except OSError:
+                # Another replica on this node, or another adapter with the same files, got there first.
+                if not folder.is_dir():
+                    raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return folder

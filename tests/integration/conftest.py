@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +145,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str) -> Iterator[Sta
             }
         )
     )
+    with running_server(config, adapters, work) as (base_url, log):
+        yield Stack(base_url=base_url, model_id=MODEL_ID, model_dir=model_dir, adapters=adapters, log=log,
+                    uploads=uploads, s3_url=s3_url)  # fmt: skip
+
+
+@contextmanager
+def running_server(config: Path, adapters: dict[str, Path], work: Path) -> Iterator[tuple[str, Path]]:
+    """`loraplex serve --config CONFIG --adapter ...` on a free port until the block ends; yields (url, log)."""
     port = free_port()
     log = work / "server.log"
     command = [str(Path(sys.executable).parent / "loraplex"), "serve", "--config", str(config), "--port", str(port)]
@@ -155,8 +164,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str) -> Iterator[Sta
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(process, base_url, log)
-        yield Stack(base_url=base_url, model_id=MODEL_ID, model_dir=model_dir, adapters=adapters, log=log,
-                    uploads=uploads, s3_url=s3_url)  # fmt: skip
+        yield base_url, log
     finally:
         stop(process)
 

@@ -15,7 +15,7 @@ from serve.adapters.loader import AdapterLoader
 from serve.adapters.records import LoaderStats, ReplicaReport
 from serve.adapters.sources import LocalSource, SourceResolver
 from serve.config import RouterConfig
-from tests.unit.fake_engine import FakeEngine, FakeRegistry
+from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
 
 BASE = "tiny-base"
 
@@ -106,3 +106,28 @@ def test_loader_counts_adapters_the_engine_evicted() -> None:
     assert loader.observe_engine({1, 2, 3}) == ["a", "b", "c"] and loader.stats.evictions == 1  # reloaded
     del loader._versions["c"]  # unregistered: leaving the engine is not an eviction
     assert loader.observe_engine({1, 2}) == ["a", "b"] and loader.stats.evictions == 1
+
+
+def test_concurrent_fetches_of_the_same_content_share_one_cached_copy(tmp_path: Path) -> None:
+    """Two replicas on a node (or two adapters with equal files) may fetch the same hash at once."""
+    from dataclasses import replace
+
+    from serve.adapters.validation import content_hash
+
+    source = tmp_path / "adapter"
+    source.mkdir()
+    (source / "adapter_config.json").write_text("{}")
+    adapter = replace(record("a"), source=str(source), content_hash=content_hash(source))
+    cache = tmp_path / "cache"
+
+    class RacingResolver:
+        """Fetches, while the other replica publishes the same content hash first."""
+
+        def fetch(self, uri: str, dest: Path) -> None:
+            (dest / "adapter_config.json").write_text("{}")
+            (cache / adapter.content_hash).mkdir()
+            (cache / adapter.content_hash / "adapter_config.json").write_text("{}")
+
+    loader = AdapterLoader(None, _Models(), RacingResolver(), cache, BASE)  # type: ignore[arg-type]
+    assert loader._local_copy(adapter) == cache / adapter.content_hash
+    assert [p.name for p in cache.iterdir()] == [adapter.content_hash]  # the staging folder is gone
