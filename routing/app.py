@@ -5,23 +5,28 @@ from __future__ import annotations
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from routing.audit import AuditLog
 from routing.catalog import ModelCatalog
 from routing.context import RouterContext
 from routing.endpoints import adapters, generate, models, ops
 from routing.engine_client import EngineClient
 from routing.errors import install_error_handlers
 from routing.metrics import RouterMetrics
+from routing.principals import KeyRing
 from serve.config import RouterConfig
 
 
 def create_app(engine: EngineClient, catalog: ModelCatalog, config: RouterConfig) -> FastAPI:
     """An OpenAI-compatible app that sends generation requests to `engine`."""
     app = FastAPI(title="loraplex", description="OpenAI-compatible multi-LoRA inference router.")
+    metrics = RouterMetrics(CollectorRegistry(), max_adapters=config.max_adapter_labels)
     app.state.context = RouterContext(
         engine=engine,
         catalog=catalog,
-        metrics=RouterMetrics(CollectorRegistry(), max_adapters=config.max_adapter_labels),
+        metrics=metrics,
         config=config,
+        keys=KeyRing(config.auth),
+        audit=AuditLog(config.auth.audit_file),
     )
     install_error_handlers(app)
     for endpoints in (generate, models, adapters, ops):

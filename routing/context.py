@@ -7,9 +7,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from routing.audit import AuditLog
 from routing.catalog import ModelCatalog
 from routing.engine_client import EngineClient
 from routing.metrics import RouterMetrics
+from routing.principals import KeyRing
 from serve.config import RouterConfig
 
 
@@ -21,6 +23,8 @@ class RouterContext:
     catalog: ModelCatalog
     metrics: RouterMetrics
     config: RouterConfig
+    keys: KeyRing
+    audit: AuditLog
 
 
 def get_context(request: Request) -> RouterContext:

@@ -1,4 +1,4 @@
-"""`POST /v1/completions` and `POST /v1/chat/completions`: validate, resolve the model, relay the engine."""
+"""`POST /v1/completions` and `POST /v1/chat/completions`: validate, check scope, resolve the model, relay."""
 
 from __future__ import annotations
 
@@ -10,34 +10,37 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray.serve.exceptions import BackPressureError
 
-from routing.catalog import ModelTarget
+from routing.auth import KeyDep
 from routing.context import ContextDep, RouterContext
 from routing.errors import EngineFailure, OpenAIError, Overloaded, UpstreamError, error_response, sse_error
 from routing.metrics import RequestTimer
+from routing.principals import Principal
 from routing.protocol import Endpoint, parse_body
 from serve.wire import EngineError, ReplicaItem, Usage
 
 logger = logging.getLogger("loraplex.router")
 router = APIRouter()
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
-
 
 @router.post("/v1/completions", response_model=None)
-async def create_completion(request: Request, context: ContextDep) -> Response:
-    return await _generate("completions", request, context)
+async def create_completion(request: Request, context: ContextDep, key: KeyDep) -> Response:
+    return await _generate("completions", request, context, key)
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def create_chat_completion(request: Request, context: ContextDep) -> Response:
-    return await _generate("chat", request, context)
+async def create_chat_completion(request: Request, context: ContextDep, key: KeyDep) -> Response:
+    return await _generate("chat", request, context, key)
 
 
-async def _generate(endpoint: Endpoint, request: Request, context: RouterContext) -> Response:
-    target: ModelTarget | None = None
+async def _generate(endpoint: Endpoint, request: Request, context: RouterContext, key: Principal) -> Response:
+    config = context.config
     timer = context.metrics.track(context.metrics.label(None, False), endpoint)
     try:
-        body = parse_body(await request.body(), endpoint, max_bytes=MAX_BODY_BYTES, max_n=context.config.max_n)
+        raw = await request.body()
+        body = parse_body(
+            raw, endpoint, max_bytes=config.max_body_bytes, max_n=config.max_n, max_tokens=config.max_tokens
+        )
+        key.require_use(context.catalog.name_of(body["model"]), body["model"])
         target = await context.catalog.resolve(body["model"])
         timer.label = context.metrics.label(target.id, target.adapter is not None)
         body["model"] = target.id
@@ -46,7 +49,8 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
         if isinstance(first, EngineError):
             raise UpstreamError(first)
         if isinstance(first, dict):
-            timer.tokens(*_usage_of(first))
+            usage = _usage_of(first)
+            timer.tokens(*usage)
             timer.finish(200)
             return JSONResponse(first)
         if isinstance(first, str):
