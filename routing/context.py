@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from routing.admission import Admitter
 from routing.audit import AuditLog
 from routing.catalog import ModelCatalog
 from routing.engine_client import EngineClient
@@ -24,6 +25,7 @@ class RouterContext:
     metrics: RouterMetrics
     config: RouterConfig
     keys: KeyRing
+    admitter: Admitter
     audit: AuditLog
 
 

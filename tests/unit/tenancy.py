@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from routing.app import create_app
 from routing.catalog import ModelCatalog
 from routing.context import RouterContext
+from routing.ratelimit import RateLimiter
 from serve.config import ApiKeyConfig, AuthConfig, RouterConfig
 from serve.keys import hash_api_key, new_api_key
 from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
@@ -32,12 +33,13 @@ def make_app(
     keys: list[ApiKeyConfig],
     engine: Any | None = None,
     registry: FakeRegistry | None = None,
+    limiter: RateLimiter | None = None,
     audit_file: str | None = None,
     **config: Any,
 ) -> FastAPI:
     registry = registry or FakeRegistry({name: record(name) for name in ADAPTERS})
     router_config = RouterConfig(auth=AuthConfig(keys=keys, audit_file=audit_file), **config)
-    return create_app(engine or FakeEngine(), ModelCatalog(BASE, registry), router_config)
+    return create_app(engine or FakeEngine(), ModelCatalog(BASE, registry), router_config, limiter=limiter)
 
 
 def client_for(app: FastAPI) -> httpx.AsyncClient:
