@@ -11,9 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
 from routing.principals import ANONYMOUS, KeyRing
-from serve.config import AuthConfig
+from serve.cli import app as cli
+from serve.config import AuthConfig, RouterConfig
+from serve.keys import hash_api_key, read_keys_file
 from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
 from tests.unit.tenancy import ADAPTERS, BASE, api_key, bearer, client_for, make_app
 
@@ -203,3 +206,39 @@ def test_keys_file_changes_are_followed(tmp_path: Path) -> None:
     os.utime(file, ns=(2, 2))
     now[0] = 10.0
     assert ring.authenticate(f"bearer {key}").name == "late"
+
+
+def test_keys_create_prints_the_key_once_and_stores_only_its_hash(tmp_path: Path) -> None:
+    file = tmp_path / "keys.yaml"
+    args = ["keys", "create", "--name", "ci", "--adapter", "team-*", "--base", "--rpm", "5", "--tpm", "900"]
+    result = CliRunner().invoke(cli, [*args, "--weight", "2", "--file", str(file)])
+    assert result.exit_code == 0, result.output
+    key = result.stdout.strip()
+    assert key.startswith("lpx-") and len(key) > 40
+    text = file.read_text()
+    assert key not in text and key[4:] not in text and hash_api_key(key) in text
+    assert oct(file.stat().st_mode & 0o777) == "0o600"
+    (entry,) = read_keys_file(file).keys
+    assert (entry.adapters, entry.base, entry.admin, entry.rpm, entry.tpm, entry.weight) == (
+        ["team-*"], True, False, 5, 900, 2.0,
+    )  # fmt: skip
+    principal = KeyRing(RouterConfig(auth=AuthConfig(keys_file=str(file))).auth).authenticate(f"Bearer {key}")
+    assert principal.name == "ci" and principal.may_use("team-x") and not principal.may_use("a1")
+
+    again = CliRunner().invoke(cli, ["keys", "create", "--name", "ci", "--file", str(file)])
+    assert again.exit_code != 0 and "unique" in again.output
+    listing = CliRunner().invoke(cli, ["keys", "list", "--file", str(file)])
+    assert listing.stdout.startswith("ci\tteam-*,<base>\trpm=5") and key not in listing.stdout
+
+
+def test_adapters_cli_sends_the_api_key_as_bearer(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[dict[str, str]] = []
+
+    def fake_request(method: str, url: str, headers: dict[str, str], **_: Any) -> httpx.Response:
+        sent.append(headers)
+        return httpx.Response(200, json={"id": f"{BASE}:a1"})
+
+    monkeypatch.setattr(httpx, "request", fake_request)
+    assert CliRunner().invoke(cli, ["adapters", "rm", "a1", "--api-key", "lpx-flag"]).exit_code == 0
+    assert CliRunner().invoke(cli, ["adapters", "rm", "a1"], env={"LORAPLEX_API_KEY": "lpx-env"}).exit_code == 0
+    assert [h["Authorization"] for h in sent] == ["Bearer lpx-flag", "Bearer lpx-env"]

@@ -83,3 +83,17 @@ def test_final_usage_event_is_recognised(event: str, expected: tuple[int, int] |
     usage = final_usage(event)
     assert (None if usage is None else (usage.prompt_tokens, usage.completion_tokens)) == expected
 
+
+def test_app_binds_one_shared_rate_limiter_into_the_router(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve.app import LIMITER_DEPLOYMENT, build_app
+
+    monkeypatch.chdir(tmp_path)
+    config = AppConfig.model_validate(
+        {"engine": {"model": str(tmp_path)}, "router": {"auth": {"keys_file": "keys.yaml", "audit_file": "a.jsonl"}}}
+    )
+    router = build_app(config)._bound_deployment  # binding builds the graph; it starts nothing
+    _, _, limiter, _, router_config = router.init_args
+    assert limiter._bound_deployment.name == LIMITER_DEPLOYMENT
+    assert limiter._bound_deployment.num_replicas == 1
+    assert router_config.auth.keys_file == str(tmp_path / "keys.yaml")
+    assert router_config.auth.audit_file == str(tmp_path / "a.jsonl")
