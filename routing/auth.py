@@ -1,4 +1,4 @@
-"""Authentication and scope as typed FastAPI dependencies: `KeyDep` for every API route, `admin` for writes.
+"""Authentication and scope as typed FastAPI dependencies: `KeyDep` for API routes, `RegisterAdmin` for writes.
 
 A key arrives as `Authorization: Bearer lpx-...`; a missing or unknown key is 401, a known key asking
 for something outside its scope 403. `/health` and `/metrics` take no key.
@@ -16,8 +16,11 @@ from routing.errors import PermissionDenied
 from routing.principals import Principal
 
 
-def require_key(request: Request, context: ContextDep) -> Principal:
-    """The request's principal; 401 without a valid key (unless the server is open)."""
+async def require_key(request: Request, context: ContextDep) -> Principal:
+    """The request's principal; 401 without a valid key (unless the server is open).
+
+    Async so FastAPI runs it on the event loop rather than sending every request through its thread pool.
+    """
     return context.keys.authenticate(request.headers.get("authorization"))
 
 
@@ -33,7 +36,7 @@ class RequireAdmin:
     def __init__(self, action: AuditAction) -> None:
         self.action = action
 
-    def __call__(self, request: Request, principal: KeyDep, context: ContextDep) -> Principal:
+    async def __call__(self, request: Request, principal: KeyDep, context: ContextDep) -> Principal:
         try:
             principal.require_admin()
         except PermissionDenied as exc:

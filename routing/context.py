@@ -29,7 +29,7 @@ class RouterContext:
     audit: AuditLog
 
 
-def get_context(request: Request) -> RouterContext:
+async def get_context(request: Request) -> RouterContext:
     context: RouterContext = request.app.state.context
     return context
 
