@@ -208,8 +208,9 @@ def test_keys_file_changes_are_followed(tmp_path: Path) -> None:
     assert ring.authenticate(f"bearer {key}").name == "late"
 
 
-def test_keys_create_prints_the_key_once_and_stores_only_its_hash(tmp_path: Path) -> None:
-    file = tmp_path / "keys.yaml"
+@pytest.mark.parametrize("file_name", ["keys.yaml", "keys.json"])
+def test_keys_create_prints_the_key_once_and_stores_only_its_hash(tmp_path: Path, file_name: str) -> None:
+    file = tmp_path / file_name
     args = ["keys", "create", "--name", "ci", "--adapter", "team-*", "--base", "--rpm", "5", "--tpm", "900"]
     result = CliRunner().invoke(cli, [*args, "--weight", "2", "--file", str(file)])
     assert result.exit_code == 0, result.output
