@@ -74,6 +74,8 @@ class VirtualTokenCounters(Generic[T]):
 
 @dataclass(eq=False)
 class _Waiter:
+    """A queued request: its key's weight, its admission cost, and the future that grants its slot."""
+
     weight: float
     cost: int
     granted: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())

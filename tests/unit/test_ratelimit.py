@@ -138,6 +138,8 @@ async def test_a_request_larger_than_the_whole_tpm_is_429_and_says_why() -> None
 
 
 class CountingLimiter(LocalRateLimiter):
+    """Counts the admissions it is asked for."""
+
     def __init__(self) -> None:
         super().__init__()
         self.calls = 0
