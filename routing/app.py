@@ -5,23 +5,40 @@ from __future__ import annotations
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from routing.admission import Admitter
+from routing.audit import AuditLog
 from routing.catalog import ModelCatalog
 from routing.context import RouterContext
 from routing.endpoints import adapters, generate, models, ops
 from routing.engine_client import EngineClient
 from routing.errors import install_error_handlers
+from routing.fairness import FairGate
 from routing.metrics import RouterMetrics
+from routing.principals import KeyRing
+from routing.ratelimit import LocalRateLimiter, RateLimiter
 from serve.config import RouterConfig
 
 
-def create_app(engine: EngineClient, catalog: ModelCatalog, config: RouterConfig) -> FastAPI:
-    """An OpenAI-compatible app that sends generation requests to `engine`."""
+def create_app(
+    engine: EngineClient, catalog: ModelCatalog, config: RouterConfig, *, limiter: RateLimiter | None = None
+) -> FastAPI:
+    """An OpenAI-compatible app that sends generation requests to `engine`.
+
+    `limiter` holds the per-key rate limits; it must be shared by every router replica (the
+    `SharedRateLimiter` deployment in an application); by default they are kept in this process.
+    """
     app = FastAPI(title="loraplex", description="OpenAI-compatible multi-LoRA inference router.")
+    gate = FairGate(config.max_inflight, config.max_waiting)
+    metrics = RouterMetrics(CollectorRegistry(), max_adapters=config.max_adapter_labels)
+    metrics.watch_admission(inflight=lambda: gate.inflight, waiting=lambda: gate.waiting)
     app.state.context = RouterContext(
         engine=engine,
         catalog=catalog,
-        metrics=RouterMetrics(CollectorRegistry(), max_adapters=config.max_adapter_labels),
+        metrics=metrics,
         config=config,
+        keys=KeyRing(config.auth),
+        admitter=Admitter(limiter or LocalRateLimiter(), gate),
+        audit=AuditLog(config.auth.audit_file),
     )
     install_error_handlers(app)
     for endpoints in (generate, models, adapters, ops):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,11 +47,16 @@ class ModelCatalog:
         if await self.registry.generation() != self._snapshot.generation:
             self._snapshot = await self.registry.snapshot()
 
-    async def resolve(self, requested: str) -> ModelTarget:
+    def name_of(self, requested: str) -> str | None:
+        """The adapter name a model id asks for (`BASE:NAME` or `NAME` → `NAME`), or None for the base model."""
         if requested == self.base_id:
+            return None
+        return requested.removeprefix(self.base_id + SEPARATOR)
+
+    async def resolve(self, requested: str) -> ModelTarget:
+        name = self.name_of(requested)
+        if name is None:
             return ModelTarget(id=self.base_id, adapter=None)
-        prefix = self.base_id + SEPARATOR
-        name = requested[len(prefix) :] if requested.startswith(prefix) else requested
         await self.refresh()
         record = self._snapshot.records.get(name)
         if record is None:
@@ -64,10 +70,14 @@ class ModelCatalog:
         await self.refresh()
         return sorted(self._snapshot.records.values(), key=lambda r: r.name)
 
-    async def models(self) -> list[dict[str, Any]]:
-        """OpenAI model objects: the base model first, then adapters with `parent` = base."""
-        base = self._card(self.base_id, parent=None, created=self._created)
-        return [base] + [self._card(self.adapter_id(r.name), self.base_id, r.created) for r in await self.records()]
+    async def models(self, visible: Callable[[str | None], bool] = lambda _: True) -> list[dict[str, Any]]:
+        """OpenAI model objects: the base model first, then adapters with `parent` = base.
+
+        Only models for which `visible(adapter name, or None for the base)` holds are listed.
+        """
+        base = [self._card(self.base_id, parent=None, created=self._created)] if visible(None) else []
+        adapters = [r for r in await self.records() if visible(r.name)]
+        return base + [self._card(self.adapter_id(r.name), self.base_id, r.created) for r in adapters]
 
     async def model(self, requested: str) -> dict[str, Any]:
         target = await self.resolve(requested)

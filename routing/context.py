@@ -7,9 +7,12 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from routing.admission import Admitter
+from routing.audit import AuditLog
 from routing.catalog import ModelCatalog
 from routing.engine_client import EngineClient
 from routing.metrics import RouterMetrics
+from routing.principals import KeyRing
 from serve.config import RouterConfig
 
 
@@ -21,9 +24,12 @@ class RouterContext:
     catalog: ModelCatalog
     metrics: RouterMetrics
     config: RouterConfig
+    keys: KeyRing
+    admitter: Admitter
+    audit: AuditLog
 
 
-def get_context(request: Request) -> RouterContext:
+async def get_context(request: Request) -> RouterContext:
     context: RouterContext = request.app.state.context
     return context
 

@@ -68,6 +68,39 @@ class PayloadTooLarge(OpenAIError):
     code = "payload_too_large"
 
 
+class Unauthorized(OpenAIError):
+    """No API key, or one the server does not know."""
+
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class PermissionDenied(OpenAIError):
+    """A valid API key asked for a model or an action outside its scope."""
+
+    status = 403
+    type = "permission_error"
+
+
+class RateLimited(OpenAIError):
+    """The key is over its requests or tokens per minute; retry after `retry_after` seconds."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
 class Overloaded(OpenAIError):
     """The service is at capacity; the client should retry after `retry_after` seconds."""
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from routing.replica_metrics import ReplicaCollector
 
@@ -41,6 +42,17 @@ class RouterMetrics:
             "loraplex_request_latency_seconds", "End-to-end request latency, by model and endpoint.",
             ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
+
+    def watch_admission(self, inflight: Callable[[], float], waiting: Callable[[], float]) -> None:
+        """Exports the fair-share gate's occupancy, read at each scrape."""
+        Gauge(
+            "loraplex_router_inflight", "Generation requests this router replica has at the engines.",
+            registry=self.registry,
+        ).set_function(inflight)  # fmt: skip
+        Gauge(
+            "loraplex_router_waiting", "Generation requests waiting in this router replica's fair-share queues.",
+            registry=self.registry,
+        ).set_function(waiting)  # fmt: skip
 
     def label(self, model_id: str | None, is_adapter: bool) -> str:
         """The label value for a model: adapters beyond the cap share `other`."""

@@ -59,8 +59,14 @@ class ChatBody(_Body):
 BODY_MODELS: dict[Endpoint, type[_Body]] = {"completions": CompletionBody, "chat": ChatBody}
 
 
-def parse_body(raw: bytes, endpoint: Endpoint, *, max_bytes: int, max_n: int) -> dict[str, Any]:
-    """Checks a raw request body; returns it as a dict or raises an `OpenAIError`."""
+def parse_body(
+    raw: bytes, endpoint: Endpoint, *, max_bytes: int, max_n: int, max_tokens: int | None = None
+) -> dict[str, Any]:
+    """Checks a raw request body; returns it as a dict or raises an `OpenAIError`.
+
+    With a `max_tokens` cap, a larger `max_tokens` / `max_completion_tokens` is refused and a
+    request giving neither is sent with `max_tokens` set to the cap.
+    """
     if len(raw) > max_bytes:
         raise PayloadTooLarge(f"request body is {len(raw)} bytes; the limit is {max_bytes}")
     try:
@@ -76,8 +82,21 @@ def parse_body(raw: bytes, endpoint: Endpoint, *, max_bytes: int, max_n: int) ->
         raise InvalidRequest(first["msg"], param=validation_param(tuple(first["loc"]))) from None
     if body.n > max_n:
         raise InvalidRequest(f"n must be at most {max_n}", param="n")
+    if max_tokens is not None:
+        _cap_max_tokens(body, data, max_tokens)
     if body.stream_options is not None and not body.stream:
         raise InvalidRequest("stream_options is only allowed with stream=true", param="stream_options")
     if endpoint == "chat" and isinstance(body, ChatBody) and body.top_logprobs and not body.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
     return data
+
+
+def _cap_max_tokens(body: _Body, data: dict[str, Any], cap: int) -> None:
+    asked = {"max_tokens": body.max_tokens}
+    if isinstance(body, ChatBody):
+        asked["max_completion_tokens"] = body.max_completion_tokens
+    for param, value in asked.items():
+        if value is not None and value > cap:
+            raise InvalidRequest(f"{param} must be at most {cap}", param=param)
+    if all(value is None for value in asked.values()):
+        data["max_tokens"] = cap

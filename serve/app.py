@@ -1,4 +1,4 @@
-"""Assembles a loraplex application: the adapter registry, the engine deployment, the router ingress.
+"""Assembles a loraplex application: the adapter registry, the rate limiter, the engines, the router ingress.
 
 `build_app` is also the Ray Serve import path (`import_path: serve.app:build_app`), taking the
 `AppConfig` fields as its `args`.
@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve import Application
 
 from routing.ingress import RouterIngress
+from routing.ratelimit import SharedRateLimiter
 from routing.request_router import ROUTER_CLASS_PATH
 from serve.adapters.registry import RegistryDeployment
 from serve.config import AppConfig, EngineDeploymentConfig
@@ -21,6 +22,9 @@ from serve.engine import EngineReplica, engine_env
 ENGINE_DEPLOYMENT = "LoraplexEngine"
 ROUTER_DEPLOYMENT = "LoraplexRouter"
 REGISTRY_DEPLOYMENT = "LoraplexRegistry"
+LIMITER_DEPLOYMENT = "LoraplexLimiter"
+# Every router replica asks the limiter about every limited request; its calls never block.
+LIMITER_MAX_ONGOING = 1024
 
 
 def absolute_paths(config: AppConfig) -> AppConfig:
@@ -34,7 +38,15 @@ def absolute_paths(config: AppConfig) -> AppConfig:
     )
     adapters = [a.model_copy(update={"path": str(Path(a.path).resolve())}) for a in config.adapters]
     engine = config.engine.model_copy(update={"model": str(Path(config.engine.model).resolve())})
-    return config.model_copy(update={"registry": registry, "adapters": adapters, "engine": engine})
+    auth = config.router.auth
+    auth = auth.model_copy(
+        update={
+            "keys_file": str(Path(auth.keys_file).resolve()) if auth.keys_file else None,
+            "audit_file": str(Path(auth.audit_file).resolve()) if auth.audit_file else None,
+        }
+    )
+    router = config.router.model_copy(update={"auth": auth})
+    return config.model_copy(update={"registry": registry, "adapters": adapters, "engine": engine, "router": router})
 
 
 def request_router_config(scaling: EngineDeploymentConfig) -> dict[str, Any]:
@@ -70,10 +82,16 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
             "runtime_env": {"env_vars": engine_env(config.engine)},
         },
     )(EngineReplica).bind(config, registry)
+    limiter = serve.deployment(
+        name=LIMITER_DEPLOYMENT,
+        num_replicas=1,  # one set of buckets for every router replica: limits hold across them
+        max_ongoing_requests=LIMITER_MAX_ONGOING,
+        ray_actor_options={"num_cpus": 0.1},
+    )(SharedRateLimiter).bind()
     router = serve.deployment(
         name=ROUTER_DEPLOYMENT,
         num_replicas=config.router.num_replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
         ray_actor_options={"num_cpus": 0.5},
     )(RouterIngress)
-    return router.bind(engine, registry, config.engine.model_id, config.router)
+    return router.bind(engine, registry, limiter, config.engine.model_id, config.router)

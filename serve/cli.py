@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from serve.config import AppConfig, load_config
+from serve.keys import OPEN_WARNING
 
 app = typer.Typer(add_completion=False, help="Serve one base model and many LoRA adapters, OpenAI-compatible.")
 logger = logging.getLogger("loraplex")
@@ -49,6 +50,9 @@ def serve_command(
     max_lora_rank: Annotated[int | None, typer.Option(help="Largest adapter rank accepted.")] = None,
     replicas: Annotated[int | None, typer.Option(help="Engine replicas.")] = None,
     dtype: Annotated[str | None, typer.Option(help="checkpoint | auto | float32 | bfloat16 | float16.")] = None,
+    keys_file: Annotated[
+        Path | None, typer.Option(help="API keys file (router.auth.keys_file); without keys the server is open.")
+    ] = None,
     infra_cpus: Annotated[
         str,
         typer.Option(
@@ -69,6 +73,8 @@ def serve_command(
         overrides["engine"]["dtype"] = dtype
     if replicas is not None:
         overrides["engine_deployment"]["num_replicas"] = replicas
+    if keys_file is not None:
+        overrides["router"] = {"auth": {"keys_file": str(keys_file.resolve())}}
     extra_adapters = [parse_adapter(value) for value in adapter or []]
     try:
         app_config = _load(config, overrides, extra_adapters)
@@ -124,6 +130,8 @@ def run(config: AppConfig, host: str, port: int, infra_cpus: str = "auto") -> No
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    if config.router.auth.is_open:
+        typer.echo(f"loraplex: WARNING: {OPEN_WARNING}", err=True)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
@@ -142,12 +150,16 @@ def run(config: AppConfig, host: str, port: int, infra_cpus: str = "auto") -> No
 adapters_app = typer.Typer(add_completion=False, help="Manage a running server's adapters.")
 app.add_typer(adapters_app, name="adapters")
 UrlOption = Annotated[str, typer.Option(help="The server's base URL.", envvar="LORAPLEX_URL")]
+ApiKeyOption = Annotated[
+    str | None, typer.Option("--api-key", help="An admin API key, sent as a bearer token.", envvar="LORAPLEX_API_KEY")
+]
 
 
-def _call(method: str, url: str, **kwargs: Any) -> Any:
+def _call(method: str, url: str, api_key: str | None, **kwargs: Any) -> Any:
     import httpx
 
-    response = httpx.request(method, url, timeout=300, **kwargs)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.request(method, url, headers=headers, timeout=300, **kwargs)
     if response.status_code >= 400:
         error = response.json().get("error", {})
         typer.echo(f"error {response.status_code}: {error.get('message', response.text)}", err=True)
@@ -156,9 +168,9 @@ def _call(method: str, url: str, **kwargs: Any) -> Any:
 
 
 @adapters_app.command("list")
-def adapters_list(url: UrlOption = "http://127.0.0.1:8000") -> None:
+def adapters_list(url: UrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
     """List registered adapters."""
-    for item in _call("GET", f"{url}/v1/adapters")["data"]:
+    for item in _call("GET", f"{url}/v1/adapters", api_key)["data"]:
         pinned = " pinned" if item["pinned"] else ""
         typer.echo(f"{item['id']}\tv{item['version']}\tr={item['rank']}\t{item['source']}{pinned}")
 
@@ -169,16 +181,64 @@ def adapters_add(
     source: str,
     pinned: Annotated[bool, typer.Option(help="Never evict once loaded.")] = False,
     url: UrlOption = "http://127.0.0.1:8000",
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Register NAME from SOURCE (a folder, file://... or s3://...); a new version if NAME exists."""
-    item = _call("POST", f"{url}/v1/adapters", json={"name": name, "source": source, "pinned": pinned})
+    item = _call("POST", f"{url}/v1/adapters", api_key, json={"name": name, "source": source, "pinned": pinned})
     typer.echo(f"{item['id']} v{item['version']}")
 
 
 @adapters_app.command("rm")
-def adapters_rm(name: str, url: UrlOption = "http://127.0.0.1:8000") -> None:
+def adapters_rm(name: str, url: UrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
     """Unregister NAME."""
-    typer.echo(_call("DELETE", f"{url}/v1/adapters/{name}")["id"] + " removed")
+    typer.echo(_call("DELETE", f"{url}/v1/adapters/{name}", api_key)["id"] + " removed")
+
+
+keys_app = typer.Typer(add_completion=False, help="Manage API keys (the file named by router.auth.keys_file).")
+app.add_typer(keys_app, name="keys")
+KeysFileOption = Annotated[Path, typer.Option("--file", help="The keys file (YAML, or JSON if it ends in .json).")]
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="The key's public id, shown in audit logs and limits.")],
+    file: KeysFileOption,
+    adapter: Annotated[list[str] | None, typer.Option(help="Adapter name or glob the key may use; repeatable.")] = None,
+    base: Annotated[bool, typer.Option(help="The key may use the base model.")] = False,
+    admin: Annotated[bool, typer.Option(help="The key may register and remove adapters.")] = False,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option(help="Tokens (prompt + completion) per minute.")] = None,
+    weight: Annotated[float, typer.Option(help="Fair-share weight under load.")] = 1.0,
+) -> None:
+    """Mint a key, print it once, and append only its SHA-256 (with its scope and limits) to --file."""
+    from pydantic import ValidationError
+
+    from serve.config import ApiKeyConfig
+    from serve.keys import append_key, hash_api_key, new_api_key
+
+    key = new_api_key()
+    try:
+        entry = ApiKeyConfig(
+            name=name, sha256=hash_api_key(key), adapters=adapter or [], base=base, admin=admin,
+            rpm=rpm, tpm=tpm, weight=weight,
+        )  # fmt: skip
+        append_key(file, entry)
+    except (ValidationError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(f"created key {name!r} in {file}; it is shown only this once:", err=True)
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(file: KeysFileOption) -> None:
+    """Show each key's name, scope and limits (never a key: the file holds none)."""
+    from serve.keys import read_keys_file
+
+    for key in read_keys_file(file).keys:
+        scopes = [*key.adapters, *(["<base>"] if key.base else []), *(["<admin>"] if key.admin else [])]
+        typer.echo(
+            f"{key.name}\t{','.join(scopes) or '-'}\trpm={key.rpm or '-'}\ttpm={key.tpm or '-'}\tw={key.weight:g}"
+        )
 
 
 def main() -> None:

@@ -177,6 +177,103 @@ class EngineDeploymentConfig(_Strict):
     health_check_period_s: float = Field(default=10.0, gt=0, description="Seconds between engine health checks.")
 
 
+KEY_NAME_PATTERN = r"^[A-Za-z0-9._@-]{1,64}$"
+_KEY_NAME = re.compile(KEY_NAME_PATTERN)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ApiKeyConfig(_Strict):
+    """One API key, stored as the SHA-256 of the key (never the key itself), with its scope and limits."""
+
+    name: str = Field(
+        description="The key's public id, `[A-Za-z0-9._@-]`: shown in the audit log, rate limits and fair share."
+    )
+    sha256: str = Field(
+        description="Hex SHA-256 of the whole key string (`lpx-...`), as `loraplex keys create` writes it."
+    )
+    adapters: list[str] = Field(
+        default_factory=list,
+        description="Adapter names or globs (`support-*`, `*`) this key may use; matched against the bare name.",
+    )
+    base: bool = Field(default=False, description="Whether this key may use the base model itself.")
+    admin: bool = Field(
+        default=False,
+        description="Whether this key may write adapters (register, unregister, vLLM load/unload) and list them all.",
+    )
+    rpm: int | None = Field(
+        default=None, ge=1, description="Requests per minute (generation requests); None: no limit."
+    )
+    tpm: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tokens per minute, prompt plus completion (estimated at admission, then settled); None: no limit.",
+    )
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        description="Share of the engine this key gets when the router is backlogged, relative to other keys' weights.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_safe(cls, value: str) -> str:
+        if not _KEY_NAME.match(value):
+            raise ValueError(f"key name {value!r} must match {KEY_NAME_PATTERN}")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _is_a_digest(cls, value: str) -> str:
+        if not _SHA256.match(value):
+            raise ValueError("sha256 must be 64 lowercase hex digits: the key's hash, never the key")
+        return value
+
+
+def _unique_keys(keys: list[ApiKeyConfig]) -> list[ApiKeyConfig]:
+    for attribute in ("name", "sha256"):
+        values = [getattr(key, attribute) for key in keys]
+        repeated = sorted({value for value in values if values.count(value) > 1})
+        if repeated:
+            raise ValueError(f"API key {attribute}s must be unique, repeated: {repeated}")
+    return keys
+
+
+class KeysFile(_Strict):
+    """The keys file (`auth.keys_file`): YAML or JSON, `keys: [...]`."""
+
+    keys: list[ApiKeyConfig] = Field(default_factory=list, description="The API keys.")
+
+    _unique = field_validator("keys")(_unique_keys)
+
+
+class AuthConfig(_Strict):
+    """API keys and the audit log. With no keys at all the server is open to anyone who reaches it."""
+
+    keys_file: str | None = Field(
+        default=None,
+        description=(
+            "YAML or JSON file of API keys (a mounted secret works); re-read when it changes. "
+            "Setting it closes the server even while the file holds no keys."
+        ),
+    )
+    keys: list[ApiKeyConfig] = Field(
+        default_factory=list, description="API keys given inline (hashes only), in addition to `keys_file`."
+    )
+    audit_file: str | None = Field(
+        default=None,
+        description=(
+            "File that adapter writes are appended to as JSON lines; they always go to the `loraplex.audit` log."
+        ),
+    )
+
+    _unique = field_validator("keys")(_unique_keys)
+
+    @property
+    def is_open(self) -> bool:
+        """True when no key is configured: every request is served without authentication."""
+        return self.keys_file is None and not self.keys
+
+
 class RouterConfig(_Strict):
     """The OpenAI-compatible router (the application's ingress)."""
 
@@ -188,6 +285,39 @@ class RouterConfig(_Strict):
         description="Distinct adapter values in metric labels; further adapters are counted as `other`.",
     )
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request) accepted.")
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Largest `max_tokens` / `max_completion_tokens` a request may ask for (400 beyond it); also sent as "
+            "`max_tokens` when a request gives none. None: only the engine's max_model_len bounds completions."
+        ),
+    )
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Largest request body, in bytes; larger bodies get 413."
+    )
+    max_inflight: int = Field(
+        default=64,
+        ge=1,
+        description=(
+            "Generation requests one router replica sends to the engines at once. Below it requests go straight "
+            "through; above it they wait in per-key queues served by fair share (key weights). Size it near "
+            "engine replicas x engine max_ongoing_requests / router replicas."
+        ),
+    )
+    max_waiting: int = Field(
+        default=192,
+        ge=0,
+        description="Requests one router replica holds waiting for an engine slot; beyond that it answers 503.",
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and the audit log.")
+
+    @model_validator(mode="after")
+    def _fair_queue_fits_in_the_replica(self) -> RouterConfig:
+        # Requests beyond max_ongoing_requests queue in Ray Serve first come, first served, out of fair share's reach.
+        if self.max_inflight + self.max_waiting > self.max_ongoing_requests:
+            raise ValueError("max_inflight + max_waiting must not exceed max_ongoing_requests")
+        return self
 
 
 class RegistryConfig(_Strict):

@@ -1,7 +1,8 @@
 """Adapter writes and reads: `/v1/adapters` and vLLM's `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`.
 
-Every write goes to the registry, which validates before it records anything; the router's
-catalog is refreshed at once so the next request sees the change.
+Every write needs an admin key, goes to the registry, which validates before it records anything,
+and is audited; the router's catalog is refreshed at once so the next request sees the change.
+Reads list only the adapters the key may use (admins: all).
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from routing.catalog import SEPARATOR
+from routing.auth import KeyDep, RegisterAdmin, UnregisterAdmin
 from routing.context import ContextDep, RouterContext
-from routing.errors import OpenAIError
+from routing.errors import OpenAIError, PermissionDenied
+from routing.principals import Principal
 from serve.adapters.records import AdapterRecord, RegistryError
 
 router = APIRouter()
@@ -57,34 +59,51 @@ def card(context: RouterContext, record: AdapterRecord) -> dict[str, Any]:
     return {"id": context.catalog.adapter_id(record.name), "object": "adapter", **asdict(record)}
 
 
-async def _register(context: RouterContext, name: str, source: str, pinned: bool) -> AdapterRecord:
-    outcome = await context.catalog.registry.register(name, source, pinned)
-    if isinstance(outcome, RegistryError):
-        raise RegistryRefused(outcome)
+async def _register(
+    context: RouterContext, request: Request, key: Principal, name: str, source: str, pinned: bool, status: int
+) -> AdapterRecord:
+    try:
+        outcome = await context.catalog.registry.register(name, source, pinned)
+        if isinstance(outcome, RegistryError):
+            raise RegistryRefused(outcome)
+    except OpenAIError as exc:
+        context.audit.record(key.name, "register", request, adapter=name, source=source, error=exc)
+        raise
+    context.audit.record(
+        key.name, "register", request, adapter=name, source=source, version=outcome.version, status=status
+    )
     await context.catalog.refresh(force=True)
     return outcome
 
 
-async def _unregister(context: RouterContext, name: str) -> AdapterRecord:
-    outcome = await context.catalog.registry.unregister(name)
-    if isinstance(outcome, RegistryError):
-        raise RegistryRefused(outcome)
+async def _unregister(context: RouterContext, request: Request, key: Principal, name: str) -> AdapterRecord:
+    try:
+        outcome = await context.catalog.registry.unregister(name)
+        if isinstance(outcome, RegistryError):
+            raise RegistryRefused(outcome)
+    except OpenAIError as exc:
+        context.audit.record(key.name, "unregister", request, adapter=name, error=exc)
+        raise
+    context.audit.record(key.name, "unregister", request, adapter=name, source=outcome.source, version=outcome.version)
     await context.catalog.refresh(force=True)
     return outcome
 
 
 def _bare(context: RouterContext, name: str) -> str:
-    prefix = context.catalog.base_id + SEPARATOR
-    return name.removeprefix(prefix)
+    return context.catalog.name_of(name) or name
 
 
 @router.get("/v1/adapters")
-async def list_adapters(context: ContextDep) -> dict[str, Any]:
-    return {"object": "list", "data": [card(context, r) for r in await context.catalog.records()]}
+async def list_adapters(context: ContextDep, key: KeyDep) -> dict[str, Any]:
+    records = [r for r in await context.catalog.records() if key.may_see(r.name)]
+    return {"object": "list", "data": [card(context, r) for r in records]}
 
 
 @router.get("/v1/adapters/{name}")
-async def get_adapter(name: str, context: ContextDep) -> dict[str, Any]:
+async def get_adapter(name: str, context: ContextDep, key: KeyDep) -> dict[str, Any]:
+    adapter = context.catalog.name_of(name)
+    if adapter is not None and not key.may_see(adapter):
+        raise PermissionDenied(f"This API key may not use the adapter `{name}`.", param="name")
     target = await context.catalog.resolve(name)
     if target.adapter is None:
         raise RegistryRefused(RegistryError(404, f"{name!r} is the base model, not an adapter", "name"))
@@ -98,24 +117,28 @@ async def get_adapter(name: str, context: ContextDep) -> dict[str, Any]:
 
 
 @router.post("/v1/adapters", status_code=201)
-async def register_adapter(body: RegisterAdapter, context: ContextDep) -> JSONResponse:
-    record = await _register(context, body.name, body.source, body.pinned)
+async def register_adapter(
+    body: RegisterAdapter, request: Request, context: ContextDep, key: RegisterAdmin
+) -> JSONResponse:
+    record = await _register(context, request, key, body.name, body.source, body.pinned, 201)
     return JSONResponse(card(context, record), status_code=201)
 
 
 @router.delete("/v1/adapters/{name}")
-async def delete_adapter(name: str, context: ContextDep) -> dict[str, Any]:
-    record = await _unregister(context, _bare(context, name))
+async def delete_adapter(name: str, request: Request, context: ContextDep, key: UnregisterAdmin) -> dict[str, Any]:
+    record = await _unregister(context, request, key, _bare(context, name))
     return {"id": context.catalog.adapter_id(record.name), "object": "adapter", "deleted": True}
 
 
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
-async def load_lora_adapter(body: LoadLoraAdapter, context: ContextDep) -> str:
-    record = await _register(context, _bare(context, body.lora_name), body.lora_path, False)
+async def load_lora_adapter(body: LoadLoraAdapter, request: Request, context: ContextDep, key: RegisterAdmin) -> str:
+    record = await _register(context, request, key, _bare(context, body.lora_name), body.lora_path, False, 200)
     return f"Success: LoRA adapter '{record.name}' added successfully."
 
 
 @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
-async def unload_lora_adapter(body: UnloadLoraAdapter, context: ContextDep) -> str:
-    record = await _unregister(context, _bare(context, body.lora_name))
+async def unload_lora_adapter(
+    body: UnloadLoraAdapter, request: Request, context: ContextDep, key: UnregisterAdmin
+) -> str:
+    record = await _unregister(context, request, key, _bare(context, body.lora_name))
     return f"Success: LoRA adapter '{record.name}' removed successfully."

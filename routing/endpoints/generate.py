@@ -1,4 +1,5 @@
-"""`POST /v1/completions` and `POST /v1/chat/completions`: validate, resolve the model, relay the engine."""
+"""`POST /v1/completions` and `POST /v1/chat/completions`: validate, check scope, resolve the model, admit
+(rate limits, fair share), relay the engine, then settle the request's real token usage."""
 
 from __future__ import annotations
 
@@ -9,53 +10,86 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray.serve.exceptions import BackPressureError
+from starlette.types import Receive, Scope, Send
 
-from routing.catalog import ModelTarget
+from routing.admission import Admission
+from routing.auth import KeyDep
 from routing.context import ContextDep, RouterContext
 from routing.errors import EngineFailure, OpenAIError, Overloaded, UpstreamError, error_response, sse_error
 from routing.metrics import RequestTimer
+from routing.principals import Principal
 from routing.protocol import Endpoint, parse_body
 from serve.wire import EngineError, ReplicaItem, Usage
 
 logger = logging.getLogger("loraplex.router")
 router = APIRouter()
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
-
 
 @router.post("/v1/completions", response_model=None)
-async def create_completion(request: Request, context: ContextDep) -> Response:
-    return await _generate("completions", request, context)
+async def create_completion(request: Request, context: ContextDep, key: KeyDep) -> Response:
+    return await _generate("completions", request, context, key)
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def create_chat_completion(request: Request, context: ContextDep) -> Response:
-    return await _generate("chat", request, context)
+async def create_chat_completion(request: Request, context: ContextDep, key: KeyDep) -> Response:
+    return await _generate("chat", request, context, key)
 
 
-async def _generate(endpoint: Endpoint, request: Request, context: RouterContext) -> Response:
-    target: ModelTarget | None = None
+async def _generate(endpoint: Endpoint, request: Request, context: RouterContext, key: Principal) -> Response:
+    config = context.config
     timer = context.metrics.track(context.metrics.label(None, False), endpoint)
+    admission: Admission | None = None
     try:
-        body = parse_body(await request.body(), endpoint, max_bytes=MAX_BODY_BYTES, max_n=context.config.max_n)
+        raw = await request.body()
+        body = parse_body(
+            raw, endpoint, max_bytes=config.max_body_bytes, max_n=config.max_n, max_tokens=config.max_tokens
+        )
+        key.require_use(context.catalog.name_of(body["model"]), body["model"])
         target = await context.catalog.resolve(body["model"])
         timer.label = context.metrics.label(target.id, target.adapter is not None)
         body["model"] = target.id
+        admission = await context.admitter.admit(key, endpoint, body)
         items = context.engine.generate(endpoint, body, target.adapter)
         first = await _first_item(items)
         if isinstance(first, EngineError):
             raise UpstreamError(first)
         if isinstance(first, dict):
-            timer.tokens(*_usage_of(first))
+            usage = _usage_of(first)
+            timer.tokens(*usage)
             timer.finish(200)
+            admission.finish(sum(usage))
             return JSONResponse(first)
         if isinstance(first, str):
             timer.first_token_seen()
-            return StreamingResponse(_relay(first, items, timer), media_type="text/event-stream")
+            return AdmittedStream(_relay(first, items, timer, admission), admission)
         raise EngineFailure(f"engine answered with an unexpected {type(first).__name__}")
     except OpenAIError as exc:
         timer.finish(exc.status)
+        if admission is not None:
+            admission.finish(0)  # the engine served nothing
         return error_response(exc)
+    except BaseException:  # cancelled (the client left) or a bug: free the slot, keep the estimate charged
+        if admission is not None:
+            admission.finish(None)
+        raise
+
+
+class AdmittedStream(StreamingResponse):
+    """An event stream that frees its admission when the response ends, however it ends.
+
+    The relay's own `finally` settles the real usage; this covers a stream whose body never starts
+    (the client left first), which would otherwise hold its fair-share slot forever.
+    """
+
+    def __init__(self, content: AsyncIterator[str], admission: Admission) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.admission.finish(None)
 
 
 async def _first_item(items: AsyncIterator[ReplicaItem]) -> ReplicaItem:
@@ -72,9 +106,12 @@ async def _first_item(items: AsyncIterator[ReplicaItem]) -> ReplicaItem:
         raise EngineFailure(f"engine replica failed: {type(exc).__name__}") from exc
 
 
-async def _relay(first: str, items: AsyncIterator[ReplicaItem], timer: RequestTimer) -> AsyncIterator[str]:
+async def _relay(
+    first: str, items: AsyncIterator[ReplicaItem], timer: RequestTimer, admission: Admission
+) -> AsyncIterator[str]:
     """Streams the engine's events to the client; a failure mid-stream ends it with an error event."""
     status = 200
+    used: int | None = None
     try:
         yield first
         async for item in items:
@@ -82,6 +119,7 @@ async def _relay(first: str, items: AsyncIterator[ReplicaItem], timer: RequestTi
                 yield item
             elif isinstance(item, Usage):
                 timer.tokens(item.prompt_tokens, item.completion_tokens)
+                used = item.prompt_tokens + item.completion_tokens
     except Exception as exc:
         logger.exception("engine replica failed mid-stream")
         failure = EngineFailure(f"engine replica failed mid-stream: {type(exc).__name__}")
@@ -89,6 +127,7 @@ async def _relay(first: str, items: AsyncIterator[ReplicaItem], timer: RequestTi
         yield sse_error(failure)
     finally:
         timer.finish(status)
+        admission.finish(used)
 
 
 def _usage_of(response: dict[str, Any]) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from serve.cli import parse_adapter
 from serve.config import AdapterConfig, AppConfig, EngineConfig, load_config
 from serve.engine import final_usage, vllm_cli_args
 
+KEY = {"name": "k", "sha256": "0" * 64}
 BAD_CONFIGS = [
     ({"engine": {"model": "/m"}, "adapters": [{"name": "../x", "path": "/a"}]}, "adapter name"),
     ({"engine": {"model": "/m"}, "adapters": [{"name": "a", "path": "/1"}, {"name": "a", "path": "/2"}]}, "unique"),
@@ -19,6 +20,11 @@ BAD_CONFIGS = [
     ({"engine": {"model": "/m", "max_lora_rank": 7}}, "max_lora_rank"),
     ({"engine": {"model": "/m", "dtype": "int4"}}, "dtype"),
     ({"engine": {"model": "/m", "surprise": 1}}, "surprise"),
+    ({"engine": {"model": "/m"}, "router": {"max_inflight": 200, "max_waiting": 100}}, "max_ongoing_requests"),
+    ({"engine": {"model": "/m"}, "router": {"auth": {"keys": [{"name": "k", "sha256": "lpx-plain"}]}}}, "sha256"),
+    ({"engine": {"model": "/m"}, "router": {"auth": {"keys": [KEY, KEY]}}}, "unique"),
+    ({"engine": {"model": "/m"}, "router": {"auth": {"keys": [{**KEY, "name": "a b"}]}}}, "key name"),
+    ({"engine": {"model": "/m"}, "router": {"auth": {"keys": [{**KEY, "weight": 0}]}}}, "weight"),
 ]
 
 
@@ -76,3 +82,18 @@ def test_adapter_flag() -> None:
 def test_final_usage_event_is_recognised(event: str, expected: tuple[int, int] | None) -> None:
     usage = final_usage(event)
     assert (None if usage is None else (usage.prompt_tokens, usage.completion_tokens)) == expected
+
+
+def test_app_binds_one_shared_rate_limiter_into_the_router(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve.app import LIMITER_DEPLOYMENT, build_app
+
+    monkeypatch.chdir(tmp_path)
+    config = AppConfig.model_validate(
+        {"engine": {"model": str(tmp_path)}, "router": {"auth": {"keys_file": "keys.yaml", "audit_file": "a.jsonl"}}}
+    )
+    router = build_app(config)._bound_deployment  # binding builds the graph; it starts nothing
+    _, _, limiter, _, router_config = router.init_args
+    assert limiter._bound_deployment.name == LIMITER_DEPLOYMENT
+    assert limiter._bound_deployment.num_replicas == 1
+    assert router_config.auth.keys_file == str(tmp_path / "keys.yaml")
+    assert router_config.auth.audit_file == str(tmp_path / "a.jsonl")

@@ -1,0 +1,146 @@
+"""Whether a generation request may go now: the key's rate limits, then the fair-share gate.
+
+The router cannot tokenize, so it estimates: prompt text at `CHARS_PER_TOKEN` characters a token,
+and the completion at its `max_tokens` (times `n`). Estimates are charged at admission and settled
+against the engine's real usage when the response ends (`Admission.finish`), for both the token
+buckets and the fair-share counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from routing.errors import RateLimited
+from routing.fairness import FairGate
+from routing.principals import Principal
+from routing.ratelimit import Decision, RateLimiter
+from serve.wire import Endpoint
+
+logger = logging.getLogger("loraplex.router")
+CHARS_PER_TOKEN = 4
+MESSAGE_OVERHEAD_TOKENS = 4
+"""Chat templates add a few tokens per message (role markers, separators)."""
+DEFAULT_COMPLETION_TOKENS = 256
+"""Assumed completion length of a request without `max_tokens` (when `router.max_tokens` is unset)."""
+
+
+def estimate_prompt_tokens(endpoint: Endpoint, body: dict[str, Any]) -> int:
+    """Prompt tokens of a checked request body, estimated from its characters (token ids are counted)."""
+    if endpoint == "chat":
+        messages = body.get("messages") or []
+        return sum(MESSAGE_OVERHEAD_TOKENS + _text_tokens(message.get("content")) for message in messages)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        return len(prompt)
+    if isinstance(prompt, list):
+        return sum(len(p) if isinstance(p, list) else _text_tokens(p) for p in prompt)
+    return _text_tokens(prompt)
+
+
+def estimate_completion_tokens(endpoint: Endpoint, body: dict[str, Any]) -> int:
+    """The most completion tokens a request may produce: `max_tokens` for each choice of each prompt."""
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_COMPLETION_TOKENS
+    prompt = body.get("prompt")
+    batch = endpoint == "completions" and isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
+    prompts = len(prompt) if batch and isinstance(prompt, list) else 1
+    return int(limit) * int(body.get("n") or 1) * prompts
+
+
+def _text_tokens(content: Any) -> int:
+    """A string, or chat content parts: the text of text parts, anything else by its JSON size."""
+    if content is None:
+        return 0
+    if isinstance(content, list):
+        return sum(_text_tokens(part.get("text") if _is_text_part(part) else part) for part in content)
+    text = content if isinstance(content, str) else json.dumps(content)
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def _is_text_part(part: Any) -> bool:
+    return isinstance(part, dict) and isinstance(part.get("text"), str)
+
+
+@dataclass
+class Admission:
+    """One admitted request: it holds a fair-share slot and its estimated tokens until `finish`."""
+
+    admitter: Admitter
+    principal: Principal
+    prompt_estimate: int
+    estimate: int
+    finished: bool = field(default=False)
+
+    def finish(self, used_tokens: int | None) -> None:
+        """Frees the slot and settles the estimate with the real usage (None: unknown, keep the estimate).
+
+        Idempotent, and safe to call from a finalizer: it never awaits.
+        """
+        if self.finished:
+            return
+        self.finished = True
+        key = self.principal
+        correction = 0 if used_tokens is None else used_tokens - self.prompt_estimate
+        self.admitter.gate.release(key.name, key.weight, correction)
+        if key.tpm is not None and used_tokens is not None and used_tokens != self.estimate:
+            self.admitter.charge_later(key.name, used_tokens - self.estimate)
+
+
+class Admitter:
+    """Rate limits, then the fair-share gate, for one router replica."""
+
+    def __init__(self, limiter: RateLimiter, gate: FairGate) -> None:
+        self.limiter = limiter
+        self.gate = gate
+        self._charges: set[asyncio.Task[None]] = set()
+
+    async def admit(self, key: Principal, endpoint: Endpoint, body: dict[str, Any]) -> Admission:
+        """Waits for a slot; raises `RateLimited` (429) or `Overloaded` (503)."""
+        prompt = estimate_prompt_tokens(endpoint, body)
+        estimate = prompt + estimate_completion_tokens(endpoint, body)
+        if key.rpm is not None or key.tpm is not None:
+            decision = await self.limiter.admit(key.name, key.rpm, key.tpm, estimate)
+            if not decision.admitted:
+                raise _rate_limited(key, decision, estimate)
+        try:
+            await self.gate.acquire(key.name, key.weight, prompt)
+        except BaseException:  # 503 or the client left: the tokens were never used
+            if key.tpm is not None:
+                self.charge_later(key.name, -estimate)
+            raise
+        return Admission(self, key, prompt, estimate)
+
+    def charge_later(self, key_id: str, tokens: int) -> None:
+        """Settles tokens with the limiter in the background, off the response's path."""
+        try:
+            task = asyncio.get_running_loop().create_task(self.limiter.charge(key_id, tokens))
+        except RuntimeError:  # no running loop (a finalizer at shutdown): nothing left to settle for
+            return
+        self._charges.add(task)
+        task.add_done_callback(self._charges.discard)
+
+    async def settled(self) -> None:
+        """Waits for background charges (tests and shutdown)."""
+        while self._charges:
+            await asyncio.gather(*self._charges, return_exceptions=True)
+
+
+def _rate_limited(key: Principal, decision: Decision, estimate: int) -> RateLimited:
+    retry_after = max(1, math.ceil(decision.retry_after or 1))
+    if decision.too_large:
+        message = (
+            f"This request needs about {estimate} tokens (prompt + max_tokens), more than the {key.tpm} tokens "
+            f"per minute key `{key.name}` may use; lower max_tokens or shorten the prompt."
+        )
+    elif decision.limit == "requests":
+        message = f"Rate limit reached for key `{key.name}` on requests per minute (limit {key.rpm})."
+    else:
+        message = (
+            f"Rate limit reached for key `{key.name}` on tokens per minute (limit {key.tpm}, "
+            f"this request needs about {estimate})."
+        )
+    return RateLimited(f"{message} Retry after {retry_after} s.", retry_after=retry_after)

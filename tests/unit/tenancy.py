@@ -1,0 +1,51 @@
+"""Builders for tenancy tests: API keys with scopes, and a router app that knows them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from routing.app import create_app
+from routing.catalog import ModelCatalog
+from routing.context import RouterContext
+from routing.ratelimit import RateLimiter
+from serve.config import ApiKeyConfig, AuthConfig, RouterConfig
+from serve.keys import hash_api_key, new_api_key
+from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
+
+BASE = "tiny-base"
+ADAPTERS = ("a1", "a2", "team-x", "team-y")
+
+
+def api_key(name: str, **scope: Any) -> tuple[str, ApiKeyConfig]:
+    """A fresh key and its configuration entry (which holds only the hash)."""
+    key = new_api_key()
+    return key, ApiKeyConfig(name=name, sha256=hash_api_key(key), **scope)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def make_app(
+    keys: list[ApiKeyConfig],
+    engine: Any | None = None,
+    registry: FakeRegistry | None = None,
+    limiter: RateLimiter | None = None,
+    audit_file: str | None = None,
+    **config: Any,
+) -> FastAPI:
+    registry = registry or FakeRegistry({name: record(name) for name in ADAPTERS})
+    router_config = RouterConfig(auth=AuthConfig(keys=keys, audit_file=audit_file), **config)
+    return create_app(engine or FakeEngine(), ModelCatalog(BASE, registry), router_config, limiter=limiter)
+
+
+def client_for(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
+
+
+def context_of(app: FastAPI) -> RouterContext:
+    context: RouterContext = app.state.context
+    return context

@@ -1,0 +1,245 @@
+"""API keys and scopes: 401 without a valid key, 403 outside the key's scope, filtered listings, audit log, CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from routing.principals import ANONYMOUS, KeyRing
+from serve.cli import app as cli
+from serve.config import AuthConfig, RouterConfig
+from serve.keys import hash_api_key, read_keys_file
+from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
+from tests.unit.tenancy import ADAPTERS, BASE, api_key, bearer, client_for, make_app
+
+USER, USER_CONF = api_key("user", adapters=["a1"])
+TEAM, TEAM_CONF = api_key("team", adapters=["team-*"])
+BASE_ONLY, BASE_CONF = api_key("base-only", base=True)
+ADMIN, ADMIN_CONF = api_key("ops", admin=True)
+KEYS = [USER_CONF, TEAM_CONF, BASE_CONF, ADMIN_CONF]
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def registry() -> FakeRegistry:
+    return FakeRegistry({name: record(name) for name in ADAPTERS})
+
+
+@pytest.fixture
+async def client(engine: FakeEngine, registry: FakeRegistry, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    app = make_app(KEYS, engine, registry, audit_file=str(tmp_path / "audit.jsonl"))
+    async with client_for(app) as client:
+        yield client
+
+
+def error_of(response: httpx.Response, status: int, type_: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error: dict[str, Any] = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == type_
+    return error
+
+
+API_CALLS: list[tuple[str, str, Any]] = [
+    ("POST", "/v1/completions", {"model": "a1", "prompt": "x"}),
+    ("POST", "/v1/chat/completions", {"model": "a1", **CHAT}),
+    ("GET", "/v1/models", None),
+    ("GET", "/v1/models/a1", None),
+    ("GET", "/v1/adapters", None),
+    ("POST", "/v1/adapters", {"name": "new", "source": "/a/new"}),
+    ("DELETE", "/v1/adapters/a1", None),
+    ("POST", "/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "/a/new"}),
+]
+NOT_A_KEY = [{}, {"Authorization": "Bearer lpx-unknown"}, {"Authorization": f"Basic {USER}"}, bearer("")]
+
+
+@pytest.mark.parametrize("headers", NOT_A_KEY)
+@pytest.mark.parametrize(("method", "path", "payload"), API_CALLS)
+async def test_every_api_route_needs_a_valid_key(
+    client: httpx.AsyncClient, engine: FakeEngine, registry: FakeRegistry, headers: dict[str, str],
+    method: str, path: str, payload: Any,
+) -> None:  # fmt: skip
+    response = await client.request(method, path, json=payload, headers=headers)
+    assert error_of(response, 401, "authentication_error")["code"] == "invalid_api_key"
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert engine.requests == [] and sorted(registry.records) == sorted(ADAPTERS)
+
+
+async def test_health_and_metrics_stay_open(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/health")).status_code == 200
+    assert (await client.get("/metrics")).status_code == 200
+
+
+FORBIDDEN: list[tuple[str, str, str, Any]] = [
+    (USER, "POST", "/v1/completions", {"model": BASE, "prompt": "x"}),
+    (USER, "POST", "/v1/completions", {"model": f"{BASE}:a2", "prompt": "x"}),
+    (USER, "POST", "/v1/chat/completions", {"model": "a2", **CHAT}),
+    (USER, "POST", "/v1/completions", {"model": "no-such-adapter", "prompt": "x"}),  # no probing for names
+    (TEAM, "POST", "/v1/completions", {"model": "a1", "prompt": "x"}),
+    (BASE_ONLY, "POST", "/v1/completions", {"model": "a1", "prompt": "x"}),
+    (USER, "GET", "/v1/models/a2", None),
+    (USER, "GET", f"/v1/models/{BASE}", None),
+    (USER, "GET", "/v1/adapters/team-x", None),
+    (USER, "POST", "/v1/adapters", {"name": "new", "source": "/a/new"}),
+    (USER, "POST", "/v1/adapters", {"not": "even valid"}),  # scope is checked before the body
+    (TEAM, "DELETE", "/v1/adapters/team-x", None),
+    (BASE_ONLY, "POST", "/v1/load_lora_adapter", {"lora_name": "new", "lora_path": "/a/new"}),
+    (USER, "POST", "/v1/unload_lora_adapter", {"lora_name": "a1"}),
+]
+
+
+@pytest.mark.parametrize(("key", "method", "path", "payload"), FORBIDDEN)
+async def test_out_of_scope_is_403(
+    client: httpx.AsyncClient, engine: FakeEngine, registry: FakeRegistry,
+    key: str, method: str, path: str, payload: Any,
+) -> None:  # fmt: skip
+    error_of(await client.request(method, path, json=payload, headers=bearer(key)), 403, "permission_error")
+    assert engine.requests == [] and sorted(registry.records) == sorted(ADAPTERS)
+
+
+ALLOWED = [(USER, "a1"), (USER, f"{BASE}:a1"), (TEAM, "team-x"), (TEAM, f"{BASE}:team-y"), (BASE_ONLY, BASE)]
+
+
+@pytest.mark.parametrize(("key", "model"), ALLOWED)
+async def test_names_and_globs_in_scope_are_served(
+    client: httpx.AsyncClient, engine: FakeEngine, key: str, model: str
+) -> None:
+    response = await client.post("/v1/completions", json={"model": model, "prompt": "x"}, headers=bearer(key))
+    assert response.status_code == 200, response.text
+    assert len(engine.requests) == 1
+
+
+async def test_in_scope_but_missing_is_404(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/completions", json={"model": "team-z", "prompt": "x"}, headers=bearer(TEAM))
+    assert error_of(response, 404, "not_found_error")["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("key", "visible"),
+    [
+        (USER, [f"{BASE}:a1"]),
+        (TEAM, [f"{BASE}:team-x", f"{BASE}:team-y"]),
+        (BASE_ONLY, [BASE]),
+        (ADMIN, []),  # admin writes adapters; using them is a separate scope
+    ],
+)
+async def test_models_list_only_what_the_key_may_use(client: httpx.AsyncClient, key: str, visible: list[str]) -> None:
+    data = (await client.get("/v1/models", headers=bearer(key))).json()["data"]
+    assert [m["id"] for m in data] == visible
+
+
+async def test_adapter_listing_is_scoped_and_admins_see_all(client: httpx.AsyncClient) -> None:
+    team = (await client.get("/v1/adapters", headers=bearer(TEAM))).json()["data"]
+    assert [a["name"] for a in team] == ["team-x", "team-y"]
+    everything = (await client.get("/v1/adapters", headers=bearer(ADMIN))).json()["data"]
+    assert [a["name"] for a in everything] == sorted(ADAPTERS)
+    assert (await client.get("/v1/adapters/team-x", headers=bearer(TEAM))).status_code == 200
+
+
+async def test_admin_writes_and_the_audit_log_records_each_attempt(
+    client: httpx.AsyncClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="loraplex.audit")
+    admin = bearer(ADMIN)
+    assert (
+        await client.post("/v1/adapters", json={"name": "new", "source": "/a/new"}, headers=admin)
+    ).status_code == 201
+    refused = await client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/bad"}, headers=admin)
+    assert refused.status_code == 400
+    assert (await client.delete("/v1/adapters/a2", headers=bearer(USER))).status_code == 403
+    unloaded = await client.post("/v1/unload_lora_adapter", json={"lora_name": "new"}, headers=admin)
+    assert unloaded.status_code == 200
+
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [json.loads(r.getMessage()) for r in caplog.records if r.name == "loraplex.audit"] == lines
+    summary = [(e["key"], e["action"], e["adapter"], e["outcome"], e["status"]) for e in lines]
+    assert summary == [
+        ("ops", "register", "new", "ok", 201),
+        ("ops", "register", "x", "refused", 400),
+        ("user", "unregister", "a2", "denied", 403),
+        ("ops", "unregister", "new", "ok", 200),
+    ]
+    assert lines[0]["source"] == "/a/new" and lines[0]["version"] == 1 and lines[0]["route"] == "POST /v1/adapters"
+    assert lines[1]["message"] and lines[0]["ts"].endswith("+00:00")
+
+
+async def test_without_keys_the_server_is_open_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    app = make_app([])
+    assert any(r.levelno == logging.WARNING and "OPEN" in r.getMessage() for r in caplog.records)
+    async with client_for(app) as client:
+        assert (await client.post("/v1/completions", json={"model": BASE, "prompt": "x"})).status_code == 200
+        assert (await client.post("/v1/adapters", json={"name": "n", "source": "/a/n"})).status_code == 201
+        assert len((await client.get("/v1/models")).json()["data"]) == 1 + len(ADAPTERS) + 1
+    assert KeyRing(AuthConfig()).authenticate(None) is ANONYMOUS
+
+
+def test_a_configured_but_missing_keys_file_refuses_to_start(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        KeyRing(AuthConfig(keys_file=str(tmp_path / "missing.yaml")))
+
+
+def test_keys_file_changes_are_followed(tmp_path: Path) -> None:
+    file = tmp_path / "keys.yaml"
+    file.write_text("keys: []\n")
+    now = [0.0]
+    ring = KeyRing(AuthConfig(keys_file=str(file)), clock=lambda: now[0])
+    assert not ring.is_open
+    key, entry = api_key("late", base=True)
+    file.write_text(f"keys:\n  - {{name: late, sha256: {entry.sha256}, base: true}}\n")
+    os.utime(file, ns=(1, 1))  # a distinct mtime whatever the file system's resolution
+    now[0] = 5.0
+    assert ring.authenticate(f"Bearer {key}").name == "late"
+    file.write_text("keys: [{name: broken}]\n")  # a bad edit keeps the keys we had
+    os.utime(file, ns=(2, 2))
+    now[0] = 10.0
+    assert ring.authenticate(f"bearer {key}").name == "late"
+
+
+@pytest.mark.parametrize("file_name", ["keys.yaml", "keys.json"])
+def test_keys_create_prints_the_key_once_and_stores_only_its_hash(tmp_path: Path, file_name: str) -> None:
+    file = tmp_path / file_name
+    args = ["keys", "create", "--name", "ci", "--adapter", "team-*", "--base", "--rpm", "5", "--tpm", "900"]
+    result = CliRunner().invoke(cli, [*args, "--weight", "2", "--file", str(file)])
+    assert result.exit_code == 0, result.output
+    key = result.stdout.strip()
+    assert key.startswith("lpx-") and len(key) > 40
+    text = file.read_text()
+    assert key not in text and key[4:] not in text and hash_api_key(key) in text
+    assert oct(file.stat().st_mode & 0o777) == "0o600"
+    (entry,) = read_keys_file(file).keys
+    assert (entry.adapters, entry.base, entry.admin, entry.rpm, entry.tpm, entry.weight) == (
+        ["team-*"], True, False, 5, 900, 2.0,
+    )  # fmt: skip
+    principal = KeyRing(RouterConfig(auth=AuthConfig(keys_file=str(file))).auth).authenticate(f"Bearer {key}")
+    assert principal.name == "ci" and principal.may_use("team-x") and not principal.may_use("a1")
+
+    again = CliRunner().invoke(cli, ["keys", "create", "--name", "ci", "--file", str(file)])
+    assert again.exit_code != 0 and "unique" in again.output
+    listing = CliRunner().invoke(cli, ["keys", "list", "--file", str(file)])
+    assert listing.stdout.startswith("ci\tteam-*,<base>\trpm=5") and key not in listing.stdout
+
+
+def test_adapters_cli_sends_the_api_key_as_bearer(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[dict[str, str]] = []
+
+    def fake_request(method: str, url: str, headers: dict[str, str], **_: Any) -> httpx.Response:
+        sent.append(headers)
+        return httpx.Response(200, json={"id": f"{BASE}:a1"})
+
+    monkeypatch.setattr(httpx, "request", fake_request)
+    assert CliRunner().invoke(cli, ["adapters", "rm", "a1", "--api-key", "lpx-flag"]).exit_code == 0
+    assert CliRunner().invoke(cli, ["adapters", "rm", "a1"], env={"LORAPLEX_API_KEY": "lpx-env"}).exit_code == 0
+    assert [h["Authorization"] for h in sent] == ["Bearer lpx-flag", "Bearer lpx-env"]

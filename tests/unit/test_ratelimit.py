@@ -1,0 +1,204 @@
+"""Per-key rate limits (token buckets, the shared limiter's client) and per-request input limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from routing.admission import estimate_completion_tokens, estimate_prompt_tokens
+from routing.ratelimit import ADMITTED, LocalRateLimiter, ServeRateLimiter, SharedRateLimiter, TokenBuckets
+from serve.wire import Usage
+from tests.unit.fake_engine import FakeEngine
+from tests.unit.tenancy import BASE, api_key, bearer, client_for, context_of, make_app
+
+
+class Clock:
+    """Time that moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_requests_bucket_refills_at_rpm_per_minute() -> None:
+    clock = Clock()
+    buckets = TokenBuckets(clock)
+    assert buckets.admit("k", rpm=2, tpm=None, estimated_tokens=0) == ADMITTED
+    assert buckets.admit("k", rpm=2, tpm=None, estimated_tokens=0) == ADMITTED
+    refused = buckets.admit("k", rpm=2, tpm=None, estimated_tokens=0)
+    assert (refused.retry_after, refused.limit) == (30.0, "requests")
+    assert buckets.admit("other", rpm=2, tpm=None, estimated_tokens=0).admitted  # keys do not share buckets
+    clock.now += 30
+    assert buckets.admit("k", rpm=2, tpm=None, estimated_tokens=0).admitted
+
+
+def test_tokens_are_estimated_then_settled_with_real_usage() -> None:
+    clock = Clock()
+    buckets = TokenBuckets(clock)
+    assert buckets.admit("k", rpm=None, tpm=600, estimated_tokens=500).admitted
+    assert buckets.admit("k", rpm=None, tpm=600, estimated_tokens=200).limit == "tokens"
+    buckets.charge("k", -400)  # used 100 of the 500 estimated
+    assert buckets.admit("k", rpm=None, tpm=600, estimated_tokens=200).admitted
+    buckets.charge("k", 700)  # a request that used far more than estimated puts the key in debt
+    refused = buckets.admit("k", rpm=None, tpm=600, estimated_tokens=100)
+    assert refused.retry_after == pytest.approx((100 + 400) * 60 / 600)
+    buckets.charge("k", -10_000)  # refunds never lift a bucket above its capacity
+    assert not buckets.admit("k", rpm=None, tpm=600, estimated_tokens=601).admitted
+    too_large = buckets.admit("k", rpm=None, tpm=600, estimated_tokens=601)
+    assert too_large.too_large and too_large.retry_after == 60.0
+
+
+def test_a_lowered_limit_applies_at_once() -> None:
+    buckets = TokenBuckets(Clock())
+    assert buckets.admit("k", rpm=100, tpm=None, estimated_tokens=0).admitted
+    assert buckets.admit("k", rpm=1, tpm=None, estimated_tokens=0).admitted
+    assert not buckets.admit("k", rpm=1, tpm=None, estimated_tokens=0).admitted
+
+
+class FakeHandle:
+    """Stands in for a Serve `DeploymentHandle`: `handle.method.remote(...)` is awaitable."""
+
+    def __init__(self, target: Any, fail: bool = False) -> None:
+        self._target = target
+        self._fail = fail
+
+    def __getattr__(self, name: str) -> Any:
+        outer = self
+
+        class Method:
+            async def remote(self, *args: Any) -> Any:
+                if outer._fail:
+                    raise RuntimeError("actor died")
+                return await getattr(outer._target, name)(*args)
+
+        return Method()
+
+
+async def test_serve_client_reaches_the_shared_limiter_and_fails_open() -> None:
+    shared = SharedRateLimiter(Clock())
+    client = ServeRateLimiter(FakeHandle(shared))
+    assert (await client.admit("k", 1, None, 0)).admitted
+    assert (await client.admit("k", 1, None, 0)).limit == "requests"
+    await client.charge("k", 5)
+    broken = ServeRateLimiter(FakeHandle(shared, fail=True))
+    assert (await broken.admit("k", 1, None, 0)).admitted
+    await broken.charge("k", 5)  # logged, not raised
+
+
+def usage_script(prompt: int, completion: int) -> Any:
+    def script(endpoint: Any, body: dict[str, Any]) -> list[Any]:
+        if body.get("stream"):
+            return ["data: {}\n\n", "data: [DONE]\n\n", Usage(prompt, completion)]
+        return [{"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}]
+
+    return script
+
+
+async def test_429_with_retry_after_once_rpm_is_spent() -> None:
+    key, conf = api_key("k", base=True, rpm=2)
+    app = make_app([conf], limiter=LocalRateLimiter(Clock()))
+    async with client_for(app) as client:
+        statuses = [
+            (await client.post("/v1/completions", json={"model": BASE, "prompt": "x"}, headers=bearer(key)))
+            for _ in range(3)
+        ]
+    assert [r.status_code for r in statuses] == [200, 200, 429]
+    refused = statuses[-1]
+    assert refused.headers["retry-after"] == "30"
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert "requests per minute" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_429_once_tpm_is_spent_counting_real_usage(stream: bool) -> None:
+    key, conf = api_key("k", base=True, tpm=100)
+    engine = FakeEngine(usage_script(prompt=50, completion=40))
+    app = make_app([conf], engine, limiter=LocalRateLimiter(Clock()))
+    request = {"model": BASE, "prompt": "x", "max_tokens": 40, "stream": stream}  # estimated 1 + 40 tokens
+    async with client_for(app) as client:
+        assert (await client.post("/v1/completions", json=request, headers=bearer(key))).status_code == 200
+        await context_of(app).admitter.settled()  # real usage, 90 tokens, leaves 10
+        refused = await client.post("/v1/completions", json=request, headers=bearer(key))
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "19"  # 31 tokens missing at 100 per minute: 18.6 s
+    assert "tokens per minute" in refused.json()["error"]["message"]
+
+
+async def test_a_request_larger_than_the_whole_tpm_is_429_and_says_why() -> None:
+    key, conf = api_key("k", base=True, tpm=100)
+    async with client_for(make_app([conf], limiter=LocalRateLimiter(Clock()))) as client:
+        request = {"model": BASE, "prompt": "x", "max_tokens": 500}
+        refused = await client.post("/v1/completions", json=request, headers=bearer(key))
+    assert refused.status_code == 429
+    assert "lower max_tokens" in refused.json()["error"]["message"]
+
+
+class CountingLimiter(LocalRateLimiter):
+    """Counts the admissions it is asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def admit(self, key_id: str, rpm: int | None, tpm: int | None, estimated_tokens: int) -> Any:
+        self.calls += 1
+        return await super().admit(key_id, rpm, tpm, estimated_tokens)
+
+
+async def test_keys_without_limits_never_ask_the_limiter() -> None:
+    key, conf = api_key("k", base=True)
+    limiter = CountingLimiter()
+    async with client_for(make_app([conf], limiter=limiter)) as client:
+        for _ in range(5):
+            response = await client.post("/v1/completions", json={"model": BASE, "prompt": "x"}, headers=bearer(key))
+            assert response.status_code == 200
+    assert limiter.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "prompt", "completion"),
+    [
+        ("completions", {"prompt": "x" * 40, "max_tokens": 8}, 10, 8),
+        ("completions", {"prompt": [1, 2, 3], "max_tokens": 8, "n": 2}, 3, 16),
+        ("completions", {"prompt": ["abcd", "abcdefgh"], "max_tokens": 8}, 3, 16),
+        ("completions", {"prompt": [[1, 2], [3]]}, 3, 512),
+        ("chat", {"messages": [{"role": "user", "content": "x" * 8}], "max_completion_tokens": 5}, 6, 5),
+        ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, 4 + 1, 256),
+    ],
+)
+def test_token_estimates(endpoint: Any, body: dict[str, Any], prompt: int, completion: int) -> None:
+    assert (estimate_prompt_tokens(endpoint, body), estimate_completion_tokens(endpoint, body)) == (prompt, completion)
+
+
+INPUT_LIMITS: list[tuple[str, dict[str, Any], int, str | None]] = [
+    ("/v1/completions", {"prompt": "x", "max_tokens": 65}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 65}, 400,
+     "max_completion_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": 3}, 400, "n"),
+    ("/v1/completions", {"prompt": "x" * 3000}, 413, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "payload", "status", "param"), INPUT_LIMITS)
+async def test_input_limits_are_configured_and_name_the_field(
+    path: str, payload: dict[str, Any], status: int, param: str | None
+) -> None:
+    engine = FakeEngine()
+    app = make_app([], engine, max_tokens=64, max_n=2, max_body_bytes=2048)
+    async with client_for(app) as client:
+        response = await client.post(path, json={"model": BASE, **payload})
+    assert response.status_code == status
+    assert response.json()["error"]["param"] == param
+    assert engine.requests == []
+
+
+async def test_max_tokens_cap_is_sent_when_a_request_gives_none() -> None:
+    engine = FakeEngine()
+    async with client_for(make_app([], engine, max_tokens=64)) as client:
+        await client.post("/v1/completions", json={"model": BASE, "prompt": "x"})
+        await client.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 3})
+    assert [body["max_tokens"] for _, body in engine.requests] == [64, 3]
