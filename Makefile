@@ -9,7 +9,7 @@ PORT ?= 8000
 MODEL := $(ASSETS)/models/SmolLM2-135M-Instruct
 DEMO_ADAPTERS := --adapter alpha=$(ASSETS)/adapters/alpha --adapter beta=$(ASSETS)/adapters/beta
 
-.PHONY: install assets serve test test-unit lint format bench sim
+.PHONY: install assets serve test test-unit lint format bench bench-adapters bench-fairness sim cluster-demo
 
 install: $(STAMP)
 
@@ -36,8 +36,17 @@ test-unit: install
 bench: assets
 	$(BIN)/python -m loadtests.bench
 
+bench-adapters: assets
+	$(BIN)/python -m loadtests.adapters_bench
+
+bench-fairness: assets
+	$(BIN)/python -m loadtests.fairness_bench
+
 sim: install
 	$(BIN)/python -m loadtests.simulate
+
+cluster-demo: assets
+	$(BIN)/python deploy/cluster_demo.py
 
 lint: install
 	$(BIN)/ruff check serve routing loadtests tests
