@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from routing.body_limit import BodyLimit
 from routing.catalog import ModelCatalog
 from routing.context import RouterContext
 from routing.endpoints import adapters, generate, models, ops
@@ -24,6 +25,7 @@ def create_app(engine: EngineClient, catalog: ModelCatalog, config: RouterConfig
         config=config,
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimit)
     for endpoints in (generate, models, adapters, ops):
         app.include_router(endpoints.router)
     return app

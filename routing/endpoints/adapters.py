@@ -16,9 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from routing.catalog import SEPARATOR
 from routing.context import ContextDep, RouterContext
 from routing.errors import OpenAIError
+from routing.protocol import JSONRoute
 from serve.adapters.records import AdapterRecord, RegistryError
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)
 
 
 class RegisterAdapter(BaseModel):

@@ -20,8 +20,6 @@ from serve.wire import EngineError, ReplicaItem, Usage
 logger = logging.getLogger("loraplex.router")
 router = APIRouter()
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
-
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(request: Request, context: ContextDep) -> Response:
@@ -37,7 +35,8 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
     target: ModelTarget | None = None
     timer = context.metrics.track(context.metrics.label(None, False), endpoint)
     try:
-        body = parse_body(await request.body(), endpoint, max_bytes=MAX_BODY_BYTES, max_n=context.config.max_n)
+        content_type = request.headers.get("content-type")
+        body = parse_body(await request.body(), endpoint, max_n=context.config.max_n, content_type=content_type)
         target = await context.catalog.resolve(body["model"])
         timer.label = context.metrics.label(target.id, target.adapter is not None)
         body["model"] = target.id
