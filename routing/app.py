@@ -12,12 +12,15 @@ from routing.endpoints import adapters, generate, models, ops
 from routing.engine_client import EngineClient
 from routing.errors import install_error_handlers
 from routing.metrics import RouterMetrics
+from routing.openapi import ERROR_RESPONSES
 from serve.config import RouterConfig
 
 
 def create_app(engine: EngineClient, catalog: ModelCatalog, config: RouterConfig) -> FastAPI:
     """An OpenAI-compatible app that sends generation requests to `engine`."""
-    app = FastAPI(title="loraplex", description="OpenAI-compatible multi-LoRA inference router.")
+    app = FastAPI(
+        title="loraplex", description="OpenAI-compatible multi-LoRA inference router.", responses=ERROR_RESPONSES
+    )
     app.state.context = RouterContext(
         engine=engine,
         catalog=catalog,

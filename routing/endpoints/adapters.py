@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from routing.catalog import SEPARATOR
 from routing.context import ContextDep, RouterContext
 from routing.errors import OpenAIError
+from routing.openapi import TEXT_ROUTE_ERRORS
 from routing.protocol import JSONRoute
 from serve.adapters.records import AdapterRecord, RegistryError
 
@@ -104,13 +105,13 @@ async def delete_adapter(name: str, context: ContextDep) -> dict[str, Any]:
     return {"id": context.catalog.adapter_id(record.name), "object": "adapter", "deleted": True}
 
 
-@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=TEXT_ROUTE_ERRORS)
 async def load_lora_adapter(body: LoadLoraAdapter, context: ContextDep) -> str:
     record = await _register(context, _bare(context, body.lora_name), body.lora_path, False)
     return f"Success: LoRA adapter '{record.name}' added successfully."
 
 
-@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=TEXT_ROUTE_ERRORS)
 async def unload_lora_adapter(body: UnloadLoraAdapter, context: ContextDep) -> str:
     record = await _unregister(context, _bare(context, body.lora_name))
     return f"Success: LoRA adapter '{record.name}' removed successfully."

@@ -14,19 +14,20 @@ from routing.catalog import ModelTarget
 from routing.context import ContextDep, RouterContext
 from routing.errors import EngineFailure, OpenAIError, Overloaded, UpstreamError, error_response, sse_error
 from routing.metrics import RequestTimer
-from routing.protocol import Endpoint, parse_body
+from routing.openapi import json_body
+from routing.protocol import ChatBody, CompletionBody, Endpoint, parse_body
 from serve.wire import EngineError, ReplicaItem, Usage
 
 logger = logging.getLogger("loraplex.router")
 router = APIRouter()
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, openapi_extra=json_body(CompletionBody, streams=True))
 async def create_completion(request: Request, context: ContextDep) -> Response:
     return await _generate("completions", request, context)
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, openapi_extra=json_body(ChatBody, streams=True))
 async def create_chat_completion(request: Request, context: ContextDep) -> Response:
     return await _generate("chat", request, context)
 
