@@ -29,7 +29,7 @@ JSON_ROUTES = (COMPLETIONS, CHAT, ADAPTERS)
 VALID: dict[str, dict[str, Any]] = {
     COMPLETIONS: {"model": BASE, "prompt": "Once upon a time"},
     CHAT: {"model": BASE, "messages": [{"role": "user", "content": "hi"}]},
-    ADAPTERS: {"name": "fresh", "source": "/adapters/fresh"},
+    ADAPTERS: {"name": "bad-input-probe", "source": "/adapters/bad-input-probe"},
 }
 
 
