@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from routing.admission import Admitter
 from routing.audit import AuditLog
+from routing.body_limit import BodyLimit
 from routing.catalog import ModelCatalog
 from routing.context import RouterContext
 from routing.endpoints import adapters, generate, models, ops
@@ -14,6 +15,7 @@ from routing.engine_client import EngineClient
 from routing.errors import install_error_handlers
 from routing.fairness import FairGate
 from routing.metrics import RouterMetrics
+from routing.openapi import ERROR_RESPONSES
 from routing.principals import KeyRing
 from routing.ratelimit import LocalRateLimiter, RateLimiter
 from serve.config import RouterConfig
@@ -27,7 +29,9 @@ def create_app(
     `limiter` holds the per-key rate limits; it must be shared by every router replica (the
     `SharedRateLimiter` deployment in an application); by default they are kept in this process.
     """
-    app = FastAPI(title="loraplex", description="OpenAI-compatible multi-LoRA inference router.")
+    app = FastAPI(
+        title="loraplex", description="OpenAI-compatible multi-LoRA inference router.", responses=ERROR_RESPONSES
+    )
     gate = FairGate(config.max_inflight, config.max_waiting)
     metrics = RouterMetrics(CollectorRegistry(), max_adapters=config.max_adapter_labels)
     metrics.watch_admission(inflight=lambda: gate.inflight, waiting=lambda: gate.waiting)
@@ -41,6 +45,7 @@ def create_app(
         audit=AuditLog(config.auth.audit_file),
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     for endpoints in (generate, models, adapters, ops):
         app.include_router(endpoints.router)
     return app

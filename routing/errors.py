@@ -13,11 +13,27 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.wire import EngineError
 
 logger = logging.getLogger("loraplex.router")
+
+
+class ErrorDetail(BaseModel):
+    """The fields of an error, as OpenAI's API and SDKs define them."""
+
+    message: str = Field(description="What went wrong, for a person.")
+    type: str = Field(description="The error's kind, e.g. `invalid_request_error`, `not_found_error`.")
+    param: str | None = Field(description="The request field at fault, dotted for nested ones (`messages.0.role`).")
+    code: str | None = Field(description="A stable machine-readable code, when there is one (`model_not_found`).")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (documents `OpenAIError.body()` in the OpenAPI schema)."""
+
+    error: ErrorDetail
 
 
 class OpenAIError(Exception):
@@ -132,8 +148,15 @@ class UpstreamError(OpenAIError):
         self.type = error.type
 
 
+class _ErrorJSONResponse(JSONResponse):
+    """Renders as ASCII JSON, so a message quoting any client text (lone surrogates too) always encodes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+    return _ErrorJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
 def sse_error(exc: OpenAIError) -> str:
@@ -157,18 +180,26 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
+        if first["type"] == "json_invalid":  # FastAPI's loc is ("body", offset): no field to name
+            return error_response(InvalidRequest(f"request body is not valid JSON: {first['msg']}"))
         return error_response(InvalidRequest(first["msg"], param=validation_param(tuple(first["loc"]))))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 404:
-            return error_response(RouteNotFound(f"no route {request.method} {request.url.path}"))
-        if exc.status_code == 405:
-            return error_response(MethodNotAllowed(f"method {request.method} not allowed on {request.url.path}"))
-        error = OpenAIError(str(exc.detail))
-        error.status = exc.status_code
-        error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(error)
+        error: OpenAIError
+        if isinstance(exc.__cause__, OpenAIError):  # FastAPI's 400 for a body our `JSONRequest` refused
+            error = exc.__cause__
+        elif exc.status_code == 404:
+            error = RouteNotFound(f"no route {request.method} {request.url.path}")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed(f"method {request.method} not allowed on {request.url.path}")
+        else:
+            error = OpenAIError(str(exc.detail))
+            error.status = exc.status_code
+            error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        response = error_response(error)
+        response.headers.update(exc.headers or {})  # e.g. 405's `Allow`
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

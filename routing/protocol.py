@@ -2,77 +2,119 @@
 
 Only what the router must understand or bound is modelled; every other OpenAI or vLLM parameter
 passes through untouched (`extra="allow"`) and vLLM's serving layer validates it in the replica.
+What passes through is still plain JSON (RFC 8259): UTF-8, finite numbers, no unpaired surrogates,
+and nested at most `MAX_JSON_DEPTH` deep, so no engine or serializer downstream meets anything else.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic_core import PydanticCustomError
 
-from routing.errors import InvalidRequest, PayloadTooLarge, validation_param
+from routing.errors import InvalidRequest, validation_param
 
 Endpoint = Literal["completions", "chat"]
-StopSequences = str | Annotated[list[str], Field(max_length=16)] | None
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_JSON_DEPTH = 64
+"""Containers inside containers: far beyond any OpenAI body (tool schemas included), far below recursion limits."""
+MAX_MODEL_ID_CHARS = 1024
+
+
+def _one_of(expected: str) -> WrapValidator:
+    """Reports a value that fits no member of a union as one error on the field, not one per member."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("union_type", f"Input should be {expected}") from None
+
+    return WrapValidator(validate)
+
+
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+Count = Annotated[int, Field(ge=1, le=INT32_MAX)]
+"""Tokens or choices: bounded so no engine meets an integer its C types cannot hold."""
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Prompt = Annotated[
+    str | list[str] | list[TokenId] | list[list[TokenId]],
+    _one_of("a string, a list of strings, or a list (or list of lists) of token ids (integers ≥ 0)"),
+]
+StopSequences = Annotated[
+    str | Annotated[list[str], Field(max_length=16)] | None, _one_of("a string or a list of at most 16 strings")
+]
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1)
-    stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1)
+    model: str = Field(
+        min_length=1, max_length=MAX_MODEL_ID_CHARS, description="The base model's id, `BASE:NAME`, or a bare `NAME`."
+    )
+    stream: bool = Field(default=False, description="Answer with server-sent events, ending with `data: [DONE]`.")
+    max_tokens: Count | None = Field(default=None, description="Most tokens to generate.")
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1)
-    seed: int | None = None
+    n: Count = Field(default=1, description="Choices to generate; at most the router's `max_n`.")
+    seed: Int64 | None = None
     stop: StopSequences = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    stream_options: dict[str, Any] | None = None
+    stream_options: dict[str, Any] | None = Field(default=None, description="Only with `stream`.")
 
 
 class CompletionBody(_Body):
-    """`POST /v1/completions`."""
+    """`POST /v1/completions`; other OpenAI and vLLM parameters pass through to the engine."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt = Field(description="Text, texts, or token ids.")
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 
 
 class ChatMessage(BaseModel):
+    """One chat message; `content` and the rest are checked by the engine's chat template."""
+
     model_config = ConfigDict(extra="allow")
 
     role: str = Field(min_length=1)
 
 
 class ChatBody(_Body):
-    """`POST /v1/chat/completions`."""
+    """`POST /v1/chat/completions`; other OpenAI and vLLM parameters pass through to the engine."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="Only with `logprobs`.")
+    max_completion_tokens: Count | None = None
 
 
 BODY_MODELS: dict[Endpoint, type[_Body]] = {"completions": CompletionBody, "chat": ChatBody}
 
 
 def parse_body(
-    raw: bytes, endpoint: Endpoint, *, max_bytes: int, max_n: int, max_tokens: int | None = None
+    raw: bytes,
+    endpoint: Endpoint,
+    *,
+    max_n: int,
+    max_tokens: int | None = None,
+    content_type: str | None = "application/json",
 ) -> dict[str, Any]:
-    """Checks a raw request body; returns it as a dict or raises an `OpenAIError`.
+    """Checks a raw request body (already within the size limit); returns it as a dict or raises `InvalidRequest`.
 
     With a `max_tokens` cap, a larger `max_tokens` / `max_completion_tokens` is refused and a
     request giving neither is sent with `max_tokens` set to the cap.
     """
-    if len(raw) > max_bytes:
-        raise PayloadTooLarge(f"request body is {len(raw)} bytes; the limit is {max_bytes}")
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    require_json(content_type)
+    data = parse_json(raw)
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object")
     try:
@@ -100,3 +142,95 @@ def _cap_max_tokens(body: _Body, data: dict[str, Any], cap: int) -> None:
             raise InvalidRequest(f"{param} must be at most {cap}", param=param)
     if all(value is None for value in asked.values()):
         data["max_tokens"] = cap
+
+
+def require_json(content_type: str | None) -> None:
+    """Accepts `application/json` or `application/*+json`, parameters aside (FastAPI's own test)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise InvalidRequest(f"Content-Type must be application/json, not {content_type or 'missing'}")
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_PLAIN = frozenset({int, bool, type(None)})
+
+
+def parse_json(raw: bytes) -> Any:
+    """Decodes UTF-8 JSON (a byte-order mark is ignored) into plain JSON values, or raises `InvalidRequest`."""
+    try:
+        text = raw.removeprefix(_UTF8_BOM).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # ValueError: also integers of 4,300+ digits
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    _check_values(data, check_text=_SURROGATE_ESCAPE.search(text) is not None)
+    return data
+
+
+def _check_values(data: Any, *, check_text: bool) -> None:
+    """Refuses containers nested over `MAX_JSON_DEPTH`, NaN and infinite numbers, and unpaired surrogates.
+
+    Iterative, so depth costs no stack; lists of plain values (token ids) are skipped in C. Strings are
+    only inspected when the text holds a `\\uD800`-`\\uDFFF` escape, the one way a surrogate gets in.
+    """
+    plain = _PLAIN | {str} if not check_text else _PLAIN
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        kind = type(value)
+        if kind is float:
+            if not math.isfinite(value):
+                raise InvalidRequest("must be a finite number (NaN and Infinity are not JSON)", param=_param(path))
+        elif kind is str:
+            if not _is_unicode(value):
+                raise InvalidRequest("string holds an unpaired UTF-16 surrogate", param=_param(path))
+        elif kind is dict or kind is list:
+            if len(path) >= MAX_JSON_DEPTH:
+                raise InvalidRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", param=_param(path[:1]))
+            if kind is list:
+                if not set(map(type, value)) <= plain:
+                    stack.extend((item, (*path, index)) for index, item in enumerate(value))
+                continue
+            for key, item in value.items():
+                if check_text and not _is_unicode(key):
+                    raise InvalidRequest("key holds an unpaired UTF-16 surrogate", param=_param(path))
+                if type(item) not in plain:
+                    stack.append((item, (*path, key)))
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _param(path: tuple[str | int, ...]) -> str | None:
+    return ".".join(str(part) for part in path) or None
+
+
+class JSONRequest(Request):
+    """A request whose `json()` is `parse_json`, so bodies that FastAPI parses follow the same rules."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = parse_json(await self.body())
+        return self._json
+
+
+class JSONRoute(APIRoute):
+    """A route whose JSON body, if it takes one, is decoded by `parse_json`: one JSON policy for every route."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            if self.body_field is not None:
+                require_json(request.headers.get("content-type"))
+            return await handler(JSONRequest(request.scope, request.receive))
+
+        return strict

@@ -17,10 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from routing.auth import KeyDep, RegisterAdmin, UnregisterAdmin
 from routing.context import ContextDep, RouterContext
 from routing.errors import OpenAIError, PermissionDenied
+from routing.openapi import TEXT_ROUTE_ERRORS
 from routing.principals import Principal
+from routing.protocol import JSONRoute
 from serve.adapters.records import AdapterRecord, RegistryError
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)
 
 
 class RegisterAdapter(BaseModel):
@@ -130,13 +132,13 @@ async def delete_adapter(name: str, request: Request, context: ContextDep, key: 
     return {"id": context.catalog.adapter_id(record.name), "object": "adapter", "deleted": True}
 
 
-@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=TEXT_ROUTE_ERRORS)
 async def load_lora_adapter(body: LoadLoraAdapter, request: Request, context: ContextDep, key: RegisterAdmin) -> str:
     record = await _register(context, request, key, _bare(context, body.lora_name), body.lora_path, False, 200)
     return f"Success: LoRA adapter '{record.name}' added successfully."
 
 
-@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=TEXT_ROUTE_ERRORS)
 async def unload_lora_adapter(
     body: UnloadLoraAdapter, request: Request, context: ContextDep, key: UnregisterAdmin
 ) -> str:

@@ -17,20 +17,21 @@ from routing.auth import KeyDep
 from routing.context import ContextDep, RouterContext
 from routing.errors import EngineFailure, OpenAIError, Overloaded, UpstreamError, error_response, sse_error
 from routing.metrics import RequestTimer
+from routing.openapi import json_body
 from routing.principals import Principal
-from routing.protocol import Endpoint, parse_body
+from routing.protocol import ChatBody, CompletionBody, Endpoint, parse_body
 from serve.wire import EngineError, ReplicaItem, Usage
 
 logger = logging.getLogger("loraplex.router")
 router = APIRouter()
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, openapi_extra=json_body(CompletionBody, streams=True))
 async def create_completion(request: Request, context: ContextDep, key: KeyDep) -> Response:
     return await _generate("completions", request, context, key)
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, openapi_extra=json_body(ChatBody, streams=True))
 async def create_chat_completion(request: Request, context: ContextDep, key: KeyDep) -> Response:
     return await _generate("chat", request, context, key)
 
@@ -40,9 +41,9 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
     timer = context.metrics.track(context.metrics.label(None, False), endpoint)
     admission: Admission | None = None
     try:
-        raw = await request.body()
+        content_type = request.headers.get("content-type")
         body = parse_body(
-            raw, endpoint, max_bytes=config.max_body_bytes, max_n=config.max_n, max_tokens=config.max_tokens
+            await request.body(), endpoint, max_n=config.max_n, max_tokens=config.max_tokens, content_type=content_type
         )
         key.require_use(context.catalog.name_of(body["model"]), body["model"])
         target = await context.catalog.resolve(body["model"])

@@ -111,7 +111,9 @@ async def test_oversized_body_is_413(client: httpx.AsyncClient) -> None:
 
 async def test_unknown_route_and_method_use_the_error_shape(client: httpx.AsyncClient) -> None:
     assert_openai_error(await client.get("/v1/nothing"), 404)
-    assert_openai_error(await client.get("/v1/completions"), 405)
+    not_allowed = await client.get("/v1/completions")
+    assert_openai_error(not_allowed, 405)
+    assert not_allowed.headers["allow"] == "POST"
 
 
 async def test_engine_error_passes_through_with_its_status_and_param() -> None:
@@ -129,13 +131,19 @@ async def test_engine_failure_before_answer_is_500_and_router_keeps_serving() ->
         assert (await client.post("/v1/completions", json={"model": BASE, "prompt": "x"})).status_code == 200
 
 
-async def test_backpressure_is_503_with_retry_after() -> None:
-    async with make_client(
-        FakeEngine(lambda *_: [BackPressureError(num_queued_requests=1, max_queued_requests=1)])
-    ) as c:
-        response = await c.post("/v1/completions", json={"model": BASE, "prompt": "x"})
-    assert_openai_error(response, 503)
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("path", "body"), [("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions", CHAT)])
+async def test_backpressure_is_503_with_retry_after(path: str, body: dict[str, Any], stream: bool) -> None:
+    """Engine replicas at capacity: Ray Serve raises `BackPressureError` before any item, for streams too."""
+    engine = FakeEngine(lambda *_: [BackPressureError(num_queued_requests=1, max_queued_requests=1)])
+    async with make_client(engine) as c:
+        response = await c.post(path, json={"model": "a1", **body, "stream": stream})
+        metrics = (await c.get("/metrics")).text
+    error = assert_openai_error(response, 503)
+    assert (error["type"], error["code"]) == ("overloaded_error", "overloaded")
     assert response.headers["retry-after"] == "1"
+    assert response.headers["content-type"] == "application/json"
+    assert f'model="{BASE}:a1",status="503"' in metrics
 
 
 async def test_stream_relays_events_and_hides_usage_item(client: httpx.AsyncClient) -> None:
