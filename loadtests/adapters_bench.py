@@ -93,15 +93,15 @@ async def ttft(client: httpx.AsyncClient, model: str) -> float:
     """Seconds from sending a streamed completion to its first token event."""
     body = {"model": model, "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True}
     started = time.perf_counter()
+    first: float | None = None
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if line.startswith("data: {"):
+            if first is None and line.startswith("data: {"):
                 first = time.perf_counter() - started
-                async for _ in response.aiter_lines():
-                    pass
-                return first
-    raise RuntimeError(f"no token from {model}")
+    if first is None:
+        raise RuntimeError(f"no token from {model}")
+    return first
 
 
 def register(url: str, name: str, source: str) -> None:

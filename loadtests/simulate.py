@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from routing.policy import AffinityPolicy, ReplicaState
+from serve.config import EngineDeploymentConfig
 
 Chooser = Callable[[str, Sequence[ReplicaState], random.Random], str]
 
@@ -151,11 +152,15 @@ def simulate(scenario: Scenario, name: str, choose: Chooser) -> Outcome:
     )
 
 
+_SHIPPED = EngineDeploymentConfig()
 POLICIES: dict[str, Chooser] = {
     "random": choose_random,
     "pow2": choose_pow2,
     "ray-multiplexed": choose_ray_multiplexed,
-    "loraplex": loraplex_chooser(AffinityPolicy()),
+    # The settings loraplex ships (serve/config.py), so the simulator judges what is deployed.
+    "loraplex": loraplex_chooser(
+        AffinityPolicy(epsilon=_SHIPPED.affinity_epsilon, min_load=_SHIPPED.affinity_min_load)
+    ),
 }
 
 
