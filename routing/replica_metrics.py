@@ -33,6 +33,11 @@ class ReplicaCollector(Collector):
         resident = GaugeMetricFamily(
             "loraplex_replica_engine_loras", "Adapters whose weights the engine holds in memory.", labels=REPLICA
         )
+        running = GaugeMetricFamily(
+            "loraplex_replica_running_requests",
+            "Sequences in an engine replica's vLLM engine, running or waiting (one per prompt and choice).",
+            labels=REPLICA,
+        )
         hits = CounterMetricFamily("loraplex_adapter_cache_hits", "Requests whose adapter was ready.", labels=REPLICA)
         misses = CounterMetricFamily(
             "loraplex_adapter_cache_misses", "Requests that had to load their adapter.", labels=REPLICA
@@ -54,6 +59,7 @@ class ReplicaCollector(Collector):
             labels = [report.replica]
             installed.add_metric(labels, len(report.adapters))
             resident.add_metric(labels, report.engine_loras)
+            running.add_metric(labels, report.running)
             hits.add_metric(labels, report.stats.hits)
             misses.add_metric(labels, report.stats.misses)
             unloads.add_metric(labels, report.stats.unloads)
@@ -63,4 +69,4 @@ class ReplicaCollector(Collector):
             ]
             buckets.append(("+Inf", report.stats.loads))
             loads.add_metric(labels, buckets, report.stats.load_seconds)
-        yield from (installed, resident, hits, misses, unloads, evictions, loads)
+        yield from (installed, resident, running, hits, misses, unloads, evictions, loads)

@@ -77,6 +77,7 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
         max_ongoing_requests=scaling.max_ongoing_requests,
         max_queued_requests=scaling.max_queued_requests,
         health_check_period_s=scaling.health_check_period_s,
+        graceful_shutdown_timeout_s=scaling.graceful_shutdown_timeout_s,
         ray_actor_options={
             "num_cpus": scaling.num_cpus,
             "runtime_env": {"env_vars": engine_env(config.engine)},
@@ -92,6 +93,7 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
         name=ROUTER_DEPLOYMENT,
         num_replicas=config.router.num_replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
+        graceful_shutdown_timeout_s=config.router.graceful_shutdown_timeout_s,
         ray_actor_options={"num_cpus": 0.5},
     )(RouterIngress)
     return router.bind(engine, registry, limiter, config.engine.model_id, config.router)

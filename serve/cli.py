@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,6 +20,8 @@ logger = logging.getLogger("loraplex")
 
 DEFAULT_ASSETS = Path(".loraplex")
 APP_NAME = "loraplex"
+DRAIN_MARGIN_S = 15.0
+"""Beyond the replicas' graceful_shutdown_timeout_s: Serve's drain poll and the engines' own shutdown."""
 
 
 @app.command()
@@ -125,11 +128,22 @@ def run(config: AppConfig, host: str, port: int, infra_cpus: str = "auto") -> No
         # Ray's processes inherit this affinity; vLLM's worker sets its own when it binds its cores.
         if (cpus := infrastructure_cpus(infra_cpus, config)) is not None:
             os.sched_setaffinity(0, cpus)
-        ray.init(address="local", num_cpus=max(8, 4 * (os.cpu_count() or 1)), include_dashboard=False)
+        ray.init(
+            address="local",
+            num_cpus=max(8, 4 * (os.cpu_count() or 1)),
+            include_dashboard=False,
+            # Each worker in its own process group, killed whole when the worker dies: a replica that is
+            # killed or crashes takes its vLLM engine core process with it instead of leaking it.
+            _system_config={"process_group_cleanup_enabled": True},
+        )
     # After ray.init: Ray's core worker installs a SIGTERM handler that would end us before clean-up.
-    stop = threading.Event()
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(*_: object) -> None:
+        (hurry if stop.is_set() else stop).set()  # a second Ctrl-C or SIGTERM cuts the drain short
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_signal)
     if config.router.auth.is_open:
         typer.echo(f"loraplex: WARNING: {OPEN_WARNING}", err=True)
     try:
@@ -141,10 +155,30 @@ def run(config: AppConfig, host: str, port: int, infra_cpus: str = "auto") -> No
         )
         while not stop.wait(1.0):
             pass
+        typer.echo("loraplex: draining: new requests are refused, requests in flight finish", err=True)
+        drain(config, hurry)
         typer.echo("loraplex: shutting down", err=True)
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def drain(config: AppConfig, hurry: threading.Event) -> None:
+    """Deletes the application and waits while Ray Serve drains it, or until `hurry` is set.
+
+    Serve's proxy stops routing to the application at once (new requests get its 404), while every
+    replica keeps serving its requests in flight for up to its `graceful_shutdown_timeout_s`; the
+    proxy stays up meanwhile, so streams finish. `serve.shutdown` alone would kill the proxy first.
+    """
+    from ray import serve
+
+    serve.delete(APP_NAME, _blocking=False)
+    grace = max(config.router.graceful_shutdown_timeout_s, config.engine_deployment.graceful_shutdown_timeout_s)
+    deadline = time.monotonic() + grace + DRAIN_MARGIN_S
+    while APP_NAME in serve.status().applications:
+        if hurry.wait(0.5) or time.monotonic() > deadline:
+            typer.echo("loraplex: drain cut short; requests still in flight are dropped", err=True)
+            return
 
 
 adapters_app = typer.Typer(add_completion=False, help="Manage a running server's adapters.")

@@ -175,6 +175,14 @@ class EngineDeploymentConfig(_Strict):
         description="Requests a router replica holds waiting for engine capacity; beyond that it answers 503.",
     )
     health_check_period_s: float = Field(default=10.0, gt=0, description="Seconds between engine health checks.")
+    graceful_shutdown_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description=(
+            "Seconds a stopping engine replica (at shutdown, scale-down or replacement) keeps serving the requests "
+            "it has in flight before Ray Serve kills it."
+        ),
+    )
 
 
 KEY_NAME_PATTERN = r"^[A-Za-z0-9._@-]{1,64}$"
@@ -309,6 +317,15 @@ class RouterConfig(_Strict):
         default=192,
         ge=0,
         description="Requests one router replica holds waiting for an engine slot; beyond that it answers 503.",
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description=(
+            "Seconds a stopping router replica keeps relaying the requests it has in flight, streams included, "
+            "before Ray Serve kills it. On SIGTERM `loraplex serve` drains for the longer of this and the engine "
+            "deployment's graceful_shutdown_timeout_s."
+        ),
     )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and the audit log.")
 

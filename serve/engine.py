@@ -12,9 +12,10 @@ import json
 import logging
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import BaseModel, ValidationError
 
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("loraplex.engine")
 REGISTRY_POLL_S = 2.0
+ENGINE_DIED_EXIT_CODE = 70
+"""Exit status of a replica process whose vLLM engine died (EX_SOFTWARE)."""
 
 
 def adapter_model_id(base_id: str, name: str) -> str:
@@ -128,6 +131,7 @@ class EngineReplica:
                     engine_loras=len(engine_ids),
                     resident=tuple(self._loader.observe_engine(engine_ids)),
                     stats=replace(self._loader.stats, load_buckets=list(self._loader.stats.load_buckets)),
+                    running=self._engine.get_num_unfinished_requests(),
                 )
                 generation = await self._registry.report.remote(report)
                 if generation == self._generation:
@@ -142,7 +146,26 @@ class EngineReplica:
     async def generate(
         self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None = None
     ) -> AsyncIterator[ReplicaItem]:
-        """Runs one request, for `adapter` at the version the router resolved; yields `serve.wire` items."""
+        """Runs one request, for `adapter` at the version the router resolved; yields `serve.wire` items.
+
+        Once the engine is dead, the replica ends (`exit_with_dead_engine`) rather than pass on what the
+        request met: before the first item, the router then sends the request to another replica.
+        """
+        if self._engine.errored:
+            exit_with_dead_engine()
+        try:
+            async with aclosing(self._generate(endpoint, body, adapter)) as items:
+                async for item in items:
+                    if self._engine.errored:
+                        exit_with_dead_engine()
+                    yield item
+        finally:
+            if self._engine.errored:
+                exit_with_dead_engine()
+
+    async def _generate(
+        self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None
+    ) -> AsyncGenerator[ReplicaItem, None]:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -188,16 +211,26 @@ class EngineReplica:
             yield result.model_dump(mode="json")
         elif isinstance(result, AsyncGenerator):
             usage: Usage | None = None
-            async for event in result:
-                if usage is None and (usage := final_usage(event)) is not None and not client_wants_usage:
-                    continue
-                yield event
+            # Closed at once when the caller leaves mid-stream: vLLM then aborts the request.
+            async with aclosing(result) as events:
+                async for event in events:
+                    if usage is None and (usage := final_usage(event)) is not None and not client_wants_usage:
+                        continue
+                    yield event
             if usage is not None:
                 yield usage
 
     async def check_health(self) -> None:
-        """Called by Ray Serve; raising marks this replica unhealthy so Serve replaces it."""
+        """Called by Ray Serve every `health_check_period_s`.
+
+        A dead engine ends the replica, so Serve replaces it at once. An engine core that stopped
+        answering (wedged) never completes the round trip below, so Serve's health check times out
+        (`health_check_timeout_s`) and marks the replica unhealthy, as it does when this raises.
+        """
+        if self._engine.errored:
+            exit_with_dead_engine()
         await self._engine.check_health()
+        await self._engine.list_loras()  # answered by the engine core between two steps
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Called by Ray Serve every `routing_stats_period_s`; the request router reads it."""
@@ -217,6 +250,18 @@ class EngineReplica:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def exit_with_dead_engine() -> NoReturn:
+    """Ends this replica's process: its vLLM engine died, and nothing left here can serve.
+
+    vLLM's own API server exits the same way. Callers then see the replica die: routers retry
+    requests that had not started on another replica, Serve's request routers stop picking it, and
+    the controller replaces it at its next health check instead of after several failed ones.
+    """
+    logger.critical("the vLLM engine of this replica died; ending the replica so Ray Serve replaces it")
+    logging.shutdown()  # flush the line above: os._exit skips interpreter clean-up
+    os._exit(ENGINE_DIED_EXIT_CODE)
 
 
 def _replica_id() -> str:

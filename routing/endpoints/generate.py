@@ -1,29 +1,39 @@
 """`POST /v1/completions` and `POST /v1/chat/completions`: validate, check scope, resolve the model, admit
-(rate limits, fair share), relay the engine, then settle the request's real token usage."""
+(rate limits, fair share), relay the engine, then settle the request's real token usage.
+
+A request whose engine replica dies before answering has sent the client nothing yet, so it goes to
+another replica; a client that leaves cancels the engine's work too."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentResponseGenerator
 from starlette.types import Receive, Scope, Send
 
 from routing.admission import Admission
 from routing.auth import KeyDep
 from routing.context import ContextDep, RouterContext
+from routing.engine_client import EngineClient
 from routing.errors import EngineFailure, OpenAIError, Overloaded, UpstreamError, error_response, sse_error
 from routing.metrics import RequestTimer
 from routing.openapi import json_body
 from routing.principals import Principal
 from routing.protocol import ChatBody, CompletionBody, Endpoint, parse_body
+from serve.adapters.records import AdapterRecord
 from serve.wire import EngineError, ReplicaItem, Usage
 
 logger = logging.getLogger("loraplex.router")
 router = APIRouter()
+REPLICA_RETRIES = 2
+"""Other replicas tried when the one serving a request dies before its first item."""
 
 
 @router.post("/v1/completions", response_model=None, openapi_extra=json_body(CompletionBody, streams=True))
@@ -50,8 +60,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
         timer.label = context.metrics.label(target.id, target.adapter is not None)
         body["model"] = target.id
         admission = await context.admitter.admit(key, endpoint, body)
-        items = context.engine.generate(endpoint, body, target.adapter)
-        first = await _first_item(items)
+        items, first = await _start(context.engine, endpoint, body, target.adapter)
         if isinstance(first, EngineError):
             raise UpstreamError(first)
         if isinstance(first, dict):
@@ -62,7 +71,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
             return JSONResponse(first)
         if isinstance(first, str):
             timer.first_token_seen()
-            return AdmittedStream(_relay(first, items, timer, admission), admission)
+            return AdmittedStream(_relay(first, items, timer, admission), items, admission)
         raise EngineFailure(f"engine answered with an unexpected {type(first).__name__}")
     except OpenAIError as exc:
         timer.finish(exc.status)
@@ -76,43 +85,87 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
 
 
 class AdmittedStream(StreamingResponse):
-    """An event stream that frees its admission when the response ends, however it ends.
+    """An event stream that frees its admission and the engine's work when the response ends, however it ends.
 
-    The relay's own `finally` settles the real usage; this covers a stream whose body never starts
-    (the client left first), which would otherwise hold its fair-share slot forever.
+    The relay's own `finally` settles the real usage and, if the client left, cancels the engine call;
+    this runs it at once (a relay left waiting to send would otherwise wait for the garbage collector),
+    and covers a stream whose body never started, which would hold its fair-share slot forever.
     """
 
-    def __init__(self, content: AsyncIterator[str], admission: Admission) -> None:
-        super().__init__(content, media_type="text/event-stream")
+    def __init__(
+        self, relay: AsyncGenerator[str, None], items: AsyncIterator[ReplicaItem], admission: Admission
+    ) -> None:
+        super().__init__(relay, media_type="text/event-stream")
+        self.relay = relay
+        self.items = items
         self.admission = admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.admission.finish(None)
+            await self.relay.aclose()
+            if not self.admission.finished:  # the relay never started: the client left first
+                _abandon(self.items)
+                self.admission.finish(None)
+
+
+async def _start(
+    engine: EngineClient, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None
+) -> tuple[AsyncIterator[ReplicaItem], ReplicaItem]:
+    """Sends the request to an engine replica and returns its items with the first one.
+
+    A replica that dies (or cannot be reached) before its first item has sent the client nothing,
+    so the request goes again, up to `REPLICA_RETRIES` times: Serve's request router stops choosing
+    a replica once a call to it failed that way. The request keeps its one admission throughout.
+    """
+    failures = 0
+    while True:
+        items = engine.generate(endpoint, body, adapter)
+        try:
+            return items, await _first_item(items)
+        except RayActorError as exc:
+            failures += 1
+            if failures > REPLICA_RETRIES:
+                logger.error("engine replicas failed %d times before answering", failures, exc_info=exc)
+                raise EngineFailure(f"engine replica failed: {type(exc).__name__}") from exc
+            logger.warning("engine replica lost before answering (%s); sending the request again", type(exc).__name__)
+        except asyncio.CancelledError:  # the client left while the engine worked
+            _abandon(items)
+            raise
 
 
 async def _first_item(items: AsyncIterator[ReplicaItem]) -> ReplicaItem:
+    """The replica's first item; `RayActorError` (the replica died or is unreachable) passes through."""
     try:
         return await anext(items)
     except BackPressureError:
         raise Overloaded("all engine replicas are at capacity; retry shortly") from None
     except StopAsyncIteration:
         raise EngineFailure("engine replica closed the request without an answer") from None
-    except OpenAIError:
+    except (OpenAIError, RayActorError):
         raise
-    except Exception as exc:  # a replica that died or failed: the handle re-raises its error here
+    except Exception as exc:  # a replica that failed: the handle re-raises its error here
         logger.exception("engine replica failed before answering")
         raise EngineFailure(f"engine replica failed: {type(exc).__name__}") from exc
 
 
+def _abandon(items: AsyncIterator[ReplicaItem]) -> None:
+    """Cancels the engine call behind `items`, so the replica aborts the request in vLLM at once.
+
+    Ray Serve does not carry a caller's cancellation to the calls it made on every ingress path.
+    """
+    if isinstance(items, DeploymentResponseGenerator):
+        items.cancel()
+
+
 async def _relay(
     first: str, items: AsyncIterator[ReplicaItem], timer: RequestTimer, admission: Admission
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """Streams the engine's events to the client; a failure mid-stream ends it with an error event."""
     status = 200
     used: int | None = None
+    ended = False
     try:
         yield first
         async for item in items:
@@ -121,12 +174,16 @@ async def _relay(
             elif isinstance(item, Usage):
                 timer.tokens(item.prompt_tokens, item.completion_tokens)
                 used = item.prompt_tokens + item.completion_tokens
+        ended = True
     except Exception as exc:
+        ended = True
         logger.exception("engine replica failed mid-stream")
         failure = EngineFailure(f"engine replica failed mid-stream: {type(exc).__name__}")
         status = failure.status
         yield sse_error(failure)
     finally:
+        if not ended:  # the client left (cancelled, or closed while we waited to send)
+            _abandon(items)
         timer.finish(status)
         admission.finish(used)
 

@@ -74,3 +74,5 @@ class ReplicaReport:
     stats: LoaderStats
     resident: tuple[str, ...] = ()
     """Names of the installed adapters among those `engine_loras`."""
+    running: int = 0
+    """Sequences in the replica's vLLM engine, running or waiting (one per prompt and choice); aborts free them."""
