@@ -9,7 +9,7 @@ PORT ?= 8000
 MODEL := $(ASSETS)/models/SmolLM2-135M-Instruct
 DEMO_ADAPTERS := --adapter alpha=$(ASSETS)/adapters/alpha --adapter beta=$(ASSETS)/adapters/beta
 
-.PHONY: install assets serve test test-unit lint format bench bench-adapters bench-fairness sim cluster-demo
+.PHONY: install assets serve test test-unit lint format bench bench-adapters bench-fairness soak sim cluster-demo
 
 install: $(STAMP)
 
@@ -41,6 +41,9 @@ bench-adapters: assets
 
 bench-fairness: assets
 	$(BIN)/python -m loadtests.fairness_bench
+
+soak: assets
+	$(BIN)/python -m loadtests.soak
 
 sim: install
 	$(BIN)/python -m loadtests.simulate
