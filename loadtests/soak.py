@@ -56,10 +56,11 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     minutes = [r["minute"] for r in rows]
     fig, (memory, latency) = plt.subplots(1, 2, figsize=(11, 3.8))
     memory.plot(minutes, [r["rss_mib"] for r in rows], "o-")
-    memory.set(xlabel="minute", ylabel="server RSS (MiB)", ylim=(0, max(r["rss_mib"] for r in rows) * 1.2))
+    top = max(r["rss_mib"] for r in rows) * 1.2
+    memory.set(xlabel="window (about a minute each)", ylabel="server RSS (MiB)", ylim=(0, top))
     latency.plot(minutes, [r["latency_p50_s"] for r in rows], "o-", label="p50")
     latency.plot(minutes, [r["latency_p99_s"] for r in rows], "o-", label="p99")
-    latency.set(xlabel="minute", ylabel="request latency (s)")
+    latency.set(xlabel="window (about a minute each)", ylabel="request latency (s)")
     latency.legend()
     fig.tight_layout()
     fig.savefig(out / "soak.png", dpi=110)
@@ -73,23 +74,27 @@ def write(out: Path, result: dict[str, Any], command: str) -> str:
     growth = rows[-1]["rss_mib"] - rows[0]["rss_mib"]
     errors = sum(r["errors"] for r in rows)
     lines = [
-        "# Soak: 10 minutes at ~70 % of capacity, mixed adapters",
+        "# Soak: 10 one-minute windows at ~70 % of capacity, mixed adapters",
         "",
         f"Machine: {result['machine']}. Command: `{command}`.",
         f"Capacity (closed loop, 32 concurrent, {MAX_TOKENS}-token streamed completions over the base model and "
         f"{ADAPTERS} rank-8 adapters): {result['capacity_req_per_s']:.2f} req/s; soak rate "
         f"{result['rate_req_per_s']:.2f} req/s (open loop, Poisson arrivals).",
         "",
-        "| minute | requests | errors | req/s | tok/s | latency p50 | latency p99 | TTFT p50 | server RSS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Each window sends one minute's worth of Poisson arrivals, then waits for its last request to finish;",
+        "its length (first send to last answer) is shown.",
+        "",
+        "| window | length | requests | errors | req/s | tok/s | latency p50 | latency p99 | TTFT p50 | server RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *[
-            f"| {r['minute']} | {r['requests']} | {r['errors']} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
+            f"| {r['minute']} | {r['requests'] / r['req_per_s'] if r['req_per_s'] else float('nan'):.0f} s | "
+            f"{r['requests']} | {r['errors']} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
             f"{r['latency_p50_s']:.2f} s | {r['latency_p99_s']:.2f} s | {r['ttft_p50_ms']:.0f} ms | "
             f"{r['rss_mib']:.0f} MiB |"
             for r in rows
         ],
         "",
-        f"Memory from the first to the last minute: {growth:+.0f} MiB; errors: {errors}.",
+        f"Memory from the first to the last window: {growth:+.0f} MiB; errors: {errors}.",
         "",
         "![memory and latency per minute](soak.png)",
         "",
