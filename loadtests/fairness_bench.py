@@ -110,7 +110,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--assets", type=Path, default=Path(".loraplex"))
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--max-inflight", type=int, default=8)
+    parser.add_argument(
+        "--max-inflight",
+        type=int,
+        default=2,
+        help="router.max_inflight: on this compute-bound CPU, a request's time grows with every sequence "
+        "beside it, so latency isolation needs a small gate (see docs/benchmarks/fairness.md)",
+    )
     args = parser.parse_args(argv)
 
     model = build_default_model(args.assets / "models" / DEFAULT_MODEL_NAME).resolve()
@@ -123,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(closed_loop(server.url, keys["light"], model_id, 2, 5))  # warm up
         result = {"machine": machine(), "max_inflight": args.max_inflight, "seconds": args.seconds,
                   "phases": asyncio.run(phases(server.url, keys, model_id, args.seconds))}  # fmt: skip
-    command = "make bench-fairness" if argv is None and len(sys.argv) == 1 else "python -m loadtests.fairness_bench"
+    arguments = " ".join(sys.argv[1:] if argv is None else argv)
+    command = f"python -m loadtests.fairness_bench {arguments}" if arguments else "make bench-fairness"
     print(write(args.out, result, command))
 
 
