@@ -120,6 +120,7 @@ def run(config: AppConfig, host: str, port: int, infra_cpus: str = "auto") -> No
     from ray import serve
 
     from serve.app import build_app
+    from serve.engine import ENGINE_CPUS_ENV
 
     address = os.environ.get("RAY_ADDRESS")
     if address:
@@ -127,6 +128,9 @@ def run(config: AppConfig, host: str, port: int, infra_cpus: str = "auto") -> No
     else:
         # Ray's processes inherit this affinity; vLLM's worker sets its own when it binds its cores.
         if (cpus := infrastructure_cpus(infra_cpus, config)) is not None:
+            # The engine must not inherit this narrow set: vLLM binds its worker within the CPUs its
+            # engine process may use, so the replica spawns the engine with the ones we started with.
+            os.environ[ENGINE_CPUS_ENV] = ",".join(map(str, sorted(os.sched_getaffinity(0))))
             os.sched_setaffinity(0, cpus)
         ray.init(
             address="local",

@@ -11,8 +11,8 @@ import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import aclosing, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -37,6 +37,29 @@ logger = logging.getLogger("loraplex.engine")
 REGISTRY_POLL_S = 2.0
 ENGINE_DIED_EXIT_CODE = 70
 """Exit status of a replica process whose vLLM engine died (EX_SOFTWARE)."""
+ENGINE_CPUS_ENV = "LORAPLEX_ENGINE_CPUS"
+"""CPUs the engine's processes may use when the replica itself was confined to fewer (`loraplex serve`)."""
+
+
+@contextmanager
+def engine_cpus() -> Iterator[None]:
+    """While vLLM spawns its engine processes from this thread, lets them use the engine's CPUs.
+
+    `loraplex serve` keeps Ray's processes (this replica among them) on the core vLLM reserves for
+    its scheduler. Children inherit the spawning thread's CPU set and vLLM's automatic binding picks
+    the worker's cores from it, so without this the model's worker would land on that one shared core
+    and leave the others idle. Linux sets affinity per thread: only this thread is widened, then restored.
+    """
+    wanted = os.environ.get(ENGINE_CPUS_ENV)
+    if not wanted:
+        yield
+        return
+    confined = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(cpu) for cpu in wanted.split(",")})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, confined)
 
 
 def adapter_model_id(base_id: str, name: str) -> str:
@@ -97,12 +120,13 @@ class EngineReplica:
         validate_parsed_serve_args(args)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-        self._engine: AsyncLLM = AsyncLLM.from_vllm_config(
-            vllm_config=vllm_config,
-            usage_context=UsageContext.OPENAI_API_SERVER,
-            enable_log_requests=False,
-            disable_log_stats=engine_args.disable_log_stats,
-        )
+        with engine_cpus():
+            self._engine: AsyncLLM = AsyncLLM.from_vllm_config(
+                vllm_config=vllm_config,
+                usage_context=UsageContext.OPENAI_API_SERVER,
+                enable_log_requests=False,
+                disable_log_stats=engine_args.disable_log_stats,
+            )
         state = State()
         await init_app_state(self._engine, state, args, await self._engine.get_supported_tasks())
         self._models: OpenAIServingModels = state.openai_serving_models

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -184,3 +186,24 @@ def test_unknown_route_is_openai_shaped(stack: Stack) -> None:
     response = httpx.get(f"{stack.base_url}/v1/engines")
     assert response.status_code == 404
     assert json.loads(response.text)["error"]["type"] == "not_found_error"
+
+
+def processes_named(comm: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == comm:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs at least 2 CPUs")
+def test_model_worker_has_cores_of_its_own(stack: Stack) -> None:
+    """vLLM's worker must not share the core where `loraplex serve` keeps Ray's processes (it did: 0.8x of vLLM)."""
+    workers, proxies = processes_named("VLLM::Worker"), processes_named("ray::ProxyActor")
+    assert workers and proxies
+    for worker in workers:
+        for proxy in proxies:
+            assert not os.sched_getaffinity(worker) & os.sched_getaffinity(proxy)
