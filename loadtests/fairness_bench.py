@@ -1,7 +1,8 @@
 """`make bench-fairness`: a heavy tenant sending 10x the load of a light one, with and without fair share.
 
 The router admits at most `max_inflight` requests to the engine at once; beyond that requests wait and
-are released by virtual token counters per API key (routing/fairness.py). Three phases on one server:
+are released by virtual token counters per API key, and a reserve of slots lets a tenant below its fair
+share start at once (routing/fairness.py). Three phases on one server:
 
 1. `alone`: the light tenant alone (2 concurrent requests in a closed loop).
 2. `shared-key`: heavy (20 concurrent) and light (2) send with the *same* key: one tenant, so the
@@ -28,6 +29,7 @@ import httpx
 
 from loadtests.adapters_bench import start
 from loadtests.bench import machine
+from routing.fairness import FairGate
 from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.config import EngineConfig
 from serve.keys import hash_api_key, new_api_key
@@ -77,7 +79,8 @@ def write(out: Path, result: dict[str, Any], command: str) -> str:
     lines = [
         "# Fair share: a light tenant next to a heavy one",
         "",
-        f"Machine: {result['machine']}. Command: `{command}`. Router `max_inflight` {result['max_inflight']}; "
+        f"Machine: {result['machine']}. Command: `{command}`. Router `max_inflight` {result['max_inflight']} "
+        f"(fair-share reserve {result['reserve']}); "
         f"completions of {MAX_TOKENS} tokens; light tenant 2 concurrent requests, heavy tenant 20 (10x), "
         f"{result['seconds']:.0f} s per phase.",
         "",
@@ -96,7 +99,7 @@ def write(out: Path, result: dict[str, Any], command: str) -> str:
         "",
         "`shared-key`: both tenants send with one key, so the gate sees one tenant and serves first come, "
         "first served. `fair`: their own keys, equal weights; the gate admits the waiting tenant with the "
-        "least weighted service (virtual token counters).",
+        "least weighted service (virtual token counters) and keeps the reserve for a tenant below its share.",
         "",
     ]
     (out / "fairness.md").write_text("\n".join(lines))
@@ -113,9 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-inflight",
         type=int,
-        default=2,
+        default=4,
         help="router.max_inflight: on this compute-bound CPU, a request's time grows with every sequence "
-        "beside it, so latency isolation needs a small gate (see docs/benchmarks/fairness.md)",
+        "beside it, so latency isolation needs a small gate; 4 gives each of the two tenants a fair share of 2 "
+        "slots, the light tenant's whole demand (see docs/benchmarks/fairness.md)",
     )
     args = parser.parse_args(argv)
 
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         model_id = EngineConfig(model=str(model)).model_id
         asyncio.run(closed_loop(server.url, keys["light"], model_id, 2, 5))  # warm up
         result = {"machine": machine(), "max_inflight": args.max_inflight, "seconds": args.seconds,
+                  "reserve": FairGate(args.max_inflight, 0).reserve,
                   "phases": asyncio.run(phases(server.url, keys, model_id, args.seconds))}  # fmt: skip
     arguments = " ".join(sys.argv[1:] if argv is None else argv)
     command = f"python -m loadtests.fairness_bench {arguments}" if arguments else "make bench-fairness"

@@ -32,7 +32,7 @@ def create_app(
     app = FastAPI(
         title="loraplex", description="OpenAI-compatible multi-LoRA inference router.", responses=ERROR_RESPONSES
     )
-    gate = FairGate(config.max_inflight, config.max_waiting)
+    gate = FairGate(config.max_inflight, config.max_waiting, config.fair_share_reserve)
     metrics = RouterMetrics(CollectorRegistry(), max_adapters=config.max_adapter_labels)
     metrics.watch_admission(inflight=lambda: gate.inflight, waiting=lambda: gate.waiting)
     app.state.context = RouterContext(

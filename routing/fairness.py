@@ -8,13 +8,21 @@ Language Models" (OSDI'24). A tenant's counter grows by the tokens it is served 
 weight: the prompt (estimated) when a request is admitted, the rest once its real usage is known.
 A tenant that becomes backlogged is lifted to the lowest counter among those waiting, so credit
 cannot be banked while idle; a heavy tenant with many queued requests cannot starve a light one.
+
+Ordering the queue is not enough for a light tenant's latency: if a heavy tenant holds every slot,
+the light tenant's request still waits for one to free. So the gate also keeps a few slots
+(`reserve`) for tenants using less than their fair share of the gate (`max_inflight` split by the
+weights of the tenants with requests in flight or waiting): a tenant at or above its share may only
+fill the gate up to `max_inflight - reserve`; one below its share may use every slot. A tenant alone
+is below its share until it holds them all, so nothing is held back when only one tenant is busy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -42,11 +50,21 @@ class VirtualTokenCounters(Generic[T]):
             self._queues[tenant] = deque()
         self._queues[tenant].append((next(self._arrivals), item))
 
-    def pop(self) -> tuple[str, T] | None:
-        """The next request to admit: smallest counter first, earliest arrival among equals."""
-        if not self._queues:
+    def __contains__(self, tenant: str) -> bool:
+        return tenant in self._queues
+
+    def tenants(self) -> Iterator[str]:
+        return iter(self._queues)
+
+    def pop(self, eligible: Callable[[str], bool] | None = None) -> tuple[str, T] | None:
+        """The next request to admit: smallest counter first, earliest arrival among equals.
+
+        With `eligible`, only tenants it accepts are considered.
+        """
+        candidates = [t for t in self._queues if eligible is None or eligible(t)]
+        if not candidates:
             return None
-        tenant = min(self._queues, key=lambda t: (self.counters[t], self._queues[t][0][0]))
+        tenant = min(candidates, key=lambda t: (self.counters[t], self._queues[t][0][0]))
         _, item = self._queues[tenant].popleft()
         self._leave_if_idle(tenant)
         return tenant, item
@@ -84,15 +102,30 @@ class _Waiter:
 class FairGate:
     """Bounds a router replica's requests in flight to the engines; queued ones are released by VTC."""
 
-    def __init__(self, max_inflight: int, max_waiting: int) -> None:
+    def __init__(self, max_inflight: int, max_waiting: int, reserve: int | None = None) -> None:
         self.max_inflight = max_inflight
         self.max_waiting = max_waiting
+        self.reserve = min(max(1, max_inflight // 8) if reserve is None else reserve, max_inflight - 1)
         self.inflight = 0
+        self.running: Counter[str] = Counter()
+        self.weights: dict[str, float] = {}
         self.queue: VirtualTokenCounters[_Waiter] = VirtualTokenCounters()
 
     @property
     def waiting(self) -> int:
         return len(self.queue)
+
+    def share(self, tenant: str) -> float:
+        """The tenant's fair share of the gate's slots among the tenants with requests in flight or waiting."""
+        active = set(self.running) | set(self.queue.tenants()) | {tenant}
+        total = sum(self.weights.get(t, 1.0) for t in active)
+        return self.max_inflight * self.weights.get(tenant, 1.0) / total
+
+    def may_start(self, tenant: str) -> bool:
+        """Whether a request of `tenant` may take a slot now (the reserve is for tenants below their share)."""
+        if self.running[tenant] < self.share(tenant):
+            return self.inflight < self.max_inflight
+        return self.inflight < self.max_inflight - self.reserve
 
     async def acquire(self, tenant: str, weight: float, cost: int) -> None:
         """Returns once the request may go to the engines; `cost` is its estimated prompt tokens.
@@ -100,10 +133,12 @@ class FairGate:
         Raises `Overloaded` (503) when the wait queue is full. Every successful acquire must be
         followed by exactly one `release`.
         """
-        if self.inflight < self.max_inflight and not self.queue:
+        self.weights[tenant] = weight
+        if tenant not in self.queue and self.may_start(tenant):
             self._start(tenant, weight, cost)
             return
         if len(self.queue) >= self.max_waiting:
+            self._forget_if_idle(tenant)
             raise Overloaded("the router's queue is full; retry shortly", retry_after=1)
         waiter = _Waiter(weight, cost)
         self.queue.push(tenant, waiter)
@@ -112,6 +147,8 @@ class FairGate:
         except asyncio.CancelledError:  # the client went away while waiting
             if waiter.granted.cancelled():
                 self.queue.remove(tenant, waiter)
+                self._forget_if_idle(tenant)
+                self._admit_waiting()  # with one tenant fewer, the others' shares grew
             else:  # granted a slot in the same instant: hand it on
                 self.release(tenant, weight, -cost)
             raise
@@ -119,14 +156,26 @@ class FairGate:
     def release(self, tenant: str, weight: float, correction: int = 0) -> None:
         """Frees a slot; `correction` is the request's real tokens minus the cost charged at admission."""
         self.inflight -= 1
+        self.running[tenant] -= 1
+        if self.running[tenant] <= 0:
+            del self.running[tenant]
         self.queue.charge(tenant, correction / weight)
-        while self.inflight < self.max_inflight and (popped := self.queue.pop()) is not None:
-            next_tenant, waiter = popped
+        self._forget_if_idle(tenant)
+        self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        while (popped := self.queue.pop(self.may_start)) is not None:
+            tenant, waiter = popped
             if waiter.granted.done():
                 continue
-            self._start(next_tenant, waiter.weight, waiter.cost)
+            self._start(tenant, waiter.weight, waiter.cost)
             waiter.granted.set_result(None)
 
     def _start(self, tenant: str, weight: float, cost: int) -> None:
         self.inflight += 1
+        self.running[tenant] += 1
         self.queue.charge(tenant, cost / weight)
+
+    def _forget_if_idle(self, tenant: str) -> None:
+        if tenant not in self.running and tenant not in self.queue:
+            self.weights.pop(tenant, None)

@@ -120,6 +120,52 @@ async def test_gate_answers_503_when_its_queue_is_full_and_forgets_cancelled_wai
     assert gate.inflight == 1
 
 
+async def acquired_at_once(gate: FairGate, tenant: str, weight: float = 1.0) -> bool:
+    """Whether `tenant`'s request gets a slot without waiting (it stays queued otherwise)."""
+    task = asyncio.create_task(gate.acquire(tenant, weight, cost=1))
+    await settle()
+    return task.done()
+
+
+async def test_a_tenant_alone_may_use_every_slot() -> None:
+    gate = FairGate(max_inflight=4, max_waiting=8, reserve=1)
+    assert [await acquired_at_once(gate, "solo") for _ in range(5)] == [True] * 4 + [False]
+
+
+async def test_a_tenant_below_its_share_starts_at_once_while_a_heavy_one_keeps_a_backlog() -> None:
+    gate = FairGate(max_inflight=4, max_waiting=20, reserve=1)
+    for _ in range(4):
+        await gate.acquire("heavy", 1.0, cost=1)  # alone, heavy fills the gate
+    backlog = [asyncio.create_task(gate.acquire("heavy", 1.0, cost=1)) for _ in range(10)]
+    await settle()
+    light = [asyncio.create_task(gate.acquire("light", 1.0, cost=1)) for _ in range(2)]
+    await settle()
+    for _ in range(2):  # heavy's requests finish: the slots go to light (below its share of 2), not heavy's backlog
+        gate.release("heavy", 1.0)
+        await settle()
+    assert all(task.done() for task in light) and not any(task.done() for task in backlog)
+    assert gate.running == {"heavy": 2, "light": 2}
+    gate.release("light", 1.0)  # light's request done: heavy, at its share, may not take the reserved slot ...
+    await settle()
+    assert gate.running == {"heavy": 2, "light": 1}
+    assert await acquired_at_once(gate, "light")  # ... so light's next request starts without waiting
+    gate.release("light", 1.0)
+    gate.release("light", 1.0)  # light has nothing left: heavy alone again, its backlog fills the gate
+    await settle()
+    assert gate.running == {"heavy": 4} and sum(task.done() for task in backlog) == 2
+    for task in backlog:
+        task.cancel()
+    await asyncio.gather(*backlog, return_exceptions=True)
+
+
+async def test_shares_follow_the_weights_of_the_busy_tenants() -> None:
+    gate = FairGate(max_inflight=8, max_waiting=20, reserve=2)
+    gate.weights.update(gold=3.0, bronze=1.0)
+    gate.running.update(gold=1, bronze=1)
+    assert (gate.share("gold"), gate.share("bronze")) == (6.0, 2.0)
+    assert gate.share("newcomer") == 8 / 5  # a newcomer (weight 1) counts itself among the busy
+
+
 class HeldEngine:
     """An engine whose requests finish only when the test releases them; records the order they arrive."""
 
