@@ -301,6 +301,14 @@ class RouterConfig(_Strict):
             "`max_tokens` when a request gives none. None: only the engine's max_model_len bounds completions."
         ),
     )
+    max_prompt_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Most tokens a prompt may have (chat: after the chat template), counted by the engine's tokenizer; "
+            "longer prompts get 400 (param prompt or messages). None: only the engine's max_model_len bounds them."
+        ),
+    )
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Largest request body, in bytes; larger bodies get 413."
     )
@@ -311,6 +319,14 @@ class RouterConfig(_Strict):
             "Generation requests one router replica sends to the engines at once. Below it requests go straight "
             "through; above it they wait in per-key queues served by fair share (key weights). Size it near "
             "engine replicas x engine max_ongoing_requests / router replicas."
+        ),
+    )
+    fair_share_reserve: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Slots of max_inflight that only keys below their fair share may take, so a light tenant's request "
+            "starts at once instead of waiting for a heavy tenant's to finish. None: max_inflight // 8, at least 1."
         ),
     )
     max_waiting: int = Field(

@@ -24,6 +24,7 @@ from serve.adapters.records import AdapterRecord, LoaderStats, ReplicaReport
 from serve.adapters.registry import make_resolver
 from serve.adapters.validation import AdapterInvalid
 from serve.config import AdapterConfig, AppConfig, EngineConfig
+from serve.prompt_limit import request_models
 from serve.wire import Endpoint, EngineError, ReplicaItem, Usage
 
 if TYPE_CHECKING:
@@ -115,6 +116,7 @@ class EngineReplica:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self._config = config
+        self._max_prompt_tokens = app.router.max_prompt_tokens
         # Adapters are not given to vLLM up front: the loader installs registered ones on first use.
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(config, []))
         validate_parsed_serve_args(args)
@@ -190,8 +192,6 @@ class EngineReplica:
     async def _generate(
         self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None
     ) -> AsyncGenerator[ReplicaItem, None]:
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.exceptions import VLLMClientError
 
@@ -216,6 +216,7 @@ class EngineReplica:
                 return
 
         serving = self._completion if endpoint == "completions" else self._chat
+        CompletionRequest, ChatCompletionRequest = request_models(self._max_prompt_tokens)
         result: object
         try:
             if endpoint == "completions":

@@ -56,7 +56,11 @@ def tenancy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenancy]:
         json.dumps(
             {
                 "engine": {"model": str(model_dir)},
-                "router": {"auth": {"keys_file": str(keys_file), "audit_file": str(audit)}, "max_tokens": 256},
+                "router": {
+                    "auth": {"keys_file": str(keys_file), "audit_file": str(audit)},
+                    "max_tokens": 256,
+                    "max_prompt_tokens": MAX_PROMPT_TOKENS,
+                },
                 "registry": {
                     "state_file": str(work / "registry.json"),
                     "cache_dir": str(work / "cache"),
@@ -71,6 +75,9 @@ def tenancy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenancy]:
 
 def sdk(tenancy: Tenancy, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{tenancy.base_url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+MAX_PROMPT_TOKENS = 200
 
 
 def chat(client: openai.OpenAI, model: str, max_tokens: int = 4) -> str:
@@ -154,3 +161,16 @@ def test_input_limits_are_clear_400_and_413(tenancy: Tenancy) -> None:
                       content=b'{"model": "x", "prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}')  # fmt: skip
     assert huge.status_code == 413 and huge.json()["error"]["type"] == "invalid_request_error"
     assert httpx.post(url, headers=headers, json={"model": BASE, "prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_prompts_over_max_prompt_tokens_are_400_counted_by_the_tokenizer(tenancy: Tenancy) -> None:
+    full = sdk(tenancy, tenancy.keys["full"])
+    at_limit = full.completions.create(model=BASE, prompt=[1] * MAX_PROMPT_TOKENS, max_tokens=1)
+    assert at_limit.usage is not None and at_limit.usage.prompt_tokens == MAX_PROMPT_TOKENS
+    with pytest.raises(openai.BadRequestError) as over:
+        full.completions.create(model=BASE, prompt=[1] * (MAX_PROMPT_TOKENS + 1), max_tokens=1)
+    assert over.value.body["param"] == "prompt" and str(MAX_PROMPT_TOKENS) in over.value.body["message"]  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as chat_over:  # the chat template's tokens count too
+        full.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hello " * 250}], max_tokens=1)
+    assert chat_over.value.body["param"] == "messages"  # type: ignore[index]
+    assert chat(full, BASE)  # short prompts still served
