@@ -53,7 +53,9 @@ class ReplicaCollector(Collector):
             labels=REPLICA,
         )
         loads = HistogramMetricFamily(
-            "loraplex_adapter_load_seconds", "Time to fetch and install an adapter in an engine.", labels=REPLICA
+            "loraplex_adapter_load_seconds",
+            "Time to make an adapter version usable on a replica: fetch and verify its files (pinned: and load them).",
+            labels=REPLICA,
         )
         for report in self.reports:
             labels = [report.replica]

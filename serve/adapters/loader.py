@@ -110,9 +110,14 @@ class AdapterLoader:
             lora_int_id=self._models.lora_id_counter.inc(1),
             lora_path=str(folder),
         )
-        await self._engine.add_lora(request)
         if record.pinned:
+            # Pinned: into the engine now, and kept there.
+            await self._engine.add_lora(request)
             await self._engine.pin_lora(request.lora_int_id)
+        # Otherwise the engine reads the weights from `folder` in the step that first needs them, as it
+        # does after every eviction. Adding them here as well cost a second read whenever the engine's
+        # cache was full (the add evicted an adapter a waiting request needed) and held the engine's
+        # loop for each first use. What vLLM could refuse in the files was checked at registration.
         previous = self._models.lora_requests.get(request.lora_name)
         self._models.lora_requests[request.lora_name] = request
         self._versions[record.name] = record.content_hash

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 SUPPORTED_PEFT_TYPES = ("LORA",)
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+FLOAT_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
 class AdapterInvalid(ValueError):
@@ -50,7 +52,23 @@ def tensor_shapes(file: Path) -> dict[str, list[int]]:
             header: dict[str, Any] = json.loads(handle.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise AdapterInvalid(f"{file.name} is not a safetensors file") from None
-    return {name: list(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+    data_bytes = file.stat().st_size - 8 - length
+    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+    # The engine reads these weights in the middle of a step, where a bad file would stop it: check the
+    # layout now (float dtypes, each tensor's bytes = its shape, every byte inside the file).
+    try:
+        for name, info in tensors.items():
+            start, end = info["data_offsets"]
+            itemsize = FLOAT_DTYPE_BYTES.get(info["dtype"])
+            if itemsize is None:
+                raise AdapterInvalid(f"{name} has dtype {info['dtype']}; LoRA weights must be floating point")
+            if not 0 <= start <= end <= data_bytes or end - start != itemsize * math.prod(info["shape"]):
+                raise AdapterInvalid(f"{file.name} is truncated or corrupt: {name} does not fit its data")
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, AdapterInvalid):
+            raise
+        raise AdapterInvalid(f"{file.name} has a malformed safetensors header") from None
+    return {name: list(info["shape"]) for name, info in tensors.items()}
 
 
 def base_linear_shapes(model_dir: Path) -> dict[str, list[int]]:

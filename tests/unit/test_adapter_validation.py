@@ -70,7 +70,16 @@ BAD_ADAPTERS = [
     ("not lora tensors", lambda f: write_adapter(f, tensors={"model.embed_tokens.weight": torch.zeros(2, 2)}),
      "unsupported tensor"),
     ("garbage weights", lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x08"), "not a safetensors"),
+    ("truncated weights", lambda f: truncate(f / "adapter_model.safetensors", 100), "truncated or corrupt"),
+    ("integer weights",
+     lambda f: write_adapter(f, tensors={f"{LAYER}.q_proj.lora_A.weight": torch.zeros(4, 576, dtype=torch.int32)}),
+     "must be floating point"),
 ]  # fmt: skip
+
+
+def truncate(file: Path, drop: int) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[:-drop])
 
 
 @pytest.mark.parametrize(("case", "damage", "reason"), BAD_ADAPTERS, ids=[c[0] for c in BAD_ADAPTERS])
