@@ -9,7 +9,7 @@ PORT ?= 8000
 MODEL := $(ASSETS)/models/SmolLM2-135M-Instruct
 DEMO_ADAPTERS := --adapter alpha=$(ASSETS)/adapters/alpha --adapter beta=$(ASSETS)/adapters/beta
 
-.PHONY: install assets serve test test-unit lint format bench bench-adapters bench-fairness soak sim cluster-demo
+.PHONY: install assets serve test test-unit lint format bench bench-adapters bench-fairness soak locust sim cluster-demo
 
 install: $(STAMP)
 
@@ -44,6 +44,10 @@ bench-fairness: assets
 
 soak: assets
 	$(BIN)/python -m loadtests.soak
+
+# Locust's web UI on http://127.0.0.1:8089 against a running `make serve`.
+locust: install
+	$(BIN)/locust -f loadtests/locustfile.py --host http://$(HOST):$(PORT)
 
 sim: install
 	$(BIN)/python -m loadtests.simulate

@@ -1,0 +1,30 @@
+"""The Locust soak users (loadtests/locustfile.py) against the real stack, headless, as a soak run starts."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.integration.conftest import Stack
+
+
+def test_locust_users_stream_completions_and_report_ttft(stack: Stack, tmp_path: Path) -> None:
+    locust = Path(sys.executable).parent / "locust"
+    models = f"{stack.model_id},{stack.model_id}:alpha"
+    env = {**os.environ, "LORAPLEX_MODELS": models, "LORAPLEX_POPULARITY": "uniform",
+           "LORAPLEX_MIN_TOKENS": "4", "LORAPLEX_MAX_TOKENS": "8"}  # fmt: skip
+    command = [str(locust), "-f", "loadtests/locustfile.py", "--headless", "-u", "4", "-r", "4", "-t", "25s",
+               "--host", stack.base_url, "--csv", str(tmp_path / "soak"), "--only-summary"]  # fmt: skip
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]  # Locust exits 1 when any request failed
+    with (tmp_path / "soak_stats.csv").open() as stats:
+        rows = {(row["Type"], row["Name"]): row for row in csv.DictReader(stats)}
+    for kind in ("base", "adapter"):
+        done = rows[("POST", f"completions {kind}")]
+        assert int(done["Request Count"]) > 0 and int(done["Failure Count"]) == 0
+        ttft = rows[("TTFT", f"completions {kind}")]
+        assert 0 < int(ttft["Request Count"]) <= int(done["Request Count"])
+        assert 0 < float(ttft["Median Response Time"]) <= float(done["Median Response Time"])
