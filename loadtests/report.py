@@ -22,6 +22,23 @@ def ratio(results: Results, system: str, workload: str) -> float:
     return ours / theirs if theirs else math.nan
 
 
+def vs_base(results: Results, system: str, workload: str) -> float:
+    try:
+        base = float(results[system]["base"]["tok_per_s"])
+        return float(results[system][workload]["tok_per_s"]) / base if base else math.nan
+    except KeyError:
+        return math.nan
+
+
+def ttft_delta(results: Results, system: str, workload: str) -> str:
+    """p50 time to first token minus vLLM's, in ms, signed."""
+    try:
+        delta = float(results[system][workload]["ttft_p50_ms"]) - float(results[REFERENCE][workload]["ttft_p50_ms"])
+    except KeyError:
+        return "-"
+    return f"{delta:+.0f} ms"
+
+
 def write_report(out: Path, results: Results, engine: EngineConfig, machine: str, command: str) -> str:
     """Writes the report; returns its last line, `throughput_vs_vllm base=... adapters8=... zipf64=...`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -42,8 +59,8 @@ def write_report(out: Path, results: Results, engine: EngineConfig, machine: str
         "Each workload: streamed `/v1/completions`, `ignore_eos`, closed loop; see `loadtests/loadgen.py`. "
         "`errors` counts failed requests. Where loraplex's overhead goes: [overhead.md](overhead.md).",
         "",
-        "| system | workload | " + " | ".join(COLUMNS) + " | tok/s vs vLLM |",
-        "|---|---|" + "---|" * (len(COLUMNS) + 1),
+        "| system | workload | " + " | ".join(COLUMNS) + " | tok/s vs vLLM | p50 TTFT vs vLLM |",
+        "|---|---|" + "---|" * (len(COLUMNS) + 2),
     ]
     for system, per_system in results.items():
         if "failure" in per_system:
@@ -53,7 +70,20 @@ def write_report(out: Path, results: Results, engine: EngineConfig, machine: str
             if row is None:
                 continue
             cells = " | ".join(str(row[c]) for c in COLUMNS)
-            lines.append(f"| {system} | {workload} | {cells} | {ratio(results, system, workload):.2f} |")
+            lines.append(
+                f"| {system} | {workload} | {cells} | {ratio(results, system, workload):.2f} | "
+                f"{ttft_delta(results, system, workload)} |"
+            )
+    lines += [
+        "",
+        "Mixed adapters vs base only, on the same server (output tok/s of the adapter workload / base):",
+        "",
+        "| system | adapters8 / base | zipf64 / base |",
+        "|---|---|---|",
+    ]
+    for system in results:
+        cells = " | ".join(f"{vs_base(results, system, w):.2f}" for w in ("adapters8", "zipf64"))
+        lines.append(f"| {system} | {cells} |")
     final = "throughput_vs_vllm " + " ".join(
         f"{w}={ratio(results, 'loraplex', w):.2f}" for w in ("base", "adapters8", "zipf64")
     )
