@@ -170,6 +170,8 @@ def workloads(base: str, adapters: list[str], requests: int, concurrency: int, m
         Workload("base", (base,), popularity="single", **common),
         Workload("adapters8", tuple(adapters[:8]), popularity="uniform", **common),
         Workload("zipf64", tuple(adapters[:64]), popularity="zipf", **common),
+        # Not in `make bench`'s default set: one request at a time, so TTFT is the serving path's own latency.
+        Workload("idle", (base,), popularity="single", num_requests=32, concurrency=1, max_tokens=8),
     ]
 
 

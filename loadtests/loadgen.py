@@ -3,6 +3,11 @@
 Each request is a streamed `/v1/completions` call, so time to first token and time per output token
 are measured on the client, the same way for every system under test. `ignore_eos` makes every
 request produce exactly `max_tokens`, so systems are compared on equal work.
+
+Why not vLLM's own `vllm bench serve`: in vLLM 0.32 it assigns adapters to requests only at random
+or round robin (no Zipf popularity over many adapters, which is what multi-adapter serving is
+about), and it imports all of vLLM to run. Long soak runs with a live web UI use Locust instead
+(`loadtests/locustfile.py`, `make locust`).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def write_report(out: Path, results: Results, engine: EngineConfig, machine: str
     (out / "results.json").write_text(json.dumps({"machine": machine, "command": command, "results": results},
                                                  indent=2) + "\n")  # fmt: skip
     workloads = sorted({w for per_system in results.values() for w in per_system if w != "failure"},
-                       key=["base", "adapters8", "zipf64"].index)  # fmt: skip
+                       key=["base", "adapters8", "zipf64", "idle"].index)  # fmt: skip
     lines = [
         "# Benchmarks: vLLM's OpenAI server vs loraplex vs Ray Serve LLM",
         "",
@@ -74,14 +74,15 @@ def write_report(out: Path, results: Results, engine: EngineConfig, machine: str
                 f"| {system} | {workload} | {cells} | {ratio(results, system, workload):.2f} | "
                 f"{ttft_delta(results, system, workload)} |"
             )
-    lines += [
-        "",
-        "Mixed adapters vs base only, on the same server (output tok/s of the adapter workload / base):",
-        "",
-        "| system | adapters8 / base | zipf64 / base |",
-        "|---|---|---|",
-    ]
-    for system in results:
+    if {"base", "adapters8"} <= set(workloads):
+        lines += [
+            "",
+            "Mixed adapters vs base only, on the same server (output tok/s of the adapter workload / base):",
+            "",
+            "| system | adapters8 / base | zipf64 / base |",
+            "|---|---|---|",
+        ]
+    for system in results if {"base", "adapters8"} <= set(workloads) else ():
         cells = " | ".join(f"{vs_base(results, system, w):.2f}" for w in ("adapters8", "zipf64"))
         lines.append(f"| {system} | {cells} |")
     final = "throughput_vs_vllm " + " ".join(
