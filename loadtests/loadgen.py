@@ -12,13 +12,14 @@ about), and it imports all of vLLM to run. Long soak runs with a live web UI use
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import random
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import httpx
 
@@ -48,11 +49,16 @@ class Workload:
     rate: float | None = None
     """Requests per second (Poisson arrivals); None means closed loop at `concurrency`."""
     max_tokens: int = 64
+    """Output tokens of every request, unless `output_tokens` gives a range."""
     zipf_s: float = 1.1
     seed: int = 0
+    output_tokens: tuple[int, int] | None = None
+    """Output length drawn uniformly from this inclusive range per request (None: always `max_tokens`)."""
+    prompt_repeat: tuple[int, int] = (1, 1)
+    """Prompt length: each prompt is one of PROMPTS repeated k times, k uniform in this inclusive range."""
 
-    def schedule(self) -> list[tuple[str, str]]:
-        """(model, prompt) of every request, reproducible from `seed`."""
+    def schedule(self) -> list[Planned]:
+        """(model, prompt, max_tokens) of every request, reproducible from `seed`."""
         rng = random.Random(self.seed)
         if self.popularity == "single":
             weights = [1.0] + [0.0] * (len(self.models) - 1)
@@ -61,7 +67,22 @@ class Workload:
         else:
             weights = [1.0] * len(self.models)
         models = rng.choices(self.models, weights=weights, k=self.num_requests)
-        return [(model, rng.choice(PROMPTS)) for model in models]
+        planned = []
+        for model in models:
+            prompt = rng.choice(PROMPTS)
+            if self.prompt_repeat != (1, 1):  # fixed lengths draw nothing more: schedules match earlier runs'
+                prompt = " ".join([prompt] * rng.randint(*self.prompt_repeat))
+            tokens = rng.randint(*self.output_tokens) if self.output_tokens else self.max_tokens
+            planned.append(Planned(model, prompt, tokens))
+        return planned
+
+
+class Planned(NamedTuple):
+    """One request of a schedule."""
+
+    model: str
+    prompt: str
+    max_tokens: int
 
 
 @dataclass
@@ -186,22 +207,56 @@ async def run(base_url: str, workload: Workload, timeout_s: float = 600) -> Repo
         return Report(workload=workload.name, duration_s=time.perf_counter() - started, results=results)
 
 
-async def _closed_loop(client: httpx.AsyncClient, workload: Workload, schedule: list[tuple[str, str]]) -> list[Result]:
+async def _closed_loop(client: httpx.AsyncClient, workload: Workload, schedule: list[Planned]) -> list[Result]:
     gate = asyncio.Semaphore(workload.concurrency)
 
-    async def guarded(model: str, prompt: str) -> Result:
+    async def guarded(planned: Planned) -> Result:
         async with gate:
-            return await one_request(client, model, prompt, workload.max_tokens)
+            return await one_request(client, *planned)
 
-    return list(await asyncio.gather(*(guarded(m, p) for m, p in schedule)))
+    return list(await asyncio.gather(*(guarded(planned) for planned in schedule)))
 
 
 async def _open_loop(
-    client: httpx.AsyncClient, workload: Workload, schedule: list[tuple[str, str]], rate: float
+    client: httpx.AsyncClient, workload: Workload, schedule: list[Planned], rate: float
 ) -> list[Result]:
     rng = random.Random(workload.seed + 1)
     tasks = []
-    for model, prompt in schedule:
-        tasks.append(asyncio.create_task(one_request(client, model, prompt, workload.max_tokens)))
+    for planned in schedule:
+        tasks.append(asyncio.create_task(one_request(client, *planned)))
         await asyncio.sleep(rng.expovariate(rate))
     return list(await asyncio.gather(*tasks))
+
+
+def _range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    bounds = (int(low), int(high or low))
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"expected N or LOW:HIGH with 1 <= LOW <= HIGH, not {text!r}")
+    return bounds
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m loadtests.loadgen URL --model M [--model M2 ...]`: one workload, its summary as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--model", action="append", required=True, help="a model id; repeat for several")
+    parser.add_argument("--popularity", choices=("single", "uniform", "zipf"), default="uniform")
+    parser.add_argument("--requests", type=int, default=64)
+    loop = parser.add_mutually_exclusive_group()
+    loop.add_argument("--concurrency", type=int, default=32, help="closed loop: requests in flight")
+    loop.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
+    parser.add_argument("--output-tokens", type=_range, default=(64, 64), help="N or LOW:HIGH (uniform)")
+    parser.add_argument("--prompt-repeat", type=_range, default=(1, 1), help="prompt repeated N or LOW:HIGH times")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    workload = Workload(
+        "cli", tuple(args.model), popularity=args.popularity, num_requests=args.requests,
+        concurrency=args.concurrency, rate=args.rate, output_tokens=args.output_tokens,
+        prompt_repeat=args.prompt_repeat, seed=args.seed,
+    )  # fmt: skip
+    print(json.dumps(asyncio.run(run(args.url, workload)).summary()))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
 from pathlib import Path
 
-from loadtests.loadgen import Report, Result, Workload, quantile
+import pytest
+
+from loadtests.loadgen import PROMPTS, Report, Result, Workload, _range, quantile
 from loadtests.report import write_report
 from serve.config import EngineConfig
 
@@ -14,15 +17,33 @@ def test_zipf_schedule_is_reproducible_and_skewed() -> None:
     workload = Workload("z", tuple(f"m{i}" for i in range(64)), popularity="zipf", num_requests=2000, seed=3)
     schedule = workload.schedule()
     assert schedule == workload.schedule()
-    counts = collections.Counter(model for model, _ in schedule)
+    counts = collections.Counter(planned.model for planned in schedule)
     assert counts["m0"] > 5 * counts.get("m20", 0) > 0
 
 
 def test_single_and_uniform_popularity() -> None:
     models = ("a", "b", "c", "d")
-    assert {m for m, _ in Workload("s", models, popularity="single").schedule()} == {"a"}
-    uniform = collections.Counter(m for m, _ in Workload("u", models, num_requests=4000).schedule())
+    assert {p.model for p in Workload("s", models, popularity="single").schedule()} == {"a"}
+    uniform = collections.Counter(p.model for p in Workload("u", models, num_requests=4000).schedule())
     assert min(uniform.values()) > 800
+
+
+def test_prompt_and_output_length_distributions() -> None:
+    fixed = Workload("f", ("m",), num_requests=50, max_tokens=7).schedule()
+    assert {p.max_tokens for p in fixed} == {7} and all(p.prompt in PROMPTS for p in fixed)
+    varied = Workload("v", ("m",), num_requests=400, output_tokens=(4, 12), prompt_repeat=(1, 3), seed=5)
+    planned = varied.schedule()
+    assert planned == varied.schedule()
+    assert {p.max_tokens for p in planned} == set(range(4, 13))
+    repeats = {max(p.prompt.count(prompt) for prompt in PROMPTS) for p in planned}
+    assert repeats == {1, 2, 3}
+
+
+def test_length_ranges_parse_or_are_refused() -> None:
+    assert _range("8") == (8, 8) and _range("4:16") == (4, 16)
+    for bad in ("0", "9:3", "x"):
+        with pytest.raises((argparse.ArgumentTypeError, ValueError)):
+            _range(bad)
 
 
 def test_report_statistics() -> None:

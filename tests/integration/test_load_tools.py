@@ -1,8 +1,9 @@
-"""The Locust soak users (loadtests/locustfile.py) against the real stack, headless, as a soak run starts."""
+"""The load tools against the real stack: Locust's soak users (headless) and the load generator's CLI."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -28,3 +29,12 @@ def test_locust_users_stream_completions_and_report_ttft(stack: Stack, tmp_path:
         ttft = rows[("TTFT", f"completions {kind}")]
         assert 0 < int(ttft["Request Count"]) <= int(done["Request Count"])
         assert 0 < float(ttft["Median Response Time"]) <= float(done["Median Response Time"])
+
+
+def test_loadgen_cli_drives_base_and_adapter_with_length_ranges(stack: Stack) -> None:
+    command = [sys.executable, "-m", "loadtests.loadgen", stack.base_url, "--model", stack.model_id,
+               "--model", f"{stack.model_id}:alpha", "--requests", "6", "--concurrency", "3",
+               "--output-tokens", "2:6", "--prompt-repeat", "1:3"]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["requests"] == 6 and summary["errors"] == 0 and summary["tok_per_s"] > 0
