@@ -1,6 +1,11 @@
 """`make bench`: vLLM's own OpenAI server, loraplex and Ray Serve LLM, same model, adapters, engine
 settings and workloads, one after the other in one run. Writes docs/benchmarks/ and ends with
 `throughput_vs_vllm base=<ratio> adapters8=<ratio> zipf64=<ratio>`.
+
+This VM's throughput drifts by ±20 % over minutes for every system, so one pass compares systems measured
+at different moments. The run is therefore made of `--rounds` passes, the systems' order reversed every
+other pass (each system's mean position in time is the same), and the report takes each figure's median
+over the rounds and shows every round's ratios.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import httpx
 import yaml
 
 from loadtests.loadgen import Report, Workload, run
+from loadtests.report import Results
 from serve.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 from serve.config import AdapterConfig, EngineConfig
 from serve.engine import adapter_model_id, engine_env, vllm_cli_args
@@ -190,6 +196,24 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, no GPU, Python {platform.python_version()}"
 
 
+def measure(system: str, setup: Setup, chosen: list[Workload]) -> dict[str, dict[str, float | int | str]]:
+    """Starts `system`, drives every chosen workload against it and stops it."""
+    figures: dict[str, dict[str, float | int | str]] = {}
+    try:
+        with STARTERS[system](setup) as url:
+            warm_up(url, setup.engine.model_id)
+            for workload in chosen:
+                report: Report = asyncio.run(run(url, workload))
+                figures[workload.name] = report.summary()
+                print(system, json.dumps(report.summary()), flush=True)
+    except Exception as exc:  # one system failing must not lose the others' figures
+        figures["failure"] = {"error": f"{type(exc).__name__}: {exc}"}
+        log = setup.work / LOGS[system]
+        log_tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:]) if log.exists() else ""
+        print(f"{system} failed: {exc}\n{log_tail}", flush=True)
+    return figures
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--assets", type=Path, default=Path(".loraplex"))
@@ -199,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="passes over all systems, order reversed each pass")
     args = parser.parse_args(argv)
 
     model_dir = build_default_model(args.assets / "models" / DEFAULT_MODEL_NAME)
@@ -209,23 +234,12 @@ def main(argv: list[str] | None = None) -> None:
     chosen = [w for w in workloads(engine.model_id, ids, args.requests, args.concurrency, args.max_tokens)
               if w.name in args.workloads]  # fmt: skip
 
-    results: dict[str, dict[str, dict[str, float | int | str]]] = {}
+    rounds: list[Results] = []
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as tmp:
         setup = Setup(engine=engine, adapters=adapters, work=Path(tmp))
-        for system in args.systems:
-            results[system] = {}
-            try:
-                with STARTERS[system](setup) as url:
-                    warm_up(url, engine.model_id)
-                    for workload in chosen:
-                        report: Report = asyncio.run(run(url, workload))
-                        results[system][workload.name] = report.summary()
-                        print(system, json.dumps(report.summary()), flush=True)
-            except Exception as exc:  # one system failing must not lose the others' figures
-                results[system]["failure"] = {"error": f"{type(exc).__name__}: {exc}"}
-                log = setup.work / LOGS[system]
-                log_tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:]) if log.exists() else ""
-                print(f"{system} failed: {exc}\n{log_tail}", flush=True)
+        for number in range(args.rounds):
+            order = args.systems if number % 2 == 0 else list(reversed(args.systems))
+            rounds.append({system: measure(system, setup, chosen) for system in order})
 
     from loadtests.report import write_report
 
@@ -234,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         if argv is None and len(sys.argv) == 1
         else "python -m loadtests.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     )
-    print(write_report(args.out, results, engine, machine(), command))
+    print(write_report(args.out, rounds, engine, machine(), command))
 
 
 if __name__ == "__main__":

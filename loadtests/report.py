@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 from serve.config import EngineConfig
@@ -11,6 +12,26 @@ from serve.config import EngineConfig
 Results = dict[str, dict[str, dict[str, float | int | str]]]
 REFERENCE = "vllm"
 COLUMNS = ("tok_per_s", "req_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "errors")
+
+
+def median_of(rounds: list[Results]) -> Results:
+    """Each figure's median over the rounds that measured it (errors: the sum); a failure in any round is kept."""
+    merged: Results = {}
+    for system in dict.fromkeys(s for one in rounds for s in one):
+        merged[system] = {}
+        failures = [f"round {i + 1}: {one[system]['failure']['error']}" for i, one in enumerate(rounds)
+                    if "failure" in one.get(system, {})]  # fmt: skip
+        if failures:
+            merged[system]["failure"] = {"error": "; ".join(failures)}
+        for workload in dict.fromkeys(w for one in rounds for w in one.get(system, {}) if w != "failure"):
+            rows = [one[system][workload] for one in rounds if workload in one.get(system, {})]
+            merged[system][workload] = {
+                column: sum(int(r[column]) for r in rows) if column == "errors"
+                else round(statistics.median(float(r[column]) for r in rows), 2)
+                for column in COLUMNS
+            }  # fmt: skip
+            merged[system][workload]["rounds"] = len(rows)
+    return merged
 
 
 def ratio(results: Results, system: str, workload: str) -> float:
@@ -39,11 +60,13 @@ def ttft_delta(results: Results, system: str, workload: str) -> str:
     return f"{delta:+.0f} ms"
 
 
-def write_report(out: Path, results: Results, engine: EngineConfig, machine: str, command: str) -> str:
-    """Writes the report; returns its last line, `throughput_vs_vllm base=... adapters8=... zipf64=...`."""
+def write_report(out: Path, rounds: list[Results], engine: EngineConfig, machine: str, command: str) -> str:
+    """Writes the report of one or more rounds; returns its last line,
+    `throughput_vs_vllm base=... adapters8=... zipf64=...` (ratios of the median tok/s over the rounds)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"machine": machine, "command": command, "results": results},
-                                                 indent=2) + "\n")  # fmt: skip
+    results = median_of(rounds)
+    document = {"machine": machine, "command": command, "results": results, "rounds": rounds}
+    (out / "results.json").write_text(json.dumps(document, indent=2) + "\n")
     workloads = sorted({w for per_system in results.values() for w in per_system if w != "failure"},
                        key=["base", "adapters8", "zipf64", "idle"].index)  # fmt: skip
     lines = [
@@ -57,7 +80,8 @@ def write_report(out: Path, results: Results, engine: EngineConfig, machine: str
         f"KV cache {engine.kv_cache_gib:g} GiB, SmolLM2-135M-Instruct, rank-8 adapters.",
         "",
         "Each workload: streamed `/v1/completions`, `ignore_eos`, closed loop; see `loadtests/loadgen.py`. "
-        "`errors` counts failed requests. Where loraplex's overhead goes: [overhead.md](overhead.md).",
+        f"{len(rounds)} round(s), systems in reverse order every other round; each figure is the median over the "
+        "rounds, `errors` the sum of failed requests. Where loraplex's overhead goes: [overhead.md](overhead.md).",
         "",
         "| system | workload | " + " | ".join(COLUMNS) + " | tok/s vs vLLM | p50 TTFT vs vLLM |",
         "|---|---|" + "---|" * (len(COLUMNS) + 2),
@@ -85,6 +109,19 @@ def write_report(out: Path, results: Results, engine: EngineConfig, machine: str
     for system in results if {"base", "adapters8"} <= set(workloads) else ():
         cells = " | ".join(f"{vs_base(results, system, w):.2f}" for w in ("adapters8", "zipf64"))
         lines.append(f"| {system} | {cells} |")
+    if len(rounds) > 1:
+        lines += ["", "Every round (output tok/s, and the ratio to vLLM's server in the same round):", "",
+                  "| system | workload | " + " | ".join(f"round {i + 1}" for i in range(len(rounds))) + " |",
+                  "|---|---|" + "---|" * len(rounds)]  # fmt: skip
+        for system, per_system in results.items():
+            for workload in workloads:
+                if workload not in per_system:
+                    continue
+                cells = []
+                for one in rounds:
+                    row = one.get(system, {}).get(workload)
+                    cells.append("-" if row is None else f"{row['tok_per_s']} ({ratio(one, system, workload):.2f})")
+                lines.append(f"| {system} | {workload} | " + " | ".join(cells) + " |")
     final = "throughput_vs_vllm " + " ".join(
         f"{w}={ratio(results, 'loraplex', w):.2f}" for w in ("base", "adapters8", "zipf64")
     )

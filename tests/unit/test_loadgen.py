@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,28 @@ def test_report_ends_with_ratio_line(tmp_path: Path) -> None:
     row = {"tok_per_s": 100.0, "req_per_s": 1.0, "ttft_p50_ms": 1.0, "ttft_p99_ms": 2.0, "tpot_p50_ms": 3.0,
            "tpot_p99_ms": 4.0, "errors": 0}  # fmt: skip
     results = {"vllm": {"base": row}, "loraplex": {"base": {**row, "tok_per_s": 97.0}}}
-    line = write_report(tmp_path, results, EngineConfig(model="/m"), "test machine", "make bench")
+    line = write_report(tmp_path, [results], EngineConfig(model="/m"), "test machine", "make bench")
     assert line == "throughput_vs_vllm base=0.97 adapters8=nan zipf64=nan"
     assert (tmp_path / "README.md").read_text().rstrip().endswith("```")
     assert (tmp_path / "throughput.png").stat().st_size > 0
+
+
+def test_report_takes_medians_over_rounds_and_shows_each(tmp_path: Path) -> None:
+    def row(tok: float, errors: int = 0) -> dict[str, float | int | str]:
+        return {"tok_per_s": tok, "req_per_s": tok / 64, "ttft_p50_ms": 1000 / tok, "ttft_p99_ms": 1.0,
+                "tpot_p50_ms": 1.0, "tpot_p99_ms": 1.0, "errors": errors}  # fmt: skip
+
+    rounds = [
+        {"vllm": {"base": row(60.0)}, "loraplex": {"base": row(50.0, errors=1)}},
+        {"loraplex": {"base": row(70.0)}, "vllm": {"base": row(66.0)}},
+        {"vllm": {"base": row(64.0)}, "loraplex": {"base": row(62.0)}, "rayserve-llm": {"failure": {"error": "x"}}},
+    ]
+    line = write_report(tmp_path, rounds, EngineConfig(model="/m"), "test machine", "make bench")
+    assert line == f"throughput_vs_vllm base={62.0 / 64.0:.2f} adapters8=nan zipf64=nan"  # medians 62 and 64
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["results"]["loraplex"]["base"]["errors"] == 1
+    assert document["results"]["loraplex"]["base"]["rounds"] == 3
+    assert len(document["rounds"]) == 3
+    text = (tmp_path / "README.md").read_text()
+    assert "| loraplex | base | 50.0 (0.83) | 70.0 (1.06) | 62.0 (0.97) |" in text
+    assert "round 3: x" in text
