@@ -88,12 +88,18 @@ def base_env(setup: Setup) -> dict[str, str]:
     return env
 
 
+STOCK_VLLM = {"VLLM_PLUGINS": ""}
+"""vLLM's server and Ray Serve LLM run vLLM as shipped: no `vllm.general_plugins` entry point loads, so
+loraplex's own (serve/vllm_patches.py: the base-row fix and its CPU LoRA ops) stays out of them."""
+
+
 @contextmanager
 def start_vllm(setup: Setup) -> Iterator[str]:
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port)]
     command += vllm_cli_args(setup.engine, setup.adapters)
-    with process(command, base_env(setup), setup.work / "vllm.log", f"http://127.0.0.1:{port}/v1/models"):
+    env = {**base_env(setup), **STOCK_VLLM}
+    with process(command, env, setup.work / "vllm.log", f"http://127.0.0.1:{port}/v1/models"):
         yield f"http://127.0.0.1:{port}"
 
 
@@ -143,13 +149,13 @@ def start_rayserve_llm(setup: Setup) -> Iterator[str]:
                 "seed": engine.seed,
             },
             "lora_config": {"dynamic_lora_loading_path": f"s3://{BUCKET}/loras", "max_num_adapters_per_replica": 64},
-            "env": {**engine_env(engine), **s3_env},
+            "env": {**engine_env(engine), **s3_env, **STOCK_VLLM},
         }  # fmt: skip
         spec_file = setup.work / "rayllm.json"
         spec_file.write_text(json.dumps(spec))
         port = free_port()
         command = [sys.executable, "-m", "loadtests.rayllm_server", str(spec_file), str(port)]
-        env = {**base_env(setup), **s3_env}
+        env = {**base_env(setup), **s3_env, **STOCK_VLLM}
         with process(command, env, setup.work / "rayllm.log", f"http://127.0.0.1:{port}/v1/models"):
             yield f"http://127.0.0.1:{port}"
 

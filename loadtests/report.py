@@ -78,6 +78,8 @@ def write_report(out: Path, rounds: list[Results], engine: EngineConfig, machine
         f"max_loras={engine.max_loras}, max_cpu_loras={engine.max_cpu_loras or engine.max_loras}, "
         f"max_num_seqs={engine.max_num_seqs}, max_model_len={engine.max_model_len}, dtype={engine.engine_dtype()}, "
         f"KV cache {engine.kv_cache_gib:g} GiB, SmolLM2-135M-Instruct, rank-8 adapters.",
+        'vLLM\'s server and Ray Serve LLM run vLLM 0.32.0 as shipped (`VLLM_PLUGINS=""`); loraplex runs it with '
+        "its vLLM plugin: the base-row fix and its CPU LoRA ops ([serve/cpu_lora.py](../../serve/cpu_lora.py)).",
         "",
         "Each workload: streamed `/v1/completions`, `ignore_eos`, closed loop; see `loadtests/loadgen.py`. "
         f"{len(rounds)} round(s), systems in reverse order every other round; each figure is the median over the "

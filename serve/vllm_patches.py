@@ -7,11 +7,14 @@ process, the engine core and every worker. Each fix names the defect it repairs.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger("loraplex.vllm_patches")
 _applied = False
+CPU_LORA_OPS_ENV = "LORAPLEX_CPU_LORA_OPS"
+"""`grouped` (default): loraplex's CPU LoRA ops; `vllm`: vLLM's own (with the base-row fix only)."""
 
 
 def register() -> None:
@@ -21,6 +24,31 @@ def register() -> None:
         return
     _applied = True
     _mask_base_rows_in_cpu_lora_ops()
+    if os.environ.get(CPU_LORA_OPS_ENV, "grouped") == "grouped":
+        _group_cpu_lora_ops_by_slot()
+
+
+def _group_cpu_lora_ops_by_slot() -> None:
+    """Installs serve.cpu_lora's punica wrapper as the one vLLM's CPU platform builds (see its docstring)."""
+    from vllm.lora import model_manager
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    from serve.cpu_lora import GroupedPunicaWrapperCPU, record_slot_rank
+
+    punica_cpu.PunicaWrapperCPU = GroupedPunicaWrapperCPU  # type: ignore[misc]  # what CpuPlatform names
+    activate = model_manager.LoRAModelManager.activate_adapter
+    if getattr(activate, "_loraplex", False):
+        return
+
+    def activate_adapter(self: Any, lora_id: int) -> bool:
+        activated = activate(self, lora_id)
+        if activated:
+            record_slot_rank(self, lora_id)
+        return bool(activated)
+
+    activate_adapter._loraplex = True  # type: ignore[attr-defined]
+    model_manager.LoRAModelManager.activate_adapter = activate_adapter  # type: ignore[method-assign]
+    logger.debug("loraplex: CPU LoRA ops grouped by slot, cut to each adapter's rank")
 
 
 def _mask_base_rows_in_cpu_lora_ops() -> None:

@@ -207,3 +207,10 @@ def test_model_worker_has_cores_of_its_own(stack: Stack) -> None:
     for worker in workers:
         for proxy in proxies:
             assert not os.sched_getaffinity(worker) & os.sched_getaffinity(proxy)
+
+
+def test_the_engine_runs_loraplex_cpu_lora_ops(stack: Stack) -> None:
+    """The reference tests above pass with vLLM's own ops too; this shows the worker built loraplex's."""
+    from serve.cpu_lora import INSTALLED_MESSAGE
+
+    assert INSTALLED_MESSAGE in stack.log.read_text(errors="replace")

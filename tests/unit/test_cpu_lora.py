@@ -1,0 +1,152 @@
+"""loraplex's CPU LoRA wrapper against a per-token reference and against vLLM's own ops."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from serve.cpu_lora import GroupedPunicaWrapperCPU, record_slot_rank, slot_groups
+
+SLOTS, BOUND, HIDDEN = 4, 16, 24
+OUTPUTS = (24, 8, 8)  # a packed q/k/v-like layer: three slices
+
+
+def stacked(ranks: dict[int, int], rows: int, cols: int, seed: int, *, b: bool) -> torch.Tensor:
+    """vLLM's layout: (slots, 1, rank bound, in) for A, (slots, 1, out, rank bound) for B, zero padded."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.zeros(SLOTS, 1, rows, cols)
+    for slot, rank in ranks.items():
+        if b:
+            weights[slot, 0, :, :rank] = torch.randn(rows, rank, generator=gen)
+        else:
+            weights[slot, 0, :rank, :] = torch.randn(rank, cols, generator=gen)
+    return weights
+
+
+def wrapper(indices: torch.Tensor, ranks: dict[int, int]) -> GroupedPunicaWrapperCPU:
+    punica = GroupedPunicaWrapperCPU(64, 8, "cpu")
+    punica.no_lora = bool((indices < 0).all())
+    punica.is_prefill = True
+    punica._token_groups = slot_groups(indices)
+    punica._sampler_groups = slot_groups(indices)
+    punica.slot_ranks.update(ranks)
+    return punica
+
+
+def reference(y: torch.Tensor, x: torch.Tensor, a: list[torch.Tensor], b: list[torch.Tensor], scale: float,
+              indices: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Token by token: y[t, slice i] += x[t] @ A_i[slot].T @ B_i[slot].T * scale; base tokens unchanged."""
+    out = y.clone()
+    for t, slot in enumerate(indices.tolist()):
+        if slot < 0:
+            continue
+        offset = 0
+        for a_i, b_i, size in zip(a, b, OUTPUTS, strict=True):
+            out[t, offset : offset + size] += (x[t] @ a_i[slot, 0].t() * scale) @ b_i[slot, 0].t()
+            offset += size
+    return out
+
+
+@pytest.mark.parametrize(
+    "indices",
+    [
+        [0, 0, 1, -1, 2, 1, -1, 3, 0],  # mixed, base rows in between
+        [2, 2, 2],  # one slot has every row
+        [-1, 3, -1],
+        [1],
+    ],
+)
+def test_linear_lora_matches_the_per_token_reference(indices: list[int]) -> None:
+    ranks = {0: 8, 1: 16, 2: 4, 3: 1}
+    index = torch.tensor(indices)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(len(indices), HIDDEN, generator=gen)
+    y = torch.randn(len(indices), sum(OUTPUTS), generator=gen)
+    a = [stacked(ranks, BOUND, HIDDEN, seed=10 + i, b=False) for i in range(3)]
+    b = [stacked(ranks, size, BOUND, seed=20 + i, b=True) for i, size in enumerate(OUTPUTS)]
+    want = reference(y, x, a, b, 0.5, index)
+
+    got = y.clone()
+    wrapper(index, ranks).add_lora_linear(got, x, tuple(a), tuple(b), 0.5, OUTPUTS)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_without_recorded_ranks_the_whole_buffer_is_used() -> None:
+    ranks = {0: 16, 1: 3}
+    index = torch.tensor([1, 0, 1])
+    x, y = torch.randn(3, HIDDEN), torch.zeros(3, sum(OUTPUTS))
+    a = [stacked(ranks, BOUND, HIDDEN, seed=i, b=False) for i in range(3)]
+    b = [stacked(ranks, size, BOUND, seed=5 + i, b=True) for i, size in enumerate(OUTPUTS)]
+    got = y.clone()
+    wrapper(index, {}).add_lora_linear(got, x, tuple(a), tuple(b), 1.0, OUTPUTS)
+    assert torch.allclose(got, reference(y, x, a, b, 1.0, index), atol=1e-5)
+
+
+def test_a_rank_recorded_too_small_would_show() -> None:
+    """The test above can fail: cutting a slot's rank below its adapter's changes the result."""
+    ranks = {0: 8}
+    index = torch.tensor([0, 0])
+    x, y = torch.randn(2, HIDDEN), torch.zeros(2, sum(OUTPUTS))
+    a = [stacked(ranks, BOUND, HIDDEN, seed=i, b=False) for i in range(3)]
+    b = [stacked(ranks, size, BOUND, seed=5 + i, b=True) for i, size in enumerate(OUTPUTS)]
+    got = y.clone()
+    wrapper(index, {0: 4}).add_lora_linear(got, x, tuple(a), tuple(b), 1.0, OUTPUTS)
+    assert not torch.allclose(got, reference(y, x, a, b, 1.0, index), atol=1e-3)
+
+
+def test_matches_vllms_own_ops_on_adapter_rows() -> None:
+    from serve.cpu_lora import PunicaWrapperCPU  # vLLM's class, bound before serve.vllm_patches replaces it
+
+    assert PunicaWrapperCPU is not GroupedPunicaWrapperCPU
+    ranks = {0: 8, 1: 16, 2: 2, 3: 5}
+    index = torch.tensor([3, 0, 0, 1, 2, 2, 3])  # no base rows: vLLM's ops are right for these
+    x, y = torch.randn(7, HIDDEN), torch.randn(7, sum(OUTPUTS))
+    a = tuple(stacked(ranks, BOUND, HIDDEN, seed=30 + i, b=False) for i in range(3))
+    b = tuple(stacked(ranks, size, BOUND, seed=40 + i, b=True) for i, size in enumerate(OUTPUTS))
+    theirs = PunicaWrapperCPU(64, 8, "cpu")
+    unique, counts = torch.unique_consecutive(index, return_counts=True)
+    theirs._token_lora_indices[: len(index)] = index
+    theirs._seq_lengths[: len(counts)] = counts
+    theirs._lora_indices_per_batch[: len(unique)] = unique
+    theirs.batch_size, theirs.max_length, theirs.token_nums = len(unique), int(counts.max()), len(index)
+    theirs.is_prefill, theirs.no_lora = True, False
+    theirs.indices_len[:] = [len(index)] * len(theirs.indices_len)
+    want = y.clone()
+    theirs.add_lora_linear(want, x, a, b, 2.0, OUTPUTS)
+    got = y.clone()
+    wrapper(index, ranks).add_lora_linear(got, x, a, b, 2.0, OUTPUTS)
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_logits_get_each_rows_adapter_and_base_rows_nothing() -> None:
+    ranks = {1: 4, 2: 8}
+    index = torch.tensor([1, -1, 2])
+    vocab = 40
+    x, y = torch.randn(3, HIDDEN), torch.randn(3, vocab)
+    a = stacked(ranks, BOUND, HIDDEN, seed=1, b=False)
+    b = stacked(ranks, vocab, BOUND, seed=2, b=True)
+    got = y.clone()
+    wrapper(index, ranks).add_lora_logits(got, x, a, b, 0.25)
+    for row, slot in enumerate(index.tolist()):
+        delta = torch.zeros(vocab) if slot < 0 else (x[row] @ a[slot, 0].t() * 0.25) @ b[slot, 0].t()
+        assert torch.allclose(got[row], y[row] + delta, atol=1e-5)
+
+
+def test_slot_ranks_are_recorded_when_an_adapter_is_activated() -> None:
+    punica = GroupedPunicaWrapperCPU(64, 8, "cpu")
+    layers = {"q_proj": SimpleNamespace(rank=8), "down_proj": SimpleNamespace(rank=12)}  # a rank_pattern
+    manager = SimpleNamespace(
+        lora_index_to_id=[None, 7, None], _registered_adapters={7: SimpleNamespace(rank=8, loras=layers)},
+        punica_wrapper_mapping={"language_model": punica},
+    )  # fmt: skip
+    record_slot_rank(manager, 7)
+    assert punica.slot_ranks == {1: 12}
+
+
+def test_slot_groups() -> None:
+    assert slot_groups(torch.tensor([-1, -1])) == []
+    assert slot_groups(torch.tensor([2, 2])) == [(2, None)]
+    groups = slot_groups(torch.tensor([1, -1, 0, 1]))
+    assert [(slot, rows.tolist()) for slot, rows in groups] == [(0, [2]), (1, [0, 3])]
