@@ -182,7 +182,7 @@ def workloads(base: str, adapters: list[str], requests: int, concurrency: int, m
         Workload("base", (base,), popularity="single", **common),
         Workload("adapters8", tuple(adapters[:8]), popularity="uniform", **common),
         Workload("zipf64", tuple(adapters[:64]), popularity="zipf", **common),
-        # Not in `make bench`'s default set: one request at a time, so TTFT is the serving path's own latency.
+        # One request at a time, so TTFT is the serving path's own latency, not queueing.
         Workload("idle", (base,), popularity="single", num_requests=32, concurrency=1, max_tokens=8),
     ]
 
@@ -225,12 +225,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--assets", type=Path, default=Path(".loraplex"))
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
-    parser.add_argument("--workloads", nargs="+", default=["base", "adapters8", "zipf64"])
+    parser.add_argument("--workloads", nargs="+", default=["base", "adapters8", "zipf64", "idle"])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="passes over all systems, order reversed each pass")
+    parser.add_argument(
+        "--peers-with-loraplex-plugin",
+        action="store_true",
+        help="load loraplex's vLLM plugin into vLLM's server and Ray Serve LLM too (to measure "
+        "its CPU LoRA ops alone; LORAPLEX_CPU_LORA_OPS=vllm keeps only its base-row fix)",
+    )
     args = parser.parse_args(argv)
+    if args.peers_with_loraplex_plugin:
+        STOCK_VLLM.clear()
 
     model_dir = build_default_model(args.assets / "models" / DEFAULT_MODEL_NAME)
     adapter_dirs = build_adapters(model_dir, bench_adapters(64), args.assets / "bench-adapters")
@@ -247,14 +255,15 @@ def main(argv: list[str] | None = None) -> None:
             order = args.systems if number % 2 == 0 else list(reversed(args.systems))
             rounds.append({system: measure(system, setup, chosen) for system in order})
 
-    from loadtests.report import write_report
+    from loadtests.report import PEERS_STOCK, PEERS_WITH_PLUGIN, write_report
 
     command = (
         "make bench"
         if argv is None and len(sys.argv) == 1
         else "python -m loadtests.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     )
-    print(write_report(args.out, rounds, engine, machine(), command))
+    peers = PEERS_WITH_PLUGIN if args.peers_with_loraplex_plugin else PEERS_STOCK
+    print(write_report(args.out, rounds, engine, machine(), command, peers))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,16 @@ def ttft_delta(results: Results, system: str, workload: str) -> str:
     return f"{delta:+.0f} ms"
 
 
-def write_report(out: Path, rounds: list[Results], engine: EngineConfig, machine: str, command: str) -> str:
+PEERS_STOCK = (
+    'vLLM\'s server and Ray Serve LLM run vLLM 0.32.0 as shipped (`VLLM_PLUGINS=""`); loraplex runs it with its vLLM '
+    "plugin: the base-row fix and its CPU LoRA ops ([serve/cpu_lora.py](../../serve/cpu_lora.py))."
+)
+PEERS_WITH_PLUGIN = "All three run vLLM 0.32.0 with loraplex's vLLM plugin (`--peers-with-loraplex-plugin`)."
+
+
+def write_report(
+    out: Path, rounds: list[Results], engine: EngineConfig, machine: str, command: str, peers: str = PEERS_STOCK
+) -> str:
     """Writes the report of one or more rounds; returns its last line,
     `throughput_vs_vllm base=... adapters8=... zipf64=...` (ratios of the median tok/s over the rounds)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -78,8 +87,7 @@ def write_report(out: Path, rounds: list[Results], engine: EngineConfig, machine
         f"max_loras={engine.max_loras}, max_cpu_loras={engine.max_cpu_loras or engine.max_loras}, "
         f"max_num_seqs={engine.max_num_seqs}, max_model_len={engine.max_model_len}, dtype={engine.engine_dtype()}, "
         f"KV cache {engine.kv_cache_gib:g} GiB, SmolLM2-135M-Instruct, rank-8 adapters.",
-        'vLLM\'s server and Ray Serve LLM run vLLM 0.32.0 as shipped (`VLLM_PLUGINS=""`); loraplex runs it with '
-        "its vLLM plugin: the base-row fix and its CPU LoRA ops ([serve/cpu_lora.py](../../serve/cpu_lora.py)).",
+        peers,
         "",
         "Each workload: streamed `/v1/completions`, `ignore_eos`, closed loop; see `loadtests/loadgen.py`. "
         f"{len(rounds)} round(s), systems in reverse order every other round; each figure is the median over the "
