@@ -137,6 +137,8 @@ class Report:
         return 1000 * quantile(per_token, q)
 
     def summary(self) -> dict[str, float | int | str]:
+        failed = [r for r in self.results if r.status != 200 or r.error is not None]
+        first_error = {"first_error": f"HTTP {failed[0].status}: {failed[0].error}"} if failed else {}
         return {
             "workload": self.workload,
             "requests": len(self.results),
@@ -148,6 +150,7 @@ class Report:
             "ttft_p99_ms": round(self.ttft_ms(0.99), 1),
             "tpot_p50_ms": round(self.tpot_ms(0.5), 1),
             "tpot_p99_ms": round(self.tpot_ms(0.99), 1),
+            **first_error,
         }
 
 

@@ -119,6 +119,15 @@ def write_report(
     for system in results if {"base", "adapters8"} <= set(workloads) else ():
         cells = " | ".join(f"{vs_base(results, system, w):.2f}" for w in ("adapters8", "zipf64"))
         lines.append(f"| {system} | {cells} |")
+    failures = [
+        f"- {system} / {workload}, round {i + 1}: `{row['first_error']}`"
+        for i, one in enumerate(rounds)
+        for system, per_system in one.items()
+        for workload, row in per_system.items()
+        if "first_error" in row
+    ]
+    if failures:
+        lines += ["", "First failed request of each row with errors:", "", *failures]
     if len(rounds) > 1:
         lines += ["", "Every round (output tok/s, and the ratio to vLLM's server in the same round):", "",
                   "| system | workload | " + " | ".join(f"round {i + 1}" for i in range(len(rounds))) + " |",

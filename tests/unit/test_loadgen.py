@@ -56,6 +56,8 @@ def test_report_statistics() -> None:
     assert abs(report.ttft_ms(0.5) - 550) < 60
     assert abs(report.tpot_ms(0.5) - 100) < 1e-6
     assert quantile([], 0.5) != quantile([], 0.5)  # NaN when there is nothing to measure
+    assert report.summary()["first_error"] == "HTTP 503: overloaded"
+    assert "first_error" not in Report("w", duration_s=1.0, results=results[:3]).summary()
 
 
 def test_report_ends_with_ratio_line(tmp_path: Path) -> None:
@@ -74,7 +76,7 @@ def test_report_takes_medians_over_rounds_and_shows_each(tmp_path: Path) -> None
                 "tpot_p50_ms": 1.0, "tpot_p99_ms": 1.0, "errors": errors}  # fmt: skip
 
     rounds = [
-        {"vllm": {"base": row(60.0)}, "loraplex": {"base": row(50.0, errors=1)}},
+        {"vllm": {"base": row(60.0)}, "loraplex": {"base": {**row(50.0, errors=1), "first_error": "HTTP 503: busy"}}},
         {"loraplex": {"base": row(70.0)}, "vllm": {"base": row(66.0)}},
         {"vllm": {"base": row(64.0)}, "loraplex": {"base": row(62.0)}, "rayserve-llm": {"failure": {"error": "x"}}},
     ]
@@ -87,3 +89,4 @@ def test_report_takes_medians_over_rounds_and_shows_each(tmp_path: Path) -> None
     text = (tmp_path / "README.md").read_text()
     assert "| loraplex | base | 50.0 (0.83) | 70.0 (1.06) | 62.0 (0.97) |" in text
     assert "round 3: x" in text
+    assert "- loraplex / base, round 1: `HTTP 503: busy`" in text
