@@ -33,7 +33,8 @@ from loadtests.loadgen import Report, Workload, run
 from loadtests.report import Results
 from serve.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 from serve.config import AdapterConfig, EngineConfig
-from serve.engine import adapter_model_id, engine_env, vllm_cli_args
+from serve.engines.vllm_engine import engine_env, vllm_cli_args
+from serve.wire import adapter_model_id
 
 SYSTEMS = ("vllm", "loraplex", "rayserve-llm")
 BUCKET = "loraplex-bench"

@@ -26,4 +26,4 @@ class ServeEngineClient:
     def generate(
         self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None
     ) -> AsyncIterator[ReplicaItem]:
-        return self._handle.generate.remote(endpoint, body, adapter)
+        return self._handle.generate.remote(endpoint, body, adapter=adapter)

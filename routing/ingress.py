@@ -1,9 +1,21 @@
-"""The router as a Ray Serve deployment: the application's ingress and only public surface."""
+"""The router as a Ray Serve deployment: the application's ingress and only public surface.
+
+With `ingress: direct` each router replica runs its own HTTP server (uvicorn, on the replica's event
+loop) instead of being reached through Ray Serve's proxy: the proxy would relay every streamed chunk
+through one more process and one more Ray call. Replicas on one node share the port (SO_REUSEPORT),
+as Serve's proxies share a node's port; the kernel spreads connections over them.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
+from collections.abc import Generator
+from contextlib import contextmanager
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 from ray import serve
 
@@ -14,15 +26,66 @@ from routing.ratelimit import ServeRateLimiter
 from routing.registry_client import ServeRegistryClient
 from serve.config import RouterConfig
 
+logger = logging.getLogger("loraplex.router")
+KEEP_ALIVE_S = 75.0
+"""Idle keep-alive connections are closed after this (longer than common load balancers' 60 s)."""
+
 
 @serve.ingress()
 class RouterIngress:
     """Builds the FastAPI router in the replica, wired to the engine, registry and rate-limiter deployments."""
 
-    def __init__(self, engine: Any, registry: Any, limiter: Any, base_id: str, config: RouterConfig) -> None:
+    # Ray Serve awaits an async constructor: the replica is ready once it listens.
+    async def __init__(  # type: ignore[misc]
+        self, engine: Any, registry: Any, limiter: Any, base_id: str, config: RouterConfig
+    ) -> None:
         registry_client = ServeRegistryClient(registry)
         catalog = ModelCatalog(base_id, registry_client)
         self._app = create_app(ServeEngineClient(engine), catalog, config, limiter=ServeRateLimiter(limiter))
+        self._config = config
+        self._server: uvicorn.Server | None = None
+        self._serving: asyncio.Task[None] | None = None
+        if config.ingress == "direct":
+            self._server, self._serving = serve_http(self._app, config.host, config.port)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app
+
+    async def __del__(self) -> None:
+        """Ray Serve awaits this when the replica stops: stop accepting, let requests in flight finish."""
+        if self._server is None or self._serving is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._serving), self._config.graceful_shutdown_timeout_s)
+        except TimeoutError:
+            logger.warning("requests still in flight after the graceful shutdown timeout are dropped")
+            self._serving.cancel()
+
+
+def serve_http(app: FastAPI, host: str, port: int) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    """Serves `app` on `host:port` from the running event loop; the port may be shared with other replicas."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        timeout_keep_alive=int(KEEP_ALIVE_S),
+    )
+    server = _ReplicaServer(config)
+    return server, asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+
+
+class _ReplicaServer(uvicorn.Server):
+    """uvicorn inside a Ray actor: Ray owns the process's signals, so uvicorn must not take them."""
+
+    @contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield

@@ -17,6 +17,7 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 
 from routing.policy import AffinityPolicy, ReplicaState
 from serve.adapters.records import AdapterRecord
+from serve.wire import ROUTING_STATS_ADAPTERS
 
 ROUTER_CLASS_PATH = "routing.request_router:AdapterAffinityRouter"
 RECENT_TTL_S = 30.0
@@ -27,11 +28,8 @@ def adapter_of(request: PendingRequest | None) -> str | None:
     """The adapter a `generate(endpoint, body, adapter)` call asks for; None for the base model."""
     if request is None:
         return None
-    candidates = [*request.args[2:3], request.kwargs.get("adapter")]
-    for value in candidates:
-        if isinstance(value, AdapterRecord):
-            return value.name
-    return None
+    adapter = request.kwargs.get("adapter")
+    return adapter.name if isinstance(adapter, AdapterRecord) else None
 
 
 class AdapterAffinityRouter(FIFOMixin, RequestRouter):
@@ -62,7 +60,7 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
     def _state(self, replica: RunningReplica, adapter: str | None) -> ReplicaState:
         replica_id = replica.replica_id.unique_id
         ongoing = self.replica_queue_len_cache.get(replica.replica_id) or 0
-        held: frozenset[str] = frozenset((replica.routing_stats or {}).get("adapters", ()))
+        held: frozenset[str] = frozenset((replica.routing_stats or {}).get(ROUTING_STATS_ADAPTERS, ()))
         if (
             adapter is not None
             and adapter not in held

@@ -17,7 +17,8 @@ from routing.ratelimit import SharedRateLimiter
 from routing.request_router import ROUTER_CLASS_PATH
 from serve.adapters.registry import RegistryDeployment
 from serve.config import AppConfig, EngineDeploymentConfig
-from serve.engine import EngineReplica, engine_env
+from serve.engines.vllm_engine import engine_env
+from serve.replica import EngineReplica
 
 ENGINE_DEPLOYMENT = "LoraplexEngine"
 ROUTER_DEPLOYMENT = "LoraplexRouter"
@@ -25,6 +26,13 @@ REGISTRY_DEPLOYMENT = "LoraplexRegistry"
 LIMITER_DEPLOYMENT = "LoraplexLimiter"
 # Every router replica asks the limiter about every limited request; its calls never block.
 LIMITER_MAX_ONGOING = 1024
+SERVING_PATH_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+"""Ray Serve settings of the router and engine replicas (Ray's "throughput-optimized" choices): our code, the
+handle's router and Ray's own replica code share one event loop. Ray's defaults put each on a loop of its own,
+so every streamed item crossed threads twice in each replica (docs/benchmarks/serving-path.md)."""
 
 
 def absolute_paths(config: AppConfig) -> AppConfig:
@@ -80,7 +88,7 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
         graceful_shutdown_timeout_s=scaling.graceful_shutdown_timeout_s,
         ray_actor_options={
             "num_cpus": scaling.num_cpus,
-            "runtime_env": {"env_vars": engine_env(config.engine)},
+            "runtime_env": {"env_vars": {**engine_env(config.engine), **SERVING_PATH_ENV}},
         },
     )(EngineReplica).bind(config, registry)
     limiter = serve.deployment(
@@ -94,6 +102,6 @@ def build_app(args: AppConfig | dict[str, Any]) -> Application:
         num_replicas=config.router.num_replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
         graceful_shutdown_timeout_s=config.router.graceful_shutdown_timeout_s,
-        ray_actor_options={"num_cpus": 0.5},
+        ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": SERVING_PATH_ENV}},
     )(RouterIngress)
     return router.bind(engine, registry, limiter, config.engine.model_id, config.router)

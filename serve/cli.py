@@ -46,8 +46,8 @@ def parse_adapter(value: str) -> dict[str, str]:
 def serve_command(
     model: Annotated[str | None, typer.Option(help="Hugging Face-format model folder.")] = None,
     adapter: Annotated[list[str] | None, typer.Option(help="NAME=DIR of a PEFT LoRA adapter; repeatable.")] = None,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    host: Annotated[str | None, typer.Option(help="Address to listen on (router.host; 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (router.port; 8000).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file of AppConfig settings.")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Public id of the base model.")] = None,
     max_lora_rank: Annotated[int | None, typer.Option(help="Largest adapter rank accepted.")] = None,
@@ -65,7 +65,11 @@ def serve_command(
     ] = "auto",
 ) -> None:
     """Serve MODEL and its adapters on HOST:PORT until Ctrl-C or SIGTERM."""
-    overrides: dict[str, Any] = {"engine": {}, "engine_deployment": {}}
+    overrides: dict[str, Any] = {"engine": {}, "engine_deployment": {}, "router": {}}
+    if host is not None:
+        overrides["router"]["host"] = host
+    if port is not None:
+        overrides["router"]["port"] = port
     if model is not None:
         overrides["engine"]["model"] = str(Path(model).resolve())
     if served_model_name is not None:
@@ -77,13 +81,13 @@ def serve_command(
     if replicas is not None:
         overrides["engine_deployment"]["num_replicas"] = replicas
     if keys_file is not None:
-        overrides["router"] = {"auth": {"keys_file": str(keys_file.resolve())}}
+        overrides["router"]["auth"] = {"keys_file": str(keys_file.resolve())}
     extra_adapters = [parse_adapter(value) for value in adapter or []]
     try:
         app_config = _load(config, overrides, extra_adapters)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    run(app_config, host, port, infra_cpus)
+    run(app_config, infra_cpus)
 
 
 def _load(config: Path | None, overrides: dict[str, Any], adapters: list[dict[str, str]]) -> AppConfig:
@@ -106,7 +110,11 @@ def infrastructure_cpus(spec: str, config: AppConfig) -> set[int] | None:
     if spec == "all" or len(available) < 2:
         return None
     if spec == "auto":
-        binds_itself = config.engine.cpu_threads_bind == "auto" and config.engine_deployment.num_replicas == 1
+        binds_itself = (
+            config.engine.kind == "vllm"
+            and config.engine.cpu_threads_bind == "auto"
+            and config.engine_deployment.num_replicas == 1
+        )
         return {available[-1]} if binds_itself else None
     try:
         return {int(part) for part in spec.split(",")}
@@ -114,13 +122,13 @@ def infrastructure_cpus(spec: str, config: AppConfig) -> set[int] | None:
         raise typer.BadParameter(f"--infra-cpus takes auto, all or CPU ids, not {spec!r}") from None
 
 
-def run(config: AppConfig, host: str, port: int, infra_cpus: str = "auto") -> None:
+def run(config: AppConfig, infra_cpus: str = "auto") -> None:
     """Starts (or joins, with RAY_ADDRESS) a Ray cluster, deploys the app, blocks, then cleans up."""
     import ray
     from ray import serve
 
     from serve.app import build_app
-    from serve.engine import ENGINE_CPUS_ENV
+    from serve.engines.vllm_engine import ENGINE_CPUS_ENV
 
     address = os.environ.get("RAY_ADDRESS")
     if address:
@@ -151,7 +159,11 @@ def run(config: AppConfig, host: str, port: int, infra_cpus: str = "auto") -> No
     if config.router.auth.is_open:
         typer.echo(f"loraplex: WARNING: {OPEN_WARNING}", err=True)
     try:
-        serve.start(http_options={"host": host, "port": port})
+        host, port = config.router.host, config.router.port
+        if config.router.ingress == "direct":
+            serve.start(proxy_location="Disabled")  # the router replicas listen themselves
+        else:
+            serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
         typer.echo(
             f"loraplex: serving {config.engine.model_id} with {len(config.adapters)} adapters on http://{host}:{port}/v1",

@@ -25,10 +25,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class EngineConfig(_Strict):
-    """Settings of the vLLM engine that each engine replica runs."""
+class SimulatedEngineConfig(_Strict):
+    """A stand-in engine with no model: it answers in the wire protocol at a set step rate.
 
-    model: str = Field(description="Path of a Hugging Face-format causal LM folder.")
+    For measuring the serving path at GPU token rates on any machine, and for router tests that need
+    no model. Like a real engine it runs steps: each step gives every running sequence
+    `tokens_per_step` tokens; at most `EngineConfig.max_num_seqs` sequences run, the rest wait.
+    """
+
+    step_ms: float = Field(default=20.0, gt=0, description="Duration of one engine step (decode), in milliseconds.")
+    tokens_per_step: int = Field(default=1, ge=1, description="Tokens each running sequence gets per step.")
+    prefill_ms: float = Field(
+        default=0.0, ge=0, description="Extra time before a sequence's first token (prompt processing)."
+    )
+    adapter_load_ms: float = Field(
+        default=0.0, ge=0, description="Time to load an adapter the engine does not hold yet."
+    )
+    default_max_tokens: int = Field(
+        default=16, ge=1, description="Tokens generated when a request sets no max_tokens (a real engine stops at EOS)."
+    )
+
+
+class EngineConfig(_Strict):
+    """Settings of the engine that each engine replica runs: vLLM, or the simulated engine."""
+
+    kind: Literal["vllm", "simulated"] = Field(
+        default="vllm",
+        description="`vllm`: the real engine. `simulated`: no model, tokens at a set rate (`simulated`), for "
+        "measuring the serving path and testing routing.",
+    )
+    simulated: SimulatedEngineConfig = Field(
+        default_factory=SimulatedEngineConfig, description="Step rate and sizes of the simulated engine."
+    )
+    model: str = Field(
+        description="Path of a Hugging Face-format causal LM folder (with the simulated engine, only its name is used)."
+    )
     served_model_name: str | None = Field(
         default=None,
         description="Public id of the base model; defaults to the model folder's name.",
@@ -175,6 +206,13 @@ class EngineDeploymentConfig(_Strict):
         description="Requests a router replica holds waiting for engine capacity; beyond that it answers 503.",
     )
     health_check_period_s: float = Field(default=10.0, gt=0, description="Seconds between engine health checks.")
+    stream_batch_ms: float = Field(
+        default=50.0,
+        ge=0,
+        description="How long a replica gathers a stream's events before sending them to the router as one item "
+        "(each item costs CPU at every hop). The first event goes at once; later ones wait at most this long, "
+        "so it bounds the added inter-token delay. 0 sends whatever is ready, without waiting.",
+    )
     graceful_shutdown_timeout_s: float = Field(
         default=30.0,
         ge=0,
@@ -285,7 +323,18 @@ class AuthConfig(_Strict):
 class RouterConfig(_Strict):
     """The OpenAI-compatible router (the application's ingress)."""
 
-    num_replicas: int = Field(default=1, ge=1, description="Router replicas behind Ray Serve's proxy.")
+    ingress: Literal["direct", "serve-proxy"] = Field(
+        default="direct",
+        description=(
+            "How HTTP reaches the router. `direct`: every router replica serves `host:port` itself (replicas on one "
+            "node share the port, SO_REUSEPORT) and Ray Serve runs no HTTP proxy, so a streamed token crosses one "
+            "process boundary fewer. `serve-proxy`: Ray Serve's HTTP proxy on every node relays to the router "
+            "replicas (its `http_options` give the address)."
+        ),
+    )
+    host: str = Field(default="127.0.0.1", description="Address the router listens on with `ingress: direct`.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port the router listens on with `ingress: direct`.")
+    num_replicas: int = Field(default=1, ge=1, description="Router replicas (they share one port per node).")
     max_ongoing_requests: int = Field(default=256, ge=1, description="Requests one router replica accepts at once.")
     max_adapter_labels: int = Field(
         default=50,

@@ -34,3 +34,21 @@ class Usage:
 
 
 ReplicaItem = EngineError | Usage | dict | str
+
+
+def adapter_model_id(base_id: str, name: str) -> str:
+    """The public id of adapter `name` on base model `base_id`: `BASE:NAME`."""
+    return f"{base_id}:{name}"
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status."""
+    if status == 404:
+        return "not_found_error"
+    if status < 500:
+        return "invalid_request_error"
+    return "server_error"
+
+
+ROUTING_STATS_ADAPTERS = "adapters"
+"""Key of a replica's routing stats (Serve's `record_routing_stats`): the adapters it holds."""

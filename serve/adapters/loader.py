@@ -18,6 +18,7 @@ from typing import Any
 from serve.adapters.records import AdapterRecord, LoaderStats
 from serve.adapters.sources import SourceResolver
 from serve.adapters.validation import AdapterInvalid, content_hash
+from serve.wire import adapter_model_id
 
 
 class AdapterLoader:
@@ -35,7 +36,7 @@ class AdapterLoader:
         self.stats = LoaderStats()
 
     def public_id(self, name: str) -> str:
-        return f"{self._base_id}:{name}"
+        return adapter_model_id(self._base_id, name)
 
     async def ensure(self, record: AdapterRecord) -> None:
         """Loads `record` unless this replica already serves that exact version."""

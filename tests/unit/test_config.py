@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from serve.cli import parse_adapter
 from serve.config import AdapterConfig, AppConfig, EngineConfig, load_config
-from serve.engine import final_usage, vllm_cli_args
+from serve.engines.vllm_engine import final_usage, vllm_cli_args
 
 KEY = {"name": "k", "sha256": "0" * 64}
 BAD_CONFIGS = [

@@ -9,7 +9,7 @@ import pytest
 
 from serve.cli import infrastructure_cpus
 from serve.config import AppConfig
-from serve.engine import ENGINE_CPUS_ENV, engine_cpus
+from serve.engines.vllm_engine import ENGINE_CPUS_ENV, engine_cpus
 
 CPUS = sorted(os.sched_getaffinity(0))
 needs_two = pytest.mark.skipif(len(CPUS) < 2, reason="needs at least 2 CPUs")

@@ -25,6 +25,7 @@ from routing.endpoints.generate import REPLICA_RETRIES
 from routing.metrics import RouterMetrics
 from serve.adapters.records import LoaderStats, ReplicaReport
 from serve.config import AppConfig, RouterConfig
+from serve.replica import Replica
 from serve.wire import Endpoint, ReplicaItem
 from tests.unit.fake_engine import FakeEngine, FakeRegistry, Script, echo_script, record
 from tests.unit.test_router import BASE, assert_openai_error
@@ -206,33 +207,40 @@ class EngineDied(Exception):
 
 
 @dataclass
-class FakeLLM:
+class ScriptedEngine:
+    """An `Engine` whose `generate` plays `answer`; `errored` as the test sets it."""
+
+    answer: Callable[[], AsyncIterator[ReplicaItem]] | None = None
     errored: bool = False
     probes: int = 0
 
-    async def check_health(self) -> None:
+    async def start(self) -> None:
         return None
 
-    async def list_loras(self) -> set[int]:
+    def generate(self, *_: Any) -> AsyncIterator[ReplicaItem]:
+        assert self.answer is not None
+        return self.answer()
+
+    async def check_health(self) -> None:
         self.probes += 1
-        return set()
+
+    def held(self) -> list[str]:
+        return []
 
     def shutdown(self) -> None:
         return None
 
 
 @pytest.fixture
-def replica(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """An `EngineReplica` around a fake engine, whose exit raises `EngineDied` instead of ending pytest."""
-    import serve.engine
+def replica(monkeypatch: pytest.MonkeyPatch) -> Replica:
+    """A `Replica` around a scripted engine, whose exit raises `EngineDied` instead of ending pytest."""
+    import serve.replica
 
     def exit_with_dead_engine() -> None:
         raise EngineDied
 
-    monkeypatch.setattr(serve.engine, "exit_with_dead_engine", exit_with_dead_engine)
-    replica = object.__new__(serve.engine.EngineReplica)
-    replica._engine = FakeLLM()
-    return replica
+    monkeypatch.setattr(serve.replica, "exit_with_dead_engine", exit_with_dead_engine)
+    return Replica(ScriptedEngine(), FakeRegistry(), stream_batch_s=0.0)  # type: ignore[arg-type]
 
 
 async def test_a_replica_whose_engine_is_dead_ends_before_answering(replica: Any) -> None:
@@ -247,16 +255,20 @@ async def test_a_replica_whose_engine_is_dead_ends_before_answering(replica: Any
 async def test_an_engine_dying_during_a_request_ends_the_replica_instead_of_answering(
     replica: Any, answer: str | None
 ) -> None:
+    first_taken = asyncio.Event()
+
     async def answers_then_dies(*_: Any) -> AsyncIterator[ReplicaItem]:
         yield "data: a\n\n"
+        await first_taken.wait()
         replica._engine.errored = True
         if answer is None:
             raise RuntimeError("EngineDeadError")
         yield answer
 
-    replica._generate = answers_then_dies
+    replica._engine.answer = answers_then_dies
     items = replica.generate("completions", COMPLETION)
     assert await anext(items) == "data: a\n\n"
+    first_taken.set()
     with pytest.raises(EngineDied):
         await anext(items)
 
@@ -272,7 +284,7 @@ async def test_closing_a_request_closes_the_engine_stream_at_once(replica: Any) 
         finally:
             closed = True
 
-    replica._generate = endless
+    replica._engine.answer = endless
     items = replica.generate("completions", COMPLETION)
     await anext(items)
     await items.aclose()

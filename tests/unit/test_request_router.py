@@ -38,8 +38,9 @@ def make_router(queue_lens: dict[str, int]) -> AdapterAffinityRouter:
 
 
 def pending(adapter: str | None) -> PendingRequest:
-    args = ["completions", {"model": "m"}, record(adapter) if adapter else None]
-    return PendingRequest(args=args, kwargs={}, metadata=SimpleNamespace())  # type: ignore[arg-type]
+    args = ["completions", {"model": "m"}]
+    kwargs = {"adapter": record(adapter) if adapter else None}
+    return PendingRequest(args=args, kwargs=kwargs, metadata=SimpleNamespace())  # type: ignore[arg-type]
 
 
 async def ranked(router: AdapterAffinityRouter, replicas: list[FakeReplica], adapter: str | None) -> list[str]:

@@ -1,0 +1,256 @@
+"""An engine with no model: OpenAI-shaped answers at a set step rate, for the serving path and router tests.
+
+It behaves like vLLM where the serving path can tell: it runs steps, each giving every running sequence
+(at most `max_num_seqs`; the rest wait) `tokens_per_step` tokens; a stream's events have vLLM's shape
+(completions and chat chunks, `finish_reason`, the usage event, `[DONE]`); adapters are loaded on first
+use (taking `adapter_load_ms`) into an LRU of `max_cpu_loras`; closing a request aborts it. llm-d's vLLM
+simulator serves the same purpose for its router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from serve.adapters.records import AdapterRecord, LoaderStats, ReplicaReport
+from serve.config import EngineConfig
+from serve.wire import Endpoint, EngineError, ReplicaItem, Usage
+
+WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "runs", "far", "away")
+_ids = itertools.count(1)
+
+
+@dataclass
+class _Request:
+    """One request's sequences (prompts x n) and the events produced for it, not yet taken."""
+
+    endpoint: Endpoint
+    stream: bool
+    prompt_tokens: int
+    max_tokens: int
+    choices: int
+    head: str
+    """The JSON text of every chunk up to its `choices` array."""
+    events: deque[str] = field(default_factory=deque)
+    produced: list[int] = field(default_factory=list)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    started_at: float = 0.0
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        self.produced = [0] * self.choices
+
+
+class SimulatedEngine:
+    """Answers in the wire protocol at `EngineConfig.simulated`'s rate; holds no model."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._config = config
+        self._sim = config.simulated
+        self._running: list[_Request] = []
+        self._waiting: deque[_Request] = deque()
+        self._wake = asyncio.Event()
+        self._stepper: asyncio.Task[None] | None = None
+        self._adapters: OrderedDict[str, str] = OrderedDict()
+        self._capacity = config.max_cpu_loras or config.max_loras
+        self._stats = LoaderStats()
+
+    @property
+    def errored(self) -> bool:
+        return self._stepper is not None and self._stepper.done()
+
+    async def start(self) -> None:
+        self._stepper = asyncio.create_task(self._run())
+
+    async def generate(
+        self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None
+    ) -> AsyncGenerator[ReplicaItem, None]:
+        request = self._request(endpoint, body)
+        if isinstance(request, EngineError):
+            yield request
+            return
+        if adapter is not None:
+            await self._load(adapter)
+        wants_usage = request.stream and bool((body.get("stream_options") or {}).get("include_usage"))
+        request.started_at = time.monotonic()
+        self._waiting.append(request)
+        self._wake.set()
+        try:
+            if not request.stream:
+                while not request.done:
+                    request.ready.clear()
+                    await request.ready.wait()
+                yield self._whole(request, body["model"])
+                return
+            while True:
+                if not request.events and not request.done:
+                    request.ready.clear()
+                    await request.ready.wait()
+                while request.events:
+                    yield request.events.popleft()
+                if request.done:
+                    break
+            usage = self._usage(request)
+            if wants_usage:
+                yield self._usage_event(request, usage)
+            yield "data: [DONE]\n\n"
+            yield usage
+        finally:
+            self._abort(request)
+
+    def _request(self, endpoint: Endpoint, body: dict[str, Any]) -> _Request | EngineError:
+        if endpoint == "completions":
+            prompt = body.get("prompt")
+            prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+            if any(p is None or p == "" for p in prompts):
+                return EngineError(400, "prompt must not be empty", "invalid_request_error", "prompt")
+            prompt_tokens = sum(len(str(p).split()) or 1 for p in prompts)
+            limit = body.get("max_tokens")
+            kind, prefix = "text_completion", "cmpl"
+        else:
+            messages = body.get("messages") or []
+            if not messages:
+                return EngineError(400, "messages must not be empty", "invalid_request_error", "messages")
+            prompt_tokens = sum(len(str(m.get("content") or "").split()) + 4 for m in messages)
+            limit = body.get("max_completion_tokens") or body.get("max_tokens")
+            kind, prefix = "chat.completion.chunk", "chatcmpl"
+            prompts = [None]
+        if prompt_tokens >= self._config.max_model_len:
+            return EngineError(400, "the prompt is longer than the model's context", "invalid_request_error", "prompt")
+        n = int(body.get("n") or 1)
+        head = json.dumps({"id": f"{prefix}-sim{next(_ids)}", "object": kind, "created": int(time.time()),
+                           "model": body["model"]}, separators=(",", ":"))[:-1]  # fmt: skip
+        return _Request(
+            endpoint=endpoint,
+            stream=bool(body.get("stream")),
+            prompt_tokens=prompt_tokens,
+            max_tokens=min(int(limit or self._sim.default_max_tokens), self._config.max_model_len - prompt_tokens),
+            choices=len(prompts) * n,
+            head=head,
+        )
+
+    async def _load(self, adapter: AdapterRecord) -> None:
+        if self._adapters.get(adapter.name) == adapter.content_hash:
+            self._adapters.move_to_end(adapter.name)
+            self._stats.hits += 1
+            return
+        self._stats.misses += 1
+        started = time.perf_counter()
+        await asyncio.sleep(self._sim.adapter_load_ms / 1000)
+        self._adapters[adapter.name] = adapter.content_hash
+        self._stats.observe_load(time.perf_counter() - started)
+        while len(self._adapters) > self._capacity:
+            self._adapters.popitem(last=False)
+            self._stats.evictions += 1
+
+    async def _run(self) -> None:
+        """The step loop: admit waiting sequences, give each running one its tokens, wake its reader."""
+        step_s = self._sim.step_ms / 1000
+        while True:
+            if not self._running and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            started = time.monotonic()
+            while self._waiting and self._sequences(self._running) + self._waiting[0].choices <= max(
+                self._config.max_num_seqs, self._waiting[0].choices
+            ):
+                self._running.append(self._waiting.popleft())
+            prefill_s = self._sim.prefill_ms / 1000
+            for request in self._running:
+                if not request.done and started - request.started_at >= prefill_s:
+                    self._step(request)
+            self._running = [r for r in self._running if not r.done]
+            await asyncio.sleep(max(0.0, started + step_s - time.monotonic()))
+
+    @staticmethod
+    def _sequences(requests: list[_Request]) -> int:
+        return sum(r.choices for r in requests)
+
+    def _step(self, request: _Request) -> None:
+        for index in range(request.choices):
+            start = request.produced[index]
+            count = min(self._sim.tokens_per_step, request.max_tokens - start)
+            request.produced[index] = start + count
+            if request.stream:
+                last = request.produced[index] >= request.max_tokens
+                request.events.append(self._chunk(request, index, start, count, last))
+        request.done = all(p >= request.max_tokens for p in request.produced)
+        request.ready.set()
+
+    def _chunk(self, request: _Request, index: int, start: int, count: int, last: bool) -> str:
+        text = json.dumps("".join(" " + WORDS[(start + i) % len(WORDS)] for i in range(count)))
+        finish = '"length"' if last else "null"
+        if request.endpoint == "completions":
+            choice = f'{{"index":{index},"text":{text},"logprobs":null,"finish_reason":{finish},"stop_reason":null}}'
+        else:
+            role = '"role":"assistant",' if start == 0 else ""
+            choice = f'{{"index":{index},"delta":{{{role}"content":{text}}},"logprobs":null,"finish_reason":{finish}}}'
+        return f'data: {request.head},"choices":[{choice}]}}\n\n'
+
+    def _whole(self, request: _Request, model: str) -> dict[str, Any]:
+        text = "".join(" " + WORDS[i % len(WORDS)] for i in range(request.max_tokens))
+        head = json.loads(request.head + "}")
+        choices: list[dict[str, Any]]
+        if request.endpoint == "completions":
+            choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None}
+                       for i in range(request.choices)]  # fmt: skip
+            kind = "text_completion"
+        else:
+            message = {"role": "assistant", "content": text}
+            choices = [{"index": i, "message": message, "logprobs": None, "finish_reason": "length"}
+                       for i in range(request.choices)]  # fmt: skip
+            kind = "chat.completion"
+        usage = self._usage(request)
+        return {**head, "object": kind, "model": model, "choices": choices, "usage": _usage_json(usage)}
+
+    def _usage(self, request: _Request) -> Usage:
+        return Usage(prompt_tokens=request.prompt_tokens, completion_tokens=sum(request.produced))
+
+    def _usage_event(self, request: _Request, usage: Usage) -> str:
+        return f'data: {request.head},"choices":[],"usage":{json.dumps(_usage_json(usage))}}}\n\n'
+
+    def _abort(self, request: _Request) -> None:
+        request.done = True
+        if request in self._waiting:
+            self._waiting.remove(request)
+
+    async def check_health(self) -> None:
+        if self._stepper is not None and self._stepper.done():
+            self._stepper.result()  # raises what stopped the step loop
+            raise RuntimeError("the simulated engine's step loop ended")
+
+    def held(self) -> list[str]:
+        return sorted(self._adapters)
+
+    async def forget(self, name: str) -> None:
+        if self._adapters.pop(name, None) is not None:
+            self._stats.unloads += 1
+
+    async def report(self, replica: str) -> ReplicaReport:
+        held = tuple(self.held())
+        return ReplicaReport(
+            replica=replica,
+            adapters=held,
+            engine_loras=len(held),
+            resident=held,
+            stats=replace(self._stats, load_buckets=list(self._stats.load_buckets)),
+            running=self._sequences(self._running) + self._sequences(list(self._waiting)),
+        )
+
+    def shutdown(self) -> None:
+        if self._stepper is not None:
+            self._stepper.cancel()
+
+
+def _usage_json(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    }

@@ -1,0 +1,271 @@
+"""One in-process vLLM `AsyncLLM` with LoRA, behind vLLM's own OpenAI serving layer.
+
+Requests for the base model and for any adapter go into the same engine, so vLLM batches them
+together step by step. Chat templates, sampling, logprobs and stop handling are vLLM's own; this
+class adapts them to the replica's wire protocol (`serve.wire`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ValidationError
+
+from serve.adapters.loader import AdapterLoader
+from serve.adapters.records import AdapterRecord, ReplicaReport
+from serve.adapters.registry import make_resolver
+from serve.adapters.validation import AdapterInvalid
+from serve.config import AdapterConfig, AppConfig, EngineConfig
+from serve.prompt_limit import request_models
+from serve.wire import Endpoint, EngineError, ReplicaItem, Usage, adapter_model_id, error_type
+
+if TYPE_CHECKING:
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger("loraplex.engine")
+ENGINE_CPUS_ENV = "LORAPLEX_ENGINE_CPUS"
+"""CPUs the engine's processes may use when the replica itself was confined to fewer (`loraplex serve`)."""
+
+
+@contextmanager
+def engine_cpus() -> Iterator[None]:
+    """While vLLM spawns its engine processes from this thread, lets them use the engine's CPUs.
+
+    `loraplex serve` keeps Ray's processes (this replica among them) on the core vLLM reserves for
+    its scheduler. Children inherit the spawning thread's CPU set and vLLM's automatic binding picks
+    the worker's cores from it, so without this the model's worker would land on that one shared core
+    and leave the others idle. Linux sets affinity per thread: only this thread is widened, then restored.
+    """
+    wanted = os.environ.get(ENGINE_CPUS_ENV)
+    if not wanted:
+        yield
+        return
+    confined = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(cpu) for cpu in wanted.split(",")})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, confined)
+
+
+def vllm_cli_args(config: EngineConfig, adapters: list[AdapterConfig]) -> list[str]:
+    """The `vllm serve` flags equivalent to `config`; the reference server takes the same list."""
+    args = [
+        "--model", config.model,
+        "--served-model-name", config.model_id,
+        "--enable-lora",
+        "--max-loras", str(config.max_loras),
+        "--max-lora-rank", str(config.max_lora_rank),
+        "--max-cpu-loras", str(config.max_cpu_loras or config.max_loras),
+        "--max-model-len", str(config.max_model_len),
+        "--max-num-seqs", str(config.max_num_seqs),
+        "--dtype", config.engine_dtype(),
+        "--gpu-memory-utilization", str(config.gpu_memory_utilization),
+        "--seed", str(config.seed),
+        "--disable-log-stats",
+    ]  # fmt: skip
+    if config.enforce_eager:
+        args.append("--enforce-eager")
+    if adapters:
+        args.append("--lora-modules")
+        args.extend(f"{adapter_model_id(config.model_id, a.name)}={a.path}" for a in adapters)
+    return args
+
+
+def engine_env(config: EngineConfig) -> dict[str, str]:
+    """Environment that vLLM reads at engine start-up (it has no arguments for these)."""
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": f"{config.kv_cache_gib:g}",
+        "VLLM_CPU_OMP_THREADS_BIND": config.cpu_threads_bind,
+    }
+
+
+@dataclass(frozen=True)
+class _Route:
+    """How one endpoint reaches vLLM: its request model and the serving call that answers it."""
+
+    request_model: type[BaseModel]
+    serve: Callable[[Any], Awaitable[object]]
+    error_response: Callable[[Exception], ErrorResponse]
+
+
+class VLLMEngine:
+    """A vLLM engine answering completions and chat in the wire protocol; constructed cheaply, started by `start`."""
+
+    def __init__(self, app: AppConfig) -> None:
+        self._app = app
+        self._config = app.engine
+        self._engine: AsyncLLM | None = None
+        self._loader: AdapterLoader | None = None
+        self._routes: dict[Endpoint, _Route] = {}
+
+    @property
+    def errored(self) -> bool:
+        return self._engine is not None and self._engine.errored
+
+    async def start(self) -> None:
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        os.environ.update(engine_env(self._config))
+        # Adapters are not given to vLLM up front: the loader installs registered ones on first use.
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(self._config, []))
+        validate_parsed_serve_args(args)
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        with engine_cpus():
+            engine = AsyncLLM.from_vllm_config(
+                vllm_config=vllm_config,
+                usage_context=UsageContext.OPENAI_API_SERVER,
+                enable_log_requests=False,
+                disable_log_stats=engine_args.disable_log_stats,
+            )
+        self._engine = engine
+        state = State()
+        await init_app_state(engine, state, args, await engine.get_supported_tasks())
+        models = state.openai_serving_models
+        self._loader = AdapterLoader(
+            engine, models, make_resolver(self._app), Path(self._app.registry.cache_dir), self._config.model_id
+        )
+        completion_model, chat_model = request_models(self._app.router.max_prompt_tokens)
+        completion, chat = state.openai_serving_completion, state.openai_serving_chat
+        self._routes = {
+            "completions": _Route(completion_model, completion.create_completion, completion.create_error_response),
+            "chat": _Route(chat_model, chat.create_chat_completion, chat.create_error_response),
+        }
+
+    @property
+    def _llm(self) -> AsyncLLM:
+        if self._engine is None:
+            raise RuntimeError("the engine has not been started")
+        return self._engine
+
+    @property
+    def _adapters(self) -> AdapterLoader:
+        if self._loader is None:
+            raise RuntimeError("the engine has not been started")
+        return self._loader
+
+    async def generate(
+        self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None
+    ) -> AsyncGenerator[ReplicaItem, None]:
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.exceptions import VLLMClientError
+
+        streaming = bool(body.get("stream"))
+        options = body.get("stream_options") or {}
+        client_wants_usage = streaming and bool(options.get("include_usage"))
+        if streaming:
+            # Always ask vLLM for the final usage event: the router's token metrics need it.
+            body = {**body, "stream_options": {**options, "include_usage": True}}
+
+        if adapter is not None and (failure := await self._install(adapter)) is not None:
+            yield failure
+            return
+
+        route = self._routes[endpoint]
+        result: object
+        try:
+            result = await route.serve(route.request_model.model_validate(body))
+        except ValidationError as exc:
+            yield validation_error(exc)
+            return
+        except (ValueError, VLLMClientError) as exc:
+            yield from_vllm_error(route.error_response(exc))
+            return
+
+        if isinstance(result, ErrorResponse):
+            yield from_vllm_error(result)
+        elif isinstance(result, BaseModel):
+            yield result.model_dump(mode="json")
+        elif isinstance(result, AsyncGenerator):
+            usage: Usage | None = None
+            # Closed at once when the caller leaves mid-stream: vLLM then aborts the request.
+            async with aclosing(result) as events:
+                async for event in events:
+                    if usage is None and (usage := final_usage(event)) is not None and not client_wants_usage:
+                        continue
+                    yield event
+            if usage is not None:
+                yield usage
+
+    async def _install(self, adapter: AdapterRecord) -> EngineError | None:
+        """Loads `adapter` unless held; the error to answer when it cannot be loaded."""
+        try:
+            await self._adapters.ensure(adapter)
+        except AdapterInvalid as exc:
+            return EngineError(status=422, message=str(exc), type="invalid_request_error", param="model")
+        except Exception as exc:
+            logger.exception("loading adapter %s failed", adapter.name)
+            return EngineError(
+                status=500, message=f"loading adapter {adapter.name!r} failed: {exc}", type="server_error"
+            )
+        return None
+
+    async def check_health(self) -> None:
+        """A round trip through the engine core: a wedged core never answers, so Serve's check times out."""
+        await self._llm.check_health()
+        await self._llm.list_loras()  # answered by the engine core between two steps
+
+    def held(self) -> list[str]:
+        return self._loader.held() if self._loader is not None else []
+
+    async def forget(self, name: str) -> None:
+        if self._loader is not None:
+            await self._loader.forget(name)
+
+    async def report(self, replica: str) -> ReplicaReport:
+        loader = self._adapters
+        engine_ids = await self._llm.list_loras()
+        return ReplicaReport(
+            replica=replica,
+            adapters=tuple(loader.held()),
+            engine_loras=len(engine_ids),
+            resident=tuple(loader.observe_engine(engine_ids)),
+            stats=replace(loader.stats, load_buckets=list(loader.stats.load_buckets)),
+            running=self._llm.get_num_unfinished_requests(),
+        )
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+
+
+def final_usage(event: str) -> Usage | None:
+    """The token counts carried by a stream's closing usage event, or None for any other event."""
+    if '"usage"' not in event or not event.startswith("data: {"):
+        return None
+    payload = json.loads(event[len("data: ") :])
+    usage = payload.get("usage")
+    if payload.get("choices") or not usage:
+        return None
+    return Usage(prompt_tokens=usage["prompt_tokens"], completion_tokens=usage.get("completion_tokens") or 0)
+
+
+def from_vllm_error(response: ErrorResponse) -> EngineError:
+    """vLLM's error (its `code` is the HTTP status) in the wire protocol's terms."""
+    error = response.error
+    status = int(error.code)
+    return EngineError(status=status, message=error.message, type=error_type(status), param=error.param)
+
+
+def validation_error(exc: ValidationError) -> EngineError:
+    """A pydantic validation failure of vLLM's request model, naming the first offending field."""
+    first = exc.errors(include_url=False)[0]
+    cause = (first.get("ctx") or {}).get("error")
+    param = getattr(cause, "parameter", None) or ".".join(str(part) for part in first["loc"]) or None
+    message = str(cause) if cause is not None else first["msg"]
+    return EngineError(status=400, message=message, type="invalid_request_error", param=param)

@@ -1,0 +1,133 @@
+"""The engine replica: a thin Ray Serve deployment around one engine (`serve.engines`).
+
+What only a replica does lives here: stream items batched per hop (`serve.streaming`), the registry
+followed, health checks, routing stats, and ending the process when its engine died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any, NoReturn
+
+from serve.adapters.records import AdapterRecord
+from serve.config import AppConfig
+from serve.engines import Engine, build_engine
+from serve.streaming import batched
+from serve.wire import ROUTING_STATS_ADAPTERS, Endpoint, ReplicaItem
+
+logger = logging.getLogger("loraplex.replica")
+REGISTRY_POLL_S = 2.0
+ENGINE_DIED_EXIT_CODE = 70
+"""Exit status of a replica process whose engine died (EX_SOFTWARE)."""
+
+
+class Replica:
+    """Hosts one engine and answers the router's `generate` calls; `start` starts the engine."""
+
+    def __init__(self, engine: Engine, registry: Any, stream_batch_s: float) -> None:
+        self._engine = engine
+        self._registry = registry
+        self._batch_s = stream_batch_s
+        self._generation = 0
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._engine.start()
+        self._watcher = asyncio.create_task(self._follow_registry())
+
+    async def _follow_registry(self) -> None:
+        """Reports this replica to the registry; frees adapters that were unregistered.
+
+        New versions need no push: the router resolves the version and the next request loads it.
+        """
+        replica = _replica_id()
+        while True:
+            await asyncio.sleep(REGISTRY_POLL_S)
+            try:
+                generation = await self._registry.report.remote(await self._engine.report(replica))
+                if generation == self._generation:
+                    continue
+                snapshot = await self._registry.snapshot.remote()
+                for name in set(self._engine.held()) - set(snapshot.records):
+                    await self._engine.forget(name)
+                self._generation = snapshot.generation
+            except Exception:  # the registry restarting must not stop this replica from serving
+                logger.warning("could not reach the adapter registry", exc_info=True)
+
+    async def generate(
+        self, endpoint: Endpoint, body: dict[str, Any], *, adapter: AdapterRecord | None = None
+    ) -> AsyncIterator[ReplicaItem]:
+        """Runs one request, for `adapter` at the version the router resolved; yields `serve.wire` items.
+
+        A stream's events come batched (`stream_batch_ms`). Once the engine is dead, the replica ends
+        (`exit_with_dead_engine`) rather than pass on what the request met: before the first item, the
+        router then sends the request to another replica.
+        """
+        if self._engine.errored:
+            exit_with_dead_engine()
+        try:
+            async with aclosing(batched(self._engine.generate(endpoint, body, adapter), self._batch_s)) as items:
+                async for item in items:
+                    if self._engine.errored:
+                        exit_with_dead_engine()
+                    yield item
+        finally:
+            if self._engine.errored:
+                exit_with_dead_engine()
+
+    async def check_health(self) -> None:
+        """Called by Ray Serve every `health_check_period_s`.
+
+        A dead engine ends the replica, so Serve replaces it at once. An engine that stopped answering
+        (wedged) never completes its check, so Serve's health check times out (`health_check_timeout_s`)
+        and marks the replica unhealthy, as it does when this raises.
+        """
+        if self._engine.errored:
+            exit_with_dead_engine()
+        await self._engine.check_health()
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Called by Ray Serve every `routing_stats_period_s`; the request router reads it."""
+        return {ROUTING_STATS_ADAPTERS: self._engine.held()}
+
+    def __del__(self) -> None:
+        watcher = getattr(self, "_watcher", None)
+        if watcher is not None:
+            watcher.cancel()
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+class EngineReplica(Replica):
+    """The Ray Serve deployment: the replica for `app`'s engine, started before it takes requests."""
+
+    # Ray Serve awaits an async constructor, so the engine is up before the replica takes requests.
+    async def __init__(self, app: AppConfig, registry: Any) -> None:  # type: ignore[misc]
+        super().__init__(build_engine(app), registry, app.engine_deployment.stream_batch_ms / 1000)
+        await self.start()
+
+
+def exit_with_dead_engine() -> NoReturn:
+    """Ends this replica's process: its engine died, and nothing left here can serve.
+
+    vLLM's own API server exits the same way. Callers then see the replica die: routers retry
+    requests that had not started on another replica, Serve's request routers stop picking it, and
+    the controller replaces it at its next health check instead of after several failed ones.
+    """
+    logger.critical("the engine of this replica died; ending the replica so Ray Serve replaces it")
+    logging.shutdown()  # flush the line above: os._exit skips interpreter clean-up
+    os._exit(ENGINE_DIED_EXIT_CODE)
+
+
+def _replica_id() -> str:
+    from ray import serve
+
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # outside a Serve replica (tests): the process is the replica
+        return f"pid-{os.getpid()}"
