@@ -39,6 +39,8 @@ from serve.wire import adapter_model_id
 SYSTEMS = ("vllm", "loraplex", "rayserve-llm")
 BUCKET = "loraplex-bench"
 STARTUP_TIMEOUT_S = 600
+SESSIONS: dict[str, int] = {}
+"""Server URL → the session id of the processes serving it (each server runs in a session of its own)."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ def start_vllm(setup: Setup) -> Iterator[str]:
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port)]
     command += vllm_cli_args(setup.engine, setup.adapters)
     env = {**base_env(setup), **STOCK_VLLM}
-    with process(command, env, setup.work / "vllm.log", f"http://127.0.0.1:{port}/v1/models"):
+    with process(command, env, setup.work / "vllm.log", f"http://127.0.0.1:{port}/v1/models") as pid:
+        SESSIONS[f"http://127.0.0.1:{port}"] = pid
         yield f"http://127.0.0.1:{port}"
 
 
@@ -122,7 +125,8 @@ def start_loraplex(setup: Setup) -> Iterator[str]:
         "--port",
         str(port),
     ]
-    with process(command, base_env(setup), setup.work / "loraplex.log", f"http://127.0.0.1:{port}/health"):
+    with process(command, base_env(setup), setup.work / "loraplex.log", f"http://127.0.0.1:{port}/health") as pid:
+        SESSIONS[f"http://127.0.0.1:{port}"] = pid
         yield f"http://127.0.0.1:{port}"
 
 
@@ -157,7 +161,8 @@ def start_rayserve_llm(setup: Setup) -> Iterator[str]:
         port = free_port()
         command = [sys.executable, "-m", "loadtests.rayllm_server", str(spec_file), str(port)]
         env = {**base_env(setup), **s3_env, **STOCK_VLLM}
-        with process(command, env, setup.work / "rayllm.log", f"http://127.0.0.1:{port}/v1/models"):
+        with process(command, env, setup.work / "rayllm.log", f"http://127.0.0.1:{port}/v1/models") as pid:
+            SESSIONS[f"http://127.0.0.1:{port}"] = pid
             yield f"http://127.0.0.1:{port}"
 
 

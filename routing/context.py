@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -27,6 +28,8 @@ class RouterContext:
     keys: KeyRing
     admitter: Admitter
     audit: AuditLog
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when this router replica stops: new and waiting generation requests get 503, streams finish."""
 
 
 async def get_context(request: Request) -> RouterContext:

@@ -53,6 +53,7 @@ class RouterIngress:
 
     async def __del__(self) -> None:
         """Ray Serve awaits this when the replica stops: stop accepting, let requests in flight finish."""
+        self._app.state.context.draining.set()
         if self._server is None or self._serving is None:
             return
         self._server.should_exit = True

@@ -33,6 +33,7 @@ from serve.wire import EngineError, ReplicaItem, Usage
 logger = logging.getLogger("loraplex.router")
 router = APIRouter()
 REPLICA_RETRIES = 2
+SHUTTING_DOWN = "this server is shutting down; send the request again"
 """Other replicas tried when the one serving a request dies before its first item."""
 
 
@@ -51,6 +52,8 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
     timer = context.metrics.track(context.metrics.label(None, False), endpoint)
     admission: Admission | None = None
     try:
+        if context.draining.is_set():
+            raise Overloaded(SHUTTING_DOWN)
         content_type = request.headers.get("content-type")
         body = parse_body(
             await request.body(), endpoint, max_n=config.max_n, max_tokens=config.max_tokens, content_type=content_type
@@ -60,7 +63,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
         timer.label = context.metrics.label(target.id, target.adapter is not None)
         body["model"] = target.id
         admission = await context.admitter.admit(key, endpoint, body)
-        items, first = await _start(context.engine, endpoint, body, target.adapter)
+        items, first = await _start(context.engine, endpoint, body, target.adapter, context.draining)
         if isinstance(first, EngineError):
             raise UpstreamError(first)
         if isinstance(first, dict):
@@ -111,19 +114,25 @@ class AdmittedStream(StreamingResponse):
 
 
 async def _start(
-    engine: EngineClient, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None
+    engine: EngineClient,
+    endpoint: Endpoint,
+    body: dict[str, Any],
+    adapter: AdapterRecord | None,
+    draining: asyncio.Event,
 ) -> tuple[AsyncIterator[ReplicaItem], ReplicaItem]:
     """Sends the request to an engine replica and returns its items with the first one.
 
     A replica that dies (or cannot be reached) before its first item has sent the client nothing,
     so the request goes again, up to `REPLICA_RETRIES` times: Serve's request router stops choosing
     a replica once a call to it failed that way. The request keeps its one admission throughout.
+    A request still waiting when this router starts draining gets 503: the engines are draining too,
+    so it might wait for one until the router is killed.
     """
     failures = 0
     while True:
         items = engine.generate(endpoint, body, adapter)
         try:
-            return items, await _first_item(items)
+            return items, await _first_item_unless(items, draining)
         except RayActorError as exc:
             failures += 1
             if failures > REPLICA_RETRIES:
@@ -133,6 +142,22 @@ async def _start(
         except asyncio.CancelledError:  # the client left while the engine worked
             _abandon(items)
             raise
+
+
+async def _first_item_unless(items: AsyncIterator[ReplicaItem], draining: asyncio.Event) -> ReplicaItem:
+    """The replica's first item, or 503 once `draining` is set before it came."""
+    first = asyncio.ensure_future(_first_item(items))
+    stop = asyncio.ensure_future(draining.wait())
+    try:
+        await asyncio.wait((first, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not first.done():  # draining, or the client left
+            first.cancel()
+    if not first.done():
+        _abandon(items)
+        raise Overloaded(SHUTTING_DOWN)
+    return first.result()
 
 
 async def _first_item(items: AsyncIterator[ReplicaItem]) -> ReplicaItem:

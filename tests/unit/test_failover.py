@@ -195,6 +195,22 @@ async def test_a_client_leaving_before_the_answer_cancels_the_engine_call_and_fr
     assert inflight(app) == 0
 
 
+async def test_a_draining_router_answers_503_to_waiting_and_new_requests() -> None:
+    engine = BusyEngine([])  # the engines are draining: no replica takes the request
+    app = router_app(engine)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+        waiting = asyncio.create_task(client.post("/v1/completions", json=COMPLETION))
+        async with asyncio.timeout(5):
+            while not engine.calls:
+                await asyncio.sleep(0.01)
+        app.state.context.draining.set()
+        for response in (await waiting, await client.post("/v1/completions", json=COMPLETION)):
+            assert_openai_error(response, 503)
+            assert response.headers["Retry-After"] == "1"
+    assert [call.cancelled_by_router for call in engine.calls] == [True]
+    assert inflight(app) == 0
+
+
 def test_replica_running_requests_are_exported() -> None:
     metrics = RouterMetrics(CollectorRegistry(), max_adapters=4)
     report = ReplicaReport(replica="r1", adapters=(), engine_loras=0, stats=LoaderStats(), running=3)
