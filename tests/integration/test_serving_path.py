@@ -38,7 +38,7 @@ def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
                 "engine_deployment": {"stream_batch_ms": BATCH_MS},
                 "registry": {"state_file": str(work / "registry.json"), "cache_dir": str(work / "cache")},
             }
-        )  # fmt: skip
+        )
     )
     with running_server(config, {}, work) as (base_url, log):
         yield base_url, log
