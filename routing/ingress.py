@@ -46,6 +46,8 @@ class RouterIngress:
         self._server: uvicorn.Server | None = None
         self._serving: asyncio.Task[None] | None = None
         if config.ingress == "direct":
+            # Listen once an engine can answer, as vLLM's own server does: `/health` then means ready.
+            await engine.ready.remote()
             self._server, self._serving = serve_http(self._app, config.host, config.port)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

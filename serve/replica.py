@@ -90,6 +90,10 @@ class Replica:
             exit_with_dead_engine()
         await self._engine.check_health()
 
+    async def ready(self) -> bool:
+        """Answered once this replica's engine has started: routers wait for it before they listen."""
+        return True
+
     async def record_routing_stats(self) -> dict[str, Any]:
         """Called by Ray Serve every `routing_stats_period_s`; the request router reads it."""
         return {ROUTING_STATS_ADAPTERS: self._engine.held()}

@@ -200,13 +200,25 @@ def processes_named(comm: str) -> list[int]:
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs at least 2 CPUs")
+def processes_titled(prefix: str) -> list[int]:
+    """Processes whose title (Ray sets it as the command line) starts with `prefix`; `comm` keeps only 15 bytes."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(prefix.encode()):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def test_model_worker_has_cores_of_its_own(stack: Stack) -> None:
     """vLLM's worker must not share the core where `loraplex serve` keeps Ray's processes (it did: 0.8x of vLLM)."""
-    workers, proxies = processes_named("VLLM::Worker"), processes_named("ray::ProxyActor")
-    assert workers and proxies
+    workers, routers = processes_named("VLLM::Worker"), processes_titled("ray::ServeReplica:loraplex:LoraplexRouter")
+    assert workers and routers
     for worker in workers:
-        for proxy in proxies:
-            assert not os.sched_getaffinity(worker) & os.sched_getaffinity(proxy)
+        for router in routers:
+            assert not os.sched_getaffinity(worker) & os.sched_getaffinity(router)
 
 
 def test_the_engine_runs_loraplex_cpu_lora_ops(stack: Stack) -> None:
