@@ -83,10 +83,11 @@ class EngineConfig(_Strict):
     max_model_len: int = Field(default=2048, ge=16, description="Longest prompt plus completion, in tokens.")
     max_num_seqs: int = Field(default=64, ge=1, description="Sequences the engine batches in one step.")
     dtype: Literal["checkpoint", "auto", "float32", "bfloat16", "float16"] = Field(
-        default="checkpoint",
+        default="auto",
         description=(
-            "Weights and activations type. `checkpoint` uses the dtype the model's config.json declares, "
-            "so outputs match transformers on the same weights; `auto` lets vLLM choose (bfloat16 on CPU)."
+            "Weights and activations type. `auto` lets vLLM choose, as its own server does (bfloat16 on CPU, the "
+            "checkpoint's half type on GPU): what a serving user expects. `checkpoint` uses the dtype the model's "
+            "config.json declares (float32 for the demo model), so outputs match transformers + PEFT exactly."
         ),
     )
     kv_cache_gib: float = Field(default=2.0, gt=0, description="KV cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE).")

@@ -133,7 +133,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str) -> Iterator[Sta
     config.write_text(
         json.dumps(
             {
-                "engine": {"model": str(model_dir)},
+                "engine": {"model": str(model_dir), "dtype": "checkpoint"},  # exact: checked against PEFT
                 "registry": {
                     "state_file": str(work / "registry.json"),
                     "cache_dir": str(work / "adapter-cache"),

@@ -65,7 +65,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     config.write_text(
         json.dumps(
             {
-                "engine": {"model": str(model_dir), "cpu_threads_bind": "nobind"},
+                "engine": {"model": str(model_dir), "cpu_threads_bind": "nobind", "dtype": "checkpoint"},
                 "engine_deployment": {
                     "num_replicas": 2,
                     # The router's gate (max_inflight) never sends more than one replica takes, so a lone

@@ -31,7 +31,7 @@ def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     config.write_text(
         json.dumps(
             {
-                "engine": {"model": str(model_dir), "cpu_threads_bind": "nobind"},
+                "engine": {"model": str(model_dir), "cpu_threads_bind": "nobind", "dtype": "checkpoint"},
                 "engine_deployment": {"num_replicas": 2},
                 "registry": {"state_file": str(work / "registry.json"), "cache_dir": str(work / "cache")},
             }

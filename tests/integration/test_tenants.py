@@ -55,7 +55,7 @@ def tenancy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenancy]:
     config.write_text(
         json.dumps(
             {
-                "engine": {"model": str(model_dir)},
+                "engine": {"model": str(model_dir), "dtype": "checkpoint"},
                 "router": {
                     "auth": {"keys_file": str(keys_file), "audit_file": str(audit)},
                     "max_tokens": 256,

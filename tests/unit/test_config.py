@@ -51,9 +51,14 @@ def test_yaml_config_with_overrides(tmp_path: Path) -> None:
 
 def test_checkpoint_dtype_follows_config_json(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"torch_dtype": "bfloat16"}')
-    assert EngineConfig(model=str(tmp_path)).engine_dtype() == "bfloat16"
+    assert EngineConfig(model=str(tmp_path), dtype="checkpoint").engine_dtype() == "bfloat16"
     assert EngineConfig(model=str(tmp_path), dtype="float32").engine_dtype() == "float32"
-    assert EngineConfig(model=str(tmp_path / "missing")).engine_dtype() == "auto"
+    assert EngineConfig(model=str(tmp_path / "missing"), dtype="checkpoint").engine_dtype() == "auto"
+
+
+def test_the_default_dtype_is_vllms_own_choice(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"torch_dtype": "float32"}')
+    assert EngineConfig(model=str(tmp_path)).engine_dtype() == "auto"  # as `vllm serve`: bfloat16 on CPU
 
 
 def test_vllm_args_register_adapters_under_their_public_ids(tmp_path: Path) -> None:
