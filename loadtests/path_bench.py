@@ -30,11 +30,14 @@ import yaml
 
 from loadtests.bench import SESSIONS, Setup, free_port, machine, process, start_loraplex, start_rayserve_llm, start_vllm
 from loadtests.loadgen import Workload, run
+from loadtests.profile import label
 from loadtests.sse_client import run_streams
 from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.config import EngineConfig
 
 TICKS = os.sysconf("SC_CLK_TCK")
+NOT_SERVING = ("raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent", "dashboard", "log_monitor", "moto")
+"""Ray's node daemons, which a Ray cluster runs whatever it serves, and moto (Ray Serve LLM's adapter store here)."""
 ENGINE_PROCESSES = ("VLLM::EngineCore", "VLLM::Worker", "EngineCore_", "VLLM::")
 """Process titles of vLLM's engine core and model worker: the engine, not the serving path."""
 SIM_STEP_MS = 20.0
@@ -60,13 +63,19 @@ def session_cpu(session: int) -> dict[int, tuple[str, float]]:
     return found
 
 
-def path_cpu(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> float:
-    """CPU seconds spent between two samples by processes that are not vLLM's engine core or worker."""
-    total = 0.0
+def path_cpu(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent between two samples, by process, leaving out vLLM's engine core and worker."""
+    spent: dict[str, float] = {}
     for pid, (title, seconds) in after.items():
         if not any(name in title for name in ENGINE_PROCESSES):
-            total += seconds - before.get(pid, (title, 0.0))[1]
-    return total
+            name = label(title)
+            spent[name] = spent.get(name, 0.0) + seconds - before.get(pid, (title, 0.0))[1]
+    return {name: round(seconds, 2) for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1]) if seconds > 0}
+
+
+def serving_path(spent: dict[str, float]) -> float:
+    """The serving path's share: every process but `NOT_SERVING`."""
+    return sum(seconds for name, seconds in spent.items() if name not in NOT_SERVING)
 
 
 def cpu_per_token(system: str, starter: Starter, setup: Setup, workload: Workload) -> dict[str, Any]:
@@ -76,10 +85,12 @@ def cpu_per_token(system: str, starter: Starter, setup: Setup, workload: Workloa
         before = session_cpu(session)
         report = asyncio.run(run(url, workload))
         after = session_cpu(session)
-    cpu_s = path_cpu(before, after)
+    spent = path_cpu(before, after)
+    cpu_s = serving_path(spent)
     figures = {"system": system, "cpu_s": round(cpu_s, 2), "tokens": report.output_tokens,
                "us_per_token": round(1e6 * cpu_s / max(1, report.output_tokens), 1),
-               "tokens_per_s": round(report.tokens_per_s, 1), "errors": report.errors}  # fmt: skip
+               "us_per_token_all_processes": round(1e6 * sum(spent.values()) / max(1, report.output_tokens), 1),
+               "tokens_per_s": round(report.tokens_per_s, 1), "errors": report.errors, "by_process": spent}  # fmt: skip
     print("cpu-per-token", json.dumps(figures), flush=True)
     return figures
 
@@ -124,7 +135,7 @@ def capacity(system: str, starter: Starter, setup: Setup, levels: list[int], sec
         for level in levels:
             before = session_cpu(session)
             stats = asyncio.run(run_streams(f"{url}/v1/completions", "sim", level, seconds, SIM_MAX_TOKENS))
-            cpu_s = path_cpu(before, session_cpu(session))
+            cpu_s = serving_path(path_cpu(before, session_cpu(session)))
             per_token = round(1e6 * cpu_s / max(1, stats.tokens), 1)
             row = {"system": system, "concurrency": level, **stats.summary(), "server_cpu_s": round(cpu_s, 2),
                    "us_per_token": per_token}  # fmt: skip

@@ -6,35 +6,27 @@ another replica; a client that leaves cancels the engine's work too."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentResponseGenerator
 from starlette.types import Receive, Scope, Send
 
 from routing.admission import Admission
 from routing.auth import KeyDep
 from routing.context import ContextDep, RouterContext
-from routing.engine_client import EngineClient
+from routing.engine_client import SHUTTING_DOWN, EngineCall
 from routing.errors import EngineFailure, OpenAIError, Overloaded, UpstreamError, error_response, sse_error
 from routing.metrics import RequestTimer
 from routing.openapi import json_body
 from routing.principals import Principal
 from routing.protocol import ChatBody, CompletionBody, Endpoint, parse_body
-from serve.adapters.records import AdapterRecord
-from serve.wire import EngineError, ReplicaItem, Usage
+from serve.wire import EngineError, Usage
 
 logger = logging.getLogger("loraplex.router")
 router = APIRouter()
-REPLICA_RETRIES = 2
-SHUTTING_DOWN = "this server is shutting down; send the request again"
-"""Other replicas tried when the one serving a request dies before its first item."""
 
 
 @router.post("/v1/completions", response_model=None, openapi_extra=json_body(CompletionBody, streams=True))
@@ -63,7 +55,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
         timer.label = context.metrics.label(target.id, target.adapter is not None)
         body["model"] = target.id
         admission = await context.admitter.admit(key, endpoint, body)
-        items, first = await _start(context.engine, endpoint, body, target.adapter, context.draining)
+        first, items = await context.engine.start(endpoint, body, target.adapter, context.draining)
         if isinstance(first, EngineError):
             raise UpstreamError(first)
         if isinstance(first, dict):
@@ -95,9 +87,7 @@ class AdmittedStream(StreamingResponse):
     and covers a stream whose body never started, which would hold its fair-share slot forever.
     """
 
-    def __init__(
-        self, relay: AsyncGenerator[str, None], items: AsyncIterator[ReplicaItem], admission: Admission
-    ) -> None:
+    def __init__(self, relay: AsyncGenerator[str, None], items: EngineCall, admission: Admission) -> None:
         super().__init__(relay, media_type="text/event-stream")
         self.relay = relay
         self.items = items
@@ -109,84 +99,11 @@ class AdmittedStream(StreamingResponse):
         finally:
             await self.relay.aclose()
             if not self.admission.finished:  # the relay never started: the client left first
-                _abandon(self.items)
+                self.items.cancel()
                 self.admission.finish(None)
 
 
-async def _start(
-    engine: EngineClient,
-    endpoint: Endpoint,
-    body: dict[str, Any],
-    adapter: AdapterRecord | None,
-    draining: asyncio.Event,
-) -> tuple[AsyncIterator[ReplicaItem], ReplicaItem]:
-    """Sends the request to an engine replica and returns its items with the first one.
-
-    A replica that dies (or cannot be reached) before its first item has sent the client nothing,
-    so the request goes again, up to `REPLICA_RETRIES` times: Serve's request router stops choosing
-    a replica once a call to it failed that way. The request keeps its one admission throughout.
-    A request still waiting when this router starts draining gets 503: the engines are draining too,
-    so it might wait for one until the router is killed.
-    """
-    failures = 0
-    while True:
-        items = engine.generate(endpoint, body, adapter)
-        try:
-            return items, await _first_item_unless(items, draining)
-        except RayActorError as exc:
-            failures += 1
-            if failures > REPLICA_RETRIES:
-                logger.error("engine replicas failed %d times before answering", failures, exc_info=exc)
-                raise EngineFailure(f"engine replica failed: {type(exc).__name__}") from exc
-            logger.warning("engine replica lost before answering (%s); sending the request again", type(exc).__name__)
-        except asyncio.CancelledError:  # the client left while the engine worked
-            _abandon(items)
-            raise
-
-
-async def _first_item_unless(items: AsyncIterator[ReplicaItem], draining: asyncio.Event) -> ReplicaItem:
-    """The replica's first item, or 503 once `draining` is set before it came."""
-    first = asyncio.ensure_future(_first_item(items))
-    stop = asyncio.ensure_future(draining.wait())
-    try:
-        await asyncio.wait((first, stop), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop.cancel()
-        if not first.done():  # draining, or the client left
-            first.cancel()
-    if not first.done():
-        _abandon(items)
-        raise Overloaded(SHUTTING_DOWN)
-    return first.result()
-
-
-async def _first_item(items: AsyncIterator[ReplicaItem]) -> ReplicaItem:
-    """The replica's first item; `RayActorError` (the replica died or is unreachable) passes through."""
-    try:
-        return await anext(items)
-    except BackPressureError:
-        raise Overloaded("all engine replicas are at capacity; retry shortly") from None
-    except StopAsyncIteration:
-        raise EngineFailure("engine replica closed the request without an answer") from None
-    except (OpenAIError, RayActorError):
-        raise
-    except Exception as exc:  # a replica that failed: the handle re-raises its error here
-        logger.exception("engine replica failed before answering")
-        raise EngineFailure(f"engine replica failed: {type(exc).__name__}") from exc
-
-
-def _abandon(items: AsyncIterator[ReplicaItem]) -> None:
-    """Cancels the engine call behind `items`, so the replica aborts the request in vLLM at once.
-
-    Ray Serve does not carry a caller's cancellation to the calls it made on every ingress path.
-    """
-    if isinstance(items, DeploymentResponseGenerator):
-        items.cancel()
-
-
-async def _relay(
-    first: str, items: AsyncIterator[ReplicaItem], timer: RequestTimer, admission: Admission
-) -> AsyncGenerator[str, None]:
+async def _relay(first: str, items: EngineCall, timer: RequestTimer, admission: Admission) -> AsyncGenerator[str, None]:
     """Streams the engine's events to the client; a failure mid-stream ends it with an error event."""
     status = 200
     used: int | None = None
@@ -208,7 +125,7 @@ async def _relay(
         yield sse_error(failure)
     finally:
         if not ended:  # the client left (cancelled, or closed while we waited to send)
-            _abandon(items)
+            items.cancel()
         timer.finish(status)
         admission.finish(used)
 

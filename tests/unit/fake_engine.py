@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
+from routing.engine_client import ServeEngineClient
 from serve.adapters.records import AdapterRecord, RegistryError, ReplicaReport, Snapshot
 from serve.wire import Endpoint, ReplicaItem, Usage
 
@@ -26,26 +29,75 @@ def echo_script(endpoint: Endpoint, body: dict[str, Any]) -> list[ReplicaItem | 
     return [*events, "data: [DONE]\n\n", Usage(prompt_tokens=3, completion_tokens=2)]
 
 
-@dataclass
-class FakeEngine:
-    """Records each request and plays `script`'s items back; an Exception item is raised."""
+class FakeCall:
+    """A streaming Serve call: plays `items` (an Exception item is raised), then waits for ever if `endless`."""
 
-    script: Script = echo_script
-    requests: list[tuple[Endpoint, dict[str, Any]]] = field(default_factory=list)
-    adapters: list[AdapterRecord | None] = field(default_factory=list)
+    def __init__(self, items: list[ReplicaItem | Exception], endless: bool = False) -> None:
+        self.items = list(items)
+        self.endless = endless
+        self.cancelled_by_router = False
 
-    def generate(
-        self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None = None
-    ) -> AsyncIterator[ReplicaItem]:
-        self.requests.append((endpoint, body))
-        self.adapters.append(adapter)
-        return self._play(self.script(endpoint, body))
+    def __aiter__(self) -> FakeCall:
+        return self
 
-    async def _play(self, items: list[ReplicaItem | Exception]) -> AsyncIterator[ReplicaItem]:
-        for item in items:
+    async def __anext__(self) -> ReplicaItem:
+        if self.items:
+            item = self.items.pop(0)
             if isinstance(item, Exception):
                 raise item
-            yield item
+            return item
+        if self.endless:
+            await asyncio.Event().wait()  # generating for ever
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.cancelled_by_router = True
+
+
+class StreamCall:
+    """A streaming Serve call over `items`, which records whether the router cancelled it."""
+
+    def __init__(self, items: AsyncIterator[ReplicaItem]) -> None:
+        self._items = items
+        self.cancelled_by_router = False
+
+    def __aiter__(self) -> StreamCall:
+        return self
+
+    async def __anext__(self) -> ReplicaItem:
+        return await anext(self._items)
+
+    def cancel(self) -> None:
+        self.cancelled_by_router = True
+
+
+@dataclass
+class FakeEngine:
+    """Stands for the engine deployment's handle: records each request and plays `script`'s items back."""
+
+    script: Script = echo_script
+    endless: bool = False
+    requests: list[tuple[Endpoint, dict[str, Any]]] = field(default_factory=list)
+    adapters: list[AdapterRecord | None] = field(default_factory=list)
+    calls: list[FakeCall] = field(default_factory=list)
+
+    def options(self, **_: Any) -> FakeEngine:
+        return self
+
+    @property
+    def generate(self) -> SimpleNamespace:
+        return SimpleNamespace(remote=self._call)
+
+    def _call(self, endpoint: Endpoint, body: dict[str, Any], *, adapter: AdapterRecord | None = None) -> FakeCall:
+        self.requests.append((endpoint, body))
+        self.adapters.append(adapter)
+        self.calls.append(FakeCall(self.script(endpoint, body), self.endless))
+        return self.calls[-1]
+
+
+def engine_client(engine: FakeEngine | None = None) -> ServeEngineClient:
+    """The router's real engine client over a fake engine deployment."""
+    return ServeEngineClient(engine or FakeEngine())
 
 
 def record(name: str, version: int = 1, source: str = "/adapters/x") -> AdapterRecord:

@@ -13,7 +13,7 @@ from routing.context import RouterContext
 from routing.ratelimit import RateLimiter
 from serve.config import ApiKeyConfig, AuthConfig, RouterConfig
 from serve.keys import hash_api_key, new_api_key
-from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
+from tests.unit.fake_engine import FakeRegistry, engine_client, record
 
 BASE = "tiny-base"
 ADAPTERS = ("a1", "a2", "team-x", "team-y")
@@ -39,7 +39,7 @@ def make_app(
 ) -> FastAPI:
     registry = registry or FakeRegistry({name: record(name) for name in ADAPTERS})
     router_config = RouterConfig(auth=AuthConfig(keys=keys, audit_file=audit_file), **config)
-    return create_app(engine or FakeEngine(), ModelCatalog(BASE, registry), router_config, limiter=limiter)
+    return create_app(engine_client(engine), ModelCatalog(BASE, registry), router_config, limiter=limiter)
 
 
 def client_for(app: FastAPI) -> httpx.AsyncClient:

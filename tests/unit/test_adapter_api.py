@@ -15,14 +15,14 @@ from serve.adapters.loader import AdapterLoader
 from serve.adapters.records import LoaderStats, ReplicaReport
 from serve.adapters.sources import LocalSource, SourceResolver
 from serve.config import RouterConfig
-from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
+from tests.unit.fake_engine import FakeRegistry, engine_client, record
 
 BASE = "tiny-base"
 
 
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(FakeEngine(), ModelCatalog(BASE, FakeRegistry()), RouterConfig())
+    app = create_app(engine_client(), ModelCatalog(BASE, FakeRegistry()), RouterConfig())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
         yield client
 
@@ -76,7 +76,7 @@ async def test_refused_writes_record_nothing(
 
 async def test_adapter_card_shows_where_it_is_installed_and_resident() -> None:
     registry = FakeRegistry()
-    app = create_app(FakeEngine(), ModelCatalog(BASE, registry), RouterConfig())
+    app = create_app(engine_client(), ModelCatalog(BASE, registry), RouterConfig())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
         await client.post("/v1/adapters", json={"name": "hot", "source": "/a/hot"})
         registry.reports = [

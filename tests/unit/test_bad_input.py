@@ -21,7 +21,7 @@ from routing.body_limit import MAX_BODY_BYTES, BodyLimit
 from routing.catalog import ModelCatalog
 from routing.protocol import MAX_JSON_DEPTH
 from serve.config import RouterConfig
-from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
+from tests.unit.fake_engine import FakeEngine, FakeRegistry, engine_client, record
 
 BASE = "tiny-base"
 COMPLETIONS, CHAT, ADAPTERS = "/v1/completions", "/v1/chat/completions", "/v1/adapters"
@@ -170,7 +170,7 @@ def registry() -> FakeRegistry:
 
 @pytest.fixture
 async def client(engine: FakeEngine, registry: FakeRegistry) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(engine, ModelCatalog(BASE, registry), RouterConfig())
+    app = create_app(engine_client(engine), ModelCatalog(BASE, registry), RouterConfig())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
         yield client
 

@@ -31,7 +31,7 @@ from routing.catalog import ModelCatalog
 from serve.adapters.records import LoaderStats, ReplicaReport
 from serve.app import ENGINE_DEPLOYMENT, ROUTER_DEPLOYMENT, absolute_paths, build_app
 from serve.config import AppConfig, RouterConfig, load_config
-from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
+from tests.unit.fake_engine import FakeRegistry, engine_client, record
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -312,7 +312,7 @@ async def scrape_router() -> dict[str, set[str]]:
     stats.observe_load(0.2)
     registry = FakeRegistry({"a1": record("a1")})
     registry.reports = [ReplicaReport(replica="r1", adapters=("a1",), engine_loras=1, stats=stats)]
-    app = create_app(FakeEngine(), ModelCatalog("base", registry), RouterConfig())
+    app = create_app(engine_client(), ModelCatalog("base", registry), RouterConfig())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
         for model, stream in [("base", False), ("a1", True), ("base:a1", False), ("nope", False)]:
             await client.post("/v1/completions", json={"model": model, "prompt": "x", "stream": stream})

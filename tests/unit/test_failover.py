@@ -7,7 +7,7 @@ import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,25 +16,24 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from ray.exceptions import ActorDiedError, ActorUnavailableError
-from ray.serve.handle import DeploymentResponseGenerator
 from starlette.types import Message
 
 from routing.app import create_app
 from routing.catalog import ModelCatalog
-from routing.endpoints.generate import REPLICA_RETRIES
+from routing.engine_client import REPLICA_RETRIES
 from routing.metrics import RouterMetrics
 from serve.adapters.records import LoaderStats, ReplicaReport
 from serve.config import AppConfig, RouterConfig
 from serve.replica import Replica
 from serve.wire import Endpoint, ReplicaItem
-from tests.unit.fake_engine import FakeEngine, FakeRegistry, Script, echo_script, record
+from tests.unit.fake_engine import FakeEngine, FakeRegistry, Script, echo_script, engine_client, record
 from tests.unit.test_router import BASE, assert_openai_error
 
 COMPLETION = {"model": BASE, "prompt": "x"}
 
 
 def router_app(engine: Any) -> FastAPI:
-    return create_app(engine, ModelCatalog(BASE, FakeRegistry({"a1": record("a1")})), RouterConfig())
+    return create_app(engine_client(engine), ModelCatalog(BASE, FakeRegistry({"a1": record("a1")})), RouterConfig())
 
 
 def inflight(app: FastAPI) -> int:
@@ -107,33 +106,9 @@ async def test_a_stream_that_already_started_ends_with_an_error_event_and_is_not
     assert inflight(app) == 0
 
 
-class PendingCall(DeploymentResponseGenerator):
-    """A Serve streaming call: its replica sends `items`, then keeps working until the call is cancelled."""
-
-    def __init__(self, items: list[ReplicaItem]) -> None:  # Serve's own state is not needed
-        self.items = list(items)
-        self.cancelled_by_router = False
-
-    async def __anext__(self) -> ReplicaItem:
-        if self.items:
-            return self.items.pop(0)
-        await asyncio.Event().wait()  # generating for ever
-        raise StopAsyncIteration
-
-    def cancel(self) -> None:
-        self.cancelled_by_router = True
-
-
-@dataclass
-class BusyEngine:
+def busy_engine(first: list[ReplicaItem]) -> FakeEngine:
     """Every call answers `first` items, then works until cancelled."""
-
-    first: list[ReplicaItem]
-    calls: list[PendingCall] = field(default_factory=list)
-
-    def generate(self, endpoint: Endpoint, body: dict[str, Any], adapter: Any = None) -> AsyncIterator[ReplicaItem]:
-        self.calls.append(PendingCall(self.first))
-        return self.calls[-1]
+    return FakeEngine(lambda *_: list(first), endless=True)
 
 
 async def call_asgi(app: FastAPI, body: dict[str, Any], leaves: Callable[[list[Message]], bool]) -> list[Message]:
@@ -168,7 +143,7 @@ async def call_asgi(app: FastAPI, body: dict[str, Any], leaves: Callable[[list[M
 
 async def test_a_client_leaving_mid_stream_cancels_the_engine_call_and_frees_its_slot() -> None:
     first = f"data: {json.dumps({'model': BASE, 'choices': [{'index': 0, 'text': 'a'}]})}\n\n"
-    engine = BusyEngine([first])
+    engine = busy_engine([first])
     app = router_app(engine)
 
     def after_first_event(sent: list[Message]) -> bool:
@@ -181,7 +156,7 @@ async def test_a_client_leaving_mid_stream_cancels_the_engine_call_and_frees_its
 
 
 async def test_a_client_leaving_before_the_answer_cancels_the_engine_call_and_frees_its_slot() -> None:
-    engine = BusyEngine([])
+    engine = busy_engine([])
     app = router_app(engine)
     request = asyncio.create_task(call_asgi(app, COMPLETION, lambda _: False))
     async with asyncio.timeout(5):
@@ -196,7 +171,7 @@ async def test_a_client_leaving_before_the_answer_cancels_the_engine_call_and_fr
 
 
 async def test_a_draining_router_answers_503_to_waiting_and_new_requests() -> None:
-    engine = BusyEngine([])  # the engines are draining: no replica takes the request
+    engine = busy_engine([])  # the engines are draining: no replica takes the request
     app = router_app(engine)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
         waiting = asyncio.create_task(client.post("/v1/completions", json=COMPLETION))

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from routing.fairness import FairGate, VirtualTokenCounters
 from routing.ratelimit import LocalRateLimiter
 from serve.adapters.records import AdapterRecord
 from serve.wire import Endpoint, ReplicaItem
-from tests.unit.fake_engine import FakeEngine
+from tests.unit.fake_engine import FakeEngine, StreamCall
 from tests.unit.tenancy import BASE, api_key, bearer, client_for, context_of, make_app
 
 
@@ -173,11 +174,16 @@ class HeldEngine:
         self.order: list[str] = []
         self.release = asyncio.Event()
 
-    def generate(
-        self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None = None
-    ) -> AsyncIterator[ReplicaItem]:
+    def options(self, **_: Any) -> HeldEngine:
+        return self
+
+    @property
+    def generate(self) -> SimpleNamespace:
+        return SimpleNamespace(remote=self._call)
+
+    def _call(self, endpoint: Endpoint, body: dict[str, Any], *, adapter: AdapterRecord | None = None) -> StreamCall:
         self.order.append(body["prompt"])
-        return self._answer(body)
+        return StreamCall(self._answer(body))
 
     async def _answer(self, body: dict[str, Any]) -> AsyncIterator[ReplicaItem]:
         await self.release.wait()

@@ -15,7 +15,7 @@ from routing.app import create_app
 from routing.catalog import ModelCatalog
 from serve.config import RouterConfig
 from tests.fuzzing import openai_error_shape, steer
-from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
+from tests.unit.fake_engine import FakeRegistry, engine_client, record
 
 schemathesis = pytest.importorskip(
     "schemathesis", reason="schemathesis is not installed; it is in pyproject's dev extra (pip install -e '.[dev]')"
@@ -23,7 +23,9 @@ schemathesis = pytest.importorskip(
 
 BASE = "tiny-base"
 SERVED = (BASE, "a1", f"{BASE}:a2")
-APP = create_app(FakeEngine(), ModelCatalog(BASE, FakeRegistry({n: record(n) for n in ("a1", "a2")})), RouterConfig())
+APP = create_app(
+    engine_client(), ModelCatalog(BASE, FakeRegistry({n: record(n) for n in ("a1", "a2")})), RouterConfig()
+)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 

@@ -11,7 +11,7 @@ from routing.app import create_app
 from routing.catalog import ModelCatalog
 from routing.errors import ErrorResponse, Overloaded
 from serve.config import RouterConfig
-from tests.unit.fake_engine import FakeEngine, FakeRegistry
+from tests.unit.fake_engine import FakeRegistry, engine_client
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 GENERATE = {"/v1/completions": ("prompt", "CompletionBody"), "/v1/chat/completions": ("messages", "ChatBody")}
@@ -19,7 +19,7 @@ GENERATE = {"/v1/completions": ("prompt", "CompletionBody"), "/v1/chat/completio
 
 @pytest.fixture(scope="module")
 def app() -> Any:
-    return create_app(FakeEngine(), ModelCatalog("tiny-base", FakeRegistry()), RouterConfig())
+    return create_app(engine_client(), ModelCatalog("tiny-base", FakeRegistry()), RouterConfig())
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from routing.errors import (
 )
 from routing.protocol import MAX_MODEL_ID_CHARS, Endpoint, parse_body
 from serve.config import ADAPTER_NAME_PATTERN, RouterConfig
-from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
+from tests.unit.fake_engine import FakeRegistry, engine_client, record
 
 BASE = "tiny-base"
 ADAPTERS = ("a1", "a2")
@@ -249,7 +249,7 @@ def assert_error_shape(body: Any, message: str, param: str | None) -> None:
 @cache
 def app() -> FastAPI:
     registry = FakeRegistry({name: record(name) for name in ADAPTERS})
-    return create_app(FakeEngine(), ModelCatalog(BASE, registry), RouterConfig(max_n=MAX_N))
+    return create_app(engine_client(), ModelCatalog(BASE, registry), RouterConfig(max_n=MAX_N))
 
 
 async def post(path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:

@@ -15,7 +15,7 @@ from routing.catalog import ModelCatalog
 from serve.adapters.records import LoaderStats, ReplicaReport
 from serve.config import RouterConfig
 from serve.wire import EngineError, Usage
-from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
+from tests.unit.fake_engine import FakeEngine, FakeRegistry, engine_client, record
 
 BASE = "tiny-base"
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -23,7 +23,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 def make_client(engine: FakeEngine, registry: FakeRegistry | None = None, **config: Any) -> httpx.AsyncClient:
     registry = registry or FakeRegistry({name: record(name) for name in ("a1", "a2")})
-    app = create_app(engine, ModelCatalog(BASE, registry), RouterConfig(**config))
+    app = create_app(engine_client(engine), ModelCatalog(BASE, registry), RouterConfig(**config))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
 
 
