@@ -237,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="passes over all systems, order reversed each pass")
     parser.add_argument(
+        "--no-path", action="store_true", help="skip the serving-path benchmark (loadtests/path_bench.py)"
+    )
+    parser.add_argument(
         "--peers-with-loraplex-plugin",
         action="store_true",
         help="load loraplex's vLLM plugin into vLLM's server and Ray Serve LLM too (to measure "
@@ -269,7 +272,12 @@ def main(argv: list[str] | None = None) -> None:
         else "python -m loadtests.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     )
     peers = PEERS_WITH_PLUGIN if args.peers_with_loraplex_plugin else PEERS_STOCK
-    print(write_report(args.out, rounds, engine, machine(), command, peers))
+    last_line = write_report(args.out, rounds, engine, machine(), command, peers)
+    if not args.no_path:
+        from loadtests import path_bench
+
+        path_bench.main(["--assets", str(args.assets), "--out", str(args.out)])  # prints its summary line
+    print(last_line)
 
 
 if __name__ == "__main__":
