@@ -10,8 +10,9 @@ from typing import Any
 from routing.errors import ModelNotFound
 from routing.registry_client import RegistryClient
 from serve.adapters.records import AdapterRecord, Snapshot
+from serve.wire import ADAPTER_ID_SEPARATOR, adapter_model_id
 
-SEPARATOR = ":"
+SEPARATOR = ADAPTER_ID_SEPARATOR
 REFRESH_S = 1.0
 
 
@@ -36,7 +37,7 @@ class ModelCatalog:
         self._created = int(time.time())
 
     def adapter_id(self, name: str) -> str:
-        return f"{self.base_id}{SEPARATOR}{name}"
+        return adapter_model_id(self.base_id, name)
 
     async def refresh(self, force: bool = False) -> None:
         """Fetches the registry's snapshot if it changed; asks at most every `REFRESH_S` unless forced."""

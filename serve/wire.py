@@ -36,9 +36,12 @@ class Usage:
 ReplicaItem = EngineError | Usage | dict | str
 
 
+ADAPTER_ID_SEPARATOR = ":"
+
+
 def adapter_model_id(base_id: str, name: str) -> str:
-    """The public id of adapter `name` on base model `base_id`: `BASE:NAME`."""
-    return f"{base_id}:{name}"
+    """The public id of adapter `name` on base model `base_id`: `BASE:NAME`, the one place it is formatted."""
+    return f"{base_id}{ADAPTER_ID_SEPARATOR}{name}"
 
 
 def error_type(status: int) -> str:
