@@ -71,8 +71,22 @@ class StreamCall:
         self.cancelled_by_router = True
 
 
+class FakeHandle:
+    """The shape of the engine deployment's `DeploymentHandle`: `options(...).generate.remote(...)` calls `_call`."""
+
+    def options(self, **_: Any) -> FakeHandle:
+        return self
+
+    @property
+    def generate(self) -> SimpleNamespace:
+        return SimpleNamespace(remote=self._call)
+
+    def _call(self, endpoint: Endpoint, body: dict[str, Any], *, adapter: AdapterRecord | None = None) -> Any:
+        raise NotImplementedError
+
+
 @dataclass
-class FakeEngine:
+class FakeEngine(FakeHandle):
     """Stands for the engine deployment's handle: records each request and plays `script`'s items back."""
 
     script: Script = echo_script
@@ -80,13 +94,6 @@ class FakeEngine:
     requests: list[tuple[Endpoint, dict[str, Any]]] = field(default_factory=list)
     adapters: list[AdapterRecord | None] = field(default_factory=list)
     calls: list[FakeCall] = field(default_factory=list)
-
-    def options(self, **_: Any) -> FakeEngine:
-        return self
-
-    @property
-    def generate(self) -> SimpleNamespace:
-        return SimpleNamespace(remote=self._call)
 
     def _call(self, endpoint: Endpoint, body: dict[str, Any], *, adapter: AdapterRecord | None = None) -> FakeCall:
         self.requests.append((endpoint, body))

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from routing.fairness import FairGate, VirtualTokenCounters
 from routing.ratelimit import LocalRateLimiter
 from serve.adapters.records import AdapterRecord
 from serve.wire import Endpoint, ReplicaItem
-from tests.unit.fake_engine import FakeEngine, StreamCall
+from tests.unit.fake_engine import FakeEngine, FakeHandle, StreamCall
 from tests.unit.tenancy import BASE, api_key, bearer, client_for, context_of, make_app
 
 
@@ -167,19 +166,12 @@ async def test_shares_follow_the_weights_of_the_busy_tenants() -> None:
     assert gate.share("newcomer") == 8 / 5  # a newcomer (weight 1) counts itself among the busy
 
 
-class HeldEngine:
+class HeldEngine(FakeHandle):
     """An engine whose requests finish only when the test releases them; records the order they arrive."""
 
     def __init__(self) -> None:
         self.order: list[str] = []
         self.release = asyncio.Event()
-
-    def options(self, **_: Any) -> HeldEngine:
-        return self
-
-    @property
-    def generate(self) -> SimpleNamespace:
-        return SimpleNamespace(remote=self._call)
 
     def _call(self, endpoint: Endpoint, body: dict[str, Any], *, adapter: AdapterRecord | None = None) -> StreamCall:
         self.order.append(body["prompt"])
