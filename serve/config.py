@@ -17,6 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 _ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
 
+
+def is_adapter_name(value: str) -> bool:
+    """Whether `value` is a usable adapter name: the whole string matches (`$` alone lets a trailing newline
+    through) and it is not `.` or `..` (it names folders in the node cache and in sources)."""
+    return _ADAPTER_NAME.fullmatch(value) is not None and value.strip(".") != ""
+
 # vLLM sizes its LoRA buffers by max_lora_rank and accepts only these bounds.
 LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
 
@@ -133,7 +139,7 @@ class AdapterConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name_is_safe(cls, value: str) -> str:
-        if not _ADAPTER_NAME.match(value):
+        if not is_adapter_name(value):
             raise ValueError(f"adapter name {value!r} must match {ADAPTER_NAME_PATTERN}")
         return value
 
@@ -264,14 +270,14 @@ class ApiKeyConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name_is_safe(cls, value: str) -> str:
-        if not _KEY_NAME.match(value):
+        if not _KEY_NAME.fullmatch(value):
             raise ValueError(f"key name {value!r} must match {KEY_NAME_PATTERN}")
         return value
 
     @field_validator("sha256")
     @classmethod
     def _is_a_digest(cls, value: str) -> str:
-        if not _SHA256.match(value):
+        if not _SHA256.fullmatch(value):
             raise ValueError("sha256 must be 64 lowercase hex digits: the key's hash, never the key")
         return value
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -20,9 +19,8 @@ from pathlib import Path
 from serve.adapters.records import AdapterRecord, RegistryError, ReplicaReport, Snapshot
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.validation import AdapterInvalid, base_linear_shapes, validate_adapter
-from serve.config import ADAPTER_NAME_PATTERN, AppConfig
+from serve.config import ADAPTER_NAME_PATTERN, AppConfig, is_adapter_name
 
-_NAME = re.compile(ADAPTER_NAME_PATTERN)
 REPORT_TTL_S = 30.0
 
 
@@ -87,7 +85,7 @@ class AdapterRegistry:
             return record
 
     def _validate_and_record(self, name: str, source: str, pinned: bool) -> AdapterRecord | RegistryError:
-        if not _NAME.match(name):
+        if not is_adapter_name(name):
             return RegistryError(400, f"adapter name must match {ADAPTER_NAME_PATTERN}", "name")
         staging = Path(tempfile.mkdtemp(prefix="loraplex-adapter-"))
         try:

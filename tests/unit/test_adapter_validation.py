@@ -128,6 +128,9 @@ def test_registry_versions_persist_and_unregister(tmp_path: Path, model_dir: Pat
     ("name", "source", "param", "reason"),
     [
         ("../etc", "{ok}", "name", "must match"),
+        ("support\n", "{ok}", "name", "must match"),  # `$` alone would accept a trailing newline
+        (".", "{ok}", "name", "must match"),
+        ("..", "{ok}", "name", "must match"),
         ("x", "/etc", "source", "outside the allowed adapter roots"),
         ("x", "{root}/missing", "source", "is not a folder"),
         ("x", "ftp://host/a", "source", "unsupported adapter source scheme"),

@@ -9,7 +9,7 @@ import typer
 from pydantic import ValidationError
 
 from serve.cli import parse_adapter
-from serve.config import AdapterConfig, AppConfig, EngineConfig, load_config
+from serve.config import AdapterConfig, ApiKeyConfig, AppConfig, EngineConfig, load_config
 from serve.engines.vllm_engine import final_usage, vllm_cli_args
 
 KEY = {"name": "k", "sha256": "0" * 64}
@@ -102,3 +102,16 @@ def test_app_binds_one_shared_rate_limiter_into_the_router(tmp_path: Path, monke
     assert limiter._bound_deployment.num_replicas == 1
     assert router_config.auth.keys_file == str(tmp_path / "keys.yaml")
     assert router_config.auth.audit_file == str(tmp_path / "a.jsonl")
+
+
+@pytest.mark.parametrize("name", ["alpha\n", ".", "..", "a/b", ""])
+def test_adapter_names_must_match_whole_and_not_be_dot_names(name: str) -> None:
+    with pytest.raises(ValueError):
+        AdapterConfig(name=name, path="/a")
+
+
+def test_key_names_and_hashes_must_match_whole() -> None:
+    with pytest.raises(ValueError):
+        ApiKeyConfig(name="ops\n", sha256="0" * 64)
+    with pytest.raises(ValueError):
+        ApiKeyConfig(name="ops", sha256="0" * 64 + "\n")
