@@ -97,6 +97,8 @@ class ChatBody(_Body):
     max_completion_tokens: Count | None = None
 
 
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+"""The roles of OpenAI's chat schema; others are refused unless `router.extra_chat_roles` lists them."""
 BODY_MODELS: dict[Endpoint, type[_Body]] = {"completions": CompletionBody, "chat": ChatBody}
 
 
@@ -107,6 +109,7 @@ def parse_body(
     max_n: int,
     max_tokens: int | None = None,
     content_type: str | None = "application/json",
+    extra_chat_roles: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Checks a raw request body (already within the size limit); returns it as a dict or raises `InvalidRequest`.
 
@@ -128,8 +131,13 @@ def parse_body(
         _cap_max_tokens(body, data, max_tokens)
     if body.stream_options is not None and not body.stream:
         raise InvalidRequest("stream_options is only allowed with stream=true", param="stream_options")
-    if endpoint == "chat" and isinstance(body, ChatBody) and body.top_logprobs and not body.logprobs:
-        raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
+    if isinstance(body, ChatBody):
+        if body.top_logprobs and not body.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
+        for i, message in enumerate(body.messages):
+            if message.role not in CHAT_ROLES and message.role not in extra_chat_roles:
+                known = ", ".join(sorted(CHAT_ROLES | set(extra_chat_roles)))
+                raise InvalidRequest(f"messages[{i}].role must be one of {known}", param=f"messages.{i}.role")
     return data
 
 

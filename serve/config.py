@@ -23,6 +23,7 @@ def is_adapter_name(value: str) -> bool:
     through) and it is not `.` or `..` (it names folders in the node cache and in sources)."""
     return _ADAPTER_NAME.fullmatch(value) is not None and value.strip(".") != ""
 
+
 # vLLM sizes its LoRA buffers by max_lora_rank and accepts only these bounds.
 LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
 
@@ -364,6 +365,11 @@ class RouterConfig(_Strict):
             "Most tokens a prompt may have (chat: after the chat template), counted by the engine's tokenizer; "
             "longer prompts get 400 (param prompt or messages). None: only the engine's max_model_len bounds them."
         ),
+    )
+    extra_chat_roles: tuple[str, ...] = Field(
+        default=(),
+        description="Chat roles accepted besides OpenAI's (system, developer, user, assistant, tool, function), "
+        "for a chat template that uses more (e.g. `ipython`); other roles get 400.",
     )
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Largest request body, in bytes; larger bodies get 413."

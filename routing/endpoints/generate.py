@@ -48,7 +48,12 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
             raise Overloaded(SHUTTING_DOWN)
         content_type = request.headers.get("content-type")
         body = parse_body(
-            await request.body(), endpoint, max_n=config.max_n, max_tokens=config.max_tokens, content_type=content_type
+            await request.body(),
+            endpoint,
+            max_n=config.max_n,
+            max_tokens=config.max_tokens,
+            content_type=content_type,
+            extra_chat_roles=config.extra_chat_roles,
         )
         key.require_use(context.catalog.name_of(body["model"]), body["model"])
         target = await context.catalog.resolve(body["model"])

@@ -144,6 +144,7 @@ BAD_REQUESTS: list[tuple[str, Payload, int, str | None]] = [
     (COMPLETIONS, {"stop": [1]}, 400, "stop"),
     (CHAT, {"messages": "hi"}, 400, "messages"),
     (CHAT, {"messages": [{"role": ""}]}, 400, "messages.0.role"),
+    (CHAT, {"messages": [{"role": "user", "content": "a"}, {"role": "wizard"}]}, 400, "messages.1.role"),
     (CHAT, {"messages": [None]}, 400, "messages.0"),
     (CHAT, {"max_completion_tokens": 10**30}, 400, "max_completion_tokens"),
     (CHAT, {"top_logprobs": 10**30, "logprobs": True}, 400, "top_logprobs"),
@@ -366,3 +367,12 @@ async def test_body_at_the_limit_passes_whole() -> None:
 async def test_client_gone_mid_body_gets_no_answer() -> None:
     app, sent, _ = await call_limited([body(b"123", more=True)], [])
     assert (sent, app.body) == ([], None)
+
+
+async def test_roles_a_chat_template_needs_can_be_allowed_in_config(registry: FakeRegistry) -> None:
+    app = create_app(engine_client(), ModelCatalog(BASE, registry), RouterConfig(extra_chat_roles=("ipython",)))
+    body = {"model": BASE, "messages": [{"role": "ipython", "content": "42"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+        assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+        body["messages"][0]["role"] = "wizard"
+        assert_openai_error(await client.post("/v1/chat/completions", json=body), 400, "messages.0.role")
