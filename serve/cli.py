@@ -222,7 +222,7 @@ def adapters_list(url: UrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOptio
     """List registered adapters."""
     for item in _call("GET", f"{url}/v1/adapters", api_key)["data"]:
         pinned = " pinned" if item["pinned"] else ""
-        typer.echo(f"{item['id']}\tv{item['version']}\tr={item['rank']}\t{item['source']}{pinned}")
+        typer.echo(f"{item['id']}\tv{item['version']}\tr={item['rank']}\t{item.get('source', '-')}{pinned}")
 
 
 @adapters_app.command("add")

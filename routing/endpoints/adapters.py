@@ -57,8 +57,12 @@ class RegistryRefused(OpenAIError):
         self.type = "not_found_error" if error.status == 404 else "invalid_request_error"
 
 
-def card(context: RouterContext, record: AdapterRecord) -> dict[str, Any]:
-    return {"id": context.catalog.adapter_id(record.name), "object": "adapter", **asdict(record)}
+def card(context: RouterContext, record: AdapterRecord, *, with_source: bool = True) -> dict[str, Any]:
+    """An adapter as the API shows it; `source` (buckets, prefixes, host paths) only to admins."""
+    fields = asdict(record)
+    if not with_source:
+        del fields["source"]
+    return {"id": context.catalog.adapter_id(record.name), "object": "adapter", **fields}
 
 
 async def _register(
@@ -98,7 +102,7 @@ def _bare(context: RouterContext, name: str) -> str:
 @router.get("/v1/adapters")
 async def list_adapters(context: ContextDep, key: KeyDep) -> dict[str, Any]:
     records = [r for r in await context.catalog.records() if key.may_see(r.name)]
-    return {"object": "list", "data": [card(context, r) for r in records]}
+    return {"object": "list", "data": [card(context, r, with_source=key.admin) for r in records]}
 
 
 @router.get("/v1/adapters/{name}")
@@ -115,7 +119,7 @@ async def get_adapter(name: str, context: ContextDep, key: KeyDep) -> dict[str, 
         for r in reports
         if target.adapter.name in r.adapters
     ]
-    return {**card(context, target.adapter), "replicas": placement}
+    return {**card(context, target.adapter, with_source=key.admin), "replicas": placement}
 
 
 @router.post("/v1/adapters", status_code=201)

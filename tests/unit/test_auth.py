@@ -243,3 +243,13 @@ def test_adapters_cli_sends_the_api_key_as_bearer(monkeypatch: pytest.MonkeyPatc
     assert CliRunner().invoke(cli, ["adapters", "rm", "a1", "--api-key", "lpx-flag"]).exit_code == 0
     assert CliRunner().invoke(cli, ["adapters", "rm", "a1"], env={"LORAPLEX_API_KEY": "lpx-env"}).exit_code == 0
     assert [h["Authorization"] for h in sent] == ["Bearer lpx-flag", "Bearer lpx-env"]
+
+
+async def test_only_admins_see_where_an_adapter_comes_from(client: httpx.AsyncClient) -> None:
+    """An adapter's `source` names buckets, prefixes and host paths: operators' business, not tenants'."""
+    for key, sees_source in ((USER, False), (ADMIN, True)):
+        one = (await client.get("/v1/adapters/a1", headers=bearer(key))).json()
+        listed = (await client.get("/v1/adapters", headers=bearer(key))).json()["data"]
+        assert one["id"].endswith("a1") and listed
+        assert ("source" in one) is sees_source
+        assert all(("source" in item) is sees_source for item in listed)
