@@ -26,7 +26,9 @@ CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD_TOKENS = 4
 """Chat templates add a few tokens per message (role markers, separators)."""
 DEFAULT_COMPLETION_TOKENS = 256
-"""Assumed completion length of a request without `max_tokens` (when `router.max_tokens` is unset)."""
+"""Assumed completion length of a chat request without `max_tokens` (when `router.max_tokens` is unset)."""
+VLLM_COMPLETIONS_MAX_TOKENS = 16
+"""vLLM's `max_tokens` for a `/v1/completions` request that gives none."""
 
 
 def estimate_prompt_tokens(endpoint: Endpoint, body: dict[str, Any]) -> int:
@@ -43,8 +45,13 @@ def estimate_prompt_tokens(endpoint: Endpoint, body: dict[str, Any]) -> int:
 
 
 def estimate_completion_tokens(endpoint: Endpoint, body: dict[str, Any]) -> int:
-    """The most completion tokens a request may produce: `max_tokens` for each choice of each prompt."""
-    limit = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_COMPLETION_TOKENS
+    """The most completion tokens a request may produce, read as vLLM reads the body: for each choice of each
+    prompt, `max_tokens` on completions (vLLM ignores `max_completion_tokens` there; its default is 16), and
+    `max_completion_tokens` or `max_tokens` on chat. The router has checked both are positive integers."""
+    if endpoint == "completions":
+        limit = body.get("max_tokens") or VLLM_COMPLETIONS_MAX_TOKENS
+    else:
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_COMPLETION_TOKENS
     prompt = body.get("prompt")
     batch = endpoint == "completions" and isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
     prompts = len(prompt) if batch and isinstance(prompt, list) else 1

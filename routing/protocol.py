@@ -78,6 +78,9 @@ class CompletionBody(_Body):
     prompt: Prompt = Field(description="Text, texts, or token ids.")
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+    max_completion_tokens: Count | None = Field(
+        default=None, description="Checked like `max_tokens`, but vLLM's completions use only `max_tokens`."
+    )
 
 
 class ChatMessage(BaseModel):

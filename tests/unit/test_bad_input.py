@@ -144,6 +144,8 @@ BAD_REQUESTS: list[tuple[str, Payload, int, str | None]] = [
     (COMPLETIONS, {"stop": [1]}, 400, "stop"),
     (CHAT, {"messages": "hi"}, 400, "messages"),
     (CHAT, {"messages": [{"role": ""}]}, 400, "messages.0.role"),
+    (COMPLETIONS, {"max_completion_tokens": "x"}, 400, "max_completion_tokens"),
+    (COMPLETIONS, {"max_completion_tokens": -5}, 400, "max_completion_tokens"),
     (CHAT, {"messages": [{"role": "user", "content": "a"}, {"role": "wizard"}]}, 400, "messages.1.role"),
     (CHAT, {"messages": [None]}, 400, "messages.0"),
     (CHAT, {"max_completion_tokens": 10**30}, 400, "max_completion_tokens"),

@@ -165,7 +165,9 @@ async def test_keys_without_limits_never_ask_the_limiter() -> None:
         ("completions", {"prompt": "x" * 40, "max_tokens": 8}, 10, 8),
         ("completions", {"prompt": [1, 2, 3], "max_tokens": 8, "n": 2}, 3, 16),
         ("completions", {"prompt": ["abcd", "abcdefgh"], "max_tokens": 8}, 3, 16),
-        ("completions", {"prompt": [[1, 2], [3]]}, 3, 512),
+        ("completions", {"prompt": [[1, 2], [3]]}, 3, 32),  # vLLM's completions default: 16 each
+        # vLLM reads only max_tokens on /v1/completions: a tiny max_completion_tokens must not hide 200 tokens.
+        ("completions", {"prompt": "x", "max_tokens": 200, "max_completion_tokens": 1}, 1, 200),
         ("chat", {"messages": [{"role": "user", "content": "x" * 8}], "max_completion_tokens": 5}, 6, 5),
         ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, 4 + 1, 256),
     ],
