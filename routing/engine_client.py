@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from routing.errors import EngineFailure, OpenAIError, Overloaded
 from serve.adapters.records import AdapterRecord
@@ -90,10 +90,16 @@ async def _first_item_unless(call: Any, draining: asyncio.Event) -> ReplicaItem:
         stop.cancel()
         if not first.done():  # draining, or the client left
             first.cancel()
+            first.add_done_callback(_retrieve)  # its outcome is moot now
     if not first.done():
         call.cancel()
         raise Overloaded(SHUTTING_DOWN)
     return first.result()
+
+
+def _retrieve(task: asyncio.Future[ReplicaItem]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _first_item(call: Any) -> ReplicaItem:
@@ -103,6 +109,8 @@ async def _first_item(call: Any) -> ReplicaItem:
         return item
     except BackPressureError:
         raise Overloaded("all engine replicas are at capacity; retry shortly") from None
+    except RequestCancelledError:  # the router cancelled the call itself: no engine failed
+        raise asyncio.CancelledError from None
     except StopAsyncIteration:
         raise EngineFailure("engine replica closed the request without an answer") from None
     except (OpenAIError, RayActorError):
