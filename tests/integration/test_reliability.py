@@ -35,8 +35,10 @@ MAX_INFLIGHT, MAX_WAITING = 8, 24
 CAPACITY = MAX_INFLIGHT + MAX_WAITING
 """Generation requests the (one) router replica holds at once; beyond them it answers 503."""
 MAX_BODY_BYTES = 16 * 1024
-GRACE_S = 60.0
-"""graceful_shutdown_timeout_s of both deployments: how long SIGTERM lets requests in flight finish."""
+GRACE_S = 120.0
+"""graceful_shutdown_timeout_s of both deployments: how long SIGTERM lets requests in flight finish. The
+drain test's 400-token stream alone takes 72 s with this module's two unbound engines on a 2-core AMD EPYC
+(measured), more than the 60 s this used to be: the drain waits only as long as the stream needs."""
 REQUEST_TIMEOUT_S = 180.0
 """A request still unanswered after this long counts as hung."""
 REPLACED_WITHIN_S = 300.0
