@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--seconds", type=float, default=15.0, help="per concurrency level")
     parser.add_argument("--skip-engine", action="store_true", help="only the simulated-engine capacity part")
     parser.add_argument("--dtype", default="float32", help="engine dtype for the CPU-per-token part (all systems)")
+    parser.add_argument("--engine-systems", nargs="+", default=["vllm", "loraplex", "rayserve-llm"],
+                        help="systems of the CPU-per-token part")  # fmt: skip
+    parser.add_argument("--skip-capacity", action="store_true", help="only the CPU-per-token part")
     args = parser.parse_args(argv)
 
     results: dict[str, Any] = {
@@ -167,11 +170,12 @@ def main(argv: list[str] | None = None) -> str:
             workload = Workload("base", (engine.model_id,), popularity="single", num_requests=64, concurrency=32)
             starters: dict[str, Starter] = {"vllm": start_vllm, "loraplex": start_loraplex,
                                             "rayserve-llm": start_rayserve_llm}  # fmt: skip
-            results["cpu_per_token"] = [cpu_per_token(name, s, setup, workload) for name, s in starters.items()]
+            results["cpu_per_token"] = [cpu_per_token(name, starters[name], setup, workload)
+                                        for name in args.engine_systems]  # fmt: skip
         sim_setup = Setup(engine=EngineConfig(model="sim"), adapters=[], work=work)
         systems: dict[str, Starter] = {"bare": start_bare, "loraplex": start_simulated("direct"),
                                        "loraplex-serve-proxy": start_simulated("serve-proxy")}  # fmt: skip
-        results["capacity"] = [row for name, s in systems.items()
+        results["capacity"] = [row for name, s in systems.items() if not args.skip_capacity
                                for row in capacity(name, s, sim_setup, args.levels, args.seconds)]  # fmt: skip
 
     summary = summarize(results)
@@ -190,7 +194,8 @@ def summarize(results: dict[str, Any]) -> dict[str, float | str]:
         summary["path_cpu_per_token_vs_vllm"] = round(per_token["loraplex"] / per_token["vllm"], 2)
     bare = {row["concurrency"]: row["tokens_per_s"] for row in results["capacity"] if row["system"] == "bare"}
     ours = {row["concurrency"]: row["tokens_per_s"] for row in results["capacity"] if row["system"] == "loraplex"}
-    summary["sim_vs_bare"] = round(min(ours[c] / bare[c] for c in bare if bare[c]), 2)
+    if bare and ours:
+        summary["sim_vs_bare"] = round(min(ours[c] / bare[c] for c in bare if bare[c]), 2)
     return summary
 
 

@@ -35,6 +35,7 @@ def create_app(
     gate = FairGate(config.max_inflight, config.max_waiting, config.fair_share_reserve)
     metrics = RouterMetrics(CollectorRegistry(), max_adapters=config.max_adapter_labels)
     metrics.watch_admission(inflight=lambda: gate.inflight, waiting=lambda: gate.waiting)
+    metrics.watch_streams(engine.stream_counts)
     app.state.context = RouterContext(
         engine=engine,
         catalog=catalog,

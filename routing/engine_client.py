@@ -1,16 +1,18 @@
 """How the router reaches engine replicas. Ray stays here: the endpoints see only this module's terms.
 
 `ServeEngineClient` sends a request through the engine deployment's `DeploymentHandle` and streams back
-its wire items (`serve.wire`). It owns what depends on the transport: sending a request again when its
-replica died before answering, Serve's back-pressure as 503, cancellation, and giving up on a request
+its wire items (`serve.wire`): the first over Ray, the rest over this router's stream channel
+(`serve.channel`) when it has one. It owns what depends on the transport: sending a request again when
+its replica died before answering, Serve's back-pressure as 503, cancellation, and giving up on a request
 whose router is draining.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from ray.exceptions import RayActorError
@@ -18,7 +20,8 @@ from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from routing.errors import EngineFailure, OpenAIError, Overloaded
 from serve.adapters.records import AdapterRecord
-from serve.wire import Endpoint, ReplicaItem
+from serve.channel import ChannelServer, Inbox
+from serve.wire import Endpoint, Relayed, ReplicaItem, ReplyTo
 
 logger = logging.getLogger("loraplex.router")
 REPLICA_RETRIES = 2
@@ -37,6 +40,9 @@ class EngineCall(Protocol):
 class EngineClient(Protocol):
     """Sends one request to some engine replica."""
 
+    stream_counts: dict[str, int]
+    """Streams so far by how their items after the first came: `channel` or `ray`."""
+
     async def start(
         self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None, draining: asyncio.Event
     ) -> tuple[ReplicaItem, EngineCall]:
@@ -49,10 +55,14 @@ class EngineClient(Protocol):
 
 
 class ServeEngineClient:
-    """An `EngineClient` over the engine deployment's `DeploymentHandle`."""
+    """An `EngineClient` over the engine deployment's `DeploymentHandle` (`transport`: "grpc" or "ray", the
+    router's `engine_transport`); streams over `channel` if given."""
 
-    def __init__(self, handle: Any) -> None:
-        self._handle = handle.options(stream=True)
+    def __init__(self, handle: Any, channel: ChannelServer | None = None, transport: str = "grpc") -> None:
+        # Serve's gRPC transport for the request and first item; `_by_reference` is Serve's name for Ray calls.
+        self._handle = handle.options(stream=True, _by_reference=transport == "ray")
+        self.channel = channel
+        self.stream_counts = {"channel": 0, "ray": 0}
 
     async def start(
         self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None, draining: asyncio.Event
@@ -63,11 +73,15 @@ class ServeEngineClient:
         gets 503: the engines are draining too, so it might wait for one until the router is killed.
         """
         failures = 0
+        if self.channel is not None:
+            await self.channel.start()
         while True:
-            call = self._handle.generate.remote(endpoint, body, adapter=adapter)
+            reply_to, inbox = self.channel.open() if self.channel is not None else (None, None)
+            call = self._handle.generate.remote(endpoint, body, adapter=adapter, reply_to=reply_to)
             try:
-                return await _first_item_unless(call, draining), call
+                first = await _first_item_unless(call, draining)
             except RayActorError as exc:
+                self._release(reply_to)
                 failures += 1
                 if failures > REPLICA_RETRIES:
                     logger.error("engine replicas failed %d times before answering", failures, exc_info=exc)
@@ -75,9 +89,77 @@ class ServeEngineClient:
                 logger.warning(
                     "engine replica lost before answering (%s); sending the request again", type(exc).__name__
                 )
+                continue
             except asyncio.CancelledError:  # the client left while the engine worked
+                self._release(reply_to)
                 call.cancel()  # Serve does not carry a caller's cancellation to the calls it made
                 raise
+            except BaseException:
+                self._release(reply_to)
+                raise
+            if reply_to is None or inbox is None or not isinstance(first, str):
+                self._release(reply_to)  # a whole answer or an error: no stream follows
+                self.stream_counts["ray"] += isinstance(first, str)
+                return first, call
+            return first, ChannelledCall(call, inbox, functools.partial(self._ended, reply_to, inbox))
+
+    def _ended(self, reply_to: ReplyTo, inbox: Inbox) -> None:
+        self._release(reply_to)
+        self.stream_counts["channel" if inbox.channelled else "ray"] += 1
+
+    def _release(self, reply_to: ReplyTo | None) -> None:
+        if reply_to is not None and self.channel is not None:
+            self.channel.release(reply_to)
+
+
+class ChannelledCall:
+    """A stream's items after the first: from the channel, or over Ray from a replica without one.
+
+    The Ray call stays open until the replica finished the stream, so Serve counts it, cancels it and sees
+    its replica die; its last item (`Relayed`) says how many items the channel carried.
+    """
+
+    def __init__(self, call: Any, inbox: Inbox, ended: Callable[[], None]) -> None:
+        self._call = call
+        self._inbox = inbox
+        self._ended = ended
+        self._over = False
+        self._follow = asyncio.ensure_future(self._follow_call())
+
+    async def _follow_call(self) -> None:
+        inbox = self._inbox
+        try:
+            async for item in self._call:
+                if isinstance(item, Relayed):
+                    inbox.relayed(item)
+                else:
+                    inbox.put(item, from_channel=False)
+            inbox.ray_ended()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the replica died mid-stream, or failed: after the items before it
+            inbox.fail(exc)
+
+    def __aiter__(self) -> AsyncIterator[ReplicaItem]:
+        return self._items()
+
+    async def _items(self) -> AsyncIterator[ReplicaItem]:
+        try:
+            while batch := await self._inbox.take():
+                for item in batch:
+                    yield item
+        finally:
+            self._end()
+
+    def cancel(self) -> None:
+        self._call.cancel()
+        self._follow.cancel()
+        self._end()
+
+    def _end(self) -> None:
+        if not self._over:
+            self._over = True
+            self._ended()
 
 
 async def _first_item_unless(call: Any, draining: asyncio.Event) -> ReplicaItem:

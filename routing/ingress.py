@@ -15,6 +15,7 @@ from collections.abc import Generator
 from contextlib import contextmanager
 from typing import Any
 
+import ray
 import uvicorn
 from fastapi import FastAPI
 from ray import serve
@@ -24,6 +25,7 @@ from routing.catalog import ModelCatalog
 from routing.engine_client import ServeEngineClient
 from routing.ratelimit import ServeRateLimiter
 from routing.registry_client import ServeRegistryClient
+from serve.channel import ChannelServer
 from serve.config import RouterConfig
 
 logger = logging.getLogger("loraplex.router")
@@ -41,7 +43,10 @@ class RouterIngress:
     ) -> None:
         registry_client = ServeRegistryClient(registry)
         catalog = ModelCatalog(base_id, registry_client)
-        self._app = create_app(ServeEngineClient(engine), catalog, config, limiter=ServeRateLimiter(limiter))
+        channel = ChannelServer(ray.util.get_node_ip_address()) if config.stream_channel else None
+        self._channel = channel
+        engine_client = ServeEngineClient(engine, channel, config.engine_transport)
+        self._app = create_app(engine_client, catalog, config, limiter=ServeRateLimiter(limiter))
         self._config = config
         self._server: uvicorn.Server | None = None
         self._serving: asyncio.Task[None] | None = None
@@ -64,6 +69,8 @@ class RouterIngress:
         except TimeoutError:
             logger.warning("requests still in flight after the graceful shutdown timeout are dropped")
             self._serving.cancel()
+        if self._channel is not None:
+            await self._channel.close()
 
 
 def serve_http(app: FastAPI, host: str, port: int) -> tuple[uvicorn.Server, asyncio.Task[None]]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from routing.replica_metrics import ReplicaCollector
 
@@ -54,6 +56,10 @@ class RouterMetrics:
             registry=self.registry,
         ).set_function(waiting)  # fmt: skip
 
+    def watch_streams(self, counts: dict[str, int]) -> None:
+        """Exports how streams reached this router (`counts` is read at each scrape)."""
+        self.registry.register(_StreamCollector(counts))
+
     def label(self, model_id: str | None, is_adapter: bool) -> str:
         """The label value for a model: adapters beyond the cap share `other`."""
         if model_id is None:
@@ -98,3 +104,19 @@ class RequestTimer:
         self.done = True
         self.metrics.requests.labels(self.label, self.endpoint, str(status)).inc()
         self.metrics.latency.labels(self.label, self.endpoint).observe(time.perf_counter() - self.started)
+
+
+class _StreamCollector(Collector):
+    def __init__(self, counts: dict[str, int]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        streams = CounterMetricFamily(
+            "loraplex_router_streams",
+            "Streams relayed by this router replica, by how their items after the first came from the engine "
+            "replica: `channel` (the direct stream channel) or `ray` (Ray Serve items).",
+            labels=["transport"],
+        )
+        for transport, count in sorted(self._counts.items()):
+            streams.add_metric([transport], count)
+        yield streams

@@ -341,6 +341,26 @@ class RouterConfig(_Strict):
         ),
     )
     host: str = Field(default="127.0.0.1", description="Address the router listens on with `ingress: direct`.")
+    engine_transport: Literal["grpc", "ray"] = Field(
+        default="grpc",
+        description=(
+            "How a request and its first item travel between router and engine replica through the engine "
+            "deployment's handle: `grpc`, Ray Serve's inter-deployment gRPC (each replica's own gRPC server; Ray "
+            "Serve's throughput-optimized default, RAY_SERVE_USE_GRPC_BY_DEFAULT) or `ray`, Ray actor calls with "
+            "streaming object refs. Placement, queue lengths, back-pressure and cancellation are Serve's either way; "
+            "gRPC costs the router about half the CPU per request (docs/benchmarks/serving-path.md)."
+        ),
+    )
+    stream_channel: bool = Field(
+        default=True,
+        description=(
+            "Streams' items after the first come from engine replicas over one direct TCP connection per router "
+            "and replica (serve/channel.py: the router listens on its node's address, replicas prove a per-router "
+            "token), every stream's items of one engine step in one write, instead of one Ray item per stream per "
+            "`stream_batch_ms`. Requests, first items, cancellation and retries still go through Ray Serve. False: "
+            "everything over Ray (for networks where replicas cannot open connections to routers)."
+        ),
+    )
     port: int = Field(default=8000, ge=1, le=65535, description="Port the router listens on with `ingress: direct`.")
     num_replicas: int = Field(default=1, ge=1, description="Router replicas (they share one port per node).")
     max_ongoing_requests: int = Field(default=256, ge=1, description="Requests one router replica accepts at once.")

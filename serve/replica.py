@@ -9,15 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any, NoReturn
 
 from serve.adapters.records import AdapterRecord
+from serve.channel import Links
 from serve.config import AppConfig
 from serve.engines import Engine, build_engine
 from serve.streaming import batched
-from serve.wire import ROUTING_STATS_ADAPTERS, Endpoint, ReplicaItem
+from serve.wire import ROUTING_STATS_ADAPTERS, Endpoint, Relayed, ReplicaItem, ReplyTo
 
 logger = logging.getLogger("loraplex.replica")
 REGISTRY_POLL_S = 2.0
@@ -34,6 +35,8 @@ class Replica:
         self._batch_s = stream_batch_s
         self._generation = 0
         self._watcher: asyncio.Task[None] | None = None
+        self._links = Links()
+        self._unreachable: set[tuple[str, int]] = set()
 
     async def start(self) -> None:
         await self._engine.start()
@@ -59,18 +62,27 @@ class Replica:
                 logger.warning("could not reach the adapter registry", exc_info=True)
 
     async def generate(
-        self, endpoint: Endpoint, body: dict[str, Any], *, adapter: AdapterRecord | None = None
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        *,
+        adapter: AdapterRecord | None = None,
+        reply_to: ReplyTo | None = None,
     ) -> AsyncIterator[ReplicaItem]:
         """Runs one request, for `adapter` at the version the router resolved; yields `serve.wire` items.
 
-        A stream's events come batched (`stream_batch_ms`). Once the engine is dead, the replica ends
-        (`exit_with_dead_engine`) rather than pass on what the request met: before the first item, the
-        router then sends the request to another replica.
+        With `reply_to` a stream's items after the first go over the router's channel (`serve.channel`) and
+        the call ends with `Relayed`; without it (or when the router cannot be reached) they come here,
+        batched (`stream_batch_ms`). Once the engine is dead, the replica ends (`exit_with_dead_engine`)
+        rather than pass on what the request met: before the first item, the router then sends the
+        request to another replica.
         """
         if self._engine.errored:
             exit_with_dead_engine()
+        stream = self._engine.generate(endpoint, body, adapter)
+        relay = batched(stream, self._batch_s) if reply_to is None else self._relayed(stream, reply_to)
         try:
-            async with aclosing(batched(self._engine.generate(endpoint, body, adapter), self._batch_s)) as items:
+            async with aclosing(relay) as items:
                 async for item in items:
                     if self._engine.errored:
                         exit_with_dead_engine()
@@ -78,6 +90,49 @@ class Replica:
         finally:
             if self._engine.errored:
                 exit_with_dead_engine()
+
+    async def _relayed(self, stream: AsyncIterator[ReplicaItem], to: ReplyTo) -> AsyncGenerator[ReplicaItem, None]:
+        """The first item here at once, then the rest over `to`'s channel, then `Relayed`."""
+        async with aclosing(stream):  # type: ignore[type-var]
+            first = await anext(stream, None)
+            if first is None:
+                return
+            yield first
+            if not isinstance(first, str):  # a whole answer or an error: nothing follows
+                async for item in stream:
+                    yield item
+                return
+            link = await self._link(to)
+            if link is None:
+                async with aclosing(batched(stream, self._batch_s)) as rest:
+                    async for item in rest:
+                        yield item
+                return
+            count = 0
+            try:
+                async for item in stream:
+                    link.send(to.stream, item)
+                    count += 1
+            except ConnectionError:
+                raise  # the router is gone: so is this stream
+            except Exception as exc:
+                logger.exception("a stream failed in the engine after %d items", count)
+                yield Relayed(count, failure=type(exc).__name__)
+                return
+            yield Relayed(count)
+
+    async def _link(self, to: ReplyTo) -> Any:
+        """The channel to `to`'s router, or None when it cannot be reached (said once per router)."""
+        try:
+            return await self._links.get(to)
+        except (OSError, TimeoutError) as exc:
+            if (to.host, to.port) not in self._unreachable:
+                self._unreachable.add((to.host, to.port))
+                logger.warning(
+                    "cannot reach the router's stream channel at %s:%d (%s); its streams come over Ray",
+                    to.host, to.port, exc,
+                )  # fmt: skip
+            return None
 
     async def check_health(self) -> None:
         """Called by Ray Serve every `health_check_period_s`.
@@ -99,6 +154,9 @@ class Replica:
         return {ROUTING_STATS_ADAPTERS: self._engine.held()}
 
     def __del__(self) -> None:
+        links = getattr(self, "_links", None)
+        if links is not None:
+            links.close()
         watcher = getattr(self, "_watcher", None)
         if watcher is not None:
             watcher.cancel()

@@ -3,7 +3,9 @@
 A replica's `generate` is an async generator. Its first item decides the HTTP answer:
 an `EngineError` (an OpenAI-shaped error with its status), a `dict` (a whole JSON response),
 or a `str` (the first server-sent event of a stream, more `str` events following). A stream
-ends with one `Usage` item, which the router records and does not forward.
+ends with one `Usage` item, which the router records and does not forward. A request sent with
+`reply_to` gets its stream's items after the first over the router's channel (`serve.channel`) and
+ends with `Relayed` over Ray.
 """
 
 from __future__ import annotations
@@ -33,7 +35,28 @@ class Usage:
     completion_tokens: int
 
 
-ReplicaItem = EngineError | Usage | dict | str
+@dataclass(frozen=True)
+class ReplyTo:
+    """Where a replica sends stream `stream`'s items after the first: a router's channel."""
+
+    host: str
+    port: int
+    token: str
+    stream: int
+
+
+@dataclass(frozen=True)
+class Relayed:
+    """A replica's last item over Ray for a stream whose items went over the channel.
+
+    `count` items were written to the channel; `failure` names the error that ended the stream early.
+    """
+
+    count: int
+    failure: str | None = None
+
+
+ReplicaItem = EngineError | Usage | Relayed | dict | str
 
 
 ADAPTER_ID_SEPARATOR = ":"

@@ -23,6 +23,7 @@ from routing.metrics import RequestTimer
 from routing.openapi import json_body
 from routing.principals import Principal
 from routing.protocol import ChatBody, CompletionBody, Endpoint, parse_body
+from serve.channel import ReplicaFailed
 from serve.wire import EngineError, Usage
 
 logger = logging.getLogger("loraplex.router")
@@ -125,7 +126,8 @@ async def _relay(first: str, items: EngineCall, timer: RequestTimer, admission: 
     except Exception as exc:
         ended = True
         logger.exception("engine replica failed mid-stream")
-        failure = EngineFailure(f"engine replica failed mid-stream: {type(exc).__name__}")
+        name = exc.name if isinstance(exc, ReplicaFailed) else type(exc).__name__
+        failure = EngineFailure(f"engine replica failed mid-stream: {name}")
         status = failure.status
         yield sse_error(failure)
     finally:

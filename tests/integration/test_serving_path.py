@@ -1,6 +1,7 @@
 """The serving path on the real stack with the simulated engine: Ray Serve, the router listening itself
-(no Serve HTTP proxy), batched stream items, official SDK clients. No model is loaded, so the server
-starts in seconds and runs streams at a rate the CPU engine cannot.
+(no Serve HTTP proxy), streams over the direct stream channel (and, with `stream_channel: false`, as batched
+Ray items), official SDK clients. No model is loaded, so the server starts in seconds and runs streams at a
+rate the CPU engine cannot.
 """
 
 from __future__ import annotations
@@ -22,8 +23,14 @@ STEP_MS = 10
 BATCH_MS = 50
 
 
-@pytest.fixture(scope="module")
-def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+ROUTER_MODES = {
+    "channel+grpc": {"stream_channel": True, "engine_transport": "grpc"},  # the default
+    "ray": {"stream_channel": False, "engine_transport": "ray"},  # every item a Ray call's
+}
+
+
+@pytest.fixture(scope="module", params=list(ROUTER_MODES))
+def sim_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     work = tmp_path_factory.mktemp("sim")
     config = work / "loraplex.yaml"
     config.write_text(
@@ -36,6 +43,7 @@ def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
                     "simulated": {"step_ms": STEP_MS},
                 },
                 "engine_deployment": {"stream_batch_ms": BATCH_MS},
+                "router": ROUTER_MODES[request.param],
                 "registry": {"state_file": str(work / "registry.json"), "cache_dir": str(work / "cache")},
             }
         )
@@ -71,7 +79,39 @@ async def test_every_streamed_token_arrives_in_order_in_fewer_chunks(sim_server:
     assert [(u.prompt_tokens, u.completion_tokens) for u in usages] == [(3, 40)] * 32
 
 
-async def test_a_stream_comes_in_batches_with_the_first_token_at_once(sim_server: tuple[str, Path]) -> None:
+def channelled(base_url: str) -> bool:
+    """Whether this server's router has the stream channel (its config), from its streams metric."""
+    streams = _streams_by_transport(base_url)
+    assert sum(streams.values()) > 0, "no stream was relayed yet"
+    return streams["channel"] > 0
+
+
+def _streams_by_transport(base_url: str) -> dict[str, float]:
+    metrics = httpx.get(f"{base_url}/metrics", timeout=10).text
+    found = {"channel": 0.0, "ray": 0.0}
+    for line in metrics.splitlines():
+        if line.startswith("loraplex_router_streams_total{"):
+            found[line.split('transport="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+async def test_streams_take_the_transport_the_config_asks(
+    sim_server: tuple[str, Path], request: pytest.FixtureRequest
+) -> None:
+    base_url, _ = sim_server
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    before = _streams_by_transport(base_url)
+    for _ in range(3):
+        stream = await client.completions.create(model="sim-base", prompt="x", max_tokens=5, stream=True)
+        assert len([chunk async for chunk in stream]) == 5
+    await client.close()
+    after = _streams_by_transport(base_url)
+    channel = ROUTER_MODES[request.node.callspec.params["sim_server"]]["stream_channel"]
+    wanted, other = ("channel", "ray") if channel else ("ray", "channel")
+    assert after[wanted] - before[wanted] == 3 and after[other] == before[other]
+
+
+async def test_a_streams_first_token_comes_at_once(sim_server: tuple[str, Path]) -> None:
     base_url, _ = sim_server
     body = {"model": "sim-base", "prompt": "x", "max_tokens": 60, "stream": True}
     reads = []
@@ -83,9 +123,10 @@ async def test_a_stream_comes_in_batches_with_the_first_token_at_once(sim_server
         async for part in response.aiter_raw():
             reads.append(part.count(b'"index":'))
     assert sum(reads) == 60
-    # 60 steps of 10 ms batched every 50 ms: about 12 items, not 60 (a slow machine makes fewer, larger ones).
-    assert len([r for r in reads if r]) <= 30
     assert reads[0] == 1  # the first token is not held back for the batching interval
+    if not channelled(base_url):
+        # 60 steps of 10 ms batched every 50 ms: about 12 items, not 60 (a slow machine makes fewer, larger ones).
+        assert len([r for r in reads if r]) <= 30
 
 
 async def test_chat_streams_through_the_official_client(sim_server: tuple[str, Path]) -> None:

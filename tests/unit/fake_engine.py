@@ -81,7 +81,9 @@ class FakeHandle:
     def generate(self) -> SimpleNamespace:
         return SimpleNamespace(remote=self._call)
 
-    def _call(self, endpoint: Endpoint, body: dict[str, Any], *, adapter: AdapterRecord | None = None) -> Any:
+    def _call(
+        self, endpoint: Endpoint, body: dict[str, Any], *, adapter: AdapterRecord | None = None, reply_to: Any = None
+    ) -> Any:
         raise NotImplementedError
 
 
@@ -95,7 +97,9 @@ class FakeEngine(FakeHandle):
     adapters: list[AdapterRecord | None] = field(default_factory=list)
     calls: list[FakeCall] = field(default_factory=list)
 
-    def _call(self, endpoint: Endpoint, body: dict[str, Any], *, adapter: AdapterRecord | None = None) -> FakeCall:
+    def _call(
+        self, endpoint: Endpoint, body: dict[str, Any], *, adapter: AdapterRecord | None = None, reply_to: Any = None
+    ) -> FakeCall:
         self.requests.append((endpoint, body))
         self.adapters.append(adapter)
         self.calls.append(FakeCall(self.script(endpoint, body), self.endless))

@@ -173,7 +173,9 @@ class HeldEngine(FakeHandle):
         self.order: list[str] = []
         self.release = asyncio.Event()
 
-    def _call(self, endpoint: Endpoint, body: dict[str, Any], *, adapter: AdapterRecord | None = None) -> StreamCall:
+    def _call(
+        self, endpoint: Endpoint, body: dict[str, Any], *, adapter: AdapterRecord | None = None, reply_to: Any = None
+    ) -> StreamCall:
         self.order.append(body["prompt"])
         return StreamCall(self._answer(body))
 
