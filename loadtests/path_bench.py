@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -36,11 +37,15 @@ from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.config import EngineConfig
 
 TICKS = os.sysconf("SC_CLK_TCK")
-NOT_SERVING = ("raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent", "dashboard", "log_monitor", "moto")
+NOT_SERVING = ("raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent", "dashboard", "log_monitor",
+               "autoscaler_monitor", "moto")  # fmt: skip
 """Ray's node daemons, which a Ray cluster runs whatever it serves, and moto (Ray Serve LLM's adapter store here)."""
 ENGINE_PROCESSES = ("VLLM::EngineCore", "VLLM::Worker", "EngineCore_", "VLLM::")
 """Process titles of vLLM's engine core and model worker: the engine, not the serving path."""
 SIM_STEP_MS = 20.0
+IDLE_SETTLE_S = 3.0
+IDLE_S = 20.0
+"""The idle window measured before each system's workload: its serving path's CPU when nothing is asked."""
 SIM_MAX_TOKENS = 64
 Starter = Callable[[Setup], AbstractContextManager[str]]
 
@@ -79,18 +84,29 @@ def serving_path(spent: dict[str, float]) -> float:
 
 
 def cpu_per_token(system: str, starter: Starter, setup: Setup, workload: Workload) -> dict[str, Any]:
+    """CPU per output token of `workload`: gross, and at the margin (less what the idle server spends meanwhile)."""
     with starter(setup) as url:
         asyncio.run(run(url, Workload("warm", (setup.engine.model_id,), num_requests=4, max_tokens=8)))
         session = SESSIONS[url]
+        time.sleep(IDLE_SETTLE_S)
+        idle_start = session_cpu(session)
+        time.sleep(IDLE_S)
         before = session_cpu(session)
+        started = time.monotonic()
         report = asyncio.run(run(url, workload))
         after = session_cpu(session)
+        seconds = time.monotonic() - started
+    idle_cores = serving_path(path_cpu(idle_start, before)) / IDLE_S
     spent = path_cpu(before, after)
     cpu_s = serving_path(spent)
-    figures = {"system": system, "cpu_s": round(cpu_s, 2), "tokens": report.output_tokens,
-               "us_per_token": round(1e6 * cpu_s / max(1, report.output_tokens), 1),
-               "us_per_token_all_processes": round(1e6 * sum(spent.values()) / max(1, report.output_tokens), 1),
-               "tokens_per_s": round(report.tokens_per_s, 1), "errors": report.errors, "by_process": spent}  # fmt: skip
+    tokens = max(1, report.output_tokens)
+    figures = {"system": system, "cpu_s": round(cpu_s, 2), "tokens": report.output_tokens, "seconds": round(seconds, 1),
+               "us_per_token": round(1e6 * cpu_s / tokens, 1),
+               "idle_cores": round(idle_cores, 4),
+               "us_per_token_marginal": round(1e6 * max(0.0, cpu_s - idle_cores * seconds) / tokens, 1),
+               "us_per_token_all_processes": round(1e6 * sum(spent.values()) / tokens, 1),
+               "tokens_per_s": round(report.tokens_per_s, 1), "errors": report.errors, "by_process": spent,
+               "idle_by_process": path_cpu(idle_start, before)}  # fmt: skip
     print("cpu-per-token", json.dumps(figures), flush=True)
     return figures
 
@@ -192,6 +208,9 @@ def summarize(results: dict[str, Any]) -> dict[str, float | str]:
     per_token = {row["system"]: row["us_per_token"] for row in results.get("cpu_per_token", [])}
     if per_token.get("vllm") and "loraplex" in per_token:
         summary["path_cpu_per_token_vs_vllm"] = round(per_token["loraplex"] / per_token["vllm"], 2)
+        marginal = {row["system"]: row["us_per_token_marginal"] for row in results["cpu_per_token"]}
+        if marginal.get("vllm"):
+            summary["marginal_vs_vllm"] = round(marginal["loraplex"] / marginal["vllm"], 2)
     bare = {row["concurrency"]: row["tokens_per_s"] for row in results["capacity"] if row["system"] == "bare"}
     ours = {row["concurrency"]: row["tokens_per_s"] for row in results["capacity"] if row["system"] == "loraplex"}
     if bare and ours:

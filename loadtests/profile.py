@@ -43,7 +43,14 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
     return result
 
 
+RAY_DAEMON_SCRIPTS = {"log_monitor.py": "log_monitor", "dashboard.py": "dashboard", "monitor.py": "autoscaler_monitor"}
+"""Ray's head-node daemons that run as plain Python scripts (their titles say only `python3`)."""
+
+
 def label(name: str) -> str:
+    for script, daemon in RAY_DAEMON_SCRIPTS.items():
+        if f"/{script}" in name:
+            return daemon
     for key in ("LoraplexRouter", "LoraplexEngine", "LoraplexRegistry", "ProxyActor", "ServeController",
                 "EngineCore", "raylet", "gcs_server", "api_server", "loraplex serve", "DashboardAgent",
                 "RuntimeEnvAgent", "moto"):  # fmt: skip
