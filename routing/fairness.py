@@ -15,6 +15,11 @@ the light tenant's request still waits for one to free. So the gate also keeps a
 weights of the tenants with requests in flight or waiting): a tenant at or above its share may only
 fill the gate up to `max_inflight - reserve`; one below its share may use every slot. A tenant alone
 is below its share until it holds them all, so nothing is held back when only one tenant is busy.
+
+The waiting room (`max_waiting`) is shared, but a full one does not turn a light tenant away: the newest
+waiting request of the most backlogged tenant (waiting requests per unit of weight) is shed with 503
+to make room, as long as that tenant would still have more waiting than the newcomer's. A tenant that
+floods the queue only ever sheds its own requests.
 """
 
 from __future__ import annotations
@@ -52,6 +57,15 @@ class VirtualTokenCounters(Generic[T]):
 
     def __contains__(self, tenant: str) -> bool:
         return tenant in self._queues
+
+    def waiting_of(self, tenant: str) -> int:
+        return len(self._queues.get(tenant, ()))
+
+    def pop_newest(self, tenant: str) -> T:
+        """Takes the tenant's most recent waiting request out (to shed it)."""
+        _, item = self._queues[tenant].pop()
+        self._leave_if_idle(tenant)
+        return item
 
     def tenants(self) -> Iterator[str]:
         return iter(self._queues)
@@ -137,13 +151,16 @@ class FairGate:
         if tenant not in self.queue and self.may_start(tenant):
             self._start(tenant, weight, cost)
             return
-        if len(self.queue) >= self.max_waiting:
+        if len(self.queue) >= self.max_waiting and not self._shed_for(tenant, weight):
             self._forget_if_idle(tenant)
             raise Overloaded("the router's queue is full; retry shortly", retry_after=1)
         waiter = _Waiter(weight, cost)
         self.queue.push(tenant, waiter)
         try:
             await waiter.granted
+        except Overloaded:  # shed for a lighter tenant's request
+            self._forget_if_idle(tenant)
+            raise
         except asyncio.CancelledError:  # the client went away while waiting
             if waiter.granted.cancelled():
                 self.queue.remove(tenant, waiter)
@@ -162,6 +179,17 @@ class FairGate:
         self.queue.charge(tenant, correction / weight)
         self._forget_if_idle(tenant)
         self._admit_waiting()
+
+    def _shed_for(self, tenant: str, weight: float) -> bool:
+        """Makes room for `tenant`'s request by shedding the most backlogged tenant's newest one, if it has more."""
+        backlog = {t: self.queue.waiting_of(t) / self.weights.get(t, 1.0) for t in self.queue.tenants()}
+        heavy = max(backlog, key=backlog.__getitem__, default=None)
+        if heavy is None or heavy == tenant or backlog[heavy] <= (self.queue.waiting_of(tenant) + 1) / weight:
+            return False
+        shed = self.queue.pop_newest(heavy)
+        if not shed.granted.done():
+            shed.granted.set_exception(Overloaded("the router's queue is full; retry shortly", retry_after=1))
+        return True
 
     def _admit_waiting(self) -> None:
         while (popped := self.queue.pop(self.may_start)) is not None:

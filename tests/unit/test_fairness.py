@@ -120,6 +120,29 @@ async def test_gate_answers_503_when_its_queue_is_full_and_forgets_cancelled_wai
     assert gate.inflight == 1
 
 
+async def test_a_full_queue_sheds_the_flooding_tenants_newest_request_not_a_light_tenants() -> None:
+    gate = FairGate(max_inflight=4, max_waiting=16, reserve=0)
+    heavy = [asyncio.create_task(gate.acquire("heavy", 1.0, cost=1)) for _ in range(20)]
+    await settle()
+    assert gate.inflight == 4 and gate.waiting == 16
+    with pytest.raises(Overloaded):  # the flooder's own newcomer is refused
+        await gate.acquire("heavy", 1.0, cost=1)
+    light = [asyncio.create_task(gate.acquire("light", 1.0, cost=1)) for _ in range(5)]
+    await settle()
+    assert gate.waiting == 16 and gate.queue.waiting_of("light") == 5
+    shed = [task for task in heavy if task.done() and task.exception() is not None]
+    assert len(shed) == 5 and all(isinstance(task.exception(), Overloaded) for task in shed)
+    assert shed == heavy[-5:]  # the newest of the flood
+    for _ in range(10):  # as slots free, the two tenants share them (equal counters: they alternate)
+        gate.release("heavy", 1.0)
+        await settle()
+    assert all(task.done() and task.exception() is None for task in light)
+    assert gate.queue.waiting_of("heavy") == 6
+    for task in heavy:
+        task.cancel()
+    await settle()
+
+
 async def acquired_at_once(gate: FairGate, tenant: str, weight: float = 1.0) -> bool:
     """Whether `tenant`'s request gets a slot without waiting (it stays queued otherwise)."""
     task = asyncio.create_task(gate.acquire(tenant, weight, cost=1))
@@ -209,6 +232,32 @@ async def test_router_serves_a_light_tenant_before_a_heavy_tenants_backlog() -> 
         assert engine.order[0].startswith("heavy") and engine.order[1] == "light-0"
         assert sorted(await asyncio.gather(*calls)) == [200] * 11
         assert context_of(app).admitter.gate.inflight == 0
+
+
+async def test_a_light_key_is_served_while_a_heavy_key_floods_the_queue() -> None:
+    heavy, heavy_conf = api_key("heavy", base=True)
+    light, light_conf = api_key("light", base=True)
+    engine = HeldEngine()
+    app = make_app([heavy_conf, light_conf], engine, limiter=LocalRateLimiter(), max_inflight=4, max_waiting=16)
+    async with client_for(app) as client:
+
+        async def send(key: str, prompt: str) -> int:
+            response = await client.post("/v1/completions", json={"model": BASE, "prompt": prompt}, headers=bearer(key))
+            return response.status_code
+
+        gate = context_of(app).admitter.gate
+        flood = [asyncio.create_task(send(heavy, f"heavy-{i}")) for i in range(48)]
+        await until(lambda: sum(task.done() for task in flood) == 28)  # 4 at the engine, 16 waiting, 28 refused
+        lights = [asyncio.create_task(send(light, f"light-{i}")) for i in range(5)]
+        await until(lambda: gate.queue.waiting_of("light") == 5)
+        while not all(task.done() for task in lights):
+            engine.release.set()
+            await asyncio.sleep(0.01)
+        assert [task.result() for task in lights] == [200] * 5
+        while not all(task.done() for task in flood):
+            engine.release.set()
+            await asyncio.sleep(0.01)
+        assert sorted({task.result() for task in flood}) == [200, 503]
 
 
 async def test_router_answers_503_when_the_fair_queue_is_full() -> None:
