@@ -113,6 +113,7 @@ def parse_body(
     max_tokens: int | None = None,
     content_type: str | None = "application/json",
     extra_chat_roles: tuple[str, ...] = (),
+    max_sequences: int | None = None,
 ) -> dict[str, Any]:
     """Checks a raw request body (already within the size limit); returns it as a dict or raises `InvalidRequest`.
 
@@ -130,6 +131,13 @@ def parse_body(
         raise InvalidRequest(first["msg"], param=validation_param(tuple(first["loc"]))) from None
     if body.n > max_n:
         raise InvalidRequest(f"n must be at most {max_n}", param="n")
+    if max_sequences is not None and isinstance(body, CompletionBody):
+        asked = prompt_count(body.prompt) * body.n
+        if asked > max_sequences:
+            raise InvalidRequest(
+                f"a request may generate at most {max_sequences} sequences (prompts x n); this one asks for {asked}",
+                param="prompt",
+            )
     if max_tokens is not None:
         _cap_max_tokens(body, data, max_tokens)
     if body.stream_options is not None and not body.stream:
@@ -142,6 +150,13 @@ def parse_body(
                 known = ", ".join(sorted(CHAT_ROLES | set(extra_chat_roles)))
                 raise InvalidRequest(f"messages[{i}].role must be one of {known}", param=f"messages.{i}.role")
     return data
+
+
+def prompt_count(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
+    """How many prompts a completions `prompt` holds: a batch is a list of texts or of token-id lists."""
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return 1
+    return len(prompt)
 
 
 def _cap_max_tokens(body: _Body, data: dict[str, Any], cap: int) -> None:

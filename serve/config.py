@@ -370,6 +370,15 @@ class RouterConfig(_Strict):
         description="Distinct adapter values in metric labels; further adapters are counted as `other`.",
     )
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request) accepted.")
+    max_sequences: int = Field(
+        default=256,
+        ge=1,
+        description=(
+            "Most sequences one completions request may generate: prompts in its batch times `n` (400 naming "
+            "`prompt` beyond it). Rate limits and the fair-share gate count a request once, so without this one "
+            "request could carry a million prompts."
+        ),
+    )
     max_tokens: int | None = Field(
         default=None,
         ge=1,

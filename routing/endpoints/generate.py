@@ -55,6 +55,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
             max_tokens=config.max_tokens,
             content_type=content_type,
             extra_chat_roles=config.extra_chat_roles,
+            max_sequences=config.max_sequences,
         )
         key.require_use(context.catalog.name_of(body["model"]), body["model"])
         target = await context.catalog.resolve(body["model"])

@@ -121,6 +121,8 @@ BAD_BODIES: list[tuple[Payload, int, str | None]] = [
 ]  # fmt: skip
 
 BAD_REQUESTS: list[tuple[str, Payload, int, str | None]] = [
+    (COMPLETIONS, {"prompt": ["p"] * 257}, 400, "prompt"),  # more sequences than router.max_sequences (256)
+    (COMPLETIONS, {"prompt": [[1, 2]] * 129, "n": 2}, 400, "prompt"),  # prompts x n
     (COMPLETIONS, {"model": ""}, 400, "model"),
     (COMPLETIONS, {"model": "m" * 5000}, 400, "model"),
     (COMPLETIONS, {"model": 7}, 400, "model"),
@@ -234,6 +236,8 @@ def test_every_table_row_is_bad_only_for_its_stated_reason(path: str) -> None:
         Spliced(b'"user": "\\ud83d\\ude00 paired surrogates are one character"'),
         Spliced(b'"deep": ' + nested(MAX_JSON_DEPTH - 1)),
         {"max_tokens": 2**31 - 1, "seed": -(2**63), "n": 1},
+        {"prompt": ["p"] * 32, "n": 8},  # exactly max_sequences
+        {"prompt": [1, 2, 3] * 400, "n": 8},  # one long prompt of token ids is one prompt
     ],
 )
 async def test_good_edge_cases_pass(client: httpx.AsyncClient, engine: FakeEngine, payload: Payload) -> None:
