@@ -1,7 +1,7 @@
 """Authentication and scope as typed FastAPI dependencies: `KeyDep` for API routes, `RegisterAdmin` for writes.
 
 A key arrives as `Authorization: Bearer lpx-...`; a missing or unknown key is 401, a known key asking
-for something outside its scope 403. `/health` and `/metrics` take no key.
+for something outside its scope 403. `/health` takes no key; `/metrics` one with the metrics scope.
 """
 
 from __future__ import annotations

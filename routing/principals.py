@@ -34,10 +34,11 @@ class Principal:
     rpm: int | None = None
     tpm: int | None = None
     weight: float = 1.0
+    metrics: bool = False
 
     @classmethod
     def of(cls, key: ApiKeyConfig) -> Principal:
-        return cls(key.name, tuple(key.adapters), key.base, key.admin, key.rpm, key.tpm, key.weight)
+        return cls(key.name, tuple(key.adapters), key.base, key.admin, key.rpm, key.tpm, key.weight, key.metrics)
 
     def may_use(self, adapter: str | None) -> bool:
         """Whether this key may send requests to `adapter` (a bare name), or to the base model when None."""
@@ -57,6 +58,10 @@ class Principal:
     def require_admin(self) -> None:
         if not self.admin:
             raise PermissionDenied("Adapter writes need an API key with the admin scope.")
+
+    def require_metrics(self) -> None:
+        if not (self.metrics or self.admin):
+            raise PermissionDenied("/metrics needs an API key with the metrics (or admin) scope.")
 
 
 ANONYMOUS = Principal(name="anonymous", adapters=("*",), base=True, admin=True)

@@ -263,6 +263,7 @@ def keys_create(
     adapter: Annotated[list[str] | None, typer.Option(help="Adapter name or glob the key may use; repeatable.")] = None,
     base: Annotated[bool, typer.Option(help="The key may use the base model.")] = False,
     admin: Annotated[bool, typer.Option(help="The key may register and remove adapters.")] = False,
+    metrics: Annotated[bool, typer.Option(help="The key may read /metrics (give it to Prometheus).")] = False,
     rpm: Annotated[int | None, typer.Option(help="Requests per minute.")] = None,
     tpm: Annotated[int | None, typer.Option(help="Tokens (prompt + completion) per minute.")] = None,
     weight: Annotated[float, typer.Option(help="Fair-share weight under load.")] = 1.0,
@@ -277,7 +278,7 @@ def keys_create(
     try:
         entry = ApiKeyConfig(
             name=name, sha256=hash_api_key(key), adapters=adapter or [], base=base, admin=admin,
-            rpm=rpm, tpm=tpm, weight=weight,
+            metrics=metrics, rpm=rpm, tpm=tpm, weight=weight,
         )  # fmt: skip
         append_key(file, entry)
     except (ValidationError, ValueError) as exc:
@@ -292,7 +293,8 @@ def keys_list(file: KeysFileOption) -> None:
     from serve.keys import read_keys_file
 
     for key in read_keys_file(file).keys:
-        scopes = [*key.adapters, *(["<base>"] if key.base else []), *(["<admin>"] if key.admin else [])]
+        scopes = [*key.adapters, *(["<base>"] if key.base else []), *(["<admin>"] if key.admin else []),
+                  *(["<metrics>"] if key.metrics else [])]  # fmt: skip
         typer.echo(
             f"{key.name}\t{','.join(scopes) or '-'}\trpm={key.rpm or '-'}\ttpm={key.tpm or '-'}\tw={key.weight:g}"
         )

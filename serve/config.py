@@ -254,6 +254,10 @@ class ApiKeyConfig(_Strict):
         default=False,
         description="Whether this key may write adapters (register, unregister, vLLM load/unload) and list them all.",
     )
+    metrics: bool = Field(
+        default=False,
+        description="Whether this key may read `/metrics` (admin keys may too): the key to give Prometheus.",
+    )
     rpm: int | None = Field(
         default=None, ge=1, description="Requests per minute (generation requests); None: no limit."
     )
@@ -368,6 +372,13 @@ class RouterConfig(_Strict):
         default=50,
         ge=1,
         description="Distinct adapter values in metric labels; further adapters are counted as `other`.",
+    )
+    public_metrics: bool = Field(
+        default=False,
+        description=(
+            "Serve `/metrics` without a key. By default a server with keys answers it only to keys with the "
+            "`metrics` or `admin` scope (it names adapters and their traffic); an open server serves it to anyone."
+        ),
     )
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request) accepted.")
     max_sequences: int = Field(

@@ -19,6 +19,7 @@ import pytest
 
 from serve.assets import prepare
 from tests.integration.conftest import ASSETS, running_server
+from tests.unit.tenancy import bearer
 
 pytestmark = pytest.mark.own_server
 BASE = "SmolLM2-135M-Instruct"
@@ -48,6 +49,7 @@ def tenancy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenancy]:
         "beta-co": create_key(keys_file, "beta-co", "--adapter", "be*", "--tpm", "100"),
         "ops": create_key(keys_file, "ops", "--admin"),
         "full": create_key(keys_file, "full", "--base", "--adapter", "*"),
+        "prometheus": create_key(keys_file, "prometheus", "--metrics"),
     }
     assert all(key not in keys_file.read_text() for key in keys.values())  # only hashes are stored
     audit = work / "audit.jsonl"
@@ -88,14 +90,17 @@ def chat(client: openai.OpenAI, model: str, max_tokens: int = 4) -> str:
     return response.choices[0].message.content or ""
 
 
-def test_missing_or_wrong_key_is_401_and_health_stays_open(tenancy: Tenancy) -> None:
+def test_missing_or_wrong_key_is_401_health_stays_open_metrics_need_their_scope(tenancy: Tenancy) -> None:
     missing = httpx.get(f"{tenancy.base_url}/v1/models")  # the SDK itself refuses to send no key
     assert missing.status_code == 401 and missing.json()["error"]["type"] == "authentication_error"
     with pytest.raises(openai.AuthenticationError) as caught:
         sdk(tenancy, "lpx-not-a-real-key").models.list()
     assert caught.value.body["code"] == "invalid_api_key"  # type: ignore[index]
     assert httpx.get(f"{tenancy.base_url}/health").status_code == 200
-    assert httpx.get(f"{tenancy.base_url}/metrics").status_code == 200
+    assert httpx.get(f"{tenancy.base_url}/metrics").status_code == 401  # it names adapters and their traffic
+    assert httpx.get(f"{tenancy.base_url}/metrics", headers=bearer(tenancy.keys["acme"])).status_code == 403
+    scraped = httpx.get(f"{tenancy.base_url}/metrics", headers=bearer(tenancy.keys["prometheus"]))
+    assert scraped.status_code == 200 and "loraplex_requests_total" in scraped.text
 
 
 def test_each_tenant_sees_and_uses_only_its_scope(tenancy: Tenancy) -> None:

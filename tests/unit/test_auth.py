@@ -24,7 +24,8 @@ USER, USER_CONF = api_key("user", adapters=["a1"])
 TEAM, TEAM_CONF = api_key("team", adapters=["team-*"])
 BASE_ONLY, BASE_CONF = api_key("base-only", base=True)
 ADMIN, ADMIN_CONF = api_key("ops", admin=True)
-KEYS = [USER_CONF, TEAM_CONF, BASE_CONF, ADMIN_CONF]
+SCRAPER, SCRAPER_CONF = api_key("prometheus", metrics=True)
+KEYS = [USER_CONF, TEAM_CONF, BASE_CONF, ADMIN_CONF, SCRAPER_CONF]
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -78,9 +79,41 @@ async def test_every_api_route_needs_a_valid_key(
     assert engine.requests == [] and sorted(registry.records) == sorted(ADAPTERS)
 
 
-async def test_health_and_metrics_stay_open(client: httpx.AsyncClient) -> None:
+async def test_health_stays_open(client: httpx.AsyncClient) -> None:
     assert (await client.get("/health")).status_code == 200
-    assert (await client.get("/metrics")).status_code == 200
+
+
+@pytest.mark.parametrize("headers", NOT_A_KEY)
+async def test_metrics_need_a_key(client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+    response = await client.get("/metrics", headers=headers)
+    assert error_of(response, 401, "authentication_error")["code"] == "invalid_api_key"
+    assert "loraplex_" not in response.text
+
+
+@pytest.mark.parametrize("key", [USER, TEAM, BASE_ONLY])
+async def test_metrics_need_the_metrics_or_admin_scope(client: httpx.AsyncClient, key: str) -> None:
+    response = await client.get("/metrics", headers=bearer(key))
+    error_of(response, 403, "permission_error")
+    assert "a1" not in response.text  # no adapter ids for a tenant's key
+
+
+@pytest.mark.parametrize("key", [SCRAPER, ADMIN])
+async def test_the_metrics_and_admin_scopes_read_metrics(client: httpx.AsyncClient, key: str) -> None:
+    response = await client.get("/metrics", headers=bearer(key))
+    assert response.status_code == 200 and "loraplex_requests" in response.text
+    assert (
+        await client.post("/v1/completions", json={"model": "a1", "prompt": "x"}, headers=bearer(SCRAPER))
+    ).status_code == 403
+
+
+async def test_public_metrics_serve_them_without_a_key(engine: FakeEngine, registry: FakeRegistry) -> None:
+    async with client_for(make_app(KEYS, engine, registry, public_metrics=True)) as client:
+        assert (await client.get("/metrics")).status_code == 200
+
+
+async def test_an_open_server_serves_metrics_to_anyone(engine: FakeEngine, registry: FakeRegistry) -> None:
+    async with client_for(make_app([], engine, registry)) as client:
+        assert (await client.get("/metrics")).status_code == 200
 
 
 FORBIDDEN: list[tuple[str, str, str, Any]] = [
