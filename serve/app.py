@@ -69,6 +69,9 @@ def request_router_config(scaling: EngineDeploymentConfig) -> dict[str, Any]:
 def build_app(args: AppConfig | dict[str, Any]) -> Application:
     """The Serve application for `args` (an `AppConfig` or its dict form)."""
     config = absolute_paths(args if isinstance(args, AppConfig) else AppConfig.model_validate(args))
+    listens_on = config.router.host if config.router.ingress == "direct" else None
+    if (refusal := config.router.open_refusal(listens_on)) is not None:
+        raise ValueError(refusal)
     scaling = config.engine_deployment
     registry = serve.deployment(name=REGISTRY_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0.1})(
         RegistryDeployment

@@ -56,6 +56,13 @@ def serve_command(
     keys_file: Annotated[
         Path | None, typer.Option(help="API keys file (router.auth.keys_file); without keys the server is open.")
     ] = None,
+    allow_open: Annotated[
+        bool,
+        typer.Option(
+            "--allow-open",
+            help="Serve without keys on a non-loopback address (router.auth.allow_open); refused otherwise.",
+        ),
+    ] = False,
     infra_cpus: Annotated[
         str,
         typer.Option(
@@ -82,11 +89,16 @@ def serve_command(
         overrides["engine_deployment"]["num_replicas"] = replicas
     if keys_file is not None:
         overrides["router"]["auth"] = {"keys_file": str(keys_file.resolve())}
+    if allow_open:
+        overrides["router"].setdefault("auth", {})["allow_open"] = True
     extra_adapters = [parse_adapter(value) for value in adapter or []]
     try:
         app_config = _load(config, overrides, extra_adapters)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if (refusal := app_config.router.open_refusal(app_config.router.host)) is not None:
+        typer.echo(f"loraplex: {refusal}", err=True)
+        raise typer.Exit(2)
     run(app_config, infra_cpus)
 
 

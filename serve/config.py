@@ -6,6 +6,7 @@ The same models back the `loraplex serve` flags, the `--config FILE.yaml` file a
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from pathlib import Path
@@ -304,6 +305,16 @@ class KeysFile(_Strict):
     _unique = field_validator("keys")(_unique_keys)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or `localhost`) is reachable from this machine only."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # another name: it may resolve to anything
+        return False
+
+
 class AuthConfig(_Strict):
     """API keys and the audit log. With no keys at all the server is open to anyone who reaches it."""
 
@@ -324,6 +335,15 @@ class AuthConfig(_Strict):
         ),
     )
 
+    allow_open: bool = Field(
+        default=False,
+        description=(
+            "Serve without keys on an address other than loopback. Without it such a server refuses to start "
+            "(`loraplex serve --allow-open` sets it): an open server lets anyone who reaches it register and remove "
+            "adapters."
+        ),
+    )
+
     _unique = field_validator("keys")(_unique_keys)
 
     @property
@@ -334,6 +354,21 @@ class AuthConfig(_Strict):
 
 class RouterConfig(_Strict):
     """The OpenAI-compatible router (the application's ingress)."""
+
+    def open_refusal(self, listen_host: str | None) -> str | None:
+        """Why this router must not start open on `listen_host` (None: an address it cannot know), or None.
+
+        Redis' protected mode is the precedent: no keys is fine on loopback, refused elsewhere unless asked for.
+        """
+        if not self.auth.is_open or self.auth.allow_open or (listen_host is not None and is_loopback(listen_host)):
+            return None
+        where = f"on {listen_host}" if listen_host is not None else "behind Ray Serve's proxy (any address)"
+        return (
+            f"refusing to serve {where} without API keys: anyone who reached it could use every model and register "
+            "or remove adapters. Create keys (`loraplex keys create --name NAME --admin --file keys.yaml`) and set "
+            "router.auth.keys_file (or --keys-file), listen on 127.0.0.1, or, to serve openly on purpose, set "
+            "router.auth.allow_open: true (or --allow-open)."
+        )
 
     ingress: Literal["direct", "serve-proxy"] = Field(
         default="direct",

@@ -286,3 +286,40 @@ async def test_only_admins_see_where_an_adapter_comes_from(client: httpx.AsyncCl
         assert one["id"].endswith("a1") and listed
         assert ("source" in one) is sees_source
         assert all(("source" in item) is sees_source for item in listed)
+
+
+# Open by default only on loopback (Redis' protected mode): the CLI and the Serve app builder refuse otherwise.
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "router.example.com"])
+def test_an_open_router_on_a_reachable_address_is_refused(host: str) -> None:
+    refusal = RouterConfig(host=host).open_refusal(host)
+    assert refusal is not None and "router.auth.keys_file" in refusal and "allow_open" in refusal
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])
+def test_an_open_router_on_loopback_is_allowed(host: str) -> None:
+    assert RouterConfig(host=host).open_refusal(host) is None
+
+
+def test_keys_or_the_explicit_opt_out_allow_any_address() -> None:
+    assert RouterConfig(auth=AuthConfig(keys=[ADMIN_CONF])).open_refusal("0.0.0.0") is None
+    assert RouterConfig(auth=AuthConfig(keys_file="/k.yaml")).open_refusal("0.0.0.0") is None
+    assert RouterConfig(auth=AuthConfig(allow_open=True)).open_refusal("0.0.0.0") is None
+    assert RouterConfig().open_refusal(None) is not None  # behind Serve's proxy: its address is unknown
+
+
+def test_the_cli_refuses_to_serve_openly_on_all_interfaces_and_starts_nothing(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path), "--host", "0.0.0.0"])
+    assert result.exit_code == 2
+    assert "refusing to serve on 0.0.0.0 without API keys" in result.output and "--allow-open" in result.output
+
+
+def test_a_serve_config_app_without_keys_is_refused_unless_it_opts_out() -> None:
+    from serve.app import build_app
+
+    args = {"engine": {"model": "/models/base"}, "router": {"ingress": "serve-proxy"}}
+    with pytest.raises(ValueError, match="without API keys"):
+        build_app(args)
+    build_app({**args, "router": {"ingress": "serve-proxy", "auth": {"allow_open": True}}})
+    build_app({**args, "router": {"ingress": "direct", "host": "127.0.0.1"}})
