@@ -46,7 +46,13 @@ def create_app(
         audit=AuditLog(config.auth.audit_file),
     )
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    context = app.state.context
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=config.max_body_bytes,
+        authenticate=None if config.auth.is_open else context.keys.authenticate,
+        read_timeout_s=config.body_read_timeout_s,
+    )
     for endpoints in (generate, models, adapters, ops):
         app.include_router(endpoints.router)
     return app

@@ -3,31 +3,62 @@
 A declared `Content-Length` over the limit is answered at once, without reading the body; otherwise
 the body is read here, chunk by chunk, and refused as soon as it passes the limit (a chunked body,
 or one longer than it declared), so no route ever holds more than `max_bytes` of one request.
+
+Before a byte of an API route's body is read, its key is checked (401 at once: an unknown client cannot
+make the router hold megabytes), and the whole body must arrive within `read_timeout_s` (408): clients
+trickling bytes cannot hold the router's slots for ever.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from routing.errors import InvalidRequest, OpenAIError, PayloadTooLarge, error_response
+from routing.errors import InvalidRequest, OpenAIError, PayloadTooLarge, RequestTimeout, error_response
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+API_PREFIX = "/v1/"
+"""Routes whose key is checked before their body is read (`/health` and `/metrics` have no body)."""
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
 
 
 class BodyLimit:
     """ASGI middleware: 413 in OpenAI's error shape for a request body over `max_bytes`."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int = MAX_BODY_BYTES,
+        authenticate: Callable[[str | None], Any] | None = None,
+        read_timeout_s: float | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.authenticate = authenticate
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         try:
+            if self.authenticate is not None and scope["path"].startswith(API_PREFIX):
+                self.authenticate(_header(scope, b"authorization"))  # raises Unauthorized
             self._check_declared_length(scope)
-            body = await self._read(receive)
+            try:
+                async with asyncio.timeout(self.read_timeout_s):
+                    body = await self._read(receive)
+            except TimeoutError:
+                raise RequestTimeout(f"the request body did not arrive within {self.read_timeout_s:g} s") from None
         except OpenAIError as exc:
             await error_response(exc)(scope, receive, send)
             return

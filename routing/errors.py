@@ -84,6 +84,14 @@ class PayloadTooLarge(OpenAIError):
     code = "payload_too_large"
 
 
+class RequestTimeout(OpenAIError):
+    """The client did not send its whole body within the router's read deadline."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class Unauthorized(OpenAIError):
     """No API key, or one the server does not know."""
 

@@ -449,6 +449,11 @@ class RouterConfig(_Strict):
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Largest request body, in bytes; larger bodies get 413."
     )
+    body_read_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a client has to send its whole request body (408 after); the key is checked first.",
+    )
     max_inflight: int = Field(
         default=64,
         ge=1,

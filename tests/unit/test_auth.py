@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -323,3 +324,48 @@ def test_a_serve_config_app_without_keys_is_refused_unless_it_opts_out() -> None
         build_app(args)
     build_app({**args, "router": {"ingress": "serve-proxy", "auth": {"allow_open": True}}})
     build_app({**args, "router": {"ingress": "direct", "host": "127.0.0.1"}})
+
+
+# Slow clients: the key is checked before the body is read, and the body has a read deadline.
+
+
+async def call_raw(app: Any, headers: list[tuple[bytes, bytes]], receive: Any) -> tuple[int, dict[str, Any]]:
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json"), *headers],
+             "client": ("127.0.0.1", 1), "server": ("router", 80)}  # fmt: skip
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(app(scope, receive, send), 10)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body)
+
+
+async def test_a_missing_key_is_401_before_a_byte_of_the_body_is_read(engine: FakeEngine) -> None:
+    reads = 0
+
+    async def trickle() -> dict[str, Any]:
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(3600)  # a client that never finishes its body
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    app = make_app(KEYS, engine)
+    status, body = await call_raw(app, [(b"content-length", b"4000000")], trickle)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert reads == 0 and engine.requests == []
+
+
+@pytest.mark.parametrize("keys", [KEYS, []], ids=["keys", "open"])
+async def test_a_body_that_does_not_arrive_in_time_is_408(engine: FakeEngine, keys: list[Any]) -> None:
+    async def trickle() -> dict[str, Any]:
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b" ", "more_body": True}  # a byte at a time, for ever
+
+    app = make_app(keys, engine, body_read_timeout_s=0.3)
+    status, body = await call_raw(app, [(b"authorization", f"Bearer {BASE_ONLY}".encode())], trickle)
+    assert status == 408 and body["error"]["code"] == "request_timeout"
+    assert engine.requests == []

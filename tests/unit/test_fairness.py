@@ -212,7 +212,14 @@ async def test_router_serves_a_light_tenant_before_a_heavy_tenants_backlog() -> 
     heavy, heavy_conf = api_key("heavy", base=True)
     light, light_conf = api_key("light", base=True)
     engine = HeldEngine()
-    app = make_app([heavy_conf, light_conf], engine, limiter=LocalRateLimiter(), max_inflight=1, max_waiting=20)
+    app = make_app(
+        [heavy_conf, light_conf],
+        engine,
+        limiter=LocalRateLimiter(),
+        max_inflight=1,
+        max_waiting=20,
+        public_metrics=True,
+    )
     async with client_for(app) as client:
 
         async def send(key: str, prompt: str) -> int:
