@@ -53,6 +53,10 @@ class EngineClient(Protocol):
         """
         ...
 
+    async def ready(self) -> None:
+        """Returns once some engine replica answers (its engine started); raises if none can."""
+        ...
+
 
 class ServeEngineClient:
     """An `EngineClient` over the engine deployment's `DeploymentHandle` (`transport`: "grpc" or "ray", the
@@ -61,6 +65,7 @@ class ServeEngineClient:
     def __init__(self, handle: Any, channel: ChannelServer | None = None, transport: str = "grpc") -> None:
         # Serve's gRPC transport for the request and first item; `_by_reference` is Serve's name for Ray calls.
         self._handle = handle.options(stream=True, _by_reference=transport == "ray")
+        self._unary = handle.options(_by_reference=transport == "ray")
         self.channel = channel
         self.stream_counts = {"channel": 0, "ray": 0}
 
@@ -106,6 +111,9 @@ class ServeEngineClient:
     def _ended(self, reply_to: ReplyTo, inbox: Inbox) -> None:
         self._release(reply_to)
         self.stream_counts["channel" if inbox.channelled else "ray"] += 1
+
+    async def ready(self) -> None:
+        await self._unary.ready.remote()
 
     def _release(self, reply_to: ReplyTo | None) -> None:
         if reply_to is not None and self.channel is not None:

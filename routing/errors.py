@@ -140,6 +140,17 @@ class Overloaded(OpenAIError):
         return {"Retry-After": str(self.retry_after)}
 
 
+class NotReady(OpenAIError):
+    """This router cannot reach what it needs to serve (the registry, every engine replica)."""
+
+    status = 503
+    type = "server_error"
+    code = "not_ready"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
 class EngineFailure(OpenAIError):
     """An engine replica failed while serving the request."""
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,3 +156,23 @@ def _cmdline(proc: Path) -> bytes:
         return (proc / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_health_is_readiness_an_engine_replica_lost_is_503_until_serve_replaces_it(
+    sim_server: tuple[str, Path],
+) -> None:
+    base_url, _ = sim_server
+    assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
+    (engine,) = [p for p in Path("/proc").iterdir() if p.name.isdigit() and b"LoraplexEngine" in _cmdline(p)]
+    os.kill(int(engine.name), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while (health := httpx.get(f"{base_url}/health", timeout=10)).status_code == 200:
+        assert time.monotonic() < deadline, "/health stayed 200 without an engine replica"
+        time.sleep(0.2)
+    assert health.status_code == 503 and health.json()["error"]["code"] == "not_ready"
+    assert "engine" in health.json()["error"]["message"]
+    assert httpx.get(f"{base_url}/livez", timeout=10).status_code == 200
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{base_url}/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "/health not ready again after Serve replaced the replica"
+        time.sleep(1)

@@ -81,6 +81,13 @@ class FakeHandle:
     def generate(self) -> SimpleNamespace:
         return SimpleNamespace(remote=self._call)
 
+    @property
+    def ready(self) -> SimpleNamespace:
+        return SimpleNamespace(remote=self._ready)
+
+    async def _ready(self) -> bool:
+        return True
+
     def _call(
         self, endpoint: Endpoint, body: dict[str, Any], *, adapter: AdapterRecord | None = None, reply_to: Any = None
     ) -> Any:
