@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 _ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
@@ -517,7 +517,13 @@ class RegistryConfig(_Strict):
     )
     s3_region: str = Field(default="us-east-1", description="S3 region.")
     s3_access_key_id: str | None = Field(default=None, description="S3 key id; None uses the usual AWS chain.")
-    s3_secret_access_key: str | None = Field(default=None, description="S3 secret; None uses the usual AWS chain.")
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "S3 secret; None uses the usual AWS chain (environment, shared files, IAM roles: preferred, as it keeps "
+            "the secret out of configs). Never rendered: reprs, dumps and logs show `**********`."
+        ),
+    )
 
 
 class AppConfig(_Strict):

@@ -135,7 +135,7 @@ def make_resolver(config: AppConfig) -> SourceResolver:
         endpoint_url=config.registry.s3_endpoint_url,
         region=config.registry.s3_region,
         access_key_id=config.registry.s3_access_key_id,
-        secret_access_key=config.registry.s3_secret_access_key,
+        secret_access_key=secret.get_secret_value() if (secret := config.registry.s3_secret_access_key) else None,
     )
     return SourceResolver(local=LocalSource(tuple(roots)), s3=s3)
 

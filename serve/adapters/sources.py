@@ -53,7 +53,7 @@ class S3Source:
     endpoint_url: str | None = None
     region: str = "us-east-1"
     access_key_id: str | None = None
-    secret_access_key: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)  # never in a repr, log or traceback
 
     def fetch(self, uri: str, dest: Path) -> None:
         import boto3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,17 @@ def test_key_names_and_hashes_must_match_whole() -> None:
         ApiKeyConfig(name="ops\n", sha256="0" * 64)
     with pytest.raises(ValueError):
         ApiKeyConfig(name="ops", sha256="0" * 64 + "\n")
+
+
+def test_the_s3_secret_is_never_rendered_but_reaches_the_s3_client() -> None:
+    from serve.adapters.registry import make_resolver
+
+    secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+    config = AppConfig.model_validate(
+        {"engine": {"model": "/m"}, "registry": {"s3_access_key_id": "AKID", "s3_secret_access_key": secret}}
+    )
+    for rendered in (repr(config), str(config), config.model_dump_json(), json.dumps(config.model_dump(mode="json"))):
+        assert secret not in rendered and "**********" in rendered
+    assert AppConfig.model_validate(config.model_dump()) == config  # the CLI's merge keeps it
+    s3 = make_resolver(config).s3
+    assert s3.secret_access_key == secret and secret not in repr(s3)
