@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -22,6 +23,16 @@ from serve.adapters.validation import AdapterInvalid, base_linear_shapes, valida
 from serve.config import ADAPTER_NAME_PATTERN, AppConfig, is_adapter_name
 
 REPORT_TTL_S = 30.0
+
+
+def fresh_generation() -> int:
+    """A registry's first generation, unlike any generation an earlier run of it (or another) handed out.
+
+    Routers and replicas refetch when the generation they cached differs, so a registry that restarted at 1
+    would, after as many writes as before, look unchanged to them (a deleted adapter served, a new one 404).
+    The start is the clock in milliseconds above 20 bits of writes, plus random low bits; it stays an int.
+    """
+    return ((time.time_ns() // 1_000_000) << 20) + secrets.randbelow(1 << 16)
 
 
 class AdapterRegistry:
@@ -43,7 +54,7 @@ class AdapterRegistry:
         self._max_bytes = max_bytes
         self._base_shapes = base_linear_shapes(base_model)
         self._records: dict[str, AdapterRecord] = self._load()
-        self._generation = 1
+        self._generation = fresh_generation()
         self._lock = asyncio.Lock()
         self._reports: dict[str, tuple[float, ReplicaReport]] = {}
         for name, source in (initial or {}).items():

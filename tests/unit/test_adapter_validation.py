@@ -124,6 +124,21 @@ def test_registry_versions_persist_and_unregister(tmp_path: Path, model_dir: Pat
     assert asyncio.run(make_registry(tmp_path, model_dir).snapshot()).records == {}
 
 
+def test_a_restarted_registry_never_reuses_a_generation(tmp_path: Path, model_dir: Path) -> None:
+    """A router that cached generation G before a restart must see the restarted registry's as new."""
+    registry = make_registry(tmp_path, model_dir)
+    seen = {asyncio.run(registry.generation())}
+    for i in range(3):
+        asyncio.run(registry.register(f"a{i}", str(write_adapter(tmp_path / "adapters" / f"a{i}"))))
+        seen.add(asyncio.run(registry.generation()))
+    restarted = make_registry(tmp_path, model_dir)
+    asyncio.run(restarted.unregister("a0"))
+    for _ in range(3):  # as many writes as before the restart: the counter alone would repeat
+        asyncio.run(restarted.register("b", str(write_adapter(tmp_path / "adapters" / "a1"))))
+    assert asyncio.run(restarted.generation()) not in seen
+    assert asyncio.run(restarted.snapshot()).generation > max(seen)  # and it keeps growing
+
+
 @pytest.mark.parametrize(
     ("name", "source", "param", "reason"),
     [
