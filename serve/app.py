@@ -66,10 +66,15 @@ def request_router_config(scaling: EngineDeploymentConfig) -> dict[str, Any]:
     return config
 
 
-def build_app(args: AppConfig | dict[str, Any]) -> Application:
-    """The Serve application for `args` (an `AppConfig` or its dict form)."""
+def build_app(args: AppConfig | dict[str, Any], proxy_host: str | None = None) -> Application:
+    """The Serve application for `args` (an `AppConfig` or its dict form).
+
+    `proxy_host` is the address Serve's HTTP proxy listens on, when the caller knows it (`loraplex serve`
+    started the proxy); a Serve config's app cannot see its `http_options`, so without keys it is refused
+    behind the proxy unless it opts out (`router.auth.allow_open`).
+    """
     config = absolute_paths(args if isinstance(args, AppConfig) else AppConfig.model_validate(args))
-    listens_on = config.router.host if config.router.ingress == "direct" else None
+    listens_on = config.router.host if config.router.ingress == "direct" else proxy_host
     if (refusal := config.router.open_refusal(listens_on)) is not None:
         raise ValueError(refusal)
     scaling = config.engine_deployment

@@ -144,7 +144,6 @@ def run(config: AppConfig, infra_cpus: str = "auto") -> None:
     from ray import serve
 
     from serve.app import build_app
-    from serve.engines.vllm_engine import ENGINE_CPUS_ENV
 
     address = os.environ.get("RAY_ADDRESS")
     if address:
@@ -154,7 +153,8 @@ def run(config: AppConfig, infra_cpus: str = "auto") -> None:
         if (cpus := infrastructure_cpus(infra_cpus, config)) is not None:
             # The engine must not inherit this narrow set: vLLM binds its worker within the CPUs its
             # engine process may use, so the replica spawns the engine with the ones we started with.
-            os.environ[ENGINE_CPUS_ENV] = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+            spawn_cpus = sorted(os.sched_getaffinity(0))
+            config = config.model_copy(update={"engine": config.engine.model_copy(update={"spawn_cpus": spawn_cpus})})
             os.sched_setaffinity(0, cpus)
         # Serve's controller reconciles every 0.1 s by default, 5 % of a core on an idle server here (it asks the GCS
         # for every node's resources each time); 0.5 s still notices a dead replica long before a health check.
@@ -183,7 +183,7 @@ def run(config: AppConfig, infra_cpus: str = "auto") -> None:
             serve.start(proxy_location="Disabled")  # the router replicas listen themselves
         else:
             serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(build_app(config, proxy_host=host), name=APP_NAME, route_prefix="/", blocking=False)
         typer.echo(
             f"loraplex: serving {config.engine.model_id} with {len(config.adapters)} adapters on http://{host}:{port}/v1",
             err=True,

@@ -324,6 +324,9 @@ def test_a_serve_config_app_without_keys_is_refused_unless_it_opts_out() -> None
         build_app(args)
     build_app({**args, "router": {"ingress": "serve-proxy", "auth": {"allow_open": True}}})
     build_app({**args, "router": {"ingress": "direct", "host": "127.0.0.1"}})
+    build_app(args, proxy_host="127.0.0.1")  # `loraplex serve` knows where it started Serve's proxy
+    with pytest.raises(ValueError, match=r"on 0\.0\.0\.0 without API keys"):
+        build_app(args, proxy_host="0.0.0.0")
 
 
 # Slow clients: the key is checked before the body is read, and the body has a read deadline.
@@ -369,3 +372,18 @@ async def test_a_body_that_does_not_arrive_in_time_is_408(engine: FakeEngine, ke
     status, body = await call_raw(app, [(b"authorization", f"Bearer {BASE_ONLY}".encode())], trickle)
     assert status == 408 and body["error"]["code"] == "request_timeout"
     assert engine.requests == []
+
+
+def test_constructing_an_audit_log_leaves_logging_alone() -> None:
+    from routing.audit import LOGGER, AuditLog
+
+    logger = logging.getLogger(LOGGER)
+    level, handlers = logger.level, list(logger.handlers)
+    logger.setLevel(logging.NOTSET)
+    logger.handlers.clear()
+    try:
+        AuditLog()
+        assert logger.level == logging.NOTSET and logger.handlers == []
+    finally:
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
