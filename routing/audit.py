@@ -21,18 +21,26 @@ Outcome = Literal["ok", "denied", "refused", "failed"]
 LOGGER = "loraplex.audit"
 
 
+def show_audit_records() -> None:
+    """Makes the `loraplex.audit` logger's INFO records reach a handler in this process.
+
+    Audit records are INFO and would vanish where nobody configured logging (Python's last-resort handler
+    shows only warnings). The router deployment calls this once at start; constructing an `AuditLog` has no
+    effect on logging, so tests and embedders keep their own configuration.
+    """
+    logger = logging.getLogger(LOGGER)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not logger.hasHandlers():
+        logger.addHandler(logging.StreamHandler())
+
+
 class AuditLog:
     """Writes audit records; the file, when configured, is opened per record (writes are rare)."""
 
     def __init__(self, file: str | None = None) -> None:
         self._logger = logging.getLogger(LOGGER)
         self._file = Path(file) if file else None
-        # Audit records are INFO and must not vanish when nobody configured logging (Python's last
-        # resort handler only shows warnings): make sure they reach some handler.
-        if self._logger.level == logging.NOTSET:
-            self._logger.setLevel(logging.INFO)
-        if not self._logger.hasHandlers():
-            self._logger.addHandler(logging.StreamHandler())
 
     def record(
         self,

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from routing.app import create_app
+from routing.audit import show_audit_records
 from routing.catalog import ModelCatalog
 from routing.engine_client import ServeEngineClient
 from routing.ratelimit import ServeRateLimiter
@@ -41,6 +42,7 @@ class RouterIngress:
     async def __init__(  # type: ignore[misc]
         self, engine: Any, registry: Any, limiter: Any, base_id: str, config: RouterConfig
     ) -> None:
+        show_audit_records()
         registry_client = ServeRegistryClient(registry)
         catalog = ModelCatalog(base_id, registry_client)
         channel = ChannelServer(ray.util.get_node_ip_address()) if config.stream_channel else None

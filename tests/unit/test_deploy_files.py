@@ -389,3 +389,13 @@ def test_dockerfile_is_pinned_non_root_and_healthchecked() -> None:
     assert users and users[-1] not in ("root", "0")
     assert re.search(r"^HEALTHCHECK .*\n.*/health", text, re.M)
     assert '"/models", "/var/lib/loraplex", "/var/cache/loraplex"' in text
+
+
+def test_the_wheel_holds_the_product_only() -> None:
+    import tomllib
+
+    import setuptools
+
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = setuptools.find_packages(str(ROOT), include=found["include"])
+    assert {package.split(".")[0] for package in packages} == {"serve", "routing"}
