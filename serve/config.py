@@ -106,6 +106,13 @@ class EngineConfig(_Strict):
         default="auto",
         description="CPU cores of the engine's worker (VLLM_CPU_OMP_THREADS_BIND): `auto`, `nobind` or ids like `0-3`.",
     )
+    spawn_cpus: list[int] | None = Field(
+        default=None,
+        description=(
+            "CPUs the engine's own processes may use when its replica was confined to fewer; `loraplex serve` sets "
+            "it when it keeps Ray's processes off vLLM's cores (--infra-cpus). None: the replica's CPUs."
+        ),
+    )
     enforce_eager: bool = Field(default=True, description="Skip graph capture; faster start-up on CPU.")
     seed: int = Field(default=0, description="Engine seed, for reproducible sampling with a request seed.")
 

@@ -31,25 +31,23 @@ if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
 logger = logging.getLogger("loraplex.engine")
-ENGINE_CPUS_ENV = "LORAPLEX_ENGINE_CPUS"
-"""CPUs the engine's processes may use when the replica itself was confined to fewer (`loraplex serve`)."""
 
 
 @contextmanager
-def engine_cpus() -> Iterator[None]:
+def engine_cpus(wanted: list[int] | None) -> Iterator[None]:
     """While vLLM spawns its engine processes from this thread, lets them use the engine's CPUs.
 
     `loraplex serve` keeps Ray's processes (this replica among them) on the core vLLM reserves for
     its scheduler. Children inherit the spawning thread's CPU set and vLLM's automatic binding picks
     the worker's cores from it, so without this the model's worker would land on that one shared core
     and leave the others idle. Linux sets affinity per thread: only this thread is widened, then restored.
+    `wanted` is the engine's `spawn_cpus`.
     """
-    wanted = os.environ.get(ENGINE_CPUS_ENV)
     if not wanted:
         yield
         return
     confined = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {int(cpu) for cpu in wanted.split(",")})
+    os.sched_setaffinity(0, set(wanted))
     try:
         yield
     finally:
@@ -126,7 +124,7 @@ class VLLMEngine:
         validate_parsed_serve_args(args)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-        with engine_cpus():
+        with engine_cpus(self._config.spawn_cpus):
             engine = AsyncLLM.from_vllm_config(
                 vllm_config=vllm_config,
                 usage_context=UsageContext.OPENAI_API_SERVER,

@@ -9,7 +9,7 @@ import pytest
 
 from serve.cli import infrastructure_cpus
 from serve.config import AppConfig
-from serve.engines.vllm_engine import ENGINE_CPUS_ENV, engine_cpus
+from serve.engines.vllm_engine import engine_cpus
 
 CPUS = sorted(os.sched_getaffinity(0))
 needs_two = pytest.mark.skipif(len(CPUS) < 2, reason="needs at least 2 CPUs")
@@ -32,15 +32,14 @@ def child_affinity(queue: multiprocessing.Queue[set[int]]) -> None:
 
 
 @needs_two
-def test_engine_processes_are_spawned_with_the_engine_cpus_not_the_replica_s(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_engine_processes_are_spawned_with_the_engine_cpus_not_the_replica_s() -> None:
     """The regression: vLLM's worker inherited the replica's one core and left the others idle."""
     before = os.sched_getaffinity(0)
-    monkeypatch.setenv(ENGINE_CPUS_ENV, ",".join(map(str, CPUS)))
     os.sched_setaffinity(0, {CPUS[-1]})  # as `loraplex serve` confines Ray's processes
     try:
         context = multiprocessing.get_context("spawn")  # as vLLM starts its engine core
         queue: multiprocessing.Queue[set[int]] = context.Queue()
-        with engine_cpus():
+        with engine_cpus(list(CPUS)):
             child = context.Process(target=child_affinity, args=(queue,))
             child.start()
         assert os.sched_getaffinity(0) == {CPUS[-1]}, "the replica's own thread goes back to its core"
@@ -50,9 +49,8 @@ def test_engine_processes_are_spawned_with_the_engine_cpus_not_the_replica_s(mon
         os.sched_setaffinity(0, before)
 
 
-def test_without_the_setting_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ENGINE_CPUS_ENV, raising=False)
+def test_without_the_setting_nothing_changes() -> None:
     before = os.sched_getaffinity(0)
-    with engine_cpus():
+    with engine_cpus(None):
         assert os.sched_getaffinity(0) == before
     assert os.sched_getaffinity(0) == before
