@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from serve.config import ApiKeyConfig, KeysFile
+from serve.files import atomic_write
 
 KEY_PREFIX = "lpx-"
 OPEN_WARNING = (
@@ -48,14 +47,4 @@ def append_key(path: Path, entry: ApiKeyConfig) -> None:
     updated = KeysFile(keys=[*current.keys, entry])  # refuses a repeated name
     data = updated.model_dump(mode="json", exclude_defaults=True)
     text = json.dumps(data, indent=2) + "\n" if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text)

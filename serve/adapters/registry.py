@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from serve.adapters.records import AdapterRecord, RegistryError, ReplicaReport, 
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.validation import AdapterInvalid, base_linear_shapes, validate_adapter
 from serve.config import ADAPTER_NAME_PATTERN, AppConfig, is_adapter_name
+from serve.files import atomic_write
 
 REPORT_TTL_S = 30.0
 
@@ -132,10 +132,7 @@ class AdapterRegistry:
 
     def _save(self) -> None:
         """Atomically replaces the state file, so a crash leaves the old or the new state, never half."""
-        self._file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"adapters": [asdict(r) for r in self._records.values()]}, indent=2))
-        os.replace(tmp, self._file)
+        atomic_write(self._file, json.dumps({"adapters": [asdict(r) for r in self._records.values()]}, indent=2))
 
 
 def make_resolver(config: AppConfig) -> SourceResolver:
