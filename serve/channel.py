@@ -27,6 +27,7 @@ from typing import Any
 
 import msgspec
 
+from serve.streaming import joined
 from serve.wire import EngineError, Relayed, ReplicaItem, ReplyTo, Usage
 
 logger = logging.getLogger("loraplex.channel")
@@ -206,7 +207,7 @@ class Inbox:
         """Everything that came (consecutive events joined); [] at the end. Raises what ended the stream."""
         while True:
             if self._items:
-                return _joined(self._items)
+                return joined(self._items)
             if self._error is not None:
                 raise self._error
             if self._ray_ended and (self._expected is None or self._received >= self._expected):
@@ -223,23 +224,6 @@ class Inbox:
                     ) from None
             else:
                 await self._wake.wait()
-
-
-def _joined(items: deque[ReplicaItem]) -> list[ReplicaItem]:
-    out: list[ReplicaItem] = []
-    text: list[str] = []
-    while items:
-        item = items.popleft()
-        if isinstance(item, str):
-            text.append(item)
-            continue
-        if text:
-            out.append("".join(text))
-            text = []
-        out.append(item)
-    if text:
-        out.append("".join(text))
-    return out
 
 
 class ChannelServer:

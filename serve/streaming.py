@@ -41,7 +41,7 @@ async def batched(items: AsyncIterator[ReplicaItem], interval_s: float) -> Async
             if not first and interval_s > 0 and not producer.done():
                 # Gather what the engine produces during the interval, unless the stream ends first.
                 await asyncio.wait((producer,), timeout=max(0.0, sent_at + interval_s - time.monotonic()))
-            ready = _joined(pending)
+            ready = joined(pending)
             taken.set()
             for item in ready:
                 yield item
@@ -73,7 +73,7 @@ async def _drain_into(
         arrived.set()  # the end, or what `items` raised, wakes the consumer
 
 
-def _joined(pending: deque[ReplicaItem]) -> list[ReplicaItem]:
+def joined(pending: deque[ReplicaItem]) -> list[ReplicaItem]:
     """Takes everything out of `pending`, consecutive strings joined into one."""
     out: list[ReplicaItem] = []
     events: list[str] = []

@@ -92,6 +92,14 @@ def stream_body(max_tokens: int) -> dict[str, Any]:
     return {"model": "sim", "prompt": "a b c", "max_tokens": max_tokens, "stream": True}
 
 
+async def endless_stream(sim: SimulatedEngine, channel: ChannelServer) -> tuple[ReplicaHandle, Any]:
+    """A replica over `sim` and a stream that does not end by itself: its handle and its call after the first item."""
+    handle = ReplicaHandle(Replica(sim, registry=None, stream_batch_s=0.05))
+    client = ServeEngineClient(handle, channel)
+    _first, call = await client.start("completions", stream_body(100_000), None, asyncio.Event())
+    return handle, call
+
+
 async def relay(client: ServeEngineClient, body: dict[str, Any]) -> list[ReplicaItem]:
     first, call = await client.start("completions", body, None, asyncio.Event())
     return [first, *[item async for item in call]]
@@ -155,9 +163,7 @@ async def test_a_whole_answer_needs_no_channel(sim: SimulatedEngine, channel: Ch
 async def test_a_client_that_leaves_aborts_the_request_in_the_engine(
     sim: SimulatedEngine, channel: ChannelServer
 ) -> None:
-    handle = ReplicaHandle(Replica(sim, registry=None, stream_batch_s=0.05))
-    client = ServeEngineClient(handle, channel)
-    _first, call = await client.start("completions", stream_body(100_000), None, asyncio.Event())
+    handle, call = await endless_stream(sim, channel)
     got = 0
     async for _ in call:
         got += 1
@@ -203,9 +209,7 @@ async def test_a_replica_lost_mid_stream_fails_the_stream(sim: SimulatedEngine, 
     class Died(Exception):
         pass
 
-    handle = ReplicaHandle(Replica(sim, registry=None, stream_batch_s=0.05))
-    client = ServeEngineClient(handle, channel)
-    _first, call = await client.start("completions", stream_body(100_000), None, asyncio.Event())
+    handle, call = await endless_stream(sim, channel)
     await handle.calls[0].queue.put(Died())  # what Ray raises for a call whose replica died
     with pytest.raises(Died):
         async for _ in call:
@@ -216,9 +220,7 @@ async def test_a_replica_lost_mid_stream_fails_the_stream(sim: SimulatedEngine, 
 async def test_the_router_closing_the_channel_ends_the_replicas_streams(
     sim: SimulatedEngine, channel: ChannelServer
 ) -> None:
-    handle = ReplicaHandle(Replica(sim, registry=None, stream_batch_s=0.05))
-    client = ServeEngineClient(handle, channel)
-    _first, call = await client.start("completions", stream_body(100_000), None, asyncio.Event())
+    handle, call = await endless_stream(sim, channel)
     async for _ in call:  # the replica connected: items come over the channel
         break
     await channel.close()

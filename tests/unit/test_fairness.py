@@ -208,6 +208,12 @@ class HeldEngine(FakeHandle):
         yield {"choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 20}}
 
 
+async def send(client: Any, key: str, prompt: str) -> int:
+    """A completion from `key`; its HTTP status."""
+    response = await client.post("/v1/completions", json={"model": BASE, "prompt": prompt}, headers=bearer(key))
+    return int(response.status_code)
+
+
 async def test_router_serves_a_light_tenant_before_a_heavy_tenants_backlog() -> None:
     heavy, heavy_conf = api_key("heavy", base=True)
     light, light_conf = api_key("light", base=True)
@@ -221,15 +227,10 @@ async def test_router_serves_a_light_tenant_before_a_heavy_tenants_backlog() -> 
         public_metrics=True,
     )
     async with client_for(app) as client:
-
-        async def send(key: str, prompt: str) -> int:
-            response = await client.post("/v1/completions", json={"model": BASE, "prompt": prompt}, headers=bearer(key))
-            return response.status_code
-
         gate = context_of(app).admitter.gate
-        calls = [asyncio.create_task(send(heavy, f"heavy-{i}")) for i in range(10)]
+        calls = [asyncio.create_task(send(client, heavy, f"heavy-{i}")) for i in range(10)]
         await until(lambda: gate.waiting == 9)
-        calls.append(asyncio.create_task(send(light, "light-0")))
+        calls.append(asyncio.create_task(send(client, light, "light-0")))
         await until(lambda: gate.waiting == 10)
         metrics = (await client.get("/metrics")).text
         assert "loraplex_router_waiting 10.0" in metrics and "loraplex_router_inflight 1.0" in metrics
@@ -247,15 +248,10 @@ async def test_a_light_key_is_served_while_a_heavy_key_floods_the_queue() -> Non
     engine = HeldEngine()
     app = make_app([heavy_conf, light_conf], engine, limiter=LocalRateLimiter(), max_inflight=4, max_waiting=16)
     async with client_for(app) as client:
-
-        async def send(key: str, prompt: str) -> int:
-            response = await client.post("/v1/completions", json={"model": BASE, "prompt": prompt}, headers=bearer(key))
-            return response.status_code
-
         gate = context_of(app).admitter.gate
-        flood = [asyncio.create_task(send(heavy, f"heavy-{i}")) for i in range(48)]
+        flood = [asyncio.create_task(send(client, heavy, f"heavy-{i}")) for i in range(48)]
         await until(lambda: sum(task.done() for task in flood) == 28)  # 4 at the engine, 16 waiting, 28 refused
-        lights = [asyncio.create_task(send(light, f"light-{i}")) for i in range(5)]
+        lights = [asyncio.create_task(send(client, light, f"light-{i}")) for i in range(5)]
         await until(lambda: gate.queue.waiting_of("light") == 5)
         while not all(task.done() for task in lights):
             engine.release.set()
