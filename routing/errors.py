@@ -110,45 +110,42 @@ class PermissionDenied(OpenAIError):
     type = "permission_error"
 
 
-class RateLimited(OpenAIError):
-    """The key is over its requests or tokens per minute; retry after `retry_after` seconds."""
+class RetryLater(OpenAIError):
+    """An error the client should retry after `retry_after` seconds (sent as `Retry-After`)."""
+
+    default_retry_after = 1
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = self.default_retry_after if retry_after is None else retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class RateLimited(RetryLater):
+    """The key is over its requests or tokens per minute."""
 
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)}
-
-
-class Overloaded(OpenAIError):
-    """The service is at capacity; the client should retry after `retry_after` seconds."""
+class Overloaded(RetryLater):
+    """The service is at capacity."""
 
     status = 503
     type = "overloaded_error"
     code = "overloaded"
 
-    def __init__(self, message: str, *, retry_after: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)}
-
-
-class NotReady(OpenAIError):
+class NotReady(RetryLater):
     """This router cannot reach what it needs to serve (the registry, every engine replica)."""
 
     status = 503
     type = "server_error"
     code = "not_ready"
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "5"}
+    default_retry_after = 5
 
 
 class EngineFailure(OpenAIError):
