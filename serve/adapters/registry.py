@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import secrets
 import shutil
 import tempfile
@@ -22,6 +24,7 @@ from serve.adapters.validation import AdapterInvalid, base_linear_shapes, valida
 from serve.config import ADAPTER_NAME_PATTERN, AppConfig, is_adapter_name
 from serve.files import atomic_write
 
+logger = logging.getLogger("loraplex.registry")
 REPORT_TTL_S = 30.0
 
 
@@ -88,12 +91,11 @@ class AdapterRegistry:
 
     async def unregister(self, name: str) -> AdapterRecord | RegistryError:
         async with self._lock:
-            record = self._records.pop(name, None)
+            record = self._records.get(name)
             if record is None:
                 return RegistryError(404, f"adapter {name!r} is not registered", "name")
-            self._save()
-            self._generation += 1
-            return record
+            failure = self._commit({key: value for key, value in self._records.items() if key != name})
+            return failure or record
 
     def _validate_and_record(self, name: str, source: str, pinned: bool) -> AdapterRecord | RegistryError:
         if not is_adapter_name(name):
@@ -116,23 +118,55 @@ class AdapterRegistry:
                 target_modules=meta.target_modules, size_bytes=meta.size_bytes, pinned=pinned,
                 created=int(time.time()),
             )  # fmt: skip
-        self._records[name] = record
-        self._save()
+        return self._commit({**self._records, name: record}) or record
+
+    def _commit(self, records: dict[str, AdapterRecord]) -> RegistryError | None:
+        """Persists `records`, then makes them current: a write that fails changes nothing, here or on disk.
+
+        The previous state file is kept as `<file>.bak` (the last good state, should the file be damaged).
+        """
+        try:
+            if self._file.is_file():
+                atomic_write(self._backup, self._file.read_text())
+            atomic_write(self._file, json.dumps({"adapters": [asdict(r) for r in records.values()]}, indent=2))
+        except OSError as exc:
+            logger.exception("could not save the registry state to %s", self._file)
+            return RegistryError(500, f"the registry could not save its state ({exc.strerror or exc}); nothing changed")
+        self._records = records
         self._generation += 1
-        return record
+        return None
+
+    @property
+    def _backup(self) -> Path:
+        return self._file.with_name(self._file.name + ".bak")
 
     def _load(self) -> dict[str, AdapterRecord]:
+        """The saved records; a damaged file is set aside (kept, named in the log) and the last good state used."""
         if not self._file.is_file():
             return {}
-        data = json.loads(self._file.read_text())
-        return {
-            item["name"]: AdapterRecord(**{**item, "target_modules": tuple(item["target_modules"])})
-            for item in data["adapters"]
-        }
+        try:
+            return _records_of(self._file)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            aside = self._file.with_name(f"{self._file.name}.corrupt-{int(time.time())}")
+            os.replace(self._file, aside)
+            good = self._backup if self._backup.is_file() else None
+            logger.critical(
+                "registry state %s is damaged (%s): kept as %s; starting from %s",
+                self._file, exc, aside, good or "an empty registry",
+            )  # fmt: skip
+            if good is None:
+                return {}
+            records = _records_of(good)
+            atomic_write(self._file, good.read_text())
+            return records
 
-    def _save(self) -> None:
-        """Atomically replaces the state file, so a crash leaves the old or the new state, never half."""
-        atomic_write(self._file, json.dumps({"adapters": [asdict(r) for r in self._records.values()]}, indent=2))
+
+def _records_of(file: Path) -> dict[str, AdapterRecord]:
+    data = json.loads(file.read_text())
+    return {
+        item["name"]: AdapterRecord(**{**item, "target_modules": tuple(item["target_modules"])})
+        for item in data["adapters"]
+    }
 
 
 def make_resolver(config: AppConfig) -> SourceResolver:

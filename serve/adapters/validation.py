@@ -52,6 +52,8 @@ def tensor_shapes(file: Path) -> dict[str, list[int]]:
             header: dict[str, Any] = json.loads(handle.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise AdapterInvalid(f"{file.name} is not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise AdapterInvalid(f"{file.name} is not a safetensors file: its header is not a JSON object")
     data_bytes = file.stat().st_size - 8 - length
     tensors = {name: info for name, info in header.items() if name != "__metadata__"}
     # The engine reads these weights in the middle of a step, where a bad file would stop it: check the
@@ -111,10 +113,15 @@ def validate_adapter(
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     if size > max_bytes:
         raise AdapterInvalid(f"adapter is {size} bytes; the limit is {max_bytes}")
+    alpha = config.get("lora_alpha", rank)
+    if alpha is None:
+        alpha = rank
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterInvalid(f"adapter_config.json has no valid lora_alpha: {alpha!r} (a positive number)")
     targets = _check_shapes(tensor_shapes(weights), base_shapes, rank)
     return AdapterMetadata(
         rank=rank,
-        alpha=float(config.get("lora_alpha") or rank),
+        alpha=float(alpha),
         target_modules=targets,
         base_model=config.get("base_model_name_or_path"),
         size_bytes=size,

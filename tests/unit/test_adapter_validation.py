@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from serve.adapters import registry as registry_module
 from serve.adapters.records import AdapterRecord, RegistryError
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, SourceResolver
@@ -71,10 +73,18 @@ BAD_ADAPTERS = [
      "unsupported tensor"),
     ("garbage weights", lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x08"), "not a safetensors"),
     ("truncated weights", lambda f: truncate(f / "adapter_model.safetensors", 100), "truncated or corrupt"),
+    ("alpha not a number", lambda f: write_adapter(f, lora_alpha="x"), "no valid lora_alpha"),
+    ("alpha negative", lambda f: write_adapter(f, lora_alpha=-2), "no valid lora_alpha"),
+    ("header not an object", lambda f: header_of(f / "adapter_model.safetensors", b"[]"), "not a JSON object"),
     ("integer weights",
      lambda f: write_adapter(f, tensors={f"{LAYER}.q_proj.lora_A.weight": torch.zeros(4, 576, dtype=torch.int32)}),
      "must be floating point"),
 ]  # fmt: skip
+
+
+def header_of(file: Path, header: bytes) -> None:
+    """A safetensors file whose header is `header` (valid JSON of the wrong shape)."""
+    file.write_bytes(struct.pack("<Q", len(header)) + header)
 
 
 def truncate(file: Path, drop: int) -> None:
@@ -137,6 +147,49 @@ def test_a_restarted_registry_never_reuses_a_generation(tmp_path: Path, model_di
         asyncio.run(restarted.register("b", str(write_adapter(tmp_path / "adapters" / "a1"))))
     assert asyncio.run(restarted.generation()) not in seen
     assert asyncio.run(restarted.snapshot()).generation > max(seen)  # and it keeps growing
+
+
+def test_a_malformed_adapter_registers_as_400_not_500(tmp_path: Path, model_dir: Path) -> None:
+    registry = make_registry(tmp_path, model_dir)
+    alpha = write_adapter(tmp_path / "adapters" / "alpha", lora_alpha="x")
+    header = write_adapter(tmp_path / "adapters" / "header")
+    header_of(header / "adapter_model.safetensors", b"[]")
+    for source in (alpha, header):
+        refused = asyncio.run(registry.register("bad", str(source)))
+        assert isinstance(refused, RegistryError) and refused.status == 400, refused
+
+
+def test_a_write_that_cannot_be_saved_changes_nothing(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = make_registry(tmp_path, model_dir)
+    kept = asyncio.run(registry.register("kept", str(write_adapter(tmp_path / "adapters" / "kept"))))
+    before = asyncio.run(registry.snapshot())
+
+    def disk_full(*_: object, **__: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(registry_module, "atomic_write", disk_full)
+    failed = asyncio.run(registry.register("new", str(write_adapter(tmp_path / "adapters" / "new"))))
+    assert isinstance(failed, RegistryError) and failed.status == 500 and "No space left" in failed.message
+    gone = asyncio.run(registry.unregister("kept"))
+    assert isinstance(gone, RegistryError) and gone.status == 500
+    assert asyncio.run(registry.snapshot()) == before  # memory unchanged, generation included
+    assert isinstance(kept, AdapterRecord)
+    assert make_registry(tmp_path, model_dir) is not None
+    assert set(asyncio.run(make_registry(tmp_path, model_dir).snapshot()).records) == {"kept"}  # disk unchanged
+
+
+def test_a_damaged_state_file_is_set_aside_and_the_last_good_state_used(tmp_path: Path, model_dir: Path) -> None:
+    registry = make_registry(tmp_path, model_dir)
+    for name in ("one", "two"):
+        asyncio.run(registry.register(name, str(write_adapter(tmp_path / "adapters" / name))))
+    state = tmp_path / "state.json"
+    state.write_text('{"adapters": [')  # damaged outside loraplex (a full disk, a bad edit)
+    reopened = make_registry(tmp_path, model_dir)
+    assert set(asyncio.run(reopened.snapshot()).records) == {"one"}  # the state before the last write
+    assert [p.read_text() for p in tmp_path.glob("state.json.corrupt-*")] == ['{"adapters": [']
+    assert json.loads(state.read_text())["adapters"][0]["name"] == "one"
 
 
 @pytest.mark.parametrize(
