@@ -34,8 +34,11 @@ class LocalSource:
     allowed_roots: tuple[Path, ...]
 
     def fetch(self, uri: str, dest: Path) -> None:
+        """Copies the folder's files; the folder, and every file in it once symlinks are followed, must lie
+        under an allowed root (a link inside an allowed folder must not reach `/etc` or another tenant's files).
+        """
         path = Path(urlparse(uri).path if uri.startswith("file://") else uri).resolve()
-        if not any(path.is_relative_to(root.resolve()) for root in self.allowed_roots):
+        if not self._allowed(path):
             raise AdapterInvalid(f"{uri} is outside the allowed adapter roots")
         if not path.is_dir():
             raise SourceUnreachable(f"{uri} is not a folder")
@@ -43,7 +46,13 @@ class LocalSource:
         if len(files) > MAX_FILES:
             raise AdapterInvalid(f"{uri} holds {len(files)} files; an adapter has a few")
         for file in files:
+            if not self._allowed(file.resolve()):
+                raise AdapterInvalid(f"{uri}/{file.name} links outside the allowed adapter roots")
+        for file in files:
             shutil.copy2(file, dest / file.name)
+
+    def _allowed(self, path: Path) -> bool:
+        return any(path.is_relative_to(root.resolve()) for root in self.allowed_roots)
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,21 @@ def test_a_restarted_registry_never_reuses_a_generation(tmp_path: Path, model_di
     assert asyncio.run(restarted.snapshot()).generation > max(seen)  # and it keeps growing
 
 
+def test_a_file_linked_from_outside_the_allowed_roots_is_refused(tmp_path: Path, model_dir: Path) -> None:
+    registry = make_registry(tmp_path, model_dir)
+    outside = write_adapter(tmp_path / "elsewhere" / "secret")  # not under tmp_path / "adapters"
+    inside = write_adapter(tmp_path / "adapters" / "linked")
+    (inside / "adapter_model.safetensors").unlink()
+    (inside / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    refused = asyncio.run(registry.register("linked", str(inside)))
+    assert isinstance(refused, RegistryError) and refused.status == 400
+    assert "links outside the allowed adapter roots" in refused.message
+    within = write_adapter(tmp_path / "adapters" / "within")  # a link that stays inside is fine
+    (within / "adapter_model.safetensors").rename(tmp_path / "adapters" / "shared.safetensors")
+    (within / "adapter_model.safetensors").symlink_to(tmp_path / "adapters" / "shared.safetensors")
+    assert isinstance(asyncio.run(registry.register("within", str(within))), AdapterRecord)
+
+
 def test_a_malformed_adapter_registers_as_400_not_500(tmp_path: Path, model_dir: Path) -> None:
     registry = make_registry(tmp_path, model_dir)
     alpha = write_adapter(tmp_path / "adapters" / "alpha", lora_alpha="x")
