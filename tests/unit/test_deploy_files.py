@@ -399,3 +399,15 @@ def test_the_wheel_holds_the_product_only() -> None:
     found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     packages = setuptools.find_packages(str(ROOT), include=found["include"])
     assert {package.split(".")[0] for package in packages} == {"serve", "routing"}
+
+
+@pytest.mark.parametrize("name", SERVE_CONFIGS)
+def test_serve_config_overrides_keep_the_serving_path_settings(name: str) -> None:
+    """A deployment's `ray_actor_options` in a Serve config replaces the code's, runtime_env included."""
+    from serve.app import SERVING_PATH_ENV
+
+    for app in load_yaml(DEPLOY / name)["applications"]:
+        for deployment in app.get("deployments", []):
+            if "ray_actor_options" in deployment:
+                env = deployment["ray_actor_options"].get("runtime_env", {}).get("env_vars", {})
+                assert SERVING_PATH_ENV.items() <= env.items(), (name, deployment["name"])
