@@ -24,6 +24,7 @@ ENGINE_DEPLOYMENT = "LoraplexEngine"
 ROUTER_DEPLOYMENT = "LoraplexRouter"
 REGISTRY_DEPLOYMENT = "LoraplexRegistry"
 LIMITER_DEPLOYMENT = "LoraplexLimiter"
+REGISTRY_MAX_ONGOING = 256
 # Every router replica asks the limiter about every limited request; its calls never block.
 LIMITER_MAX_ONGOING = 1024
 SERVING_PATH_ENV = {
@@ -78,9 +79,13 @@ def build_app(args: AppConfig | dict[str, Any], proxy_host: str | None = None) -
     if (refusal := config.router.open_refusal(listens_on)) is not None:
         raise ValueError(refusal)
     scaling = config.engine_deployment
-    registry = serve.deployment(name=REGISTRY_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0.1})(
-        RegistryDeployment
-    ).bind(config)
+    registry = serve.deployment(
+        name=REGISTRY_DEPLOYMENT,
+        num_replicas=1,
+        # Reads and reports never wait on a write's download (serve.adapters.registry), so take many at once.
+        max_ongoing_requests=REGISTRY_MAX_ONGOING,
+        ray_actor_options={"num_cpus": 0.1},
+    )(RegistryDeployment).bind(config)
     replicas: dict[str, Any] = (
         {"num_replicas": scaling.num_replicas}
         if scaling.autoscaling is None

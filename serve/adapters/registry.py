@@ -20,7 +20,7 @@ from pathlib import Path
 
 from serve.adapters.records import AdapterRecord, RegistryError, ReplicaReport, Snapshot
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
-from serve.adapters.validation import AdapterInvalid, base_linear_shapes, validate_adapter
+from serve.adapters.validation import AdapterInvalid, AdapterMetadata, base_linear_shapes, validate_adapter
 from serve.config import ADAPTER_NAME_PATTERN, AppConfig, is_adapter_name
 from serve.files import atomic_write
 
@@ -85,9 +85,16 @@ class AdapterRegistry:
         return [report for _, report in self._reports.values()]
 
     async def register(self, name: str, source: str, pinned: bool = False) -> AdapterRecord | RegistryError:
-        """Adds `name`, or makes a new version of it when the weights changed."""
+        """Adds `name`, or makes a new version of it when the weights changed.
+
+        The fetch and the checks (up to `max_bytes` from S3) run outside the registry's lock: only recording
+        the outcome takes it, so one large download holds up no other write, read or replica report.
+        """
+        checked = await asyncio.to_thread(self._fetch_and_check, name, source)
+        if isinstance(checked, RegistryError):
+            return checked
         async with self._lock:
-            return await asyncio.to_thread(self._validate_and_record, name, source, pinned)
+            return self._record(name, source, pinned, checked)
 
     async def unregister(self, name: str) -> AdapterRecord | RegistryError:
         async with self._lock:
@@ -98,16 +105,22 @@ class AdapterRegistry:
             return failure or record
 
     def _validate_and_record(self, name: str, source: str, pinned: bool) -> AdapterRecord | RegistryError:
+        checked = self._fetch_and_check(name, source)
+        return checked if isinstance(checked, RegistryError) else self._record(name, source, pinned, checked)
+
+    def _fetch_and_check(self, name: str, source: str) -> AdapterMetadata | RegistryError:
         if not is_adapter_name(name):
             return RegistryError(400, f"adapter name must match {ADAPTER_NAME_PATTERN}", "name")
         staging = Path(tempfile.mkdtemp(prefix="loraplex-adapter-"))
         try:
             self._resolver.fetch(source, staging)
-            meta = validate_adapter(staging, self._base_shapes, max_rank=self._max_rank, max_bytes=self._max_bytes)
+            return validate_adapter(staging, self._base_shapes, max_rank=self._max_rank, max_bytes=self._max_bytes)
         except AdapterInvalid as exc:
             return RegistryError(400, str(exc), exc.param)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _record(self, name: str, source: str, pinned: bool, meta: AdapterMetadata) -> AdapterRecord | RegistryError:
         previous = self._records.get(name)
         if previous is not None and previous.content_hash == meta.content_hash and previous.source == source:
             record = replace(previous, pinned=pinned)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,34 @@ def test_a_file_linked_from_outside_the_allowed_roots_is_refused(tmp_path: Path,
     (within / "adapter_model.safetensors").rename(tmp_path / "adapters" / "shared.safetensors")
     (within / "adapter_model.safetensors").symlink_to(tmp_path / "adapters" / "shared.safetensors")
     assert isinstance(asyncio.run(registry.register("within", str(within))), AdapterRecord)
+
+
+def test_a_slow_download_holds_up_no_other_registry_call(tmp_path: Path, model_dir: Path) -> None:
+    """The fetch runs outside the registry's lock: an unregister and a snapshot finish while it downloads."""
+    registry = make_registry(tmp_path, model_dir)
+    asyncio.run(registry.register("other", str(write_adapter(tmp_path / "adapters" / "other"))))
+    release = threading.Event()
+    fetching = threading.Event()
+    local = registry._resolver
+
+    class SlowS3:
+        def fetch(self, uri: str, dest: Path) -> None:
+            fetching.set()
+            release.wait(30)  # a multi-gigabyte object on a slow link
+            local.fetch(str(tmp_path / "adapters" / "other"), dest)
+
+    registry._resolver = SourceResolver(local=local.local, s3=SlowS3())  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        slow = asyncio.create_task(registry.register("big", "s3://bucket/big"))
+        await asyncio.to_thread(fetching.wait, 10)
+        gone = await asyncio.wait_for(registry.unregister("other"), 2)
+        assert isinstance(gone, AdapterRecord)
+        assert "other" not in (await asyncio.wait_for(registry.snapshot(), 2)).records
+        release.set()
+        assert isinstance(await slow, AdapterRecord)
+
+    asyncio.run(scenario())
 
 
 def test_a_malformed_adapter_registers_as_400_not_500(tmp_path: Path, model_dir: Path) -> None:
