@@ -36,13 +36,15 @@ def create_app(
     metrics = RouterMetrics(CollectorRegistry(), max_adapters=config.max_adapter_labels)
     metrics.watch_admission(inflight=lambda: gate.inflight, waiting=lambda: gate.waiting)
     metrics.watch_streams(engine.stream_counts)
+    limiter = limiter or LocalRateLimiter()
+    metrics.watch_limiter(lambda: limiter.unreachable)
     app.state.context = RouterContext(
         engine=engine,
         catalog=catalog,
         metrics=metrics,
         config=config,
         keys=KeyRing(config.auth),
-        admitter=Admitter(limiter or LocalRateLimiter(), gate),
+        admitter=Admitter(limiter, gate),
         audit=AuditLog(config.auth.audit_file),
     )
     install_error_handlers(app)

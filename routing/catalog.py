@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from routing.errors import ModelNotFound
+from routing.errors import ModelNotFound, NotReady
 from routing.registry_client import RegistryClient
 from serve.adapters.records import AdapterRecord, Snapshot
 from serve.wire import ADAPTER_ID_SEPARATOR, adapter_model_id
 
 SEPARATOR = ADAPTER_ID_SEPARATOR
+logger = logging.getLogger("loraplex.router")
+REGISTRY_TIMEOUT_S = 5.0
 REFRESH_S = 1.0
 
 
@@ -39,14 +43,24 @@ class ModelCatalog:
     def adapter_id(self, name: str) -> str:
         return adapter_model_id(self.base_id, name)
 
-    async def refresh(self, force: bool = False) -> None:
-        """Fetches the registry's snapshot if it changed; asks at most every `REFRESH_S` unless forced."""
+    async def refresh(self, force: bool = False) -> bool:
+        """Fetches the registry's snapshot if it changed; asks at most every `REFRESH_S` unless forced.
+
+        False when the registry did not answer within `REGISTRY_TIMEOUT_S`: the adapters known so far keep
+        being served rather than every request waiting on an unreachable registry.
+        """
         now = time.monotonic()
         if not force and now - self._checked < REFRESH_S:
-            return
+            return True
         self._checked = now
-        if await self.registry.generation() != self._snapshot.generation:
-            self._snapshot = await self.registry.snapshot()
+        try:
+            async with asyncio.timeout(REGISTRY_TIMEOUT_S):
+                if await self.registry.generation() != self._snapshot.generation:
+                    self._snapshot = await self.registry.snapshot()
+        except Exception as exc:
+            logger.warning("adapter registry unreachable (%s); serving the adapters known so far", type(exc).__name__)
+            return False
+        return True
 
     def name_of(self, requested: str) -> str | None:
         """The adapter name a model id asks for (`BASE:NAME` or `NAME` → `NAME`), or None for the base model."""
@@ -61,8 +75,10 @@ class ModelCatalog:
         await self.refresh()
         record = self._snapshot.records.get(name)
         if record is None:
-            await self.refresh(force=True)  # registered a moment ago through another router replica?
+            reached = await self.refresh(force=True)  # registered a moment ago through another router replica?
             record = self._snapshot.records.get(name)
+            if record is None and not reached:
+                raise NotReady("the adapter registry cannot be reached; retry shortly")
         if record is None:
             raise ModelNotFound(f"The model `{requested}` does not exist.", param="model")
         return ModelTarget(id=self.adapter_id(name), adapter=record)

@@ -56,9 +56,20 @@ class RouterMetrics:
             registry=self.registry,
         ).set_function(waiting)  # fmt: skip
 
+    def watch_limiter(self, unreachable: Callable[[], int]) -> None:
+        """Exports the rate-limiter calls that failed or timed out (their requests were let through)."""
+        self.registry.register(
+            _Counted("loraplex_rate_limiter_unreachable", "Rate-limiter calls that failed or timed out; the request "
+                     "was admitted unchecked.", [], lambda: {(): unreachable()})
+        )  # fmt: skip
+
     def watch_streams(self, counts: dict[str, int]) -> None:
         """Exports how streams reached this router (`counts` is read at each scrape)."""
-        self.registry.register(_StreamCollector(counts))
+        self.registry.register(
+            _Counted("loraplex_router_streams", "Streams relayed by this router replica, by how their items after the "
+                     "first came from the engine replica: `channel` (the direct stream channel) or `ray` (Ray Serve "
+                     "items).", ["transport"], lambda: {(transport,): count for transport, count in counts.items()})
+        )  # fmt: skip
 
     def label(self, model_id: str | None, is_adapter: bool) -> str:
         """The label value for a model: adapters beyond the cap share `other`."""
@@ -106,17 +117,16 @@ class RequestTimer:
         self.metrics.latency.labels(self.label, self.endpoint).observe(time.perf_counter() - self.started)
 
 
-class _StreamCollector(Collector):
-    def __init__(self, counts: dict[str, int]) -> None:
-        self._counts = counts
+class _Counted(Collector):
+    """A counter family read from the code that counts, at each scrape."""
+
+    def __init__(
+        self, name: str, documentation: str, labels: list[str], read: Callable[[], dict[tuple[str, ...], int]]
+    ) -> None:
+        self._name, self._documentation, self._labels, self._read = name, documentation, labels, read
 
     def collect(self) -> Iterator[Metric]:
-        streams = CounterMetricFamily(
-            "loraplex_router_streams",
-            "Streams relayed by this router replica, by how their items after the first came from the engine "
-            "replica: `channel` (the direct stream channel) or `ray` (Ray Serve items).",
-            labels=["transport"],
-        )
-        for transport, count in sorted(self._counts.items()):
-            streams.add_metric([transport], count)
-        yield streams
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
+        for labels, value in sorted(self._read().items()):
+            family.add_metric(list(labels), value)
+        yield family

@@ -13,6 +13,7 @@ in the process, for tests and single-replica use.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any, Literal, Protocol
 
 logger = logging.getLogger("loraplex.router")
 WINDOW_S = 60.0
+LIMITER_TIMEOUT_S = 1.0
 Limit = Literal["requests", "tokens"]
 
 
@@ -43,6 +45,9 @@ ADMITTED = Decision()
 
 class RateLimiter(Protocol):
     """Admits requests against a key's limits, then settles their real token usage."""
+
+    unreachable: int
+    """Calls that failed or timed out (and were let through)."""
 
     async def admit(self, key_id: str, rpm: int | None, tpm: int | None, estimated_tokens: int) -> Decision: ...
 
@@ -118,6 +123,7 @@ class LocalRateLimiter:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._buckets = TokenBuckets(clock)
+        self.unreachable = 0  # in-process: never
 
     async def admit(self, key_id: str, rpm: int | None, tpm: int | None, estimated_tokens: int) -> Decision:
         return self._buckets.admit(key_id, rpm, tpm, estimated_tokens)
@@ -138,23 +144,29 @@ class SharedRateLimiter(LocalRateLimiter):
 class ServeRateLimiter:
     """A `RateLimiter` over the `SharedRateLimiter` deployment's handle.
 
-    If the limiter cannot be reached the request is admitted and the failure logged: a limiter outage
-    must not take every tenant's traffic down with it.
+    If the limiter does not answer within `LIMITER_TIMEOUT_S` (or fails) the request is admitted, the
+    failure logged and counted (`unreachable`, exported as `loraplex_rate_limiter_unreachable_total`): a
+    limiter outage must not take every tenant's traffic down with it, nor make it wait.
     """
 
     def __init__(self, handle: Any) -> None:
         self._handle = handle
+        self.unreachable = 0
 
     async def admit(self, key_id: str, rpm: int | None, tpm: int | None, estimated_tokens: int) -> Decision:
         try:
-            decision: Decision = await self._handle.admit.remote(key_id, rpm, tpm, estimated_tokens)
+            decision: Decision = await asyncio.wait_for(
+                self._handle.admit.remote(key_id, rpm, tpm, estimated_tokens), LIMITER_TIMEOUT_S
+            )
         except Exception:
+            self.unreachable += 1
             logger.warning("rate limiter unreachable; admitting %s unchecked", key_id, exc_info=True)
             return ADMITTED
         return decision
 
     async def charge(self, key_id: str, tokens: int) -> None:
         try:
-            await self._handle.charge.remote(key_id, tokens)
+            await asyncio.wait_for(self._handle.charge.remote(key_id, tokens), LIMITER_TIMEOUT_S)
         except Exception:
+            self.unreachable += 1
             logger.warning("rate limiter unreachable; %d tokens of %s not charged", tokens, key_id, exc_info=True)

@@ -62,3 +62,25 @@ async def test_not_ready_while_draining() -> None:
     async with client_for(app) as client:
         assert (await client.get("/health")).status_code == 503
         assert (await client.get("/livez")).status_code == 200
+
+
+async def test_an_unreachable_registry_keeps_known_adapters_served_and_unknown_ones_are_503(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from routing import catalog as catalog_module
+    from tests.unit.fake_engine import record
+    from tests.unit.tenancy import BASE
+
+    monkeypatch.setattr(catalog_module, "REGISTRY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(catalog_module, "REFRESH_S", 0.0)
+    registry = FakeRegistry({"known": record("known")})
+    engine = FakeEngine()
+    async with client_for(make_app([], engine, registry)) as client:
+        assert (await client.post("/v1/completions", json={"model": "known", "prompt": "x"})).status_code == 200
+        registry.generation = hangs  # type: ignore[method-assign]
+        registry.snapshot = hangs  # type: ignore[method-assign]
+        known = await asyncio.wait_for(client.post("/v1/completions", json={"model": "known", "prompt": "x"}), 5)
+        unknown = await asyncio.wait_for(client.post("/v1/completions", json={"model": "new", "prompt": "x"}), 5)
+        base = await asyncio.wait_for(client.post("/v1/completions", json={"model": BASE, "prompt": "x"}), 5)
+    assert known.status_code == 200 and base.status_code == 200
+    assert unknown.status_code == 503 and unknown.json()["error"]["code"] == "not_ready"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
 
+from routing import ratelimit
 from routing.admission import estimate_completion_tokens, estimate_prompt_tokens
 from routing.ratelimit import ADMITTED, LocalRateLimiter, ServeRateLimiter, SharedRateLimiter, TokenBuckets
 from serve.wire import Usage
@@ -61,9 +64,10 @@ def test_a_lowered_limit_applies_at_once() -> None:
 class FakeHandle:
     """Stands in for a Serve `DeploymentHandle`: `handle.method.remote(...)` is awaitable."""
 
-    def __init__(self, target: Any, fail: bool = False) -> None:
+    def __init__(self, target: Any, fail: bool = False, hang: bool = False) -> None:
         self._target = target
         self._fail = fail
+        self._hang = hang
 
     def __getattr__(self, name: str) -> Any:
         outer = self
@@ -72,6 +76,8 @@ class FakeHandle:
             async def remote(self, *args: Any) -> Any:
                 if outer._fail:
                     raise RuntimeError("actor died")
+                if outer._hang:
+                    await asyncio.sleep(3600)  # a limiter that stopped answering
                 return await getattr(outer._target, name)(*args)
 
         return Method()
@@ -86,6 +92,25 @@ async def test_serve_client_reaches_the_shared_limiter_and_fails_open() -> None:
     broken = ServeRateLimiter(FakeHandle(shared, fail=True))
     assert (await broken.admit("k", 1, None, 0)).admitted
     await broken.charge("k", 5)  # logged, not raised
+
+
+async def test_a_limiter_that_stops_answering_admits_after_its_timeout_and_is_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ratelimit, "LIMITER_TIMEOUT_S", 0.1)
+    hung = ServeRateLimiter(FakeHandle(SharedRateLimiter(Clock()), hang=True))
+    started = time.monotonic()
+    assert (await hung.admit("k", 1, None, 0)).admitted
+    await hung.charge("k", 5)
+    assert time.monotonic() - started < 2 and hung.unreachable == 2
+    key, conf = api_key("limited", base=True, rpm=10)
+    app = make_app([conf], FakeEngine(), limiter=hung, public_metrics=True)
+    async with client_for(app) as client:
+        response = await client.post("/v1/completions", json={"model": BASE, "prompt": "x"}, headers=bearer(key))
+        assert response.status_code == 200
+        metrics = (await client.get("/metrics")).text
+    assert f"loraplex_rate_limiter_unreachable_total {float(hung.unreachable)}" in metrics
+    assert hung.unreachable >= 3  # that request's admission too
 
 
 def usage_script(prompt: int, completion: int) -> Any:
