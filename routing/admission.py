@@ -82,19 +82,26 @@ class Admission:
     estimate: int
     finished: bool = field(default=False)
 
-    def finish(self, used_tokens: int | None) -> None:
-        """Frees the slot and settles the estimate with the real usage (None: unknown, keep the estimate).
+    def finish(self, used_tokens: int | None, relayed_tokens: int = 0) -> None:
+        """Frees the slot and settles the estimate with the real usage.
 
+        None: unknown (the client left mid-stream, say): the estimate stays charged, and at least the prompt
+        plus the `relayed_tokens` the client was sent, should that be more (a chat without `max_tokens`).
         Idempotent, and safe to call from a finalizer: it never awaits.
         """
         if self.finished:
             return
         self.finished = True
         key = self.principal
-        correction = 0 if used_tokens is None else used_tokens - self.prompt_estimate
+        if used_tokens is None:
+            correction = relayed_tokens
+            extra = self.prompt_estimate + relayed_tokens - self.estimate
+        else:
+            correction = used_tokens - self.prompt_estimate
+            extra = used_tokens - self.estimate
         self.admitter.gate.release(key.name, key.weight, correction)
-        if key.tpm is not None and used_tokens is not None and used_tokens != self.estimate:
-            self.admitter.charge_later(key.name, used_tokens - self.estimate)
+        if key.tpm is not None and extra != 0 and (used_tokens is not None or extra > 0):
+            self.admitter.charge_later(key.name, extra)
 
 
 class Admitter:

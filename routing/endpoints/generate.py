@@ -27,6 +27,8 @@ from serve.channel import ReplicaFailed
 from serve.wire import EngineError, Usage
 
 logger = logging.getLogger("loraplex.router")
+TOKEN_EVENT = '"index":'
+"""Marks a choice in a streamed chunk: each carries about one token (the floor charged when a client leaves)."""
 router = APIRouter()
 
 
@@ -114,11 +116,13 @@ async def _relay(first: str, items: EngineCall, timer: RequestTimer, admission: 
     """Streams the engine's events to the client; a failure mid-stream ends it with an error event."""
     status = 200
     used: int | None = None
+    relayed = first.count(TOKEN_EVENT)
     ended = False
     try:
         yield first
         async for item in items:
             if isinstance(item, str):
+                relayed += item.count(TOKEN_EVENT)
                 yield item
             elif isinstance(item, Usage):
                 timer.tokens(item.prompt_tokens, item.completion_tokens)
@@ -135,7 +139,7 @@ async def _relay(first: str, items: EngineCall, timer: RequestTimer, admission: 
         if not ended:  # the client left (cancelled, or closed while we waited to send)
             items.cancel()
         timer.finish(status)
-        admission.finish(used)
+        admission.finish(used, relayed_tokens=relayed)
 
 
 def _usage_of(response: dict[str, Any]) -> tuple[int, int]:

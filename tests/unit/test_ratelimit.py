@@ -229,3 +229,21 @@ async def test_max_tokens_cap_is_sent_when_a_request_gives_none() -> None:
         await client.post("/v1/completions", json={"model": BASE, "prompt": "x"})
         await client.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 3})
     assert [body["max_tokens"] for _, body in engine.requests] == [64, 3]
+
+
+async def test_a_stream_without_its_usage_is_charged_at_least_what_it_sent() -> None:
+    """A chat without max_tokens is admitted on an estimate of 256 completion tokens; vLLM may send far more.
+    When the real usage never comes (the client left mid-stream; the replica failed), the key is charged at
+    least the tokens relayed, not just the estimate. (httpx's ASGI transport cannot leave a stream early, so
+    the stream here ends without its usage, which takes the same path.)"""
+    key, conf = api_key("k", base=True, tpm=100_000)
+    events = [f'data: {{"choices":[{{"index":0,"delta":{{"content":"t{i}"}}}}]}}\n\n' for i in range(400)]
+    limiter = LocalRateLimiter(Clock())
+    app = make_app([conf], FakeEngine(lambda *_: list(events)), limiter=limiter)
+    body = {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with client_for(app) as client:
+        response = await client.post("/v1/chat/completions", json=body, headers=bearer(key))
+        assert response.text.count("data: ") == 400
+        await context_of(app).admitter.settled()
+    spent = 100_000 - limiter._buckets._buckets[("k", "tokens")].level
+    assert spent >= 400  # the tokens it was sent, not the 256 it was admitted on
