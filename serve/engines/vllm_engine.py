@@ -104,6 +104,12 @@ class VLLMEngine:
         self._engine: AsyncLLM | None = None
         self._loader: AdapterLoader | None = None
         self._routes: dict[Endpoint, _Route] = {}
+        # The engine's adapter ids as last asked (`list_loras`), and whether anything ran since. Asking is a
+        # round trip to the worker, whose message queue then spins a core for a second (vLLM's SpinCondition):
+        # asked every report, an idle server's worker burned half a core. Nothing changes them while idle.
+        self._engine_loras: set[int] | None = None
+        self._changes = 0  # requests started and adapters forgotten
+        self._listed_at = -1  # `_changes` when last asked
 
     @property
     def errored(self) -> bool:
@@ -163,6 +169,7 @@ class VLLMEngine:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.exceptions import VLLMClientError
 
+        self._changes += 1
         streaming = bool(body.get("stream"))
         options = body.get("stream_options") or {}
         client_wants_usage = streaming and bool(options.get("include_usage"))
@@ -214,20 +221,34 @@ class VLLMEngine:
         return None
 
     async def check_health(self) -> None:
-        """A round trip through the engine core: a wedged core never answers, so Serve's check times out."""
+        """A round trip through the engine core: a wedged core never answers, so Serve's check times out.
+
+        `is_sleeping` is answered by the core between two steps without waking the worker: a worker stuck in
+        a step blocks the core, so that is caught too; an idle worker is left asleep.
+        """
         await self._llm.check_health()
-        await self._llm.list_loras()  # answered by the engine core between two steps
+        await self._llm.is_sleeping()
 
     def held(self) -> list[str]:
         return self._loader.held() if self._loader is not None else []
 
     async def forget(self, name: str) -> None:
         if self._loader is not None:
+            self._changes += 1
             await self._loader.forget(name)
+
+    async def _engine_lora_ids(self) -> set[int]:
+        """The engine's adapter ids, asked again only when requests ran (or run) since the last time."""
+        if self._engine_loras is None or self._changes != self._listed_at:
+            changes = self._changes
+            self._engine_loras = await self._llm.list_loras()
+            # Requests still running may change them after this look: ask again next time.
+            self._listed_at = -1 if self._llm.get_num_unfinished_requests() else changes
+        return self._engine_loras
 
     async def report(self, replica: str) -> ReplicaReport:
         loader = self._adapters
-        engine_ids = await self._llm.list_loras()
+        engine_ids = await self._engine_lora_ids()
         return ReplicaReport(
             replica=replica,
             adapters=tuple(loader.held()),
