@@ -36,7 +36,10 @@ KEEP_ALIVE_S = 75.0
 
 @serve.ingress()
 class RouterIngress:
-    """Builds the FastAPI router in the replica, wired to the engine, registry and rate-limiter deployments."""
+    """Builds the FastAPI router in the replica, wired to the engine, registry and rate-limiter deployments.
+
+    `limiter` is None on an open server (no keys, so no limits): the router's local limiter stands in, unused.
+    """
 
     # Ray Serve awaits an async constructor: the replica is ready once it listens.
     async def __init__(  # type: ignore[misc]
@@ -48,7 +51,8 @@ class RouterIngress:
         channel = ChannelServer(ray.util.get_node_ip_address()) if config.stream_channel else None
         self._channel = channel
         engine_client = ServeEngineClient(engine, channel, config.engine_transport)
-        self._app = create_app(engine_client, catalog, config, limiter=ServeRateLimiter(limiter))
+        shared = None if limiter is None else ServeRateLimiter(limiter)
+        self._app = create_app(engine_client, catalog, config, limiter=shared)
         self._config = config
         self._server: uvicorn.Server | None = None
         self._serving: asyncio.Task[None] | None = None

@@ -30,10 +30,16 @@ LIMITER_MAX_ONGOING = 1024
 SERVING_PATH_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
 }
 """Ray Serve settings of the router and engine replicas (Ray's "throughput-optimized" choices): our code, the
 handle's router and Ray's own replica code share one event loop. Ray's defaults put each on a loop of its own,
-so every streamed item crossed threads twice in each replica (docs/benchmarks/serving-path.md)."""
+so every streamed item crossed threads twice in each replica (docs/benchmarks/serving-path.md). Serve's own
+metrics are handed to Ray's exporter every second instead of every 100 ms (Prometheus scrapes far less often):
+an idle replica's event loop woke ten times a second for it."""
+QUIET = {"enable_access_log": False}
+"""Registry and limiter calls are bookkeeping (a report every 2 s per engine replica, a check per limited
+request): a Serve access-log line for each cost CPU in the replica and in Ray's log monitor."""
 
 
 def absolute_paths(config: AppConfig) -> AppConfig:
@@ -84,7 +90,8 @@ def build_app(args: AppConfig | dict[str, Any], proxy_host: str | None = None) -
         num_replicas=1,
         # Reads and reports never wait on a write's download (serve.adapters.registry), so take many at once.
         max_ongoing_requests=REGISTRY_MAX_ONGOING,
-        ray_actor_options={"num_cpus": 0.1},
+        logging_config=QUIET,
+        ray_actor_options={"num_cpus": 0.1, "runtime_env": {"env_vars": SERVING_PATH_ENV}},
     )(RegistryDeployment).bind(config)
     replicas: dict[str, Any] = (
         {"num_replicas": scaling.num_replicas}
@@ -104,12 +111,19 @@ def build_app(args: AppConfig | dict[str, Any], proxy_host: str | None = None) -
             "runtime_env": {"env_vars": {**engine_env(config.engine), **SERVING_PATH_ENV}},
         },
     )(EngineReplica).bind(config, registry)
-    limiter = serve.deployment(
-        name=LIMITER_DEPLOYMENT,
-        num_replicas=1,  # one set of buckets for every router replica: limits hold across them
-        max_ongoing_requests=LIMITER_MAX_ONGOING,
-        ray_actor_options={"num_cpus": 0.1},
-    )(SharedRateLimiter).bind()
+    # An open server has no keys, so no limits to share: no limiter process (each Ray process idles at ~1 % of a
+    # core). With keys, one, even if no key has limits yet: the keys file can gain them while serving.
+    limiter = (
+        None
+        if config.router.auth.is_open
+        else serve.deployment(
+            name=LIMITER_DEPLOYMENT,
+            num_replicas=1,  # one set of buckets for every router replica: limits hold across them
+            max_ongoing_requests=LIMITER_MAX_ONGOING,
+            logging_config=QUIET,
+            ray_actor_options={"num_cpus": 0.1, "runtime_env": {"env_vars": SERVING_PATH_ENV}},
+        )(SharedRateLimiter).bind()
+    )
     router = serve.deployment(
         name=ROUTER_DEPLOYMENT,
         num_replicas=config.router.num_replicas,

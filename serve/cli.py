@@ -165,7 +165,9 @@ def run(config: AppConfig, infra_cpus: str = "auto") -> None:
             include_dashboard=False,
             # Each worker in its own process group, killed whole when the worker dies: a replica that is
             # killed or crashes takes its vLLM engine core process with it instead of leaking it.
-            _system_config={"process_group_cleanup_enabled": True},
+            # No pool of idle Ray workers kept for tasks: the app is long-lived actors, each started in a worker
+            # of its own, and every idle worker costs ~1 % of a core (its core worker's periodic loop).
+            _system_config={"process_group_cleanup_enabled": True, "num_workers_soft_limit": 0},
         )
     # After ray.init: Ray's core worker installs a SIGTERM handler that would end us before clean-up.
     stop, hurry = threading.Event(), threading.Event()

@@ -105,6 +105,28 @@ def test_app_binds_one_shared_rate_limiter_into_the_router(tmp_path: Path, monke
     assert router_config.auth.audit_file == str(tmp_path / "a.jsonl")
 
 
+def test_an_open_server_starts_no_rate_limiter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No keys means no limits to share: no limiter process idling beside the router."""
+    from serve.app import build_app
+
+    monkeypatch.chdir(tmp_path)
+    router = build_app(AppConfig.model_validate({"engine": {"model": str(tmp_path)}}))._bound_deployment
+    _, _, limiter, _, _ = router.init_args
+    assert limiter is None
+
+
+def test_bookkeeping_deployments_keep_no_access_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve.app import SERVING_PATH_ENV, build_app
+
+    monkeypatch.chdir(tmp_path)
+    config = AppConfig.model_validate({"engine": {"model": str(tmp_path)}, "router": {"auth": {"keys_file": "k.yaml"}}})
+    _, registry, limiter, _, _ = build_app(config)._bound_deployment.init_args
+    for bound in (registry, limiter):
+        deployment = bound._bound_deployment
+        assert deployment._deployment_config.logging_config["enable_access_log"] is False, deployment.name
+        assert SERVING_PATH_ENV.items() <= deployment.ray_actor_options["runtime_env"]["env_vars"].items()
+
+
 @pytest.mark.parametrize("name", ["alpha\n", ".", "..", "a/b", ""])
 def test_adapter_names_must_match_whole_and_not_be_dot_names(name: str) -> None:
     with pytest.raises(ValueError):
