@@ -18,6 +18,7 @@ from typing import Any
 from routing.errors import RateLimited
 from routing.fairness import FairGate
 from routing.principals import Principal
+from routing.protocol import prompt_count
 from routing.ratelimit import Decision, RateLimiter
 from serve.wire import Endpoint
 
@@ -44,6 +45,12 @@ def estimate_prompt_tokens(endpoint: Endpoint, body: dict[str, Any]) -> int:
     return _text_tokens(prompt)
 
 
+def sequences(endpoint: Endpoint, body: dict[str, Any]) -> int:
+    """How many sequences a checked request body generates: `n` for each prompt of a completions batch."""
+    prompts = prompt_count(body.get("prompt") or "") if endpoint == "completions" else 1
+    return prompts * int(body.get("n") or 1)
+
+
 def estimate_completion_tokens(endpoint: Endpoint, body: dict[str, Any]) -> int:
     """The most completion tokens a request may produce, read as vLLM reads the body: for each choice of each
     prompt, `max_tokens` on completions (vLLM ignores `max_completion_tokens` there; its default is 16), and
@@ -52,10 +59,7 @@ def estimate_completion_tokens(endpoint: Endpoint, body: dict[str, Any]) -> int:
         limit = body.get("max_tokens") or VLLM_COMPLETIONS_MAX_TOKENS
     else:
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_COMPLETION_TOKENS
-    prompt = body.get("prompt")
-    batch = endpoint == "completions" and isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
-    prompts = len(prompt) if batch and isinstance(prompt, list) else 1
-    return int(limit) * int(body.get("n") or 1) * prompts
+    return int(limit) * sequences(endpoint, body)
 
 
 def _text_tokens(content: Any) -> int:
@@ -74,12 +78,13 @@ def _is_text_part(part: Any) -> bool:
 
 @dataclass
 class Admission:
-    """One admitted request: it holds a fair-share slot and its estimated tokens until `finish`."""
+    """One admitted request: it holds its fair-share slots and its estimated tokens until `finish`."""
 
     admitter: Admitter
     principal: Principal
     prompt_estimate: int
     estimate: int
+    slots: int = 1
     finished: bool = field(default=False)
 
     def finish(self, used_tokens: int | None, relayed_tokens: int = 0) -> None:
@@ -99,7 +104,7 @@ class Admission:
         else:
             correction = used_tokens - self.prompt_estimate
             extra = used_tokens - self.estimate
-        self.admitter.gate.release(key.name, key.weight, correction)
+        self.admitter.gate.release(key.name, key.weight, correction, self.slots)
         if key.tpm is not None and extra != 0 and (used_tokens is not None or extra > 0):
             self.admitter.charge_later(key.name, extra)
 
@@ -113,20 +118,22 @@ class Admitter:
         self._charges: set[asyncio.Task[None]] = set()
 
     async def admit(self, key: Principal, endpoint: Endpoint, body: dict[str, Any]) -> Admission:
-        """Waits for a slot; raises `RateLimited` (429) or `Overloaded` (503)."""
+        """Waits for its slots (one per sequence); raises `RateLimited` (429) or `Overloaded` (503)."""
         prompt = estimate_prompt_tokens(endpoint, body)
         estimate = prompt + estimate_completion_tokens(endpoint, body)
+        count = sequences(endpoint, body)
         if key.rpm is not None or key.tpm is not None:
-            decision = await self.limiter.admit(key.name, key.rpm, key.tpm, estimate)
+            decision = await self.limiter.admit(key.name, key.rpm, key.tpm, estimate, count)
             if not decision.admitted:
-                raise _rate_limited(key, decision, estimate)
+                raise _rate_limited(key, decision, estimate, count)
+        slots = self.gate.slots_for(count)
         try:
-            await self.gate.acquire(key.name, key.weight, prompt)
+            await self.gate.acquire(key.name, key.weight, prompt, slots)
         except BaseException:  # 503 or the client left: the tokens were never used
             if key.tpm is not None:
                 self.charge_later(key.name, -estimate)
             raise
-        return Admission(self, key, prompt, estimate)
+        return Admission(self, key, prompt, estimate, slots)
 
     def charge_later(self, key_id: str, tokens: int) -> None:
         """Settles tokens with the limiter in the background, off the response's path."""
@@ -143,15 +150,21 @@ class Admitter:
             await asyncio.gather(*self._charges, return_exceptions=True)
 
 
-def _rate_limited(key: Principal, decision: Decision, estimate: int) -> RateLimited:
+def _rate_limited(key: Principal, decision: Decision, estimate: int, count: int = 1) -> RateLimited:
     retry_after = max(1, math.ceil(decision.retry_after or 1))
-    if decision.too_large:
+    if decision.too_large and decision.limit == "requests":
+        message = (
+            f"This request generates {count} sequences (prompts x n), each counted as a request: more than the "
+            f"{key.rpm} requests per minute key `{key.name}` may make; send fewer prompts or a smaller n."
+        )
+    elif decision.too_large:
         message = (
             f"This request needs about {estimate} tokens (prompt + max_tokens), more than the {key.tpm} tokens "
             f"per minute key `{key.name}` may use; lower max_tokens or shorten the prompt."
         )
     elif decision.limit == "requests":
-        message = f"Rate limit reached for key `{key.name}` on requests per minute (limit {key.rpm})."
+        message = f"Rate limit reached for key `{key.name}` on requests per minute (limit {key.rpm}"
+        message += f", this request counts as {count})." if count > 1 else ")."
     else:
         message = (
             f"Rate limit reached for key `{key.name}` on tokens per minute (limit {key.tpm}, "

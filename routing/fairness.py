@@ -1,6 +1,8 @@
 """Fair share of the engines when they are backlogged: an admission gate ordered by virtual token counters.
 
-Each router replica lets at most `max_inflight` generation requests reach the engines at once. Below
+Each router replica lets at most `max_inflight` sequences reach the engines at once (a request takes one slot
+per sequence it generates, prompts x n, at most `max_inflight`, so a batch of 64 prompts counts as the work
+of 64 requests, not one). Below
 that, requests pass straight through. Above it they wait in one queue per tenant (API key), and when
 a slot frees the gate admits the head request of the waiting tenant that has received the least
 weighted service so far — the Virtual Token Counter of Sheng et al., "Fairness in Serving Large
@@ -70,18 +72,28 @@ class VirtualTokenCounters(Generic[T]):
     def tenants(self) -> Iterator[str]:
         return iter(self._queues)
 
+    def peek(self, eligible: Callable[[str], bool] | None = None) -> tuple[str, T] | None:
+        """What `pop` would return, left in place."""
+        candidates = [t for t in self._queues if eligible is None or eligible(t)]
+        if not candidates:
+            return None
+        tenant = min(candidates, key=lambda t: (self.counters[t], self._queues[t][0][0]))
+        return tenant, self._queues[tenant][0][1]
+
     def pop(self, eligible: Callable[[str], bool] | None = None) -> tuple[str, T] | None:
         """The next request to admit: smallest counter first, earliest arrival among equals.
 
         With `eligible`, only tenants it accepts are considered.
         """
-        candidates = [t for t in self._queues if eligible is None or eligible(t)]
-        if not candidates:
+        if (head := self.peek(eligible)) is None:
             return None
-        tenant = min(candidates, key=lambda t: (self.counters[t], self._queues[t][0][0]))
+        return head[0], self.pop_oldest(head[0])
+
+    def pop_oldest(self, tenant: str) -> T:
+        """Takes the tenant's oldest waiting request out (to admit it)."""
         _, item = self._queues[tenant].popleft()
         self._leave_if_idle(tenant)
-        return tenant, item
+        return item
 
     def remove(self, tenant: str, item: T) -> None:
         """Withdraws a request that gave up waiting."""
@@ -110,6 +122,7 @@ class _Waiter:
 
     weight: float
     cost: int
+    slots: int
     granted: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -135,27 +148,33 @@ class FairGate:
         total = sum(self.weights.get(t, 1.0) for t in active)
         return self.max_inflight * self.weights.get(tenant, 1.0) / total
 
-    def may_start(self, tenant: str) -> bool:
-        """Whether a request of `tenant` may take a slot now (the reserve is for tenants below their share)."""
-        if self.running[tenant] < self.share(tenant):
-            return self.inflight < self.max_inflight
-        return self.inflight < self.max_inflight - self.reserve
+    def slots_for(self, sequences: int) -> int:
+        """The slots a request generating `sequences` sequences holds: one each, at most the whole gate."""
+        return max(1, min(sequences, self.max_inflight))
 
-    async def acquire(self, tenant: str, weight: float, cost: int) -> None:
-        """Returns once the request may go to the engines; `cost` is its estimated prompt tokens.
+    def may_start(self, tenant: str, slots: int = 1) -> bool:
+        """Whether a request of `tenant` may take `slots` slots now (the reserve is for tenants below their share)."""
+        if self.running[tenant] < self.share(tenant):
+            return self.inflight + slots <= self.max_inflight
+        return self.inflight + slots <= self.max_inflight - self.reserve
+
+    async def acquire(self, tenant: str, weight: float, cost: int, slots: int = 1) -> None:
+        """Returns once the request may go to the engines; `cost` is its estimated prompt tokens, `slots` what
+        `slots_for` gave for its sequences.
 
         Raises `Overloaded` (503) when the wait queue is full. Every successful acquire must be
-        followed by exactly one `release`.
+        followed by exactly one `release` with the same `slots`.
         """
         self.weights[tenant] = weight
-        if tenant not in self.queue and self.may_start(tenant):
-            self._start(tenant, weight, cost)
+        if not self.queue and self.may_start(tenant, slots):
+            self._start(tenant, weight, cost, slots)
             return
         if len(self.queue) >= self.max_waiting and not self._shed_for(tenant, weight):
             self._forget_if_idle(tenant)
             raise Overloaded("the router's queue is full; retry shortly", retry_after=1)
-        waiter = _Waiter(weight, cost)
+        waiter = _Waiter(weight, cost, slots)
         self.queue.push(tenant, waiter)
+        self._admit_waiting()  # others wait (for a request of many sequences, say): this one may still go first
         try:
             await waiter.granted
         except Overloaded:  # shed for a lighter tenant's request
@@ -166,14 +185,14 @@ class FairGate:
                 self.queue.remove(tenant, waiter)
                 self._forget_if_idle(tenant)
                 self._admit_waiting()  # with one tenant fewer, the others' shares grew
-            else:  # granted a slot in the same instant: hand it on
-                self.release(tenant, weight, -cost)
+            else:  # granted its slots in the same instant: hand them on
+                self.release(tenant, weight, -cost, slots)
             raise
 
-    def release(self, tenant: str, weight: float, correction: int = 0) -> None:
-        """Frees a slot; `correction` is the request's real tokens minus the cost charged at admission."""
-        self.inflight -= 1
-        self.running[tenant] -= 1
+    def release(self, tenant: str, weight: float, correction: int = 0, slots: int = 1) -> None:
+        """Frees a request's slots; `correction` is its real tokens minus the cost charged at admission."""
+        self.inflight -= slots
+        self.running[tenant] -= slots
         if self.running[tenant] <= 0:
             del self.running[tenant]
         self.queue.charge(tenant, correction / weight)
@@ -192,16 +211,21 @@ class FairGate:
         return True
 
     def _admit_waiting(self) -> None:
-        while (popped := self.queue.pop(self.may_start)) is not None:
-            tenant, waiter = popped
+        """Starts waiting requests in VTC order while they fit. A request of many sequences that is next but
+        does not fit yet stops the others behind it until enough slots free, so it is never starved."""
+        while (head := self.queue.peek(self.may_start)) is not None:
+            tenant, waiter = head
+            if not waiter.granted.done() and not self.may_start(tenant, waiter.slots):
+                return
+            self.queue.pop_oldest(tenant)
             if waiter.granted.done():
                 continue
-            self._start(tenant, waiter.weight, waiter.cost)
+            self._start(tenant, waiter.weight, waiter.cost, waiter.slots)
             waiter.granted.set_result(None)
 
-    def _start(self, tenant: str, weight: float, cost: int) -> None:
-        self.inflight += 1
-        self.running[tenant] += 1
+    def _start(self, tenant: str, weight: float, cost: int, slots: int = 1) -> None:
+        self.inflight += slots
+        self.running[tenant] += slots
         self.queue.charge(tenant, cost / weight)
 
     def _forget_if_idle(self, tenant: str) -> None:

@@ -1,8 +1,9 @@
 """Per-key rate limits: requests per minute and tokens per minute, as token buckets.
 
 Each limit is a bucket holding up to one minute's allowance and refilling continuously (rpm/60 or
-tpm/60 per second). A request is admitted when both buckets can pay for it: one request, and its
-estimated tokens (prompt + max_tokens). Once the response's real usage is known the difference is
+tpm/60 per second). A request is admitted when both buckets can pay for it: one request per sequence it
+generates (prompts x n: a batch of 8 prompts is the work of 8 requests), and its estimated tokens (prompt +
+max_tokens, per sequence). Once the response's real usage is known the difference is
 charged or refunded, so a bucket may go into debt and later requests wait it out. Buckets, unlike
 fixed or moving windows, take such corrections exactly and give an exact `Retry-After`.
 
@@ -33,7 +34,7 @@ class Decision:
     retry_after: float | None = None
     limit: Limit | None = None
     too_large: bool = False
-    """The request alone needs more tokens than the key's whole per-minute allowance."""
+    """The request alone needs more (tokens or sequences) than the key's whole per-minute allowance of `limit`."""
 
     @property
     def admitted(self) -> bool:
@@ -49,7 +50,9 @@ class RateLimiter(Protocol):
     unreachable: int
     """Calls that failed or timed out (and were let through)."""
 
-    async def admit(self, key_id: str, rpm: int | None, tpm: int | None, estimated_tokens: int) -> Decision: ...
+    async def admit(
+        self, key_id: str, rpm: int | None, tpm: int | None, estimated_tokens: int, requests: int = 1
+    ) -> Decision: ...
 
     async def charge(self, key_id: str, tokens: int) -> None:
         """Adds `tokens` to the key's token usage (negative: a refund of an over-estimate)."""
@@ -84,13 +87,18 @@ class TokenBuckets:
         self._clock = clock
         self._buckets: dict[tuple[str, Limit], Bucket] = {}
 
-    def admit(self, key_id: str, rpm: int | None, tpm: int | None, estimated_tokens: int) -> Decision:
+    def admit(
+        self, key_id: str, rpm: int | None, tpm: int | None, estimated_tokens: int, requests: int = 1
+    ) -> Decision:
+        """`requests`: what the request counts for against `rpm` (its sequences)."""
+        if rpm is not None and requests > rpm:
+            return Decision(retry_after=WINDOW_S, limit="requests", too_large=True)
         if tpm is not None and estimated_tokens > tpm:
             return Decision(retry_after=WINDOW_S, limit="tokens", too_large=True)
         now = self._clock()
         needs: list[tuple[Bucket, float, Limit]] = []
         if rpm is not None:
-            needs.append((self._bucket(key_id, "requests", rpm, now), 1.0, "requests"))
+            needs.append((self._bucket(key_id, "requests", rpm, now), float(requests), "requests"))
         if tpm is not None:
             needs.append((self._bucket(key_id, "tokens", tpm, now), float(estimated_tokens), "tokens"))
         refusal = ADMITTED
@@ -125,8 +133,10 @@ class LocalRateLimiter:
         self._buckets = TokenBuckets(clock)
         self.unreachable = 0  # in-process: never
 
-    async def admit(self, key_id: str, rpm: int | None, tpm: int | None, estimated_tokens: int) -> Decision:
-        return self._buckets.admit(key_id, rpm, tpm, estimated_tokens)
+    async def admit(
+        self, key_id: str, rpm: int | None, tpm: int | None, estimated_tokens: int, requests: int = 1
+    ) -> Decision:
+        return self._buckets.admit(key_id, rpm, tpm, estimated_tokens, requests)
 
     async def charge(self, key_id: str, tokens: int) -> None:
         self._buckets.charge(key_id, tokens)
@@ -153,10 +163,12 @@ class ServeRateLimiter:
         self._handle = handle
         self.unreachable = 0
 
-    async def admit(self, key_id: str, rpm: int | None, tpm: int | None, estimated_tokens: int) -> Decision:
+    async def admit(
+        self, key_id: str, rpm: int | None, tpm: int | None, estimated_tokens: int, requests: int = 1
+    ) -> Decision:
         try:
             decision: Decision = await asyncio.wait_for(
-                self._handle.admit.remote(key_id, rpm, tpm, estimated_tokens), LIMITER_TIMEOUT_S
+                self._handle.admit.remote(key_id, rpm, tpm, estimated_tokens, requests), LIMITER_TIMEOUT_S
             )
         except Exception:
             self.unreachable += 1

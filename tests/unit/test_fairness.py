@@ -104,6 +104,33 @@ async def test_gate_passes_requests_below_the_bound_and_releases_queued_ones_fai
     await asyncio.gather(*tasks)
 
 
+async def test_a_request_holds_one_slot_per_sequence_and_is_not_starved_by_small_ones() -> None:
+    """Sequences, not requests, are what the gate counts; a big batch waits its turn, then goes (issue 15)."""
+    gate = FairGate(max_inflight=4, max_waiting=20, reserve=0)
+    assert gate.slots_for(3) == 3 and gate.slots_for(100) == 4 and gate.slots_for(0) == 1
+    await gate.acquire("a", 1.0, cost=1, slots=3)
+    assert gate.inflight == 3
+    started: list[str] = []
+
+    async def request(tenant: str, name: str, slots: int) -> None:
+        await gate.acquire(tenant, 1.0, cost=1, slots=slots)
+        started.append(name)
+
+    big = asyncio.create_task(request("b", "big", 4))
+    await settle()
+    assert started == [] and gate.waiting == 1, "4 slots do not fit beside 3"
+    small = [asyncio.create_task(request("c", f"small-{i}", 1)) for i in range(3)]
+    await settle()
+    assert started == [], "smaller requests behind the big one wait for it, they do not starve it"
+    gate.release("a", 1.0, slots=3)
+    await settle()
+    assert started == ["big"] and gate.inflight == 4
+    gate.release("b", 1.0, slots=4)
+    await settle()
+    assert started == ["big", "small-0", "small-1", "small-2"] and gate.inflight == 3
+    await asyncio.gather(big, *small)
+
+
 async def test_gate_answers_503_when_its_queue_is_full_and_forgets_cancelled_waiters() -> None:
     gate = FairGate(max_inflight=1, max_waiting=1)
     await gate.acquire("a", 1.0, cost=1)

@@ -247,3 +247,31 @@ async def test_a_stream_without_its_usage_is_charged_at_least_what_it_sent() -> 
         await context_of(app).admitter.settled()
     spent = 100_000 - limiter._buckets._buckets[("k", "tokens")].level
     assert spent >= 400  # the tokens it was sent, not the 256 it was admitted on
+
+
+def test_requests_per_minute_count_sequences_not_requests() -> None:
+    """A batch of prompts x n is the work of that many requests: it pays for each (issue 15)."""
+    buckets = TokenBuckets(Clock())
+    assert buckets.admit("k", rpm=10, tpm=None, estimated_tokens=0, requests=4).admitted
+    assert buckets.admit("k", rpm=10, tpm=None, estimated_tokens=0, requests=4).admitted
+    refused = buckets.admit("k", rpm=10, tpm=None, estimated_tokens=0, requests=4)
+    assert (refused.admitted, refused.limit, refused.too_large) == (False, "requests", False)
+    alone = buckets.admit("other", rpm=10, tpm=None, estimated_tokens=0, requests=11)
+    assert (alone.limit, alone.too_large) == ("requests", True)
+
+
+async def test_a_completions_batch_is_charged_one_request_per_sequence() -> None:
+    key, conf = api_key("k", base=True, rpm=4)
+    app = make_app([conf], limiter=LocalRateLimiter(Clock()))
+    async with client_for(app) as client:
+        batch = {"model": BASE, "prompt": ["a", "b", "c"], "n": 1}
+        first = await client.post("/v1/completions", json=batch, headers=bearer(key))
+        second = await client.post("/v1/completions", json=batch, headers=bearer(key))
+        huge = await client.post(
+            "/v1/completions", json={"model": BASE, "prompt": ["a", "b", "c"], "n": 2}, headers=bearer(key)
+        )
+    assert first.status_code == 200
+    assert second.status_code == 429, "3 + 3 sequences are more than 4 requests per minute"
+    assert "counts as 3" in second.json()["error"]["message"]
+    assert huge.status_code == 429
+    assert "6 sequences" in huge.json()["error"]["message"]
