@@ -28,6 +28,7 @@ from routing.ratelimit import ServeRateLimiter
 from routing.registry_client import ServeRegistryClient
 from serve.channel import ChannelServer
 from serve.config import RouterConfig
+from serve.processes import die_with_parent_if_asked
 
 logger = logging.getLogger("loraplex.router")
 KEEP_ALIVE_S = 75.0
@@ -45,6 +46,7 @@ class RouterIngress:
     async def __init__(  # type: ignore[misc]
         self, engine: Any, registry: Any, limiter: Any, base_id: str, config: RouterConfig
     ) -> None:
+        die_with_parent_if_asked()
         show_audit_records()
         registry_client = ServeRegistryClient(registry)
         catalog = ModelCatalog(base_id, registry_client)

@@ -18,6 +18,7 @@ from routing.request_router import ROUTER_CLASS_PATH
 from serve.adapters.registry import RegistryDeployment
 from serve.config import AppConfig, EngineDeploymentConfig
 from serve.engines.vllm_engine import engine_env
+from serve.processes import DIE_WITH_PARENT_ENV, die_with_parent_if_asked
 from serve.replica import EngineReplica
 
 ENGINE_DEPLOYMENT = "LoraplexEngine"
@@ -31,15 +32,26 @@ SERVING_PATH_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+    DIE_WITH_PARENT_ENV: "1",
 }
 """Ray Serve settings of the router and engine replicas (Ray's "throughput-optimized" choices): our code, the
 handle's router and Ray's own replica code share one event loop. Ray's defaults put each on a loop of its own,
 so every streamed item crossed threads twice in each replica (docs/benchmarks/serving-path.md). Serve's own
 metrics are handed to Ray's exporter every second instead of every 100 ms (Prometheus scrapes far less often):
-an idle replica's event loop woke ten times a second for it."""
+an idle replica's event loop woke ten times a second for it. Every replica, and the vLLM processes an engine
+replica starts, dies with its parent (`serve.processes`): nothing outlives a raylet or a replica that was
+killed outright."""
 QUIET = {"enable_access_log": False}
 """Registry and limiter calls are bookkeeping (a report every 2 s per engine replica, a check per limited
 request): a Serve access-log line for each cost CPU in the replica and in Ray's log monitor."""
+
+
+class LimiterDeployment(SharedRateLimiter):
+    """The shared rate limiter as deployed: its process dies with its raylet."""
+
+    def __init__(self) -> None:
+        die_with_parent_if_asked()
+        super().__init__()
 
 
 def absolute_paths(config: AppConfig) -> AppConfig:
@@ -122,7 +134,7 @@ def build_app(args: AppConfig | dict[str, Any], proxy_host: str | None = None) -
             max_ongoing_requests=LIMITER_MAX_ONGOING,
             logging_config=QUIET,
             ray_actor_options={"num_cpus": 0.1, "runtime_env": {"env_vars": SERVING_PATH_ENV}},
-        )(SharedRateLimiter).bind()
+        )(LimiterDeployment).bind()
     )
     router = serve.deployment(
         name=ROUTER_DEPLOYMENT,

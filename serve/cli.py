@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -139,83 +140,191 @@ CONTROL_LOOP_INTERVAL_S = "0.5"
 
 
 def run(config: AppConfig, infra_cpus: str = "auto") -> None:
-    """Starts (or joins, with RAY_ADDRESS) a Ray cluster, deploys the app, blocks, then cleans up."""
+    """Starts (or joins, with RAY_ADDRESS) a Ray cluster, deploys the app, blocks, then cleans up.
+
+    However it is stopped (SIGINT or SIGTERM to it or its whole process group, a second signal, a signal
+    while starting, Ray's processes dying under it), it ends everything it started on a local cluster:
+    it is a child subreaper (`serve.processes`), so orphaned workers and engines are still its descendants
+    and are swept at the end; a drain step that cannot reach Ray gives up at once.
+    """
     import ray
     from ray import serve
 
+    from serve import processes
     from serve.app import build_app
 
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        # Ray's processes inherit this affinity; vLLM's worker sets its own when it binds its cores.
-        if (cpus := infrastructure_cpus(infra_cpus, config)) is not None:
-            # The engine must not inherit this narrow set: vLLM binds its worker within the CPUs its
-            # engine process may use, so the replica spawns the engine with the ones we started with.
-            spawn_cpus = sorted(os.sched_getaffinity(0))
-            config = config.model_copy(update={"engine": config.engine.model_copy(update={"spawn_cpus": spawn_cpus})})
-            os.sched_setaffinity(0, cpus)
-        # Serve's controller reconciles every 0.1 s by default, 5 % of a core on an idle server here (it asks the GCS
-        # for every node's resources each time); 0.5 s still notices a dead replica long before a health check.
-        os.environ.setdefault(CONTROL_LOOP_ENV, CONTROL_LOOP_INTERVAL_S)
-        ray.init(
-            address="local",
-            num_cpus=max(8, 4 * (os.cpu_count() or 1)),
-            include_dashboard=False,
-            # Each worker in its own process group, killed whole when the worker dies: a replica that is
-            # killed or crashes takes its vLLM engine core process with it instead of leaking it.
-            # No pool of idle Ray workers kept for tasks: the app is long-lived actors, each started in a worker
-            # of its own, and every idle worker costs ~1 % of a core (its core worker's periodic loop).
-            _system_config={"process_group_cleanup_enabled": True, "num_workers_soft_limit": 0},
-        )
-    # After ray.init: Ray's core worker installs a SIGTERM handler that would end us before clean-up.
     stop, hurry = threading.Event(), threading.Event()
 
     def on_signal(*_: object) -> None:
         (hurry if stop.is_set() else stop).set()  # a second Ctrl-C or SIGTERM cuts the drain short
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
-    if config.router.auth.is_open:
-        typer.echo(f"loraplex: WARNING: {OPEN_WARNING}", err=True)
+    def take_signals() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, on_signal)
+
+    take_signals()  # a signal while Ray or the app start is a stop too
+    address = os.environ.get("RAY_ADDRESS")
+    local = not address
+    ray_up: Callable[[], bool] = lambda: True  # noqa: E731  (a cluster we joined: its calls are bounded instead)
+    if local:
+        processes.become_subreaper()
     try:
-        host, port = config.router.host, config.router.port
-        if config.router.ingress == "direct":
-            serve.start(proxy_location="Disabled")  # the router replicas listen themselves
+        if address:
+            ray.init(address=address)
         else:
-            serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(config, proxy_host=host), name=APP_NAME, route_prefix="/", blocking=False)
-        typer.echo(
-            f"loraplex: serving {config.engine.model_id} with {len(config.adapters)} adapters on http://{host}:{port}/v1",
-            err=True,
-        )
-        while not stop.wait(1.0):
-            pass
-        typer.echo("loraplex: draining: new requests are refused, requests in flight finish", err=True)
-        drain(config, hurry)
+            # Ray's processes inherit this affinity; vLLM's worker sets its own when it binds its cores.
+            if (cpus := infrastructure_cpus(infra_cpus, config)) is not None:
+                # The engine must not inherit this narrow set: vLLM binds its worker within the CPUs its
+                # engine process may use, so the replica spawns the engine with the ones we started with.
+                spawn_cpus = sorted(os.sched_getaffinity(0))
+                engine = config.engine.model_copy(update={"spawn_cpus": spawn_cpus})
+                config = config.model_copy(update={"engine": engine})
+                os.sched_setaffinity(0, cpus)
+            # Serve's controller reconciles every 0.1 s by default, 5 % of a core on an idle server here (it asks
+            # the GCS for every node's resources each time); 0.5 s still notices a dead replica long before a
+            # health check.
+            os.environ.setdefault(CONTROL_LOOP_ENV, CONTROL_LOOP_INTERVAL_S)
+            ray.init(
+                address="local",
+                num_cpus=max(8, 4 * (os.cpu_count() or 1)),
+                include_dashboard=False,
+                # Each worker in its own process group, killed whole when the worker dies: a replica that is
+                # killed or crashes takes its vLLM engine core process with it instead of leaking it. No pool
+                # of idle Ray workers kept for tasks: the app is long-lived actors, each started in a worker of
+                # its own, and every idle worker costs ~1 % of a core (its core worker's periodic loop).
+                _system_config={"process_group_cleanup_enabled": True, "num_workers_soft_limit": 0},
+            )
+            ray_up = node_processes_alive(processes.descendants())
+        take_signals()  # ray.init installed Ray's own SIGTERM handler, which would end us before clean-up
+        if config.router.auth.is_open:
+            typer.echo(f"loraplex: WARNING: {OPEN_WARNING}", err=True)
+        if not stop.is_set() and deploy(config, build_app, stop):
+            host, port = config.router.host, config.router.port
+            model, count = config.engine.model_id, len(config.adapters)
+            typer.echo(f"loraplex: serving {model} with {count} adapters on http://{host}:{port}/v1", err=True)
+            while not stop.wait(1.0):
+                if not ray_up():
+                    typer.echo("loraplex: Ray's node processes died; stopping", err=True)
+                    break
+        if ray_up():
+            typer.echo("loraplex: draining: new requests are refused, requests in flight finish", err=True)
+            drain(config, hurry, ray_up)
         typer.echo("loraplex: shutting down", err=True)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray_up():
+            bounded(serve.shutdown, SHUTDOWN_STEP_S)
+        bounded(ray.shutdown, SHUTDOWN_STEP_S)
+        if local:
+            processes.sweep()
 
 
-def drain(config: AppConfig, hurry: threading.Event) -> None:
+SHUTDOWN_STEP_S = 30.0
+"""At most this long for each of Serve's and Ray's shutdown calls; what they leave is swept."""
+
+
+def deploy(config: AppConfig, build: Callable[..., Any], stop: threading.Event) -> bool:
+    """Starts Serve and the app, in a thread so a signal meanwhile is seen; True once the app is up."""
+    from ray import serve
+
+    host, port = config.router.host, config.router.port
+    outcome: list[BaseException | None] = []
+
+    def start() -> None:
+        try:
+            if config.router.ingress == "direct":
+                serve.start(proxy_location="Disabled")  # the router replicas listen themselves
+            else:
+                serve.start(http_options={"host": host, "port": port})
+            serve.run(build(config, proxy_host=host), name=APP_NAME, route_prefix="/", blocking=False)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    starting = threading.Thread(target=start, name="loraplex-deploy", daemon=True)
+    starting.start()
+    while starting.is_alive() and not stop.wait(0.5):
+        pass
+    if not outcome:
+        typer.echo("loraplex: stopped while starting", err=True)
+        return False
+    if (failure := outcome[0]) is not None:
+        raise failure
+    return True
+
+
+def node_processes_alive(children: list[int]) -> Callable[[], bool]:
+    """Whether the local cluster's GCS and raylet (children of this process) still run."""
+    from pathlib import Path as _Path
+
+    def name(pid: int) -> str:
+        try:
+            return _Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            return ""
+
+    watched = [pid for pid in children if name(pid).endswith(("gcs_server", "raylet"))]
+
+    def alive() -> bool:
+        for pid in watched:
+            try:
+                state = _Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                return False
+            if state in ("Z", "X"):
+                return False
+        return True
+
+    return alive
+
+
+def bounded(call: Callable[[], Any], timeout_s: float) -> tuple[bool, Any]:
+    """Runs `call` in a thread for at most `timeout_s`: (finished, its result). A call into a Ray whose GCS
+    died blocks for good; the caller gives up on it instead."""
+    result: list[Any] = []
+
+    def target() -> None:
+        try:
+            result.append(call())
+        except Exception as exc:
+            logger.warning("%s failed: %s", getattr(call, "__name__", call), exc)
+            result.append(None)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return (bool(result), result[0] if result else None)
+
+
+def drain(config: AppConfig, hurry: threading.Event, ray_up: Callable[[], bool] = lambda: True) -> None:
     """Deletes the application and waits while Ray Serve drains it, or until `hurry` is set.
 
     Serve's proxy stops routing to the application at once (new requests get its 404), while every
     replica keeps serving its requests in flight for up to its `graceful_shutdown_timeout_s`; the
     proxy stays up meanwhile, so streams finish. `serve.shutdown` alone would kill the proxy first.
+    Gives up at once when Ray cannot be reached (its node processes died, or a call does not return).
     """
     from ray import serve
 
-    serve.delete(APP_NAME, _blocking=False)
+    def unreachable() -> None:
+        typer.echo("loraplex: cannot reach Ray; drain given up", err=True)
+
+    if not bounded(lambda: serve.delete(APP_NAME, _blocking=False), DRAIN_CALL_S)[0]:
+        return unreachable()
     grace = max(config.router.graceful_shutdown_timeout_s, config.engine_deployment.graceful_shutdown_timeout_s)
     deadline = time.monotonic() + grace + DRAIN_MARGIN_S
-    while APP_NAME in serve.status().applications:
+    while True:
+        answered, status = bounded(serve.status, DRAIN_CALL_S)
+        if not answered or status is None or not ray_up():
+            return unreachable()
+        if APP_NAME not in status.applications:
+            return None
         if hurry.wait(0.5) or time.monotonic() > deadline:
             typer.echo("loraplex: drain cut short; requests still in flight are dropped", err=True)
-            return
+            return None
+
+
+DRAIN_CALL_S = 10.0
+"""At most this long for one call to Ray while draining."""
 
 
 adapters_app = typer.Typer(add_completion=False, help="Manage a running server's adapters.")

@@ -17,6 +17,7 @@ from serve.adapters.records import AdapterRecord
 from serve.channel import Links
 from serve.config import AppConfig
 from serve.engines import Engine, build_engine
+from serve.processes import die_with_parent_if_asked
 from serve.streaming import batched
 from serve.wire import ROUTING_STATS_ADAPTERS, Endpoint, Relayed, ReplicaItem, ReplyTo
 
@@ -170,6 +171,7 @@ class EngineReplica(Replica):
 
     # Ray Serve awaits an async constructor, so the engine is up before the replica takes requests.
     async def __init__(self, app: AppConfig, registry: Any) -> None:  # type: ignore[misc]
+        die_with_parent_if_asked()  # and its engine's processes with it (serve.vllm_patches)
         super().__init__(build_engine(app), registry, app.engine_deployment.stream_batch_ms / 1000)
         await self.start()
 

@@ -11,6 +11,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from serve.processes import die_with_parent_if_asked
+
 logger = logging.getLogger("loraplex.vllm_patches")
 _applied = False
 CPU_LORA_OPS_ENV = "LORAPLEX_CPU_LORA_OPS"
@@ -23,6 +25,8 @@ def register() -> None:
     if _applied:
         return
     _applied = True
+    # The engine core dies with the replica that spawned it, its worker with the engine core, however they died.
+    die_with_parent_if_asked()
     _mask_base_rows_in_cpu_lora_ops()
     if os.environ.get(CPU_LORA_OPS_ENV, "grouped") == "grouped":
         _group_cpu_lora_ops_by_slot()

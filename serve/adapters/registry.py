@@ -23,6 +23,7 @@ from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.validation import AdapterInvalid, AdapterMetadata, base_linear_shapes, validate_adapter
 from serve.config import ADAPTER_NAME_PATTERN, AppConfig, is_adapter_name
 from serve.files import atomic_write
+from serve.processes import die_with_parent_if_asked
 
 logger = logging.getLogger("loraplex.registry")
 REPORT_TTL_S = 30.0
@@ -199,6 +200,7 @@ class RegistryDeployment(AdapterRegistry):
     """The registry as the application builds it from an `AppConfig`."""
 
     def __init__(self, config: AppConfig) -> None:
+        die_with_parent_if_asked()  # a registry process outliving its raylet serves no one
         super().__init__(
             Path(config.registry.state_file),
             Path(config.engine.model),

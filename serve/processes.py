@@ -1,0 +1,128 @@
+"""The processes `loraplex serve` started, found and ended whatever happened to the ones in between.
+
+A local server is a tree: the CLI starts Ray's node processes (GCS, raylet, ...), the raylet starts the
+Serve actors' workers, an engine replica starts vLLM's engine core, which starts its worker. A signal to the
+CLI's whole process group (systemd's default stop, a supervisor's) kills the GCS and raylet at once; the
+workers and engines below them then lose the parents that would have cleaned them up and live on with
+parent 1, holding gigabytes. So the CLI makes itself a *child subreaper* (Linux `prctl`): orphans among its
+descendants are re-parented to it, not to init, and `sweep` ends every descendant that is still there when
+the CLI stops. Processes whose own parent died while the CLI was killed outright (SIGKILL of the group)
+end through `die_with_parent`, which the replicas and the engine processes call on themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger("loraplex")
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+DIE_WITH_PARENT_ENV = "LORAPLEX_DIE_WITH_PARENT"
+"""Set (to 1) in the deployments' environment, which their vLLM processes inherit: each asks to die with its
+parent (`die_with_parent_if_asked`). Not a default of the functions, so tests and libraries are not affected."""
+
+
+def _prctl(option: int, value: int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.prctl(option, value, 0, 0, 0)) == 0
+
+
+def become_subreaper() -> bool:
+    """Orphaned descendants of this process are re-parented to it (so `sweep` finds them); False if unsupported."""
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def die_with_parent(signum: int = signal.SIGKILL) -> bool:
+    """Asks the kernel to send `signum` to this process when its parent dies; False if unsupported.
+
+    If the parent already died (this process was re-parented before the call), the signal is sent at once.
+    """
+    parent = os.getppid()
+    if not _prctl(PR_SET_PDEATHSIG, signum):
+        return False
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signum)
+    return True
+
+
+def die_with_parent_if_asked() -> bool:
+    """`die_with_parent` when `DIE_WITH_PARENT_ENV` is set: a Ray worker with its raylet, an engine process with
+    the replica that spawned it, its worker with the engine core."""
+    return os.environ.get(DIE_WITH_PARENT_ENV) == "1" and die_with_parent()
+
+
+def _parents() -> dict[int, int]:
+    """Every live process's parent, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z":  # a zombie is already dead: only its exit status is left to collect
+            parents[int(entry.name)] = int(fields[1])
+    return parents
+
+
+def descendants(pid: int | None = None) -> list[int]:
+    """The live processes below `pid` (this process by default), parents before children."""
+    root = os.getpid() if pid is None else pid
+    children: dict[int, list[int]] = {}
+    for child, parent in _parents().items():
+        children.setdefault(parent, []).append(child)
+    found: list[int] = []
+    frontier = [root]
+    while frontier:
+        below = [child for parent in frontier for child in children.get(parent, [])]
+        found += below
+        frontier = below
+    return found
+
+
+def reap() -> None:
+    """Collects the exit status of children that ended (orphans re-parented here become our children)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def sweep(grace_s: float = 5.0) -> list[int]:
+    """Ends every process still below this one: SIGTERM, then SIGKILL after `grace_s`. Returns those it found."""
+    found = descendants()
+    if not found:
+        return []
+    logger.warning("stopping %d processes left behind: %s", len(found), found)
+    for pid in found:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        reap()
+        if not set(found) & set(descendants()):
+            return found
+        time.sleep(0.1)
+    for pid in descendants():
+        _signal(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    reap()
+    return found
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)

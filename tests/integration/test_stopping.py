@@ -1,0 +1,119 @@
+"""Stopping `loraplex serve` however it is stopped leaves nothing running: the real stack (Ray Serve, the vLLM
+engine on CPU), each signal pattern a supervisor or a user produces, then every process of the server's
+session counted (none may be left, engines above all: each holds gigabytes).
+
+systemd's default stop (`KillMode=control-group`) and many supervisors signal the whole process group; a
+supervisor whose grace period ends sends SIGKILL to it; a stop can come while the server is still starting;
+Ray's own processes can die under the CLI. (SIGTERM to the CLI alone is how every other test stops its server.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from serve.assets import prepare
+from tests.integration.conftest import (
+    ASSETS,
+    assert_nothing_left_behind,
+    command_line,
+    free_port,
+    session_processes,
+    tail,
+    wait_until_ready,
+)
+
+pytestmark = pytest.mark.own_server
+GRACE_S = 5
+STOPPED_WITHIN_S = GRACE_S + 60
+"""The drain's grace, Serve's and Ray's shutdown, the sweep, on a loaded 2-core machine."""
+
+
+def start(work: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """`loraplex serve` with the demo model in a session of its own: (process, base URL, log)."""
+    model, _ = prepare(ASSETS)
+    config = work / "loraplex.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "engine": {"model": str(model), "max_model_len": 512},
+                "engine_deployment": {"graceful_shutdown_timeout_s": GRACE_S},
+                "router": {"graceful_shutdown_timeout_s": GRACE_S},
+                "registry": {"state_file": str(work / "registry.json"), "cache_dir": str(work / "cache")},
+            }
+        )
+    )
+    port = free_port()
+    log = work / "server.log"
+    command = [str(Path(sys.executable).parent / "loraplex"), "serve", "--config", str(config), "--port", str(port)]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return process, f"http://127.0.0.1:{port}", log
+
+
+def engine_processes(session: int) -> list[str]:
+    return [name for pid in session_processes(session) if "VLLM" in (name := command_line(pid))]
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout_s}s: {what}")
+        time.sleep(0.5)
+
+
+def stopped_with_nothing_left(process: subprocess.Popen[bytes], log: Path) -> None:
+    try:
+        process.wait(timeout=STOPPED_WITHIN_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        pytest.fail(f"loraplex serve still running {STOPPED_WITHIN_S}s after the stop:\n{tail(log)}")
+    assert_nothing_left_behind(process.pid)
+
+
+def test_sigterm_to_the_whole_process_group_stops_everything(tmp_path: Path) -> None:
+    """What systemd does on stop: the GCS and raylet die at once, the CLI must not hang in its drain."""
+    process, url, log = start(tmp_path)
+    wait_until_ready(process, url, log)
+    assert engine_processes(process.pid), "the engine's processes run before the stop"
+    os.killpg(process.pid, signal.SIGTERM)
+    stopped_with_nothing_left(process, log)
+
+
+def test_sigkill_to_the_whole_process_group_leaves_no_engine(tmp_path: Path) -> None:
+    """A supervisor's last resort: the CLI cannot clean up, so every process below it must die with its parent."""
+    process, url, log = start(tmp_path)
+    wait_until_ready(process, url, log)
+    assert engine_processes(process.pid)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert_nothing_left_behind(process.pid)
+
+
+def test_sigterm_while_the_engine_starts_stops_everything(tmp_path: Path) -> None:
+    process, _, log = start(tmp_path)
+    wait_for(lambda: bool(engine_processes(process.pid)), 120, "the engine's processes being spawned")
+    os.killpg(process.pid, signal.SIGTERM)
+    stopped_with_nothing_left(process, log)
+
+
+def test_the_cli_stops_everything_when_rays_processes_die_under_it(tmp_path: Path) -> None:
+    process, url, log = start(tmp_path)
+    wait_until_ready(process, url, log)
+    ray_daemons = [pid for pid in session_processes(process.pid) if "gcs_server" in command_line(pid)]
+    assert ray_daemons, "the GCS runs"
+    for pid in ray_daemons:
+        os.kill(pid, signal.SIGKILL)
+    stopped_with_nothing_left(process, log)
+    assert "Ray's node processes died" in log.read_text()
