@@ -162,6 +162,10 @@ class UpstreamError(OpenAIError):
         super().__init__(error.message, param=error.param, code=error.code)
         self.status = error.status
         self.type = error.type
+        self.retry_after = error.retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
 
 
 class _ErrorJSONResponse(JSONResponse):

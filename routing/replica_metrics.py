@@ -52,6 +52,15 @@ class ReplicaCollector(Collector):
             "Installed adapters the engine's LRU dropped from memory (reloaded on their next request).",
             labels=REPLICA,
         )
+        cache_bytes = GaugeMetricFamily(
+            "loraplex_adapter_cache_bytes", "Bytes in the node's adapter cache, as a replica last measured it.",
+            labels=REPLICA,
+        )  # fmt: skip
+        cache_errors = CounterMetricFamily(
+            "loraplex_adapter_cache_errors",
+            "Adapters a replica could not store in its node's cache (disk full, read-only, ...): answered 503.",
+            labels=REPLICA,
+        )
         loads = HistogramMetricFamily(
             "loraplex_adapter_load_seconds",
             "Time to make an adapter version usable on a replica: fetch and verify its files (pinned: and load them).",
@@ -66,9 +75,11 @@ class ReplicaCollector(Collector):
             misses.add_metric(labels, report.stats.misses)
             unloads.add_metric(labels, report.stats.unloads)
             evictions.add_metric(labels, report.stats.evictions)
+            cache_bytes.add_metric(labels, report.stats.cache_bytes)
+            cache_errors.add_metric(labels, report.stats.cache_errors)
             buckets = [
                 (str(bound), count) for bound, count in zip(LOAD_BUCKETS, report.stats.load_buckets, strict=True)
             ]
             buckets.append(("+Inf", report.stats.loads))
             loads.add_metric(labels, buckets, report.stats.load_seconds)
-        yield from (installed, resident, running, hits, misses, unloads, evictions, loads)
+        yield from (installed, resident, running, hits, misses, unloads, evictions, cache_bytes, cache_errors, loads)

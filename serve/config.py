@@ -519,6 +519,14 @@ class RegistryConfig(_Strict):
         ),
     )
     max_adapter_bytes: int = Field(default=2 * 1024**3, ge=1, description="Largest adapter accepted, in bytes.")
+    cache_max_bytes: int | None = Field(
+        default=20 * 1024**3,
+        ge=1,
+        description=(
+            "Bound of each node's adapter cache (`cache_dir`), in bytes: the least recently used copies no engine "
+            "replica on the node has installed are deleted beyond it. None: unbounded."
+        ),
+    )
     s3_endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint for `s3://` sources (MinIO, moto, ...); None means AWS."
     )

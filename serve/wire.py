@@ -25,6 +25,8 @@ class EngineError:
     type: str
     param: str | None = None
     code: str | None = None
+    retry_after: int | None = None
+    """Seconds a client should wait before sending it again (a 503's `Retry-After`)."""
 
 
 @dataclass(frozen=True)

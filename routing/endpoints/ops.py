@@ -11,6 +11,8 @@ Kubernetes readiness probes then send traffic elsewhere. `/livez` answers 200 wh
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -18,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from routing.context import ContextDep
 from routing.errors import NotReady
+from serve.adapters.records import ReplicaReport
 
 router = APIRouter()
 
@@ -25,9 +28,16 @@ router = APIRouter()
 READY_TIMEOUT_S = 2.0
 
 
+CACHE_TROUBLE_S = 300.0
+"""A replica's adapter-cache error shows in `/health` for this long."""
+
+
 @router.get("/health")
-async def health(context: ContextDep) -> dict[str, str]:
+async def health(context: ContextDep) -> dict[str, Any]:
+    """200 `ok` when ready; 200 `degraded`, with `warnings`, when it serves but something needs an operator (an
+    engine replica's node could not store adapters lately: new adapters get 503 there); 503 when not ready."""
     checks = {"registry": context.catalog.registry.generation(), "engine": context.engine.ready()}
+    reports = asyncio.ensure_future(asyncio.wait_for(context.catalog.registry.replica_reports(), READY_TIMEOUT_S))
     results = await asyncio.gather(
         *(asyncio.wait_for(check, READY_TIMEOUT_S) for check in checks.values()), return_exceptions=True
     )
@@ -35,8 +45,21 @@ async def health(context: ContextDep) -> dict[str, str]:
     if context.draining.is_set():
         down.append("router (shutting down)")
     if down:
+        reports.cancel()
         raise NotReady(f"not ready: cannot reach {', '.join(down)}")
-    return {"status": "ok"}
+    try:
+        warnings = cache_warnings(await reports, time.time())
+    except Exception:
+        warnings = []
+    return {"status": "degraded", "warnings": warnings} if warnings else {"status": "ok"}
+
+
+def cache_warnings(reports: list[ReplicaReport], now: float) -> list[str]:
+    return [
+        f"engine replica {report.replica}: adapter cache error {now - at:.0f} s ago: {report.stats.cache_error}"
+        for report in reports
+        if (at := report.stats.cache_error_at) is not None and now - at < CACHE_TROUBLE_S
+    ]
 
 
 @router.get("/livez")

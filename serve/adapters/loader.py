@@ -8,27 +8,25 @@ while requests already running keep the version they started with.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from serve.adapters.cache import Hold, NodeCache
 from serve.adapters.records import AdapterRecord, LoaderStats
-from serve.adapters.sources import SourceResolver
-from serve.adapters.validation import AdapterInvalid, content_hash
 from serve.wire import adapter_model_id
 
 
 class AdapterLoader:
     """Makes `record` usable by the engine under its public id `BASE:NAME`."""
 
-    def __init__(self, engine: Any, models: Any, resolver: SourceResolver, cache_dir: Path, base_id: str) -> None:
+    def __init__(self, engine: Any, models: Any, cache: NodeCache, base_id: str) -> None:
         self._engine = engine
         self._models = models
-        self._resolver = resolver
-        self._cache_dir = cache_dir
+        self.cache = cache
+        self._holds: dict[str, Hold] = {}
+        """The cache folder of each installed version, held so the node's pruner leaves it."""
         self._base_id = base_id
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._versions: dict[str, str] = {}
@@ -49,8 +47,18 @@ class AdapterLoader:
                 return
             self.stats.misses += 1
             started = time.perf_counter()
-            folder = await asyncio.to_thread(self._local_copy, record)
-            await self._install(record, folder)
+            folder, hold = await asyncio.to_thread(self.cache.acquire, record)
+            try:
+                await self._install(record, folder)
+            except BaseException:
+                hold.release()
+                raise
+            previous_hold = self._holds.pop(record.name, None)
+            self._holds[record.name] = hold
+            if previous_hold is not None:
+                # Requests still running on the previous version may read its folder again: the pruner leaves
+                # folders used in the last `PRUNE_GRACE_S` alone.
+                previous_hold.release()
             self.stats.observe_load(time.perf_counter() - started)
 
     async def forget(self, name: str) -> None:
@@ -59,6 +67,8 @@ class AdapterLoader:
             previous = self._models.lora_requests.pop(self.public_id(name), None)
             self._versions.pop(name, None)
             self._resident.discard(name)
+            if (hold := self._holds.pop(name, None)) is not None:
+                hold.release()
             if previous is not None:
                 await self._engine.remove_lora(previous.lora_int_id)
                 self.stats.unloads += 1
@@ -81,27 +91,6 @@ class AdapterLoader:
         self.stats.evictions += len((self._resident - resident) & set(self._versions))
         self._resident = resident
         return sorted(resident)
-
-    def _local_copy(self, record: AdapterRecord) -> Path:
-        """The adapter's files on this node, fetched once and checked against the registered hash."""
-        folder = self._cache_dir / record.content_hash
-        if folder.is_dir():
-            return folder
-        self._cache_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self._cache_dir))
-        try:
-            self._resolver.fetch(record.source, staging)
-            if content_hash(staging) != record.content_hash:
-                raise AdapterInvalid(f"{record.source} changed since it was registered; register it again")
-            try:
-                staging.rename(folder)
-            except OSError:
-                # Another replica on this node, or another adapter with the same files, got there first.
-                if not folder.is_dir():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return folder
 
     async def _install(self, record: AdapterRecord, folder: Path) -> None:
         from vllm.lora.request import LoRARequest

@@ -53,6 +53,13 @@ class LoaderStats:
     load_buckets: list[int] = field(default_factory=lambda: [0] * len(LOAD_BUCKETS))
     unloads: int = 0
     evictions: int = 0
+    cache_bytes: int = 0
+    """Bytes in the node's adapter cache, as this replica last measured it."""
+    cache_errors: int = 0
+    """Adapters this replica could not store in the node's cache (disk full, read-only, ...)."""
+    cache_error: str | None = None
+    cache_error_at: float | None = None
+    """Wall-clock time of `cache_error`, the latest."""
 
     def observe_load(self, seconds: float) -> None:
         self.loads += 1

@@ -114,7 +114,7 @@ class AdapterRegistry:
             return RegistryError(400, f"adapter name must match {ADAPTER_NAME_PATTERN}", "name")
         staging = Path(tempfile.mkdtemp(prefix="loraplex-adapter-"))
         try:
-            self._resolver.fetch(source, staging)
+            self._resolver.fetch(source, staging, self._max_bytes)
             return validate_adapter(staging, self._base_shapes, max_rank=self._max_rank, max_bytes=self._max_bytes)
         except AdapterInvalid as exc:
             return RegistryError(400, str(exc), exc.param)

@@ -22,9 +22,15 @@ class SourceUnreachable(AdapterInvalid):
 
 
 class Source(Protocol):
-    """Copies the adapter at `uri` into the empty folder `dest`."""
+    """Copies the adapter at `uri` into the empty folder `dest`, refusing one larger than `max_bytes` before
+    copying anything (a source's listing gives the sizes: a 50 GB object is never downloaded to find out)."""
 
-    def fetch(self, uri: str, dest: Path) -> None: ...
+    def fetch(self, uri: str, dest: Path, max_bytes: int | None = None) -> None: ...
+
+
+def check_size(uri: str, size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise AdapterInvalid(f"{uri} is {size} bytes; the limit is {max_bytes}")
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,7 @@ class LocalSource:
 
     allowed_roots: tuple[Path, ...]
 
-    def fetch(self, uri: str, dest: Path) -> None:
+    def fetch(self, uri: str, dest: Path, max_bytes: int | None = None) -> None:
         """Copies the folder's files; the folder, and every file in it once symlinks are followed, must lie
         under an allowed root (a link inside an allowed folder must not reach `/etc` or another tenant's files).
         """
@@ -48,6 +54,7 @@ class LocalSource:
         for file in files:
             if not self._allowed(file.resolve()):
                 raise AdapterInvalid(f"{uri}/{file.name} links outside the allowed adapter roots")
+        check_size(uri, sum(file.stat().st_size for file in files), max_bytes)
         for file in files:
             shutil.copy2(file, dest / file.name)
 
@@ -64,7 +71,7 @@ class S3Source:
     access_key_id: str | None = None
     secret_access_key: str | None = field(default=None, repr=False)  # never in a repr, log or traceback
 
-    def fetch(self, uri: str, dest: Path) -> None:
+    def fetch(self, uri: str, dest: Path, max_bytes: int | None = None) -> None:
         import boto3
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -79,11 +86,13 @@ class S3Source:
         )
         try:
             listing = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/", MaxKeys=MAX_FILES + 1)
-            keys = [item["Key"] for item in listing.get("Contents", [])]
+            objects = listing.get("Contents", [])
+            keys = [item["Key"] for item in objects]
             if not keys:
                 raise SourceUnreachable(f"nothing at {uri}")
             if len(keys) > MAX_FILES:
                 raise AdapterInvalid(f"{uri} holds more than {MAX_FILES} objects; an adapter has a few")
+            check_size(uri, sum(int(item.get("Size", 0)) for item in objects), max_bytes)
             for key in keys:
                 name = key[len(prefix) + 1 :]
                 if "/" in name or not name or name.startswith("."):
@@ -100,7 +109,7 @@ class SourceResolver:
     local: LocalSource
     s3: S3Source = field(default_factory=S3Source)
 
-    def fetch(self, uri: str, dest: Path) -> None:
+    def fetch(self, uri: str, dest: Path, max_bytes: int | None = None) -> None:
         scheme = urlparse(uri).scheme
         source: Source
         if scheme in ("", "file"):
@@ -110,4 +119,4 @@ class SourceResolver:
         else:
             raise AdapterInvalid(f"unsupported adapter source scheme {scheme!r}; use a path, file:// or s3://")
         dest.mkdir(parents=True, exist_ok=True)
-        source.fetch(uri, dest)
+        source.fetch(uri, dest, max_bytes)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
+from serve.adapters.cache import FAILURE_TTL_S, CacheUnavailable, NodeCache
 from serve.adapters.loader import AdapterLoader
 from serve.adapters.records import AdapterRecord, ReplicaReport
 from serve.adapters.registry import make_resolver
@@ -141,9 +142,14 @@ class VLLMEngine:
         state = State()
         await init_app_state(engine, state, args, await engine.get_supported_tasks())
         models = state.openai_serving_models
-        self._loader = AdapterLoader(
-            engine, models, make_resolver(self._app), Path(self._app.registry.cache_dir), self._config.model_id
+        registry = self._app.registry
+        cache = NodeCache(
+            Path(registry.cache_dir),
+            make_resolver(self._app),
+            max_bytes=registry.cache_max_bytes,
+            max_adapter_bytes=registry.max_adapter_bytes,
         )
+        self._loader = AdapterLoader(engine, models, cache, self._config.model_id)
         completion_model, chat_model = request_models(self._app.router.max_prompt_tokens)
         completion, chat = state.openai_serving_completion, state.openai_serving_chat
         self._routes = {
@@ -213,10 +219,15 @@ class VLLMEngine:
             await self._adapters.ensure(adapter)
         except AdapterInvalid as exc:
             return EngineError(status=422, message=str(exc), type="invalid_request_error", param="model")
-        except Exception as exc:
+        except CacheUnavailable as exc:
+            message = f"adapter {adapter.name!r} cannot be loaded on this replica now: {exc}"
+            return EngineError(status=503, message=message, type="server_error", retry_after=int(FAILURE_TTL_S))
+        except Exception as exc:  # the detail (paths of this node) goes to the log, not to the client
             logger.exception("loading adapter %s failed", adapter.name)
             return EngineError(
-                status=500, message=f"loading adapter {adapter.name!r} failed: {exc}", type="server_error"
+                status=500,
+                message=f"loading adapter {adapter.name!r} failed ({type(exc).__name__})",
+                type="server_error",
             )
         return None
 
@@ -254,7 +265,14 @@ class VLLMEngine:
             adapters=tuple(loader.held()),
             engine_loras=len(engine_ids),
             resident=tuple(loader.observe_engine(engine_ids)),
-            stats=replace(loader.stats, load_buckets=list(loader.stats.load_buckets)),
+            stats=replace(
+                loader.stats,
+                load_buckets=list(loader.stats.load_buckets),
+                cache_bytes=loader.cache.stats.bytes,
+                cache_errors=loader.cache.stats.errors,
+                cache_error=loader.cache.stats.last_error,
+                cache_error_at=loader.cache.stats.last_error_at,
+            ),
             running=self._llm.get_num_unfinished_requests(),
         )
 

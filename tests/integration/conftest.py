@@ -7,6 +7,7 @@ nothing depends on how the project built its own assets.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -222,7 +223,9 @@ def assert_nothing_left_behind(session: int) -> None:
         time.sleep(1)
     if left:
         names = [command_line(pid) for pid in left]
-        os.killpg(session, signal.SIGKILL)
+        for pid in left:  # each: the leftovers are in process groups of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         pytest.fail(f"loraplex serve left processes behind: {names}")
 
 

@@ -237,3 +237,39 @@ def test_pinned_adapter_survives_eviction_churn(client: openai.OpenAI, stack: St
     assert_close(want, served(client, "keeper", prompt), "pinned adapter after churn")
     for name in churn:
         httpx.delete(f"{stack.base_url}/v1/adapters/{name}")
+
+
+def test_the_node_cache_holds_installed_adapters_and_lets_go_of_unregistered_ones(
+    client: openai.OpenAI, stack: Stack
+) -> None:
+    """The engine replica holds a shared lock on each installed version's cache folder, so the node's pruner
+    never deletes a folder vLLM may re-read after an eviction; unregistering lets go (issue 15)."""
+    import fcntl
+
+    from serve.adapters.validation import content_hash
+
+    folder = new_adapter(stack, "held", seed=95)
+    assert register(stack, "held", str(folder)).status_code == 201
+    client.completions.create(model="held", prompt="Hi", max_tokens=1)
+    cached = stack.log.parent / "adapter-cache" / content_hash(folder)
+    assert cached.is_dir()
+
+    def held_elsewhere() -> bool:
+        with (cached / ".inuse").open() as marker:
+            try:
+                fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(marker, fcntl.LOCK_UN)
+            return False
+
+    assert held_elsewhere(), "installed: the replica holds its folder"
+    assert replica_counter(stack, "loraplex_adapter_cache_bytes") > 0 or wait_for_reports(
+        stack, "loraplex_adapter_cache_bytes", 1
+    )
+    assert httpx.delete(f"{stack.base_url}/v1/adapters/held").status_code == 200
+    deadline = time.monotonic() + 20
+    while held_elsewhere() and time.monotonic() < deadline:
+        time.sleep(0.5)  # the replica sees the deletion at its next registry poll (2 s)
+    assert not held_elsewhere(), "unregistered: the folder may be pruned"
+    assert httpx.get(f"{stack.base_url}/health").json() == {"status": "ok"}

@@ -11,6 +11,7 @@ import pytest
 
 from routing.app import create_app
 from routing.catalog import ModelCatalog
+from serve.adapters.cache import NodeCache
 from serve.adapters.loader import AdapterLoader
 from serve.adapters.records import LoaderStats, ReplicaReport
 from serve.adapters.sources import LocalSource, SourceResolver
@@ -97,7 +98,8 @@ class _Models:
 
 def test_loader_counts_adapters_the_engine_evicted() -> None:
     models = _Models()
-    loader = AdapterLoader(None, models, SourceResolver(LocalSource([])), Path("/nonexistent"), BASE)
+    cache = NodeCache(Path("/nonexistent"), SourceResolver(LocalSource(())), max_bytes=None)
+    loader = AdapterLoader(None, models, cache, BASE)
     for lora_id, name in enumerate(("a", "b", "c"), start=1):
         models.lora_requests[loader.public_id(name)] = SimpleNamespace(lora_int_id=lora_id)
         loader._versions[name] = f"hash-{name}"
@@ -112,6 +114,7 @@ def test_concurrent_fetches_of_the_same_content_share_one_cached_copy(tmp_path: 
     """Two replicas on a node (or two adapters with equal files) may fetch the same hash at once."""
     from dataclasses import replace
 
+    from serve.adapters.cache import NodeCache
     from serve.adapters.validation import content_hash
 
     source = tmp_path / "adapter"
@@ -123,11 +126,13 @@ def test_concurrent_fetches_of_the_same_content_share_one_cached_copy(tmp_path: 
     class RacingResolver:
         """Fetches, while the other replica publishes the same content hash first."""
 
-        def fetch(self, uri: str, dest: Path) -> None:
+        def fetch(self, uri: str, dest: Path, max_bytes: int | None = None) -> None:
             (dest / "adapter_config.json").write_text("{}")
             (cache / adapter.content_hash).mkdir()
             (cache / adapter.content_hash / "adapter_config.json").write_text("{}")
 
-    loader = AdapterLoader(None, _Models(), RacingResolver(), cache, BASE)  # type: ignore[arg-type]
-    assert loader._local_copy(adapter) == cache / adapter.content_hash
+    node = NodeCache(cache, RacingResolver(), max_bytes=None)  # type: ignore[arg-type]
+    folder, hold = node.acquire(adapter)
+    hold.release()
+    assert folder == cache / adapter.content_hash
     assert [p.name for p in cache.iterdir()] == [adapter.content_hash]  # the staging folder is gone

@@ -174,7 +174,7 @@ def test_a_slow_download_holds_up_no_other_registry_call(tmp_path: Path, model_d
     local = registry._resolver
 
     class SlowS3:
-        def fetch(self, uri: str, dest: Path) -> None:
+        def fetch(self, uri: str, dest: Path, max_bytes: int | None = None) -> None:
             fetching.set()
             release.wait(30)  # a multi-gigabyte object on a slow link
             local.fetch(str(tmp_path / "adapters" / "other"), dest)

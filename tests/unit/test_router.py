@@ -193,6 +193,26 @@ async def test_health(client: httpx.AsyncClient) -> None:
     assert (await client.get("/health")).json() == {"status": "ok"}
 
 
+async def test_health_shows_a_replicas_recent_adapter_cache_trouble_and_metrics_count_it(engine: FakeEngine) -> None:
+    """A node whose disk is full answers new adapters with 503: an operator sees it in /health and /metrics."""
+    import time
+
+    stats = LoaderStats(cache_bytes=4096, cache_errors=2, cache_error="no space left", cache_error_at=time.time() - 5)
+    registry = FakeRegistry({"a1": record("a1")})
+    registry.reports = [ReplicaReport(replica="r1", adapters=(), engine_loras=0, stats=stats)]
+    async with make_client(engine, registry) as client:
+        health = await client.get("/health")
+        text = (await client.get("/metrics")).text
+    assert health.status_code == 200
+    body = health.json()
+    assert body["status"] == "degraded" and "no space left" in body["warnings"][0] and "r1" in body["warnings"][0]
+    assert 'loraplex_adapter_cache_errors_total{replica="r1"} 2.0' in text
+    assert 'loraplex_adapter_cache_bytes{replica="r1"} 4096.0' in text
+    stats.cache_error_at = time.time() - 3600  # long ago: no longer a warning
+    async with make_client(engine, registry) as client:
+        assert (await client.get("/health")).json() == {"status": "ok"}
+
+
 def test_usage_item_type_is_plain_data() -> None:
     assert Usage(1, 2) == Usage(prompt_tokens=1, completion_tokens=2)
 
