@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.wire import EngineError
+from serve.wire import WireError, error_type
 
 logger = logging.getLogger("loraplex.router")
 
@@ -156,9 +156,9 @@ class EngineFailure(OpenAIError):
 
 
 class UpstreamError(OpenAIError):
-    """An error answered by an engine replica, passed on with the replica's status."""
+    """An error answered across the wire (an engine replica, the registry), passed on as it was answered."""
 
-    def __init__(self, error: EngineError) -> None:
+    def __init__(self, error: WireError) -> None:
         super().__init__(error.message, param=error.param, code=error.code)
         self.status = error.status
         self.type = error.type
@@ -216,7 +216,7 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             error = OpenAIError(str(exc.detail))
             error.status = exc.status_code
-            error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+            error.type = error_type(exc.status_code)
         response = error_response(error)
         response.headers.update(exc.headers or {})  # e.g. 405's `Allow`
         return response

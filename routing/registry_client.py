@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from serve.adapters.records import AdapterRecord, RegistryError, ReplicaReport, Snapshot
+from serve.adapters.records import AdapterRecord, ReplicaReport, Snapshot
+from serve.wire import WireError
 
 
 class RegistryClient(Protocol):
@@ -12,8 +13,8 @@ class RegistryClient(Protocol):
 
     async def generation(self) -> int: ...
     async def snapshot(self) -> Snapshot: ...
-    async def register(self, name: str, source: str, pinned: bool) -> AdapterRecord | RegistryError: ...
-    async def unregister(self, name: str) -> AdapterRecord | RegistryError: ...
+    async def register(self, name: str, source: str, pinned: bool) -> AdapterRecord | WireError: ...
+    async def unregister(self, name: str) -> AdapterRecord | WireError: ...
     async def replica_reports(self) -> list[ReplicaReport]: ...
 
 
@@ -30,12 +31,12 @@ class ServeRegistryClient:
         snapshot: Snapshot = await self._handle.snapshot.remote()
         return snapshot
 
-    async def register(self, name: str, source: str, pinned: bool) -> AdapterRecord | RegistryError:
-        outcome: AdapterRecord | RegistryError = await self._handle.register.remote(name, source, pinned)
+    async def register(self, name: str, source: str, pinned: bool) -> AdapterRecord | WireError:
+        outcome: AdapterRecord | WireError = await self._handle.register.remote(name, source, pinned)
         return outcome
 
-    async def unregister(self, name: str) -> AdapterRecord | RegistryError:
-        outcome: AdapterRecord | RegistryError = await self._handle.unregister.remote(name)
+    async def unregister(self, name: str) -> AdapterRecord | WireError:
+        outcome: AdapterRecord | WireError = await self._handle.unregister.remote(name)
         return outcome
 
     async def replica_reports(self) -> list[ReplicaReport]:

@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 
 from serve.streaming import joined
-from serve.wire import EngineError, Relayed, ReplicaItem, ReplyTo, Usage
+from serve.wire import Relayed, ReplicaItem, ReplyTo, Usage, WireError
 
 logger = logging.getLogger("loraplex.channel")
 MAGIC = b"loraplex-channel/1 "
@@ -63,8 +63,8 @@ def _entry(stream: int, item: ReplicaItem) -> tuple[Any, ...]:
         return (stream, _TEXT, item)
     if isinstance(item, Usage):
         return (stream, _USAGE, item.prompt_tokens, item.completion_tokens)
-    if isinstance(item, EngineError):
-        return (stream, _ERROR, item.status, item.message, item.type, item.param, item.code)
+    if isinstance(item, WireError):
+        return (stream, _ERROR, item.status, item.message, item.param, item.type, item.code, item.retry_after)
     return (stream, _JSON, item)
 
 
@@ -75,7 +75,7 @@ def _item(entry: list[Any]) -> ReplicaItem:
     if kind == _USAGE:
         return Usage(prompt_tokens=int(entry[2]), completion_tokens=int(entry[3]))
     if kind == _ERROR:
-        return EngineError(*entry[2:7])
+        return WireError(*entry[2:8])
     if kind == _JSON and isinstance(entry[2], dict):
         return entry[2]
     raise ValueError(f"unknown channel entry kind {kind!r}")

@@ -1,7 +1,7 @@
 """What an engine replica sends back to the router through a Serve handle.
 
 A replica's `generate` is an async generator. Its first item decides the HTTP answer:
-an `EngineError` (an OpenAI-shaped error with its status), a `dict` (a whole JSON response),
+an `WireError` (an OpenAI-shaped error with its status), a `dict` (a whole JSON response),
 or a `str` (the first server-sent event of a stream, more `str` events following). A stream
 ends with one `Usage` item, which the router records and does not forward. A request sent with
 `reply_to` gets its stream's items after the first over the router's channel (`serve.channel`) and
@@ -17,16 +17,22 @@ Endpoint = Literal["completions", "chat"]
 
 
 @dataclass(frozen=True)
-class EngineError:
-    """An error answered by the engine replica, already in OpenAI's terms."""
+class WireError:
+    """An error answered across the wire (by an engine replica or the registry), already in OpenAI's terms:
+    the router answers it as is (`routing.errors.UpstreamError`). `type` defaults to the status's
+    (`error_type`)."""
 
     status: int
     message: str
-    type: str
     param: str | None = None
+    type: str = ""
     code: str | None = None
     retry_after: int | None = None
     """Seconds a client should wait before sending it again (a 503's `Retry-After`)."""
+
+    def __post_init__(self) -> None:
+        if not self.type:
+            object.__setattr__(self, "type", error_type(self.status))
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class Relayed:
     failure: str | None = None
 
 
-ReplicaItem = EngineError | Usage | Relayed | dict | str
+ReplicaItem = WireError | Usage | Relayed | dict | str
 
 
 ADAPTER_ID_SEPARATOR = ":"

@@ -16,11 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from routing.auth import KeyDep, RegisterAdmin, UnregisterAdmin
 from routing.context import ContextDep, RouterContext
-from routing.errors import OpenAIError, PermissionDenied
+from routing.errors import OpenAIError, PermissionDenied, UpstreamError
 from routing.openapi import TEXT_ROUTE_ERRORS
 from routing.principals import Principal
 from routing.protocol import JSONRoute
-from serve.adapters.records import AdapterRecord, RegistryError
+from serve.adapters.records import AdapterRecord
+from serve.wire import WireError
 
 router = APIRouter(route_class=JSONRoute)
 
@@ -48,15 +49,6 @@ class UnloadLoraAdapter(BaseModel):
     lora_name: str = Field(min_length=1)
 
 
-class RegistryRefused(OpenAIError):
-    """The registry refused a write; status and field come from the registry."""
-
-    def __init__(self, error: RegistryError) -> None:
-        super().__init__(error.message, param=error.param)
-        self.status = error.status
-        self.type = "not_found_error" if error.status == 404 else "invalid_request_error"
-
-
 def card(context: RouterContext, record: AdapterRecord, *, with_source: bool = True) -> dict[str, Any]:
     """An adapter as the API shows it; `source` (buckets, prefixes, host paths) only to admins."""
     fields = asdict(record)
@@ -70,8 +62,8 @@ async def _register(
 ) -> AdapterRecord:
     try:
         outcome = await context.catalog.registry.register(name, source, pinned)
-        if isinstance(outcome, RegistryError):
-            raise RegistryRefused(outcome)
+        if isinstance(outcome, WireError):
+            raise UpstreamError(outcome)
     except OpenAIError as exc:
         context.audit.record(key.name, "register", request, adapter=name, source=source, error=exc)
         raise
@@ -85,8 +77,8 @@ async def _register(
 async def _unregister(context: RouterContext, request: Request, key: Principal, name: str) -> AdapterRecord:
     try:
         outcome = await context.catalog.registry.unregister(name)
-        if isinstance(outcome, RegistryError):
-            raise RegistryRefused(outcome)
+        if isinstance(outcome, WireError):
+            raise UpstreamError(outcome)
     except OpenAIError as exc:
         context.audit.record(key.name, "unregister", request, adapter=name, error=exc)
         raise
@@ -112,7 +104,7 @@ async def get_adapter(name: str, context: ContextDep, key: KeyDep) -> dict[str, 
         raise PermissionDenied(f"This API key may not use the adapter `{name}`.", param="name")
     target = await context.catalog.resolve(name)
     if target.adapter is None:
-        raise RegistryRefused(RegistryError(404, f"{name!r} is the base model, not an adapter", "name"))
+        raise UpstreamError(WireError(404, f"{name!r} is the base model, not an adapter", "name"))
     reports = await context.catalog.registry.replica_reports()
     placement = [
         {"replica": r.replica, "resident": target.adapter.name in r.resident}

@@ -24,7 +24,7 @@ from routing.openapi import json_body
 from routing.principals import Principal
 from routing.protocol import ChatBody, CompletionBody, Endpoint, parse_body
 from serve.channel import ReplicaFailed
-from serve.wire import EngineError, Usage
+from serve.wire import Usage, WireError
 
 logger = logging.getLogger("loraplex.router")
 TOKEN_EVENT = '"index":'
@@ -65,7 +65,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
         body["model"] = target.id
         admission = await context.admitter.admit(key, endpoint, body)
         first, items = await context.engine.start(endpoint, body, target.adapter, context.draining)
-        if isinstance(first, EngineError):
+        if isinstance(first, WireError):
             raise UpstreamError(first)
         if isinstance(first, dict):
             usage = _usage_of(first)

@@ -22,15 +22,6 @@ class AdapterRecord:
 
 
 @dataclass(frozen=True)
-class RegistryError:
-    """A refused registry operation, in OpenAI's terms."""
-
-    status: int
-    message: str
-    param: str | None = None
-
-
-@dataclass(frozen=True)
 class Snapshot:
     """All records at one generation; the generation grows with every change."""
 

@@ -18,12 +18,13 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from serve.adapters.records import AdapterRecord, RegistryError, ReplicaReport, Snapshot
+from serve.adapters.records import AdapterRecord, ReplicaReport, Snapshot
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.validation import AdapterInvalid, AdapterMetadata, base_linear_shapes, validate_adapter
 from serve.config import ADAPTER_NAME_PATTERN, AppConfig, is_adapter_name
 from serve.files import atomic_write
 from serve.processes import die_with_parent_if_asked
+from serve.wire import WireError
 
 logger = logging.getLogger("loraplex.registry")
 REPORT_TTL_S = 30.0
@@ -65,7 +66,7 @@ class AdapterRegistry:
             # Configured adapters are checked at every start: changed weights become a new version.
             pinned = name in self._records and self._records[name].pinned
             outcome = self._validate_and_record(name, source, pinned=pinned)
-            if isinstance(outcome, RegistryError):
+            if isinstance(outcome, WireError):
                 raise AdapterInvalid(f"adapter {name!r}: {outcome.message}")
 
     async def snapshot(self) -> Snapshot:
@@ -85,43 +86,43 @@ class AdapterRegistry:
         self._reports = {k: v for k, v in self._reports.items() if now - v[0] <= REPORT_TTL_S}
         return [report for _, report in self._reports.values()]
 
-    async def register(self, name: str, source: str, pinned: bool = False) -> AdapterRecord | RegistryError:
+    async def register(self, name: str, source: str, pinned: bool = False) -> AdapterRecord | WireError:
         """Adds `name`, or makes a new version of it when the weights changed.
 
         The fetch and the checks (up to `max_bytes` from S3) run outside the registry's lock: only recording
         the outcome takes it, so one large download holds up no other write, read or replica report.
         """
         checked = await asyncio.to_thread(self._fetch_and_check, name, source)
-        if isinstance(checked, RegistryError):
+        if isinstance(checked, WireError):
             return checked
         async with self._lock:
             return self._record(name, source, pinned, checked)
 
-    async def unregister(self, name: str) -> AdapterRecord | RegistryError:
+    async def unregister(self, name: str) -> AdapterRecord | WireError:
         async with self._lock:
             record = self._records.get(name)
             if record is None:
-                return RegistryError(404, f"adapter {name!r} is not registered", "name")
+                return WireError(404, f"adapter {name!r} is not registered", "name")
             failure = self._commit({key: value for key, value in self._records.items() if key != name})
             return failure or record
 
-    def _validate_and_record(self, name: str, source: str, pinned: bool) -> AdapterRecord | RegistryError:
+    def _validate_and_record(self, name: str, source: str, pinned: bool) -> AdapterRecord | WireError:
         checked = self._fetch_and_check(name, source)
-        return checked if isinstance(checked, RegistryError) else self._record(name, source, pinned, checked)
+        return checked if isinstance(checked, WireError) else self._record(name, source, pinned, checked)
 
-    def _fetch_and_check(self, name: str, source: str) -> AdapterMetadata | RegistryError:
+    def _fetch_and_check(self, name: str, source: str) -> AdapterMetadata | WireError:
         if not is_adapter_name(name):
-            return RegistryError(400, f"adapter name must match {ADAPTER_NAME_PATTERN}", "name")
+            return WireError(400, f"adapter name must match {ADAPTER_NAME_PATTERN}", "name")
         staging = Path(tempfile.mkdtemp(prefix="loraplex-adapter-"))
         try:
             self._resolver.fetch(source, staging, self._max_bytes)
             return validate_adapter(staging, self._base_shapes, max_rank=self._max_rank, max_bytes=self._max_bytes)
         except AdapterInvalid as exc:
-            return RegistryError(400, str(exc), exc.param)
+            return WireError(400, str(exc), exc.param)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _record(self, name: str, source: str, pinned: bool, meta: AdapterMetadata) -> AdapterRecord | RegistryError:
+    def _record(self, name: str, source: str, pinned: bool, meta: AdapterMetadata) -> AdapterRecord | WireError:
         previous = self._records.get(name)
         if previous is not None and previous.content_hash == meta.content_hash and previous.source == source:
             record = replace(previous, pinned=pinned)
@@ -134,7 +135,7 @@ class AdapterRegistry:
             )  # fmt: skip
         return self._commit({**self._records, name: record}) or record
 
-    def _commit(self, records: dict[str, AdapterRecord]) -> RegistryError | None:
+    def _commit(self, records: dict[str, AdapterRecord]) -> WireError | None:
         """Persists `records`, then makes them current: a write that fails changes nothing, here or on disk.
 
         The previous state file is kept as `<file>.bak` (the last good state, should the file be damaged).
@@ -145,7 +146,7 @@ class AdapterRegistry:
             atomic_write(self._file, json.dumps({"adapters": [asdict(r) for r in records.values()]}, indent=2))
         except OSError as exc:
             logger.exception("could not save the registry state to %s", self._file)
-            return RegistryError(500, f"the registry could not save its state ({exc.strerror or exc}); nothing changed")
+            return WireError(500, f"the registry could not save its state ({exc.strerror or exc}); nothing changed")
         self._records = records
         self._generation += 1
         return None

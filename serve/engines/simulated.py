@@ -20,7 +20,7 @@ from typing import Any
 
 from serve.adapters.records import AdapterRecord, LoaderStats, ReplicaReport
 from serve.config import EngineConfig
-from serve.wire import Endpoint, EngineError, ReplicaItem, Usage
+from serve.wire import Endpoint, ReplicaItem, Usage, WireError
 
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "runs", "far", "away")
 _ids = itertools.count(1)
@@ -72,7 +72,7 @@ class SimulatedEngine:
         self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None
     ) -> AsyncGenerator[ReplicaItem, None]:
         request = self._request(endpoint, body)
-        if isinstance(request, EngineError):
+        if isinstance(request, WireError):
             yield request
             return
         if adapter is not None:
@@ -104,25 +104,25 @@ class SimulatedEngine:
         finally:
             self._abort(request)
 
-    def _request(self, endpoint: Endpoint, body: dict[str, Any]) -> _Request | EngineError:
+    def _request(self, endpoint: Endpoint, body: dict[str, Any]) -> _Request | WireError:
         if endpoint == "completions":
             prompt = body.get("prompt")
             prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
             if any(p is None or p == "" for p in prompts):
-                return EngineError(400, "prompt must not be empty", "invalid_request_error", "prompt")
+                return WireError(400, "prompt must not be empty", "prompt")
             prompt_tokens = sum(len(str(p).split()) or 1 for p in prompts)
             limit = body.get("max_tokens")
             kind, prefix = "text_completion", "cmpl"
         else:
             messages = body.get("messages") or []
             if not messages:
-                return EngineError(400, "messages must not be empty", "invalid_request_error", "messages")
+                return WireError(400, "messages must not be empty", "messages")
             prompt_tokens = sum(len(str(m.get("content") or "").split()) + 4 for m in messages)
             limit = body.get("max_completion_tokens") or body.get("max_tokens")
             kind, prefix = "chat.completion.chunk", "chatcmpl"
             prompts = [None]
         if prompt_tokens >= self._config.max_model_len:
-            return EngineError(400, "the prompt is longer than the model's context", "invalid_request_error", "prompt")
+            return WireError(400, "the prompt is longer than the model's context", "prompt")
         n = int(body.get("n") or 1)
         head = json.dumps({"id": f"{prefix}-sim{next(_ids)}", "object": kind, "created": int(time.time()),
                            "model": body["model"]}, separators=(",", ":"))[:-1]  # fmt: skip

@@ -25,7 +25,7 @@ from serve.adapters.registry import make_resolver
 from serve.adapters.validation import AdapterInvalid
 from serve.config import AdapterConfig, AppConfig, EngineConfig
 from serve.prompt_limit import request_models
-from serve.wire import Endpoint, EngineError, ReplicaItem, Usage, adapter_model_id, error_type
+from serve.wire import Endpoint, ReplicaItem, Usage, WireError, adapter_model_id
 
 if TYPE_CHECKING:
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -213,22 +213,18 @@ class VLLMEngine:
             if usage is not None:
                 yield usage
 
-    async def _install(self, adapter: AdapterRecord) -> EngineError | None:
+    async def _install(self, adapter: AdapterRecord) -> WireError | None:
         """Loads `adapter` unless held; the error to answer when it cannot be loaded."""
         try:
             await self._adapters.ensure(adapter)
         except AdapterInvalid as exc:
-            return EngineError(status=422, message=str(exc), type="invalid_request_error", param="model")
+            return WireError(status=422, message=str(exc), param="model")
         except CacheUnavailable as exc:
             message = f"adapter {adapter.name!r} cannot be loaded on this replica now: {exc}"
-            return EngineError(status=503, message=message, type="server_error", retry_after=int(FAILURE_TTL_S))
+            return WireError(status=503, message=message, retry_after=int(FAILURE_TTL_S))
         except Exception as exc:  # the detail (paths of this node) goes to the log, not to the client
             logger.exception("loading adapter %s failed", adapter.name)
-            return EngineError(
-                status=500,
-                message=f"loading adapter {adapter.name!r} failed ({type(exc).__name__})",
-                type="server_error",
-            )
+            return WireError(status=500, message=f"loading adapter {adapter.name!r} failed ({type(exc).__name__})")
         return None
 
     async def check_health(self) -> None:
@@ -292,17 +288,17 @@ def final_usage(event: str) -> Usage | None:
     return Usage(prompt_tokens=usage["prompt_tokens"], completion_tokens=usage.get("completion_tokens") or 0)
 
 
-def from_vllm_error(response: ErrorResponse) -> EngineError:
+def from_vllm_error(response: ErrorResponse) -> WireError:
     """vLLM's error (its `code` is the HTTP status) in the wire protocol's terms."""
     error = response.error
     status = int(error.code)
-    return EngineError(status=status, message=error.message, type=error_type(status), param=error.param)
+    return WireError(status=status, message=error.message, param=error.param)
 
 
-def validation_error(exc: ValidationError) -> EngineError:
+def validation_error(exc: ValidationError) -> WireError:
     """A pydantic validation failure of vLLM's request model, naming the first offending field."""
     first = exc.errors(include_url=False)[0]
     cause = (first.get("ctx") or {}).get("error")
     param = getattr(cause, "parameter", None) or ".".join(str(part) for part in first["loc"]) or None
     message = str(cause) if cause is not None else first["msg"]
-    return EngineError(status=400, message=message, type="invalid_request_error", param=param)
+    return WireError(status=400, message=message, param=param)

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from routing.engine_client import ServeEngineClient
-from serve.adapters.records import AdapterRecord, RegistryError, ReplicaReport, Snapshot
-from serve.wire import Endpoint, ReplicaItem, Usage
+from serve.adapters.records import AdapterRecord, ReplicaReport, Snapshot
+from serve.wire import Endpoint, ReplicaItem, Usage, WireError
 
 Script = Callable[[Endpoint, dict[str, Any]], list[ReplicaItem | Exception]]
 
@@ -140,16 +140,16 @@ class FakeRegistry:
     async def snapshot(self) -> Snapshot:
         return Snapshot(self.generation_, dict(self.records))
 
-    async def register(self, name: str, source: str, pinned: bool) -> AdapterRecord | RegistryError:
+    async def register(self, name: str, source: str, pinned: bool) -> AdapterRecord | WireError:
         if "bad" in source:
-            return RegistryError(400, f"{source} is not a LoRA adapter", "source")
+            return WireError(400, f"{source} is not a LoRA adapter", "source")
         previous = self.records.get(name)
         self.records[name] = record(name, previous.version + 1 if previous else 1, source)
         self.generation_ += 1
         return self.records[name]
 
-    async def unregister(self, name: str) -> AdapterRecord | RegistryError:
+    async def unregister(self, name: str) -> AdapterRecord | WireError:
         if name not in self.records:
-            return RegistryError(404, f"adapter {name!r} is not registered", "name")
+            return WireError(404, f"adapter {name!r} is not registered", "name")
         self.generation_ += 1
         return self.records.pop(name)

@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import save_file
 
 from serve.adapters import registry as registry_module
-from serve.adapters.records import AdapterRecord, RegistryError
+from serve.adapters.records import AdapterRecord
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, SourceResolver
 from serve.adapters.validation import AdapterInvalid, base_linear_shapes, validate_adapter
 from serve.assets import DEFAULT_MODEL_NAME, build_default_model
+from serve.wire import WireError
 
 ASSETS = Path(__file__).resolve().parents[2] / ".loraplex"
 LAYER = "base_model.model.model.layers.0.self_attn"
@@ -130,7 +131,7 @@ def test_registry_versions_persist_and_unregister(tmp_path: Path, model_dir: Pat
     assert asyncio.run(reopened.snapshot()).records["sql"] == second
     assert isinstance(asyncio.run(reopened.unregister("sql")), AdapterRecord)
     missing = asyncio.run(reopened.unregister("sql"))
-    assert isinstance(missing, RegistryError) and missing.status == 404
+    assert isinstance(missing, WireError) and missing.status == 404
     assert make_registry(tmp_path, model_dir) is not None
     assert asyncio.run(make_registry(tmp_path, model_dir).snapshot()).records == {}
 
@@ -157,7 +158,7 @@ def test_a_file_linked_from_outside_the_allowed_roots_is_refused(tmp_path: Path,
     (inside / "adapter_model.safetensors").unlink()
     (inside / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
     refused = asyncio.run(registry.register("linked", str(inside)))
-    assert isinstance(refused, RegistryError) and refused.status == 400
+    assert isinstance(refused, WireError) and refused.status == 400
     assert "links outside the allowed adapter roots" in refused.message
     within = write_adapter(tmp_path / "adapters" / "within")  # a link that stays inside is fine
     (within / "adapter_model.safetensors").rename(tmp_path / "adapters" / "shared.safetensors")
@@ -200,7 +201,7 @@ def test_a_malformed_adapter_registers_as_400_not_500(tmp_path: Path, model_dir:
     header_of(header / "adapter_model.safetensors", b"[]")
     for source in (alpha, header):
         refused = asyncio.run(registry.register("bad", str(source)))
-        assert isinstance(refused, RegistryError) and refused.status == 400, refused
+        assert isinstance(refused, WireError) and refused.status == 400, refused
 
 
 def test_a_write_that_cannot_be_saved_changes_nothing(
@@ -215,9 +216,9 @@ def test_a_write_that_cannot_be_saved_changes_nothing(
 
     monkeypatch.setattr(registry_module, "atomic_write", disk_full)
     failed = asyncio.run(registry.register("new", str(write_adapter(tmp_path / "adapters" / "new"))))
-    assert isinstance(failed, RegistryError) and failed.status == 500 and "No space left" in failed.message
+    assert isinstance(failed, WireError) and failed.status == 500 and "No space left" in failed.message
     gone = asyncio.run(registry.unregister("kept"))
-    assert isinstance(gone, RegistryError) and gone.status == 500
+    assert isinstance(gone, WireError) and gone.status == 500
     assert asyncio.run(registry.snapshot()) == before  # memory unchanged, generation included
     assert isinstance(kept, AdapterRecord)
     assert make_registry(tmp_path, model_dir) is not None
@@ -256,6 +257,6 @@ def test_registry_refuses_bad_names_and_sources(
     ok = write_adapter(root / "ok")
     registry = make_registry(tmp_path, model_dir)
     outcome = asyncio.run(registry.register(name, source.format(ok=ok, root=root)))
-    assert isinstance(outcome, RegistryError) and outcome.param == param and reason in outcome.message
+    assert isinstance(outcome, WireError) and outcome.param == param and reason in outcome.message
     assert asyncio.run(registry.snapshot()).records == {}
     shutil.rmtree(root)

@@ -16,7 +16,7 @@ from serve.channel import MAGIC, ChannelServer, ReplicaFailed
 from serve.config import EngineConfig
 from serve.engines.simulated import SimulatedEngine
 from serve.replica import Replica
-from serve.wire import EngineError, Relayed, ReplicaItem, ReplyTo, Usage
+from serve.wire import Relayed, ReplicaItem, ReplyTo, Usage, WireError
 from tests.unit.fake_engine import FakeHandle
 
 _END = object()
@@ -263,7 +263,7 @@ async def test_a_connection_with_the_token_delivers_only_to_open_streams(channel
             (to.stream, 0, "data: x\n\n"),
             (to.stream + 99, 0, "data: stray\n\n"),
             (to.stream, 1, 3, 4),
-            (to.stream, 2, 400, "bad", "invalid_request_error", None, None),
+            (to.stream, 2, 400, "bad", None, "invalid_request_error", None, None),
         ]
     )
     writer.write(MAGIC + to.token.encode() + b"\n" + len(payload).to_bytes(4, "big") + payload)
@@ -273,7 +273,7 @@ async def test_a_connection_with_the_token_delivers_only_to_open_streams(channel
     assert await asyncio.wait_for(inbox.take(), 5) == [
         "data: x\n\n",
         Usage(3, 4),
-        EngineError(400, "bad", "invalid_request_error"),
+        WireError(400, "bad"),
     ]
     writer.close()
 

@@ -14,7 +14,7 @@ from routing.app import create_app
 from routing.catalog import ModelCatalog
 from serve.adapters.records import LoaderStats, ReplicaReport
 from serve.config import RouterConfig
-from serve.wire import EngineError, Usage
+from serve.wire import Usage, WireError
 from tests.unit.fake_engine import FakeEngine, FakeRegistry, engine_client, record
 
 BASE = "tiny-base"
@@ -117,7 +117,7 @@ async def test_unknown_route_and_method_use_the_error_shape(client: httpx.AsyncC
 
 
 async def test_engine_error_passes_through_with_its_status_and_param() -> None:
-    error = EngineError(status=400, message="prompt too long", type="invalid_request_error", param="prompt")
+    error = WireError(status=400, message="prompt too long", type="invalid_request_error", param="prompt")
     async with make_client(FakeEngine(lambda *_: [error])) as client:
         response = await client.post("/v1/completions", json={"model": BASE, "prompt": "x"})
     assert_openai_error(response, 400, "prompt")
@@ -232,3 +232,16 @@ async def test_metrics_include_replica_reports_and_registry_size(engine: FakeEng
     assert 'loraplex_adapter_load_seconds_bucket{le="0.05",replica="r1"} 1.0' in text
     assert 'loraplex_adapter_load_seconds_bucket{le="+Inf",replica="r1"} 2.0' in text
     assert 'loraplex_adapter_load_seconds_count{replica="r1"} 2.0' in text
+
+
+def test_one_wire_error_maps_status_to_openai_type_in_one_place() -> None:
+    """Engine and registry errors are one type; a registry 500 is a server_error (it was invalid_request_error)."""
+    from routing.errors import UpstreamError
+
+    assert [WireError(status, "m").type for status in (400, 404, 422, 500, 503)] == [
+        "invalid_request_error", "not_found_error", "invalid_request_error", "server_error", "server_error"
+    ]  # fmt: skip
+    refused = UpstreamError(WireError(500, "the registry could not save its state"))
+    assert (refused.status, refused.type, refused.headers()) == (500, "server_error", {})
+    busy = UpstreamError(WireError(503, "adapter cache full", retry_after=30))
+    assert busy.headers() == {"Retry-After": "30"}

@@ -14,7 +14,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from serve.config import EngineConfig
 from serve.engines.simulated import SimulatedEngine
-from serve.wire import EngineError, ReplicaItem, Usage
+from serve.wire import ReplicaItem, Usage, WireError
 from tests.unit.fake_engine import record
 
 
@@ -79,7 +79,7 @@ async def test_a_whole_answer_is_one_openai_response(engine: SimulatedEngine, en
 
 async def test_bad_input_is_an_engine_error(engine: SimulatedEngine) -> None:
     [error] = await answer(engine, "chat", {"model": "sim", "messages": []})
-    assert isinstance(error, EngineError) and error.status == 400 and error.param == "messages"
+    assert isinstance(error, WireError) and error.status == 400 and error.param == "messages"
 
 
 async def test_steps_run_at_most_max_num_seqs_sequences() -> None:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from serve.streaming import batched
-from serve.wire import EngineError, ReplicaItem, Usage
+from serve.wire import ReplicaItem, Usage, WireError
 
 
 async def paced(items: list[ReplicaItem], gap_s: float) -> AsyncIterator[ReplicaItem]:
@@ -48,7 +48,7 @@ async def test_zero_interval_sends_what_is_ready_without_waiting() -> None:
     assert [item for _, item in timed] == events(10)  # each arrived alone, so each went alone
 
 
-@pytest.mark.parametrize("first", [EngineError(400, "bad", "invalid_request_error", "prompt"), {"id": "x"}])
+@pytest.mark.parametrize("first", [WireError(400, "bad", "prompt"), {"id": "x"}])
 async def test_a_whole_answer_or_an_error_is_passed_on_as_it_is(first: ReplicaItem) -> None:
     assert [item for _, item in await collect(batched(paced([first], 0), 0.05))] == [first]
 
