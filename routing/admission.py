@@ -27,7 +27,8 @@ CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD_TOKENS = 4
 """Chat templates add a few tokens per message (role markers, separators)."""
 DEFAULT_COMPLETION_TOKENS = 256
-"""Assumed completion length of a chat request without `max_tokens` (when `router.max_tokens` is unset)."""
+"""Assumed completion length of a chat request without `max_tokens` when the engine's `max_model_len` is not known
+(when `router.max_tokens` is set, the router sends it as the request's `max_tokens`)."""
 VLLM_COMPLETIONS_MAX_TOKENS = 16
 """vLLM's `max_tokens` for a `/v1/completions` request that gives none."""
 
@@ -51,14 +52,18 @@ def sequences(endpoint: Endpoint, body: dict[str, Any]) -> int:
     return prompts * int(body.get("n") or 1)
 
 
-def estimate_completion_tokens(endpoint: Endpoint, body: dict[str, Any]) -> int:
+def estimate_completion_tokens(
+    endpoint: Endpoint, body: dict[str, Any], max_model_len: int | None = None, prompt_tokens: int = 0
+) -> int:
     """The most completion tokens a request may produce, read as vLLM reads the body: for each choice of each
     prompt, `max_tokens` on completions (vLLM ignores `max_completion_tokens` there; its default is 16), and
-    `max_completion_tokens` or `max_tokens` on chat. The router has checked both are positive integers."""
+    `max_completion_tokens` or `max_tokens` on chat, where vLLM's default is the rest of the context
+    (`max_model_len` minus the prompt). The router has checked both are positive integers."""
     if endpoint == "completions":
         limit = body.get("max_tokens") or VLLM_COMPLETIONS_MAX_TOKENS
     else:
-        limit = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_COMPLETION_TOKENS
+        context_left = DEFAULT_COMPLETION_TOKENS if max_model_len is None else max(1, max_model_len - prompt_tokens)
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or context_left
     return int(limit) * sequences(endpoint, body)
 
 
@@ -112,15 +117,17 @@ class Admission:
 class Admitter:
     """Rate limits, then the fair-share gate, for one router replica."""
 
-    def __init__(self, limiter: RateLimiter, gate: FairGate) -> None:
+    def __init__(self, limiter: RateLimiter, gate: FairGate, max_model_len: int | None = None) -> None:
         self.limiter = limiter
         self.gate = gate
+        self.max_model_len = max_model_len
+        """The engine's context length: what vLLM lets a chat request without `max_tokens` generate."""
         self._charges: set[asyncio.Task[None]] = set()
 
     async def admit(self, key: Principal, endpoint: Endpoint, body: dict[str, Any]) -> Admission:
         """Waits for its slots (one per sequence); raises `RateLimited` (429) or `Overloaded` (503)."""
         prompt = estimate_prompt_tokens(endpoint, body)
-        estimate = prompt + estimate_completion_tokens(endpoint, body)
+        estimate = prompt + estimate_completion_tokens(endpoint, body, self.max_model_len, prompt)
         count = sequences(endpoint, body)
         if key.rpm is not None or key.tpm is not None:
             decision = await self.limiter.admit(key.name, key.rpm, key.tpm, estimate, count)

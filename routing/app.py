@@ -22,12 +22,18 @@ from serve.config import RouterConfig
 
 
 def create_app(
-    engine: EngineClient, catalog: ModelCatalog, config: RouterConfig, *, limiter: RateLimiter | None = None
+    engine: EngineClient,
+    catalog: ModelCatalog,
+    config: RouterConfig,
+    *,
+    limiter: RateLimiter | None = None,
+    max_model_len: int | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app that sends generation requests to `engine`.
 
     `limiter` holds the per-key rate limits; it must be shared by every router replica (the
     `SharedRateLimiter` deployment in an application); by default they are kept in this process.
+    `max_model_len` is the engine's: a chat request without `max_tokens` is estimated at the rest of it.
     """
     app = FastAPI(
         title="loraplex", description="OpenAI-compatible multi-LoRA inference router.", responses=ERROR_RESPONSES
@@ -44,7 +50,7 @@ def create_app(
         metrics=metrics,
         config=config,
         keys=KeyRing(config.auth),
-        admitter=Admitter(limiter, gate),
+        admitter=Admitter(limiter, gate, max_model_len),
         audit=AuditLog(config.auth.audit_file),
     )
     install_error_handlers(app)

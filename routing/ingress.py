@@ -44,7 +44,13 @@ class RouterIngress:
 
     # Ray Serve awaits an async constructor: the replica is ready once it listens.
     async def __init__(  # type: ignore[misc]
-        self, engine: Any, registry: Any, limiter: Any, base_id: str, config: RouterConfig
+        self,
+        engine: Any,
+        registry: Any,
+        limiter: Any,
+        base_id: str,
+        config: RouterConfig,
+        max_model_len: int | None = None,
     ) -> None:
         die_with_parent_if_asked()
         show_audit_records()
@@ -54,7 +60,7 @@ class RouterIngress:
         self._channel = channel
         engine_client = ServeEngineClient(engine, channel, config.engine_transport)
         shared = None if limiter is None else ServeRateLimiter(limiter)
-        self._app = create_app(engine_client, catalog, config, limiter=shared)
+        self._app = create_app(engine_client, catalog, config, limiter=shared, max_model_len=max_model_len)
         self._config = config
         self._server: uvicorn.Server | None = None
         self._serving: asyncio.Task[None] | None = None

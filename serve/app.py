@@ -143,4 +143,4 @@ def build_app(args: AppConfig | dict[str, Any], proxy_host: str | None = None) -
         graceful_shutdown_timeout_s=config.router.graceful_shutdown_timeout_s,
         ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": SERVING_PATH_ENV}},
     )(RouterIngress)
-    return router.bind(engine, registry, limiter, config.engine.model_id, config.router)
+    return router.bind(engine, registry, limiter, config.engine.model_id, config.router, config.engine.max_model_len)

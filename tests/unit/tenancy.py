@@ -35,11 +35,13 @@ def make_app(
     registry: FakeRegistry | None = None,
     limiter: RateLimiter | None = None,
     audit_file: str | None = None,
+    max_model_len: int | None = None,
     **config: Any,
 ) -> FastAPI:
     registry = registry or FakeRegistry({name: record(name) for name in ADAPTERS})
     router_config = RouterConfig(auth=AuthConfig(keys=keys, audit_file=audit_file), **config)
-    return create_app(engine_client(engine), ModelCatalog(BASE, registry), router_config, limiter=limiter)
+    catalog = ModelCatalog(BASE, registry)
+    return create_app(engine_client(engine), catalog, router_config, limiter=limiter, max_model_len=max_model_len)
 
 
 def client_for(app: FastAPI) -> httpx.AsyncClient:

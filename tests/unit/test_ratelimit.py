@@ -201,6 +201,19 @@ def test_token_estimates(endpoint: Any, body: dict[str, Any], prompt: int, compl
     assert (estimate_prompt_tokens(endpoint, body), estimate_completion_tokens(endpoint, body)) == (prompt, completion)
 
 
+def test_a_chat_without_max_tokens_is_estimated_at_the_rest_of_the_engines_context() -> None:
+    """What vLLM lets it generate (issue 15): not a guess of 256."""
+    body = {"messages": [{"role": "user", "content": "x" * 40}]}
+    prompt = estimate_prompt_tokens("chat", body)
+    assert estimate_completion_tokens("chat", body, max_model_len=2048, prompt_tokens=prompt) == 2048 - prompt
+    assert estimate_completion_tokens("chat", {**body, "max_tokens": 7}, max_model_len=2048, prompt_tokens=prompt) == 7
+    assert estimate_completion_tokens("chat", {**body, "n": 2}, max_model_len=100, prompt_tokens=prompt) == 2 * (
+        100 - prompt
+    )
+    completions = {"prompt": "x"}  # vLLM's completions default stays 16
+    assert estimate_completion_tokens("completions", completions, max_model_len=2048, prompt_tokens=1) == 16
+
+
 INPUT_LIMITS: list[tuple[str, dict[str, Any], int, str | None]] = [
     ("/v1/completions", {"prompt": "x", "max_tokens": 65}, 400, "max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 65}, 400,
@@ -275,3 +288,15 @@ async def test_a_completions_batch_is_charged_one_request_per_sequence() -> None
     assert "counts as 3" in second.json()["error"]["message"]
     assert huge.status_code == 429
     assert "6 sequences" in huge.json()["error"]["message"]
+
+
+async def test_a_chat_without_max_tokens_is_charged_as_the_engine_may_generate() -> None:
+    key, conf = api_key("k", base=True, tpm=1000)
+    app = make_app([conf], limiter=LocalRateLimiter(Clock()), max_model_len=2048)
+    async with client_for(app) as client:
+        chat = {"model": BASE, "messages": [{"role": "user", "content": "Hi"}]}
+        open_ended = await client.post("/v1/chat/completions", json=chat, headers=bearer(key))
+        bounded = await client.post("/v1/chat/completions", json={**chat, "max_tokens": 50}, headers=bearer(key))
+    assert open_ended.status_code == 429, "up to 2,042 tokens: more than the key's whole minute"
+    assert "lower max_tokens" in open_ended.json()["error"]["message"]
+    assert bounded.status_code == 200
