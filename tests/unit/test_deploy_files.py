@@ -189,6 +189,13 @@ def test_schemas_refuse_misspelled_fields(path: tuple[str | int, ...], key: str,
     assert any(repr(key) in error for error in schema_errors(service))
 
 
+def test_rayservice_turns_on_rays_token_authentication() -> None:
+    """The dashboard listens on 0.0.0.0 inside the cluster (KubeRay submits the Serve config through it): not
+    without Ray's token auth (issue 15)."""
+    cluster = load_yaml(RAYSERVICE)["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}
+
+
 def test_rayservice_embeds_the_cluster_serve_config() -> None:
     embedded = yaml.safe_load(load_yaml(RAYSERVICE)["spec"]["serveConfigV2"])
     assert embedded == load_yaml(DEPLOY / "serve.yaml")
