@@ -211,11 +211,20 @@ def run(config: AppConfig, infra_cpus: str = "auto") -> None:
             drain(config, hurry, ray_up)
         typer.echo("loraplex: shutting down", err=True)
     finally:
-        if ray_up():
-            bounded(serve.shutdown, SHUTDOWN_STEP_S)
-        bounded(ray.shutdown, SHUTDOWN_STEP_S)
-        if local:
-            processes.sweep()
+        # A signal during ray.init reaches Ray's own handler, which raises SystemExit: we are here with Ray half
+        # started. From now on signals only set events, and the sweep runs whatever the steps before it do.
+        take_signals()
+        try:
+            # Both calls start a new local Ray when none is connected: only when one is.
+            if ray.is_initialized() and ray_up():
+                bounded(serve.shutdown, SHUTDOWN_STEP_S)
+            if ray.is_initialized():
+                bounded(ray.shutdown, SHUTDOWN_STEP_S)
+        except BaseException:
+            logger.exception("shutting Ray down failed; ending its processes")
+        finally:
+            if local:
+                processes.sweep()
 
 
 SHUTDOWN_STEP_S = 30.0

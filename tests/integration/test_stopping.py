@@ -108,6 +108,17 @@ def test_sigterm_while_the_engine_starts_stops_everything(tmp_path: Path) -> Non
     stopped_with_nothing_left(process, log)
 
 
+def test_sigterm_while_ray_starts_stops_everything(tmp_path: Path) -> None:
+    """A stop that lands in `ray.init` meets Ray's own SIGTERM handler: Ray's half-started processes must go too,
+    and no second Ray may be started by the clean-up (Serve's and Ray's shutdown calls start one if none is
+    connected)."""
+    process, _, log = start(tmp_path)
+    wait_for(lambda: any("gcs_server" in command_line(pid) for pid in session_processes(process.pid)), 60, "Ray")
+    os.killpg(process.pid, signal.SIGTERM)
+    stopped_with_nothing_left(process, log)
+    assert log.read_text().count("Started a local Ray instance") <= 1
+
+
 def test_the_cli_stops_everything_when_rays_processes_die_under_it(tmp_path: Path) -> None:
     process, url, log = start(tmp_path)
     wait_until_ready(process, url, log)
