@@ -245,13 +245,18 @@ def main(argv: list[str] | None = None) -> None:
         help="load loraplex's vLLM plugin into vLLM's server and Ray Serve LLM too (to measure "
         "its CPU LoRA ops alone; LORAPLEX_CPU_LORA_OPS=vllm keeps only its base-row fix)",
     )
+    parser.add_argument(
+        "--engine", action="append", default=[], metavar="FIELD=VALUE",
+        help="an engine setting for every system, e.g. --engine max_loras=8 (default: the shipped defaults)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.peers_with_loraplex_plugin:
         STOCK_VLLM.clear()
 
     model_dir = build_default_model(args.assets / "models" / DEFAULT_MODEL_NAME)
     adapter_dirs = build_adapters(model_dir, bench_adapters(64), args.assets / "bench-adapters")
-    engine = EngineConfig(model=str(model_dir.resolve()))
+    settings = dict(item.split("=", 1) for item in args.engine)
+    engine = EngineConfig.model_validate({**settings, "model": str(model_dir.resolve())})
     adapters = [AdapterConfig(name=name, path=str(path.resolve())) for name, path in adapter_dirs.items()]
     ids = [adapter_model_id(engine.model_id, a.name) for a in adapters]
     chosen = [w for w in workloads(engine.model_id, ids, args.requests, args.concurrency, args.max_tokens)
