@@ -198,7 +198,7 @@ def run(config: AppConfig, infra_cpus: str = "auto") -> None:
         take_signals()  # ray.init installed Ray's own SIGTERM handler, which would end us before clean-up
         if config.router.auth.is_open:
             typer.echo(f"loraplex: WARNING: {OPEN_WARNING}", err=True)
-        if not stop.is_set() and deploy(config, build_app, stop):
+        if not stop.is_set() and deploy(config, build_app, stop, ray_up):
             host, port = config.router.host, config.router.port
             model, count = config.engine.model_id, len(config.adapters)
             typer.echo(f"loraplex: serving {model} with {count} adapters on http://{host}:{port}/v1", err=True)
@@ -215,10 +215,10 @@ def run(config: AppConfig, infra_cpus: str = "auto") -> None:
         # started. From now on signals only set events, and the sweep runs whatever the steps before it do.
         take_signals()
         try:
-            # Both calls start a new local Ray when none is connected: only when one is.
+            # Both calls start a new local Ray when none is connected: only when one is. With Ray's node processes
+            # gone they would wait on them (and the driver aborts after 60 s without its GCS): the sweep ends the rest.
             if ray.is_initialized() and ray_up():
                 bounded(serve.shutdown, SHUTDOWN_STEP_S)
-            if ray.is_initialized():
                 bounded(ray.shutdown, SHUTDOWN_STEP_S)
         except BaseException:
             logger.exception("shutting Ray down failed; ending its processes")
@@ -231,8 +231,10 @@ SHUTDOWN_STEP_S = 30.0
 """At most this long for each of Serve's and Ray's shutdown calls; what they leave is swept."""
 
 
-def deploy(config: AppConfig, build: Callable[..., Any], stop: threading.Event) -> bool:
-    """Starts Serve and the app, in a thread so a signal meanwhile is seen; True once the app is up."""
+def deploy(
+    config: AppConfig, build: Callable[..., Any], stop: threading.Event, ray_up: Callable[[], bool] = lambda: True
+) -> bool:
+    """Starts Serve and the app, in a thread so a signal (or Ray dying) meanwhile is seen; True once the app is up."""
     from ray import serve
 
     host, port = config.router.host, config.router.port
@@ -252,7 +254,9 @@ def deploy(config: AppConfig, build: Callable[..., Any], stop: threading.Event) 
     starting = threading.Thread(target=start, name="loraplex-deploy", daemon=True)
     starting.start()
     while starting.is_alive() and not stop.wait(0.5):
-        pass
+        if not ray_up():
+            typer.echo("loraplex: Ray's node processes died while starting; stopping", err=True)
+            return False
     if not outcome:
         typer.echo("loraplex: stopped while starting", err=True)
         return False

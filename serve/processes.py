@@ -24,6 +24,7 @@ from pathlib import Path
 logger = logging.getLogger("loraplex")
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+KILL_ROUNDS_S = 10.0
 DIE_WITH_PARENT_ENV = "LORAPLEX_DIE_WITH_PARENT"
 """Set (to 1) in the deployments' environment, which their vLLM processes inherit: each asks to die with its
 parent (`die_with_parent_if_asked`). Not a default of the functions, so tests and libraries are not affected."""
@@ -116,10 +117,15 @@ def sweep(grace_s: float = 5.0) -> list[int]:
         if not set(found) & set(descendants()):
             return found
         time.sleep(0.1)
-    for pid in descendants():
-        _signal(pid, signal.SIGKILL)
-    time.sleep(0.2)
-    reap()
+    # SIGKILL until none is left: a dying parent (a raylet) may still have started a child (an agent) meanwhile.
+    deadline = time.monotonic() + KILL_ROUNDS_S
+    while (left := descendants()) and time.monotonic() < deadline:
+        for pid in left:
+            _signal(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        reap()
+    if left:
+        logger.error("processes still running after the sweep: %s", left)
     return found
 
 

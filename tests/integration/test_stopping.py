@@ -60,6 +60,14 @@ def start(work: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
     return process, f"http://127.0.0.1:{port}", log
 
 
+def is_gcs(pid: int) -> bool:
+    """Whether `pid` is Ray's GCS (its whole command line: a checkout's path can be long)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"gcs_server")
+    except OSError:
+        return False
+
+
 def engine_processes(session: int) -> list[str]:
     return [name for pid in session_processes(session) if "VLLM" in (name := command_line(pid))]
 
@@ -113,7 +121,7 @@ def test_sigterm_while_ray_starts_stops_everything(tmp_path: Path) -> None:
     and no second Ray may be started by the clean-up (Serve's and Ray's shutdown calls start one if none is
     connected)."""
     process, _, log = start(tmp_path)
-    wait_for(lambda: any("gcs_server" in command_line(pid) for pid in session_processes(process.pid)), 60, "Ray")
+    wait_for(lambda: any(is_gcs(pid) for pid in session_processes(process.pid)), 60, "Ray")
     os.killpg(process.pid, signal.SIGTERM)
     stopped_with_nothing_left(process, log)
     assert log.read_text().count("Started a local Ray instance") <= 1
@@ -122,9 +130,20 @@ def test_sigterm_while_ray_starts_stops_everything(tmp_path: Path) -> None:
 def test_the_cli_stops_everything_when_rays_processes_die_under_it(tmp_path: Path) -> None:
     process, url, log = start(tmp_path)
     wait_until_ready(process, url, log)
-    ray_daemons = [pid for pid in session_processes(process.pid) if "gcs_server" in command_line(pid)]
+    ray_daemons = [pid for pid in session_processes(process.pid) if is_gcs(pid)]
     assert ray_daemons, "the GCS runs"
     for pid in ray_daemons:
+        os.kill(pid, signal.SIGKILL)
+    stopped_with_nothing_left(process, log)
+    assert "Ray's node processes died" in log.read_text()
+
+
+def test_the_cli_stops_everything_when_rays_processes_die_while_it_starts(tmp_path: Path) -> None:
+    """Serve's deploy call blocks for good once the GCS is gone; the CLI must notice and sweep before Ray's
+    driver aborts it (60 s without its GCS)."""
+    process, _, log = start(tmp_path)
+    wait_for(lambda: bool(engine_processes(process.pid)), 120, "the engine's processes being spawned")
+    for pid in [pid for pid in session_processes(process.pid) if is_gcs(pid)]:
         os.kill(pid, signal.SIGKILL)
     stopped_with_nothing_left(process, log)
     assert "Ray's node processes died" in log.read_text()
