@@ -55,6 +55,23 @@ def engine_cpus(wanted: list[int] | None) -> Iterator[None]:
         os.sched_setaffinity(0, confined)
 
 
+def serving_dtype(config: EngineConfig, on_cpu: bool | None = None) -> str:
+    """The dtype handed to vLLM. `auto` is vLLM's own choice on a GPU, but float32 on a CPU: there, with LoRA
+    enabled (always, here), vLLM's bfloat16 linear layers fall back from oneDNN to plain torch and streamed
+    3.5x slower than float32 (AMD EPYC with avx512_bf16: 22.7 against 79.3 tok/s on the base workload, 2026-11-29,
+    docs/benchmarks/dtype.md). Ask for `bfloat16` explicitly where it is faster."""
+    dtype = config.engine_dtype()
+    if config.dtype == "auto" and (_on_cpu() if on_cpu is None else on_cpu):
+        return "float32"
+    return dtype
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 def vllm_cli_args(config: EngineConfig, adapters: list[AdapterConfig]) -> list[str]:
     """The `vllm serve` flags equivalent to `config`; the reference server takes the same list."""
     args = [
@@ -66,7 +83,7 @@ def vllm_cli_args(config: EngineConfig, adapters: list[AdapterConfig]) -> list[s
         "--max-cpu-loras", str(config.max_cpu_loras or config.max_loras),
         "--max-model-len", str(config.max_model_len),
         "--max-num-seqs", str(config.max_num_seqs),
-        "--dtype", config.engine_dtype(),
+        "--dtype", serving_dtype(config),
         "--gpu-memory-utilization", str(config.gpu_memory_utilization),
         "--seed", str(config.seed),
         "--disable-log-stats",

@@ -57,9 +57,16 @@ def test_checkpoint_dtype_follows_config_json(tmp_path: Path) -> None:
     assert EngineConfig(model=str(tmp_path / "missing"), dtype="checkpoint").engine_dtype() == "auto"
 
 
-def test_the_default_dtype_is_vllms_own_choice(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text('{"torch_dtype": "float32"}')
-    assert EngineConfig(model=str(tmp_path)).engine_dtype() == "auto"  # as `vllm serve`: bfloat16 on CPU
+def test_the_default_dtype_is_vllms_own_choice_on_a_gpu_and_float32_on_a_cpu(tmp_path: Path) -> None:
+    from serve.engines.vllm_engine import serving_dtype
+
+    (tmp_path / "config.json").write_text('{"torch_dtype": "bfloat16"}')
+    default = EngineConfig(model=str(tmp_path))
+    assert default.engine_dtype() == "auto"
+    assert serving_dtype(default, on_cpu=False) == "auto"  # as `vllm serve`
+    assert serving_dtype(default, on_cpu=True) == "float32"  # bfloat16 + LoRA was 3.5x slower on CPU
+    assert serving_dtype(EngineConfig(model=str(tmp_path), dtype="bfloat16"), on_cpu=True) == "bfloat16"
+    assert serving_dtype(EngineConfig(model=str(tmp_path), dtype="checkpoint"), on_cpu=True) == "bfloat16"
 
 
 def test_vllm_args_register_adapters_under_their_public_ids(tmp_path: Path) -> None:
