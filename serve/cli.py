@@ -267,11 +267,10 @@ def deploy(
 
 def node_processes_alive(children: list[int]) -> Callable[[], bool]:
     """Whether the local cluster's GCS and raylet (children of this process) still run."""
-    from pathlib import Path as _Path
 
     def name(pid: int) -> str:
         try:
-            return _Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             return ""
 
@@ -280,7 +279,7 @@ def node_processes_alive(children: list[int]) -> Callable[[], bool]:
     def alive() -> bool:
         for pid in watched:
             try:
-                state = _Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
             except OSError:
                 return False
             if state in ("Z", "X"):
