@@ -194,7 +194,7 @@ def run(config: AppConfig, infra_cpus: str = "auto") -> None:
                 # its own, and every idle worker costs ~1 % of a core (its core worker's periodic loop).
                 _system_config={"process_group_cleanup_enabled": True, "num_workers_soft_limit": 0},
             )
-            ray_up = node_processes_alive(processes.descendants())
+            ray_up = processes.node_processes_alive(processes.descendants())
         take_signals()  # ray.init installed Ray's own SIGTERM handler, which would end us before clean-up
         if config.router.auth.is_open:
             typer.echo(f"loraplex: WARNING: {OPEN_WARNING}", err=True)
@@ -263,30 +263,6 @@ def deploy(
     if (failure := outcome[0]) is not None:
         raise failure
     return True
-
-
-def node_processes_alive(children: list[int]) -> Callable[[], bool]:
-    """Whether the local cluster's GCS and raylet (children of this process) still run."""
-
-    def name(pid: int) -> str:
-        try:
-            return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            return ""
-
-    watched = [pid for pid in children if name(pid).endswith(("gcs_server", "raylet"))]
-
-    def alive() -> bool:
-        for pid in watched:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                return False
-            if state in ("Z", "X"):
-                return False
-        return True
-
-    return alive
 
 
 def bounded(call: Callable[[], Any], timeout_s: float) -> tuple[bool, Any]:

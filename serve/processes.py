@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger("loraplex")
@@ -61,18 +62,34 @@ def die_with_parent_if_asked() -> bool:
     return os.environ.get(DIE_WITH_PARENT_ENV) == "1" and die_with_parent()
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first, then parent), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie is already dead: only its exit status is left to collect)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def program(pid: int) -> str:
+    """The program `pid` runs (its argv[0]), or "" if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _parents() -> dict[int, int]:
     """Every live process's parent, from /proc."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z":  # a zombie is already dead: only its exit status is left to collect
+        if entry.name.isdigit() and (fields := _stat(entry.name)) is not None and fields[0] not in ("Z", "X"):
             parents[int(entry.name)] = int(fields[1])
     return parents
 
@@ -132,3 +149,9 @@ def sweep(grace_s: float = 5.0) -> list[int]:
 def _signal(pid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
+
+
+def node_processes_alive(children: list[int]) -> Callable[[], bool]:
+    """Whether the local Ray cluster's GCS and raylet (among `children`, started by this process) still run."""
+    watched = [pid for pid in children if program(pid).endswith(("gcs_server", "raylet"))]
+    return lambda: all(alive(pid) for pid in watched)
