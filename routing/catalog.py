@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from routing.errors import ModelNotFound, NotReady
+from routing.errors import InvalidRequest, ModelNotFound, NotReady
 from routing.registry_client import RegistryClient
 from serve.adapters.records import AdapterRecord, Snapshot
 from serve.wire import ADAPTER_ID_SEPARATOR, adapter_model_id
@@ -81,6 +81,8 @@ class ModelCatalog:
                 raise NotReady("the adapter registry cannot be reached; retry shortly")
         if record is None:
             raise ModelNotFound(f"The model `{requested}` does not exist.", param="model")
+        if record.unusable:
+            raise InvalidRequest(f"The model `{requested}` cannot be served: it {record.unusable}.", param="model")
         return ModelTarget(id=self.adapter_id(name), adapter=record)
 
     async def records(self) -> list[AdapterRecord]:
@@ -93,7 +95,7 @@ class ModelCatalog:
         Only models for which `visible(adapter name, or None for the base)` holds are listed.
         """
         base = [self._card(self.base_id, parent=None, created=self._created)] if visible(None) else []
-        adapters = [r for r in await self.records() if visible(r.name)]
+        adapters = [r for r in await self.records() if visible(r.name) and not r.unusable]
         return base + [self._card(self.adapter_id(r.name), self.base_id, r.created) for r in adapters]
 
     async def model(self, requested: str) -> dict[str, Any]:

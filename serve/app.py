@@ -16,6 +16,7 @@ from routing.ingress import RouterIngress
 from routing.ratelimit import SharedRateLimiter
 from routing.request_router import ROUTER_CLASS_PATH
 from serve.adapters.registry import RegistryDeployment
+from serve.adapters.store import sqlite_path
 from serve.config import AppConfig, EngineDeploymentConfig
 from serve.engines.vllm_engine import engine_env
 from serve.processes import DIE_WITH_PARENT_ENV, die_with_parent_if_asked
@@ -54,11 +55,19 @@ class LimiterDeployment(SharedRateLimiter):
         super().__init__()
 
 
+def absolute_store(url: str) -> str:
+    """A `sqlite:///relative` store made absolute (`sqlite:////abs`); other stores as they are."""
+    if url.startswith("sqlite:///"):
+        return f"sqlite:///{Path(sqlite_path(url)).resolve()}"
+    return url
+
+
 def absolute_paths(config: AppConfig) -> AppConfig:
     """Resolves relative paths against the caller's folder: replicas run in folders of Ray's choosing."""
     registry = config.registry.model_copy(
         update={
             "state_file": str(Path(config.registry.state_file).resolve()),
+            "store": absolute_store(store) if (store := config.registry.store) else None,
             "cache_dir": str(Path(config.registry.cache_dir).resolve()),
             "local_roots": [str(Path(root).resolve()) for root in config.registry.local_roots],
         }

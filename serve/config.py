@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -506,8 +507,21 @@ class RouterConfig(_Strict):
 class RegistryConfig(_Strict):
     """Where the adapter registry keeps its state and which adapter sources it accepts."""
 
+    store: str | None = Field(
+        default=None,
+        description=(
+            "Where the registry keeps its records: `sqlite:///PATH` (a relative path; four slashes for an absolute "
+            "one) or `s3://BUCKET/PREFIX` (one object per adapter, conditional writes; credentials and endpoint "
+            "as for `s3://` sources), for clusters whose nodes share no disk. None: SQLite beside `state_file` "
+            "(`registry.db`)."
+        ),
+    )
     state_file: str = Field(
-        default=".loraplex/registry.json", description="JSON file the registry persists to; survives restarts."
+        default=".loraplex/registry.json",
+        description=(
+            "The JSON state of earlier releases: imported into an empty store on first start, then renamed "
+            "`.migrated`. With no `store`, its folder holds the SQLite database."
+        ),
     )
     cache_dir: str = Field(
         default=".loraplex/adapter-cache", description="Per-node copies of adapters, one folder per content hash."
@@ -540,6 +554,23 @@ class RegistryConfig(_Strict):
             "the secret out of configs). Never rendered: reprs, dumps and logs show `**********`."
         ),
     )
+
+    @field_validator("store")
+    @classmethod
+    def _store_scheme(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if value.startswith("s3://"):
+            if not urlparse(value).netloc:
+                raise ValueError("an s3:// registry store needs a bucket: s3://BUCKET/PREFIX")
+        elif not (value.startswith("sqlite:///") and len(value) > len("sqlite:///")):
+            raise ValueError(f"registry store {value!r}: use sqlite:///PATH or s3://BUCKET/PREFIX")
+        return value
+
+    @property
+    def store_url(self) -> str:
+        """The store's URL, `store` or the SQLite database beside `state_file`."""
+        return self.store or f"sqlite:///{Path(self.state_file).with_name('registry.db')}"
 
 
 class AppConfig(_Strict):

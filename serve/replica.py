@@ -56,7 +56,8 @@ class Replica:
                 if generation == self._generation:
                     continue
                 snapshot = await self._registry.snapshot.remote()
-                for name in set(self._engine.held()) - set(snapshot.records):
+                servable = {name for name, record in snapshot.records.items() if not record.unusable}
+                for name in set(self._engine.held()) - servable:
                     await self._engine.forget(name)
                 self._generation = snapshot.generation
             except Exception:  # the registry restarting must not stop this replica from serving

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 INTEGRATION = Path(__file__).parent / "integration"
@@ -16,3 +24,41 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Tests that start their own server go first, before the session-wide stack starts: the machine
     # has room for one engine deployment at a time.
     items.sort(key=lambda item: item.get_closest_marker("own_server") is None)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tail(log: Path, lines: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "loraplex-test", "AWS_SECRET_ACCESS_KEY": "loraplex-test"}
+
+
+@pytest.fixture(scope="session")
+def s3_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """moto's S3 server, a real S3 endpoint, on a free loopback port."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("wb") as sink:
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/moto-api/", timeout=2)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    pytest.fail(f"moto did not start:\n{tail(log)}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)

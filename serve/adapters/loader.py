@@ -15,6 +15,7 @@ from typing import Any
 
 from serve.adapters.cache import Hold, NodeCache
 from serve.adapters.records import AdapterRecord, LoaderStats
+from serve.adapters.validation import AdapterInvalid
 from serve.wire import adapter_model_id
 
 
@@ -37,7 +38,9 @@ class AdapterLoader:
         return adapter_model_id(self._base_id, name)
 
     async def ensure(self, record: AdapterRecord) -> None:
-        """Loads `record` unless this replica already serves that exact version."""
+        """Loads `record` unless this replica already serves that exact version; never one marked unusable."""
+        if record.unusable:
+            raise AdapterInvalid(f"adapter {record.name!r} cannot be served: it {record.unusable}")
         if self._versions.get(record.name) == record.content_hash:
             self.stats.hits += 1
             return

@@ -19,6 +19,9 @@ class AdapterRecord:
     size_bytes: int
     pinned: bool
     created: int
+    unusable: str | None = None
+    """Why the adapter cannot be served on this base model (it no longer fits it), or None: such a record is
+    listed with the reason and never handed to an engine."""
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The adapter registry: the one source of truth for which adapters exist, at which version.
 
 It runs as a single Ray Serve deployment that every router and engine replica reaches through a
-handle, and persists to a JSON file, so it survives a restart of the application. Writes are
-validated (fetched, checked against the base model) before anything is recorded.
+handle, and keeps its records in a `RegistryStore` (SQLite by default, S3 for clusters), so they survive
+a restart of the application or of the registry's node. Writes are validated (fetched, checked against the
+base model) before anything is recorded.
 """
 
 from __future__ import annotations
@@ -15,14 +16,21 @@ import secrets
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from serve.adapters.records import AdapterRecord, ReplicaReport, Snapshot
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
+from serve.adapters.store import (
+    BaseIdentity,
+    RegistryStore,
+    StoreConflict,
+    StoreUnavailable,
+    decode,
+    open_store,
+)
 from serve.adapters.validation import AdapterInvalid, AdapterMetadata, base_linear_shapes, validate_adapter
 from serve.config import ADAPTER_NAME_PATTERN, AppConfig, is_adapter_name
-from serve.files import atomic_write
 from serve.processes import die_with_parent_if_asked
 from serve.wire import WireError
 
@@ -41,27 +49,35 @@ def fresh_generation() -> int:
 
 
 class AdapterRegistry:
-    """Validates, records and persists adapters; serves snapshots to routers and replicas."""
+    """Validates and records adapters in its store; serves snapshots to routers and replicas."""
 
     def __init__(
         self,
-        state_file: Path,
+        store: RegistryStore,
         base_model: Path,
         resolver: SourceResolver,
         *,
         max_rank: int,
         max_bytes: int,
+        base_id: str | None = None,
         initial: dict[str, str] | None = None,
+        legacy_state: Path | None = None,
     ) -> None:
-        self._file = state_file
+        self._store = store
         self._resolver = resolver
         self._max_rank = max_rank
         self._max_bytes = max_bytes
         self._base_shapes = base_linear_shapes(base_model)
-        self._records: dict[str, AdapterRecord] = self._load()
+        self._base = BaseIdentity.of(base_id or base_model.name, base_model)
+        state = store.load()
+        self._records: dict[str, AdapterRecord] = state.records
         self._generation = fresh_generation()
         self._lock = asyncio.Lock()
         self._reports: dict[str, tuple[float, ReplicaReport]] = {}
+        if not self._records and legacy_state is not None:
+            self._migrate(legacy_state)
+        if state.base != self._base:
+            self._recheck_for_this_base(state.base)
         for name, source in (initial or {}).items():
             # Configured adapters are checked at every start: changed weights become a new version.
             pinned = name in self._records and self._records[name].pinned
@@ -103,8 +119,7 @@ class AdapterRegistry:
             record = self._records.get(name)
             if record is None:
                 return WireError(404, f"adapter {name!r} is not registered", "name")
-            failure = self._commit({key: value for key, value in self._records.items() if key != name})
-            return failure or record
+            return self._write(name, record, None) or record
 
     def _validate_and_record(self, name: str, source: str, pinned: bool) -> AdapterRecord | WireError:
         checked = self._fetch_and_check(name, source)
@@ -125,7 +140,7 @@ class AdapterRegistry:
     def _record(self, name: str, source: str, pinned: bool, meta: AdapterMetadata) -> AdapterRecord | WireError:
         previous = self._records.get(name)
         if previous is not None and previous.content_hash == meta.content_hash and previous.source == source:
-            record = replace(previous, pinned=pinned)
+            record = replace(previous, pinned=pinned, unusable=None)
         else:
             record = AdapterRecord(
                 name=name, source=source, version=(previous.version + 1) if previous else 1,
@@ -133,68 +148,95 @@ class AdapterRegistry:
                 target_modules=meta.target_modules, size_bytes=meta.size_bytes, pinned=pinned,
                 created=int(time.time()),
             )  # fmt: skip
-        return self._commit({**self._records, name: record}) or record
+        if record == previous:
+            return record
+        return self._write(name, previous, record) or record
 
-    def _commit(self, records: dict[str, AdapterRecord]) -> WireError | None:
-        """Persists `records`, then makes them current: a write that fails changes nothing, here or on disk.
-
-        The previous state file is kept as `<file>.bak` (the last good state, should the file be damaged).
-        """
+    def _write(self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None) -> WireError | None:
+        """Stores `record` (None: deletes `name`), then makes it current: a write that fails changes nothing,
+        here or in the store. A record another registry changed meanwhile is re-read, and the write refused."""
         try:
-            if self._file.is_file():
-                atomic_write(self._backup, self._file.read_text())
-            atomic_write(self._file, json.dumps({"adapters": [asdict(r) for r in records.values()]}, indent=2))
-        except OSError as exc:
-            logger.exception("could not save the registry state to %s", self._file)
-            return WireError(500, f"the registry could not save its state ({exc.strerror or exc}); nothing changed")
-        self._records = records
+            if record is None:
+                assert previous is not None
+                self._store.delete(name, previous)
+            else:
+                self._store.put(record, previous)
+        except StoreConflict:
+            self._reread(name)
+            return WireError(409, f"adapter {name!r} was changed by another registry meanwhile; retry", "name")
+        except StoreUnavailable as exc:
+            logger.error("could not save adapter %r in %s: %s", name, self._store, exc)
+            return WireError(500, f"the registry could not save its state ({exc}); nothing changed")
+        if record is None:
+            self._records.pop(name, None)
+        else:
+            self._records[name] = record  # in place: snapshots are copies, and a write copies nothing (100,000s)
         self._generation += 1
         return None
 
-    @property
-    def _backup(self) -> Path:
-        return self._file.with_name(self._file.name + ".bak")
-
-    def _load(self) -> dict[str, AdapterRecord]:
-        """The saved records; a damaged file is set aside (kept, named in the log) and the last good state used."""
-        if not self._file.is_file():
-            return {}
+    def _reread(self, name: str) -> None:
         try:
-            return _records_of(self._file)
+            current = self._store.get(name)
+        except StoreUnavailable:
+            return
+        self._records.pop(name, None)
+        if current is not None:
+            self._records[name] = current
+        self._generation += 1
+
+    def _migrate(self, legacy: Path) -> None:
+        """Imports the JSON state file of earlier releases into an empty store, then renames it `.migrated`."""
+        if not legacy.is_file():
+            return
+        try:
+            items = json.loads(legacy.read_text())["adapters"]
+            records = [decode(json.dumps(item)) for item in items]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            aside = self._file.with_name(f"{self._file.name}.corrupt-{int(time.time())}")
-            os.replace(self._file, aside)
-            good = self._backup if self._backup.is_file() else None
-            logger.critical(
-                "registry state %s is damaged (%s): kept as %s; starting from %s",
-                self._file, exc, aside, good or "an empty registry",
+            logger.critical("registry state %s cannot be read (%s); not migrated, left in place", legacy, exc)
+            return
+        for record in records:
+            self._store.put(record, None)
+            self._records[record.name] = record
+        os.replace(legacy, legacy.with_name(legacy.name + ".migrated"))
+        logger.warning("migrated %d adapters from %s into the registry store", len(records), legacy)
+
+    def _recheck_for_this_base(self, stored: BaseIdentity | None) -> None:
+        """Records validated against another base model are checked again against this one: those that no longer
+        fit are kept, marked unusable with the reason (never handed to an engine); those that fit again are usable."""
+        if self._records:
+            logger.warning(
+                "the registry's records were validated against %s; checking all %d against %s",
+                stored.model_id if stored else "an unrecorded base model", len(self._records), self._base.model_id,
             )  # fmt: skip
-            if good is None:
-                return {}
-            records = _records_of(good)
-            atomic_write(self._file, good.read_text())
-            return records
-
-
-def _records_of(file: Path) -> dict[str, AdapterRecord]:
-    data = json.loads(file.read_text())
-    return {
-        item["name"]: AdapterRecord(**{**item, "target_modules": tuple(item["target_modules"])})
-        for item in data["adapters"]
-    }
+        for name, record in sorted(self._records.items()):
+            checked = self._fetch_and_check(name, record.source)
+            reason = None
+            if isinstance(checked, WireError):
+                reason = f"does not fit base model {self._base.model_id}: {checked.message}"
+            elif checked.content_hash != record.content_hash:
+                reason = "its source changed since it was registered; register it again"
+            if reason != record.unusable:
+                failure = self._write(name, record, replace(record, unusable=reason))
+                if failure is not None:
+                    raise StoreUnavailable(failure.message)
+        self._store.set_base(self._base)
 
 
 def make_resolver(config: AppConfig) -> SourceResolver:
     """Sources allowed by `config`: its local roots plus the folders of its configured adapters."""
     roots = [Path(root).resolve() for root in config.registry.local_roots]
     roots += [Path(adapter.path).resolve() for adapter in config.adapters]
-    s3 = S3Source(
-        endpoint_url=config.registry.s3_endpoint_url,
-        region=config.registry.s3_region,
-        access_key_id=config.registry.s3_access_key_id,
-        secret_access_key=secret.get_secret_value() if (secret := config.registry.s3_secret_access_key) else None,
+    return SourceResolver(local=LocalSource(tuple(roots)), s3=s3_connection(config))
+
+
+def s3_connection(config: AppConfig) -> S3Source:
+    registry = config.registry
+    return S3Source(
+        endpoint_url=registry.s3_endpoint_url,
+        region=registry.s3_region,
+        access_key_id=registry.s3_access_key_id,
+        secret_access_key=secret.get_secret_value() if (secret := registry.s3_secret_access_key) else None,
     )
-    return SourceResolver(local=LocalSource(tuple(roots)), s3=s3)
 
 
 class RegistryDeployment(AdapterRegistry):
@@ -203,10 +245,12 @@ class RegistryDeployment(AdapterRegistry):
     def __init__(self, config: AppConfig) -> None:
         die_with_parent_if_asked()  # a registry process outliving its raylet serves no one
         super().__init__(
-            Path(config.registry.state_file),
+            open_store(config.registry.store_url, s3_connection(config)),
             Path(config.engine.model),
             make_resolver(config),
             max_rank=config.engine.max_lora_rank,
             max_bytes=config.registry.max_adapter_bytes,
+            base_id=config.engine.model_id,
             initial={adapter.name: adapter.path for adapter in config.adapters},
+            legacy_state=Path(config.registry.state_file),
         )

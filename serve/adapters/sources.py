@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from serve.adapters.validation import AdapterInvalid
@@ -71,19 +71,24 @@ class S3Source:
     access_key_id: str | None = None
     secret_access_key: str | None = field(default=None, repr=False)  # never in a repr, log or traceback
 
-    def fetch(self, uri: str, dest: Path, max_bytes: int | None = None) -> None:
+    def client(self) -> Any:
+        """A boto3 S3 client for this endpoint and these credentials (the adapter store's too)."""
         import boto3
-        from botocore.exceptions import BotoCoreError, ClientError
 
-        parsed = urlparse(uri)
-        bucket, prefix = parsed.netloc, parsed.path.strip("/")
-        client = boto3.client(
+        return boto3.client(
             "s3",
             endpoint_url=self.endpoint_url,
             region_name=self.region,
             aws_access_key_id=self.access_key_id,
             aws_secret_access_key=self.secret_access_key,
         )
+
+    def fetch(self, uri: str, dest: Path, max_bytes: int | None = None) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        parsed = urlparse(uri)
+        bucket, prefix = parsed.netloc, parsed.path.strip("/")
+        client = self.client()
         try:
             listing = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/", MaxKeys=MAX_FILES + 1)
             objects = listing.get("Contents", [])

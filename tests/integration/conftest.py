@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,18 +20,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import httpx
 import openai
 import pytest
 import torch
 
 from serve.assets import LORA_TARGETS, prepare
+from tests.conftest import S3_KEYS, free_port, tail
 from tests.integration.reference import Reference
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / ".loraplex"
 MODEL_ID = "smol-copy"
 STARTUP_TIMEOUT_S = 420
+REGISTRY_BUCKET = "loraplex-registry"
+REGISTRY_REPLICA = "ServeReplica:loraplex:LoraplexRegistry"
 
 
 @dataclass(frozen=True)
@@ -85,40 +88,6 @@ class Stack:
     """A real S3 endpoint (moto) on loopback that the server reads `s3://` sources from."""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-S3_KEYS = {"AWS_ACCESS_KEY_ID": "loraplex-test", "AWS_SECRET_ACCESS_KEY": "loraplex-test"}
-
-
-@pytest.fixture(scope="session")
-def s3_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto's S3 server on a free loopback port."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with log.open("wb") as sink:
-        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{url}/moto-api/", timeout=2)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    pytest.fail(f"moto did not start:\n{tail(log)}")
-                time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-
-
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str) -> Iterator[Stack]:
     model_src, demo = prepare(ASSETS)
@@ -136,6 +105,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str) -> Iterator[Sta
             {
                 "engine": {"model": str(model_dir), "dtype": "checkpoint"},  # exact: checked against PEFT
                 "registry": {
+                    # The shared stack keeps its registry in S3 (moto); the servers of other modules use SQLite.
+                    "store": f"s3://{REGISTRY_BUCKET}/{MODEL_ID}",
                     "state_file": str(work / "registry.json"),
                     "cache_dir": str(work / "adapter-cache"),
                     "local_roots": [str(uploads)],
@@ -146,6 +117,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str) -> Iterator[Sta
             }
         )
     )
+    key_id, secret = S3_KEYS["AWS_ACCESS_KEY_ID"], S3_KEYS["AWS_SECRET_ACCESS_KEY"]
+    s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id=key_id,
+                      aws_secret_access_key=secret)  # fmt: skip
+    s3.create_bucket(Bucket=REGISTRY_BUCKET)
     with running_server(config, adapters, work) as (base_url, log):
         yield Stack(base_url=base_url, model_id=MODEL_ID, model_dir=model_dir, adapters=adapters, log=log,
                     uploads=uploads, s3_url=s3_url)  # fmt: skip
@@ -229,10 +204,6 @@ def assert_nothing_left_behind(session: int) -> None:
         pytest.fail(f"loraplex serve left processes behind: {names}")
 
 
-def tail(log: Path, lines: int = 60) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-
-
 @pytest.fixture(scope="session")
 def client(stack: Stack) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
@@ -253,3 +224,42 @@ def reference(stack: Stack) -> Reference:
 
 def adapter_config(path: Path) -> dict[str, object]:
     return dict(json.loads((path / "adapter_config.json").read_text()))
+
+
+def session_of(base_url: str) -> int:
+    """The session (= pid) of the `loraplex serve ... --port PORT` this test process started."""
+    port = base_url.rsplit(":", 1)[1]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if "serve" in args and "--port" in args and args[args.index("--port") + 1] == port:
+                return os.getsid(int(entry.name))
+    raise AssertionError(f"no `loraplex serve --port {port}` process")
+
+
+def restart_the_registry_and_check_its_records(base_url: str, new_source: str) -> None:
+    """SIGKILLs the registry's replica (its node lost), waits for Serve's replacement, and checks that it serves the
+    same adapters at the same versions: read back from its store, not from any router's cache (a write through
+    the new replica makes every router refetch the whole list)."""
+    session = session_of(base_url)
+    before = {a["name"]: a["version"] for a in httpx.get(f"{base_url}/v1/adapters", timeout=30).json()["data"]}
+    assert before, "adapters are registered before the restart"
+    (old,) = [pid for pid in session_processes(session) if REGISTRY_REPLICA in command_line(pid)]
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:
+        replicas = [pid for pid in session_processes(session) if REGISTRY_REPLICA in command_line(pid)]
+        written = None
+        if replicas and old not in replicas:
+            body = {"name": "after-restart", "source": new_source}
+            written = httpx.post(f"{base_url}/v1/adapters", json=body, timeout=60)
+            if written.status_code == 201:
+                break
+        assert time.monotonic() < deadline, f"no registry replica answered a write: {written and written.text}"
+        time.sleep(1)
+    after = {a["name"]: a["version"] for a in httpx.get(f"{base_url}/v1/adapters", timeout=30).json()["data"]}
+    assert after == {**before, "after-restart": 1}
+    assert httpx.delete(f"{base_url}/v1/adapters/after-restart", timeout=30).status_code == 200

@@ -15,7 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.integration.conftest import EXTERNAL_ADAPTERS, S3_KEYS, ExternalAdapter, Stack, make_adapter
+from tests.integration.conftest import (
+    EXTERNAL_ADAPTERS,
+    REGISTRY_BUCKET,
+    S3_KEYS,
+    ExternalAdapter,
+    Stack,
+    make_adapter,
+    restart_the_registry_and_check_its_records,
+)
 from tests.integration.reference import Greedy, Reference, assert_close, served_greedy
 
 MAX_TOKENS = 10
@@ -273,3 +281,20 @@ def test_the_node_cache_holds_installed_adapters_and_lets_go_of_unregistered_one
         time.sleep(0.5)  # the replica sees the deletion at its next registry poll (2 s)
     assert not held_elsewhere(), "unregistered: the folder may be pruned"
     assert httpx.get(f"{stack.base_url}/health").json() == {"status": "ok"}
+
+
+def test_the_registry_keeps_its_records_in_s3_and_a_restarted_replica_serves_them(
+    client: openai.OpenAI, stack: Stack
+) -> None:
+    """The S3 store: one object per adapter in the bucket, and a registry replica that dies (its node lost) comes
+    back with every adapter at the same version, with no disk of its own."""
+    folder = new_adapter(stack, "durable", seed=31)
+    assert register(stack, "durable", str(folder)).status_code == 201
+    s3 = boto3.client("s3", endpoint_url=stack.s3_url, region_name="us-east-1",
+                      aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+    keys = {item["Key"] for item in s3.list_objects_v2(Bucket=REGISTRY_BUCKET)["Contents"]}
+    assert {f"{stack.model_id}/adapters/durable.json", f"{stack.model_id}/base.json"} <= keys
+    restart_the_registry_and_check_its_records(stack.base_url, str(new_adapter(stack, "later", seed=32)))
+    prompt, want = expect(stack, folder)
+    assert_close(want, served(client, "durable", prompt), "served after the registry's restart")

@@ -26,7 +26,12 @@ import openai
 import pytest
 
 from serve.assets import prepare
-from tests.integration.conftest import ASSETS, running_server, session_processes
+from tests.integration.conftest import (
+    ASSETS,
+    restart_the_registry_and_check_its_records,
+    running_server,
+    session_processes,
+)
 
 pytestmark = pytest.mark.own_server
 T = TypeVar("T")
@@ -408,6 +413,12 @@ async def replaced(server: Server, before: dict[str, float], victim: Proc) -> No
     assert len(replicas) == 2 and victim.pid not in {r.pid for r in replicas}, replicas
     for replica in replicas:
         engine_core_of(server, replica)
+
+
+def test_a_registry_replica_that_dies_comes_back_with_every_adapter_from_sqlite(server: Server) -> None:
+    """The default store (SQLite beside the state file): Serve's replacement registry reads the same records."""
+    _, demo = prepare(ASSETS)
+    restart_the_registry_and_check_its_records(server.url, str(demo["beta"]))
 
 
 async def test_sigterm_lets_the_stream_in_flight_finish_refuses_new_requests_and_exits(server: Server) -> None:

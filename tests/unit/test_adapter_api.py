@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,8 +16,9 @@ from serve.adapters.cache import NodeCache
 from serve.adapters.loader import AdapterLoader
 from serve.adapters.records import LoaderStats, ReplicaReport
 from serve.adapters.sources import LocalSource, SourceResolver
+from serve.adapters.validation import AdapterInvalid
 from serve.config import RouterConfig
-from tests.unit.fake_engine import FakeRegistry, engine_client, record
+from tests.unit.fake_engine import FakeEngine, FakeRegistry, engine_client, record
 
 BASE = "tiny-base"
 
@@ -46,6 +48,24 @@ async def test_register_use_replace_and_delete(client: httpx.AsyncClient) -> Non
     assert (await client.delete(f"/v1/adapters/{BASE}:new")).json()["deleted"] is True
     assert (await client.post("/v1/completions", json={"model": "new", "prompt": "x"})).status_code == 404
     assert (await client.delete("/v1/adapters/new")).status_code == 404
+
+
+async def test_an_adapter_that_no_longer_fits_the_base_is_listed_with_the_reason_and_never_served() -> None:
+    """A record the registry marked unusable (checked again against another base model)."""
+    reason = "does not fit base model tiny-base: q_proj is 64 wide"
+    registry = FakeRegistry({"old": replace(record("old"), unusable=reason), "ok": record("ok")})
+    engine = FakeEngine()
+    app = create_app(engine_client(engine), ModelCatalog(BASE, registry), RouterConfig())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+        assert await model_ids(client) == [BASE, f"{BASE}:ok"]
+        listed = {a["name"]: a["unusable"] for a in (await client.get("/v1/adapters")).json()["data"]}
+        assert listed == {"old": reason, "ok": None}
+        refused = await client.post("/v1/completions", json={"model": f"{BASE}:old", "prompt": "x"})
+        assert refused.status_code == 400 and reason in refused.json()["error"]["message"]
+        assert refused.json()["error"]["param"] == "model"
+        assert (await client.get(f"/v1/models/{BASE}:old")).status_code == 400
+        assert (await client.post("/v1/completions", json={"model": "ok", "prompt": "x"})).status_code == 200
+    assert [a.name for a in engine.adapters if a is not None] == ["ok"]
 
 
 async def test_vllm_compatible_load_and_unload(client: httpx.AsyncClient) -> None:
@@ -108,6 +128,15 @@ def test_loader_counts_adapters_the_engine_evicted() -> None:
     assert loader.observe_engine({1, 2, 3}) == ["a", "b", "c"] and loader.stats.evictions == 1  # reloaded
     del loader._versions["c"]  # unregistered: leaving the engine is not an eviction
     assert loader.observe_engine({1, 2}) == ["a", "b"] and loader.stats.evictions == 1
+
+
+async def test_the_loader_never_installs_an_unusable_record() -> None:
+    """The replica's own check, should an unusable record ever reach it (a router on an older snapshot)."""
+    cache = NodeCache(Path("/nonexistent"), SourceResolver(LocalSource(())), max_bytes=None)
+    loader = AdapterLoader(None, _Models(), cache, BASE)
+    with pytest.raises(AdapterInvalid, match="cannot be served: it does not fit"):
+        await loader.ensure(replace(record("old"), unusable="does not fit base model b"))
+    assert loader.stats.misses == 0
 
 
 def test_concurrent_fetches_of_the_same_content_share_one_cached_copy(tmp_path: Path) -> None:

@@ -1,0 +1,336 @@
+"""The adapter registry on each of its stores: SQLite in a file, and S3 on moto's real S3 server on loopback.
+
+Every test runs once per store (the same suite for both); the store is reopened the way a restarted registry
+replica opens it (a new store object on the same file or bucket prefix, on this or any other node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from serve.adapters.records import AdapterRecord
+from serve.adapters.registry import AdapterRegistry
+from serve.adapters.sources import LocalSource, S3Source, SourceResolver
+from serve.adapters.store import BaseIdentity, RegistryStore, S3Store, SqliteStore, open_store
+from serve.assets import DEFAULT_MODEL_NAME, build_default_model
+from serve.config import RegistryConfig
+from serve.wire import WireError
+from tests.conftest import S3_KEYS
+from tests.unit.test_adapter_validation import ASSETS, LAYER, header_of, write_adapter
+
+Opener = Callable[..., AdapterRegistry]
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    return build_default_model(ASSETS / "models" / DEFAULT_MODEL_NAME)
+
+
+@pytest.fixture(params=["sqlite", "s3"])
+def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], RegistryStore]:
+    """Opens this test's store afresh at each call (a restarted registry): a SQLite file, or an S3 bucket prefix."""
+    if request.param == "sqlite":
+        return lambda: SqliteStore(tmp_path / "registry.db")
+    url = request.getfixturevalue("s3_url")
+    connection = S3Source(
+        endpoint_url=url, access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"], secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"]
+    )
+    bucket = f"registry-{abs(hash(str(tmp_path))) % 10**12}"
+    connection.client().create_bucket(Bucket=bucket)
+    return lambda: S3Store(bucket=bucket, prefix="cluster/registry", connection=connection)
+
+
+@pytest.fixture
+def open_registry(tmp_path: Path, model_dir: Path, store_at: Callable[[], RegistryStore]) -> Opener:
+    def opener(base: Path = model_dir, **options: object) -> AdapterRegistry:
+        resolver = SourceResolver(local=LocalSource((tmp_path / "adapters",)))
+        return AdapterRegistry(store_at(), base, resolver, max_rank=64, max_bytes=10**9, **options)  # type: ignore[arg-type]
+
+    return opener
+
+
+def test_registry_versions_persist_and_unregister(tmp_path: Path, open_registry: Opener) -> None:
+    registry = open_registry()
+    source = str(write_adapter(tmp_path / "adapters" / "v1"))
+    first = asyncio.run(registry.register("sql", source))
+    assert isinstance(first, AdapterRecord) and first.version == 1
+    again = asyncio.run(registry.register("sql", source))
+    assert isinstance(again, AdapterRecord) and again.version == 1  # same weights: same version
+    changed = tmp_path / "adapters" / "v2"
+    write_adapter(changed, tensors={f"{LAYER}.q_proj.lora_A.weight": torch.ones(4, 576),
+                                    f"{LAYER}.q_proj.lora_B.weight": torch.ones(576, 4)})  # fmt: skip
+    second = asyncio.run(registry.register("sql", str(changed)))
+    assert isinstance(second, AdapterRecord) and second.version == 2
+
+    reopened = open_registry()
+    assert asyncio.run(reopened.snapshot()).records["sql"] == second
+    assert isinstance(asyncio.run(reopened.unregister("sql")), AdapterRecord)
+    missing = asyncio.run(reopened.unregister("sql"))
+    assert isinstance(missing, WireError) and missing.status == 404
+    assert asyncio.run(open_registry().snapshot()).records == {}
+
+
+def test_a_restarted_registry_never_reuses_a_generation(tmp_path: Path, open_registry: Opener) -> None:
+    """A router that cached generation G before a restart must see the restarted registry's as new."""
+    registry = open_registry()
+    seen = {asyncio.run(registry.generation())}
+    for i in range(3):
+        asyncio.run(registry.register(f"a{i}", str(write_adapter(tmp_path / "adapters" / f"a{i}"))))
+        seen.add(asyncio.run(registry.generation()))
+    restarted = open_registry()
+    asyncio.run(restarted.unregister("a0"))
+    for i in range(3):  # as many writes as before the restart: the counter alone would repeat
+        asyncio.run(restarted.register(f"b{i}", str(write_adapter(tmp_path / "adapters" / "a1"))))
+    assert asyncio.run(restarted.generation()) not in seen
+    assert asyncio.run(restarted.snapshot()).generation > max(seen)  # and it keeps growing
+
+
+def test_two_registries_on_one_store_never_overwrite_each_other(tmp_path: Path, open_registry: Opener) -> None:
+    """A split brain (a replaced registry replica still running): the second writer gets a 409, not a silent
+    overwrite; it re-reads the record, and its retry is a new version on top of the other's."""
+    first, second = open_registry(), open_registry()
+    one = write_adapter(tmp_path / "adapters" / "one")
+    two = write_adapter(tmp_path / "adapters" / "two", rank=8)
+    won = asyncio.run(first.register("shared", str(one)))
+    assert isinstance(won, AdapterRecord) and won.version == 1
+    lost = asyncio.run(second.register("shared", str(two)))
+    assert isinstance(lost, WireError) and lost.status == 409 and "another registry" in lost.message
+    assert asyncio.run(second.snapshot()).records["shared"] == won  # it re-read what the other wrote
+    retried = asyncio.run(second.register("shared", str(two)))
+    assert isinstance(retried, AdapterRecord) and retried.version == 2 and retried.rank == 8
+    stale = asyncio.run(first.unregister("shared"))  # `first` still holds version 1
+    assert isinstance(stale, WireError) and stale.status == 409
+    assert asyncio.run(open_registry().snapshot()).records["shared"] == retried
+
+
+def test_a_file_linked_from_outside_the_allowed_roots_is_refused(tmp_path: Path, open_registry: Opener) -> None:
+    registry = open_registry()
+    outside = write_adapter(tmp_path / "elsewhere" / "secret")  # not under tmp_path / "adapters"
+    inside = write_adapter(tmp_path / "adapters" / "linked")
+    (inside / "adapter_model.safetensors").unlink()
+    (inside / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    refused = asyncio.run(registry.register("linked", str(inside)))
+    assert isinstance(refused, WireError) and refused.status == 400
+    assert "links outside the allowed adapter roots" in refused.message
+    within = write_adapter(tmp_path / "adapters" / "within")  # a link that stays inside is fine
+    (within / "adapter_model.safetensors").rename(tmp_path / "adapters" / "shared.safetensors")
+    (within / "adapter_model.safetensors").symlink_to(tmp_path / "adapters" / "shared.safetensors")
+    assert isinstance(asyncio.run(registry.register("within", str(within))), AdapterRecord)
+
+
+def test_a_slow_download_holds_up_no_other_registry_call(tmp_path: Path, open_registry: Opener) -> None:
+    """The fetch runs outside the registry's lock: an unregister and a snapshot finish while it downloads."""
+    registry = open_registry()
+    asyncio.run(registry.register("other", str(write_adapter(tmp_path / "adapters" / "other"))))
+    release = threading.Event()
+    fetching = threading.Event()
+    local = registry._resolver
+
+    class SlowS3:
+        def fetch(self, uri: str, dest: Path, max_bytes: int | None = None) -> None:
+            fetching.set()
+            release.wait(30)  # a multi-gigabyte object on a slow link
+            local.fetch(str(tmp_path / "adapters" / "other"), dest)
+
+    registry._resolver = SourceResolver(local=local.local, s3=SlowS3())  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        slow = asyncio.create_task(registry.register("big", "s3://bucket/big"))
+        await asyncio.to_thread(fetching.wait, 10)
+        gone = await asyncio.wait_for(registry.unregister("other"), 2)
+        assert isinstance(gone, AdapterRecord)
+        assert "other" not in (await asyncio.wait_for(registry.snapshot(), 2)).records
+        release.set()
+        assert isinstance(await slow, AdapterRecord)
+
+    asyncio.run(scenario())
+
+
+def test_a_malformed_adapter_registers_as_400_not_500(tmp_path: Path, open_registry: Opener) -> None:
+    registry = open_registry()
+    alpha = write_adapter(tmp_path / "adapters" / "alpha", lora_alpha="x")
+    header = write_adapter(tmp_path / "adapters" / "header")
+    header_of(header / "adapter_model.safetensors", b"[]")
+    for source in (alpha, header):
+        refused = asyncio.run(registry.register("bad", str(source)))
+        assert isinstance(refused, WireError) and refused.status == 400, refused
+
+
+def break_store(registry: AdapterRegistry) -> None:
+    """Makes the registry's store refuse writes for real: a read-only SQLite connection, or a bucket gone."""
+    store = registry._store
+    if isinstance(store, SqliteStore):
+        store._db = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True, isolation_level=None)
+    else:
+        assert isinstance(store, S3Store)
+        client = store.client
+        objects = client.list_objects_v2(Bucket=store.bucket).get("Contents", [])
+        for item in objects:
+            client.delete_object(Bucket=store.bucket, Key=item["Key"])
+        client.delete_bucket(Bucket=store.bucket)
+
+
+def test_a_write_the_store_refuses_changes_nothing(tmp_path: Path, open_registry: Opener) -> None:
+    registry = open_registry()
+    kept = asyncio.run(registry.register("kept", str(write_adapter(tmp_path / "adapters" / "kept"))))
+    assert isinstance(kept, AdapterRecord)
+    before = asyncio.run(registry.snapshot())
+    break_store(registry)
+    failed = asyncio.run(registry.register("new", str(write_adapter(tmp_path / "adapters" / "new"))))
+    assert isinstance(failed, WireError) and failed.status == 500 and "nothing changed" in failed.message
+    gone = asyncio.run(registry.unregister("kept"))
+    assert isinstance(gone, WireError) and gone.status == 500
+    assert asyncio.run(registry.snapshot()) == before  # memory unchanged, generation included
+
+
+def test_the_json_state_of_earlier_releases_is_migrated_once(
+    tmp_path: Path, open_registry: Opener, model_dir: Path
+) -> None:
+    source = write_adapter(tmp_path / "adapters" / "old")
+    record = asyncio.run(open_registry().register("old", str(source)))
+    assert isinstance(record, AdapterRecord)
+    asyncio.run(open_registry().unregister("old"))  # the store is empty again: the migration's precondition
+    item = {**asdict(record), "version": 3}
+    del item["unusable"]  # files written before the field existed lack it
+    legacy = tmp_path / "registry.json"
+    legacy.write_text(json.dumps({"adapters": [item]}))
+
+    migrated = open_registry(legacy_state=legacy)
+    assert asyncio.run(migrated.snapshot()).records["old"].version == 3
+    assert not legacy.exists() and (tmp_path / "registry.json.migrated").is_file()
+    assert asyncio.run(open_registry(legacy_state=legacy).snapshot()).records["old"].version == 3
+
+
+def test_a_damaged_legacy_state_file_is_left_in_place_and_not_migrated(tmp_path: Path, open_registry: Opener) -> None:
+    legacy = tmp_path / "registry.json"
+    legacy.write_text('{"adapters": [')
+    registry = open_registry(legacy_state=legacy)
+    assert asyncio.run(registry.snapshot()).records == {}
+    assert legacy.read_text() == '{"adapters": ['
+
+
+def other_base(folder: Path, model_dir: Path) -> Path:
+    """A base model of another shape: layer 0's q_proj is 64 wide, so adapters made for the demo model don't fit."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text((model_dir / "config.json").read_text().replace("{", '{"other": 1, ', 1))
+    save_file(
+        {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64),
+         "model.layers.0.self_attn.k_proj.weight": torch.zeros(64, 64)},
+        str(folder / "model.safetensors"),
+    )  # fmt: skip
+    return folder
+
+
+def test_records_are_checked_again_when_the_base_model_changes(
+    tmp_path: Path, open_registry: Opener, model_dir: Path
+) -> None:
+    """A store belongs to one base: started with another, the registry re-validates every record, keeps the ones
+    that no longer fit as unusable with the reason, and makes them usable again under the base they fit."""
+    registry = open_registry(base_id="smol")
+    asyncio.run(registry.register("fits", str(write_adapter(tmp_path / "adapters" / "fits"))))
+    other = other_base(tmp_path / "other", model_dir)
+
+    elsewhere = open_registry(base=other, base_id="other-model")
+    record = asyncio.run(elsewhere.snapshot()).records["fits"]
+    assert record.unusable is not None
+    assert "does not fit base model other-model" in record.unusable and "q_proj" in record.unusable
+    assert asyncio.run(open_registry(base=other, base_id="other-model").snapshot()).records["fits"].unusable
+
+    back = open_registry(base_id="smol")
+    assert asyncio.run(back.snapshot()).records["fits"].unusable is None
+
+
+def test_the_store_records_the_base_models_identity(tmp_path: Path, store_at: Callable[[], RegistryStore],
+                                                     open_registry: Opener, model_dir: Path) -> None:  # fmt: skip
+    open_registry(base_id="smol")
+    stored = store_at().load().base
+    assert stored == BaseIdentity.of("smol", model_dir)
+    assert stored != BaseIdentity.of("smol", other_base(tmp_path / "other", model_dir))
+
+
+@pytest.mark.parametrize(
+    ("name", "source", "param", "reason"),
+    [
+        ("../etc", "{ok}", "name", "must match"),
+        ("support\n", "{ok}", "name", "must match"),  # `$` alone would accept a trailing newline
+        (".", "{ok}", "name", "must match"),
+        ("..", "{ok}", "name", "must match"),
+        ("x", "/etc", "source", "outside the allowed adapter roots"),
+        ("x", "{root}/missing", "source", "is not a folder"),
+        ("x", "ftp://host/a", "source", "unsupported adapter source scheme"),
+        ("x", "{root}/../../etc", "source", "outside the allowed adapter roots"),
+    ],
+)
+def test_registry_refuses_bad_names_and_sources(
+    tmp_path: Path, open_registry: Opener, name: str, source: str, param: str, reason: str
+) -> None:
+    root = tmp_path / "adapters"
+    ok = write_adapter(root / "ok")
+    registry = open_registry()
+    outcome = asyncio.run(registry.register(name, source.format(ok=ok, root=root)))
+    assert isinstance(outcome, WireError) and outcome.param == param and reason in outcome.message
+
+
+def test_store_urls_open_the_store_they_name(tmp_path: Path) -> None:
+    config = RegistryConfig(state_file=str(tmp_path / "state" / "registry.json"))
+    assert config.store_url == f"sqlite:///{tmp_path}/state/registry.db"
+    store = open_store(config.store_url, S3Source())
+    assert isinstance(store, SqliteStore) and store.path == tmp_path / "state" / "registry.db"
+    s3 = open_store("s3://bucket/some/prefix/", S3Source())
+    assert isinstance(s3, S3Store) and (s3.bucket, s3.prefix) == ("bucket", "some/prefix")
+    for bad in ("postgres://db", "sqlite://relative", "s3:///no-bucket", "sqlite:///"):
+        with pytest.raises(ValueError, match="registry store"):
+            RegistryConfig(store=bad)
+
+
+def test_the_s3_store_is_one_object_per_adapter(tmp_path: Path, s3_url: str, model_dir: Path) -> None:
+    """What an operator sees in the bucket: a record per adapter, readable JSON, the base identity beside them."""
+    client = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1",
+                          aws_access_key_id="loraplex-test", aws_secret_access_key="loraplex-test")  # fmt: skip
+    client.create_bucket(Bucket="layout")
+    connection = S3Source(endpoint_url=s3_url, access_key_id="loraplex-test", secret_access_key="loraplex-test")
+    resolver = SourceResolver(local=LocalSource((tmp_path / "adapters",)))
+    registry = AdapterRegistry(
+        S3Store("layout", "p", connection), model_dir, resolver, max_rank=64, max_bytes=10**9, base_id="smol"
+    )
+    asyncio.run(registry.register("a", str(write_adapter(tmp_path / "adapters" / "a"))))
+    keys = sorted(item["Key"] for item in client.list_objects_v2(Bucket="layout")["Contents"])
+    assert keys == ["p/adapters/a.json", "p/base.json"]
+    body = json.loads(client.get_object(Bucket="layout", Key="p/adapters/a.json")["Body"].read())
+    assert (body["name"], body["version"], body["rank"]) == ("a", 1, 4)
+
+
+def test_a_damaged_database_is_set_aside_and_the_last_good_copy_used(tmp_path: Path, model_dir: Path) -> None:
+    """SQLite survives crashes by itself; a file damaged outside it (a bad copy, a failing disk) is kept aside and
+    the copy taken at the last sound start is used, named in the log, instead of the registry failing to start."""
+    resolver = SourceResolver(local=LocalSource((tmp_path / "adapters",)))
+
+    def reopen() -> AdapterRegistry:
+        return AdapterRegistry(SqliteStore(tmp_path / "registry.db"), model_dir, resolver, max_rank=64, max_bytes=10**9)
+
+    registry = reopen()
+    for name in ("one", "two"):
+        asyncio.run(registry.register(name, str(write_adapter(tmp_path / "adapters" / name))))
+    registry._store.close()  # type: ignore[attr-defined]
+    reopen()._store.close()  # type: ignore[attr-defined]  # a sound start: the copy now holds one and two
+    registry = reopen()
+    asyncio.run(registry.register("three", str(write_adapter(tmp_path / "adapters" / "three"))))
+    registry._store.close()  # type: ignore[attr-defined]
+    database = tmp_path / "registry.db"
+    damaged = b"this is not a database" + database.read_bytes()[22:]
+    database.write_bytes(damaged)
+    (tmp_path / "registry.db-wal").unlink(missing_ok=True)
+    restored = reopen()
+    assert set(asyncio.run(restored.snapshot()).records) == {"one", "two"}
+    assert [p.read_bytes() for p in tmp_path.glob("registry.db.corrupt-*")] == [damaged]
