@@ -143,12 +143,13 @@ def start_rayserve_llm(setup: Setup) -> Iterator[str]:
     with process(moto, base_env(setup), setup.work / "moto.log", f"{s3_url}/moto-api/"):
         upload_adapters(setup.adapters, s3_url)
         engine = setup.engine
+        slots = engine.lora_slots(on_cpu=True)  # this benchmark runs on the CPU
         spec = {
             "model_id": engine.model_id,
             "model": engine.model,
             "engine_kwargs": {
-                "enable_lora": True, "max_loras": engine.max_loras, "max_lora_rank": engine.max_lora_rank,
-                "max_cpu_loras": engine.max_cpu_loras or engine.max_loras, "max_model_len": engine.max_model_len,
+                "enable_lora": True, "max_loras": slots, "max_lora_rank": engine.max_lora_rank,
+                "max_cpu_loras": engine.max_cpu_loras or slots, "max_model_len": engine.max_model_len,
                 "max_num_seqs": engine.max_num_seqs, "dtype": engine.engine_dtype(),
                 "gpu_memory_utilization": engine.gpu_memory_utilization, "enforce_eager": engine.enforce_eager,
                 "seed": engine.seed,

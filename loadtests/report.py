@@ -84,7 +84,8 @@ def write_report(
         f"Machine: {machine}.  ",
         f"Command: `{command}`.  ",
         f"Engine settings (identical for all three): max_lora_rank={engine.max_lora_rank}, "
-        f"max_loras={engine.max_loras}, max_cpu_loras={engine.max_cpu_loras or engine.max_loras}, "
+        f"max_loras={engine.lora_slots(on_cpu=True)}, "
+        f"max_cpu_loras={engine.max_cpu_loras or engine.lora_slots(on_cpu=True)}, "
         f"max_num_seqs={engine.max_num_seqs}, max_model_len={engine.max_model_len}, dtype={engine.engine_dtype()}, "
         f"KV cache {engine.kv_cache_gib:g} GiB, SmolLM2-135M-Instruct, rank-8 adapters.",
         peers,

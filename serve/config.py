@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from serve.adapters.validation import AdapterInvalid, base_linear_shapes
+
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 _ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
 
@@ -55,6 +57,21 @@ class SimulatedEngineConfig(_Strict):
     )
 
 
+GPU_LORA_SLOTS = 4
+CPU_LORA_SLOTS = (4, 16)
+CPU_LORA_BUFFER_BYTES = 2 * 1024**3
+
+
+def lora_slot_bytes(model_dir: Path, max_rank: int, dtype_bytes: int) -> int:
+    """Bytes of one LoRA slot's buffers in vLLM: A (rank x in) and B (out x rank) for every linear layer of the
+    decoder layers, at the rank bound; 0 when the model's weights cannot be read (no folder, a simulated engine)."""
+    try:
+        shapes = base_linear_shapes(model_dir)
+    except (OSError, AdapterInvalid):
+        return 0
+    return sum((out + into) * max_rank * dtype_bytes for name, (out, into) in shapes.items() if ".layers." in name)
+
+
 class EngineConfig(_Strict):
     """Settings of the engine that each engine replica runs: vLLM, or the simulated engine."""
 
@@ -73,8 +90,14 @@ class EngineConfig(_Strict):
         default=None,
         description="Public id of the base model; defaults to the model folder's name.",
     )
-    max_loras: int = Field(
-        default=4, ge=1, description="Adapters that can take part in one engine step (GPU/engine slots)."
+    max_loras: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Adapters that can take part in one engine step (the engine's LoRA slots). None: 4 on a GPU; on a "
+            "CPU, as many as fit in 2 GiB of LoRA buffers, 4 to 16 (16 for the demo model at rank bound 64): "
+            "there slots cost host memory only, and a request whose adapter finds no free slot waits."
+        ),
     )
     max_lora_rank: LoraRank = Field(
         default=64,
@@ -120,9 +143,24 @@ class EngineConfig(_Strict):
 
     @model_validator(mode="after")
     def _cpu_tier_holds_engine_slots(self) -> EngineConfig:
-        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+        if self.max_cpu_loras is not None and self.max_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be at least max_loras")
         return self
+
+    def lora_slots(self, on_cpu: bool) -> int:
+        """`max_loras`, or its default for the device: on a CPU, the slots whose LoRA buffers fit in
+        `CPU_LORA_BUFFER_BYTES` (vLLM sizes every slot's buffers by `max_lora_rank`), within 4..16."""
+        if self.max_loras is not None:
+            return self.max_loras
+        if not on_cpu:
+            return GPU_LORA_SLOTS
+        dtype_bytes = 2 if self.dtype in ("bfloat16", "float16") else 4
+        per_slot = lora_slot_bytes(Path(self.model), self.max_lora_rank, dtype_bytes)
+        fitting = CPU_LORA_BUFFER_BYTES // per_slot if per_slot else CPU_LORA_SLOTS[1]
+        slots = max(CPU_LORA_SLOTS[0], min(CPU_LORA_SLOTS[1], int(fitting)))
+        if self.max_cpu_loras is not None:
+            slots = min(slots, self.max_cpu_loras)
+        return slots
 
     def engine_dtype(self) -> str:
         """The dtype passed to vLLM: `checkpoint` resolved from the model's config.json."""

@@ -58,7 +58,7 @@ class SimulatedEngine:
         self._wake = asyncio.Event()
         self._stepper: asyncio.Task[None] | None = None
         self._adapters: OrderedDict[str, str] = OrderedDict()
-        self._capacity = config.max_cpu_loras or config.max_loras
+        self._capacity = config.max_cpu_loras or config.lora_slots(on_cpu=False)
         self._stats = LoaderStats()
 
     @property

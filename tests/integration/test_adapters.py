@@ -166,7 +166,7 @@ async def test_base_is_untouched_when_every_engine_slot_holds_an_adapter(
     async_client: openai.AsyncOpenAI, client: openai.OpenAI, stack: Stack, reference: Reference
 ) -> None:
     """vLLM 0.32.0 on CPU applied the last slot's adapter to base tokens; serve/vllm_patches.py fixes it."""
-    names = [f"slot{i}" for i in range(5)]  # more than max_loras (4): every slot ends up occupied
+    names = [f"slot{i}" for i in range(5)]  # more than the stack's max_loras (4): every slot ends up occupied
     for i, name in enumerate(names):
         assert register(stack, name, str(new_adapter(stack, name, seed=70 + i))).status_code == 201
         client.completions.create(model=name, prompt="Hi", max_tokens=2)

@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import typer
 from pydantic import ValidationError
+from safetensors.torch import save_file
 
+from serve.assets import prepare
 from serve.cli import parse_adapter
-from serve.config import AdapterConfig, ApiKeyConfig, AppConfig, EngineConfig, load_config
+from serve.config import AdapterConfig, ApiKeyConfig, AppConfig, EngineConfig, load_config, lora_slot_bytes
 from serve.engines.vllm_engine import final_usage, vllm_cli_args
 
 KEY = {"name": "k", "sha256": "0" * 64}
@@ -159,3 +162,19 @@ def test_the_s3_secret_is_never_rendered_but_reaches_the_s3_client() -> None:
     assert AppConfig.model_validate(config.model_dump()) == config  # the CLI's merge keeps it
     s3 = make_resolver(config).s3
     assert s3.secret_access_key == secret and secret not in repr(s3)
+
+
+def test_lora_slots_default_to_what_fits_in_memory_on_a_cpu(tmp_path: Path) -> None:
+    """On a CPU a slot costs host memory only (vLLM sizes every slot by max_lora_rank); on a GPU, 4."""
+    model, _ = prepare(Path(__file__).resolve().parents[2] / ".loraplex")
+    per_slot = lora_slot_bytes(model, 64, 4)
+    assert 70e6 < per_slot < 90e6  # SmolLM2-135M at rank bound 64, float32: ~78 MB
+    engine = EngineConfig(model=str(model))
+    assert (engine.lora_slots(on_cpu=True), engine.lora_slots(on_cpu=False)) == (16, 4)
+    assert EngineConfig(model=str(model), max_loras=2).lora_slots(on_cpu=True) == 2
+    assert EngineConfig(model=str(model), max_cpu_loras=6).lora_slots(on_cpu=True) == 6
+    big = tmp_path / "big"  # a projection 2.2M wide: one slot's buffers are ~560 MB at rank 64, 3 fit in 2 GiB
+    big.mkdir()
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(2_200_000, 1, dtype=torch.bfloat16)},
+              str(big / "model.safetensors"))  # fmt: skip
+    assert EngineConfig(model=str(big)).lora_slots(on_cpu=True) == 4  # never fewer than 4

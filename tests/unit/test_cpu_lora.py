@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from serve.cpu_lora import GroupedPunicaWrapperCPU, record_slot_rank, slot_groups
+from serve.cpu_lora import GroupedPunicaWrapperCPU, batch_of, record_slot_rank, slot_groups
 
 SLOTS, BOUND, HIDDEN = 4, 16, 24
 OUTPUTS = (24, 8, 8)  # a packed q/k/v-like layer: three slices
@@ -29,8 +29,7 @@ def wrapper(indices: torch.Tensor, ranks: dict[int, int]) -> GroupedPunicaWrappe
     punica = GroupedPunicaWrapperCPU(64, 8, "cpu")
     punica.no_lora = bool((indices < 0).all())
     punica.is_prefill = True
-    punica._token_groups = slot_groups(indices)
-    punica._sampler_groups = slot_groups(indices)
+    punica.use_indices(indices, indices)
     punica.slot_ranks.update(ranks)
     return punica
 
@@ -56,6 +55,8 @@ def reference(y: torch.Tensor, x: torch.Tensor, a: list[torch.Tensor], b: list[t
         [2, 2, 2],  # one slot has every row
         [-1, 3, -1],
         [1],
+        [0, 0, 0, 0, 0, 0, 0, 1, -1, 2, 3],  # one popular slot: cut into pieces of the mean group size
+        [1, 0, 1, 0, 1, 0, -1, -1],  # interleaved rows of two slots
     ],
 )
 def test_linear_lora_matches_the_per_token_reference(indices: list[int]) -> None:
@@ -150,3 +151,41 @@ def test_slot_groups() -> None:
     assert slot_groups(torch.tensor([2, 2])) == [(2, None)]
     groups = slot_groups(torch.tensor([1, -1, 0, 1]))
     assert [(slot, rows.tolist()) for slot, rows in groups] == [(0, [2]), (1, [0, 3])]
+
+
+def test_a_batch_of_several_slots_is_padded_to_at_most_twice_its_rows() -> None:
+    for indices in ([0] * 30 + [1, 2, 3], [0, 1] * 16, [3, 2, 1, 0, -1] * 7, list(range(4)) * 50 + [0] * 300):
+        groups = slot_groups(torch.tensor(indices))
+        batch = batch_of(groups, len(indices))
+        assert batch is not None
+        rows = sum(1 for i in indices if i >= 0)
+        assert len(batch.piece_slots) * batch.width <= 2 * rows + batch.width, indices
+        assert sorted(batch.rows.tolist()) == [t for t, i in enumerate(indices) if i >= 0]
+        assert batch.gather.index_select(0, batch.valid).tolist() == batch.rows.tolist()
+    assert batch_of(slot_groups(torch.tensor([-1, -1])), 2) is None  # no adapter rows: no LoRA work
+    whole = batch_of(slot_groups(torch.tensor([2, 2, 2])), 3)  # one slot has every row
+    assert whole is not None and whole.rows.tolist() == [0, 1, 2] and whole.piece_slots == [2]
+
+
+def test_slot_weights_are_kept_between_steps_until_an_adapter_is_put_in_a_slot() -> None:
+    ranks = {0: 8, 1: 16, 2: 4, 3: 1}
+    index = torch.tensor([0, 1, 2, 3, 0, 1])
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(len(index), HIDDEN, generator=gen)
+    a = [stacked(ranks, BOUND, HIDDEN, seed=10 + i, b=False) for i in range(3)]
+    b = [stacked(ranks, size, BOUND, seed=20 + i, b=True) for i, size in enumerate(OUTPUTS)]
+    punica = wrapper(index, ranks)
+    first = torch.zeros(len(index), sum(OUTPUTS))
+    punica.add_lora_linear(first, x, tuple(a), tuple(b), 1.0, OUTPUTS)
+    assert punica._weights  # kept for the next step
+
+    for weights in (*a, *b):  # vLLM copies another adapter into slot 1's buffers, in place
+        weights[1].mul_(2)
+    stale = torch.zeros_like(first)
+    punica.add_lora_linear(stale, x, tuple(a), tuple(b), 1.0, OUTPUTS)
+    assert torch.equal(stale, first)  # the kept stacks were used (no gather this step)
+    punica.forget_weights()  # what record_slot_rank does on every activation
+    fresh = torch.zeros_like(first)
+    punica.add_lora_linear(fresh, x, tuple(a), tuple(b), 1.0, OUTPUTS)
+    assert torch.allclose(fresh, reference(torch.zeros_like(first), x, a, b, 1.0, index), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(fresh, first)
