@@ -28,7 +28,7 @@ serve: assets
 	$(BIN)/loraplex serve --model $(MODEL) $(DEMO_ADAPTERS) --host $(HOST) --port $(PORT)
 
 test: assets
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra --durations=25
 
 test-unit: install
 	$(BIN)/pytest -q -m "not integration"

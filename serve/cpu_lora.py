@@ -69,12 +69,13 @@ def batch_of(groups: Groups, n_rows: int) -> Batch | None:
     """The padded layout of `groups` (None when no row has an adapter)."""
     if not groups:
         return None
-    groups = [(slot, torch.arange(n_rows) if rows is None else rows) for slot, rows in groups]
-    sizes = [int(rows.numel()) for _, rows in groups if rows is not None]
-    width = max(1, -(-sum(sizes) // len(groups)))
-    slots, gather, valid, rows = [], [], [], []
-    for slot, members in groups:
-        assert members is not None
+    members_of = [(slot, torch.arange(n_rows) if rows is None else rows) for slot, rows in groups]
+    width = max(1, -(-sum(int(rows.numel()) for _, rows in members_of) // len(members_of)))
+    slots: list[int] = []
+    gather: list[torch.Tensor] = []
+    valid: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []
+    for slot, members in members_of:
         for start in range(0, int(members.numel()), width):
             piece = members[start : start + width]
             base = len(slots) * width
