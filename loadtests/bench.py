@@ -33,7 +33,7 @@ from loadtests.loadgen import Report, Workload, run
 from loadtests.report import Results
 from serve.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 from serve.config import AdapterConfig, EngineConfig
-from serve.engines.vllm_engine import engine_env, vllm_cli_args
+from serve.engines.vllm_engine import engine_env, serving_dtype, vllm_cli_args
 from serve.wire import adapter_model_id
 
 SYSTEMS = ("vllm", "loraplex", "rayserve-llm")
@@ -150,7 +150,7 @@ def start_rayserve_llm(setup: Setup) -> Iterator[str]:
             "engine_kwargs": {
                 "enable_lora": True, "max_loras": slots, "max_lora_rank": engine.max_lora_rank,
                 "max_cpu_loras": engine.max_cpu_loras or slots, "max_model_len": engine.max_model_len,
-                "max_num_seqs": engine.max_num_seqs, "dtype": engine.engine_dtype(),
+                "max_num_seqs": engine.max_num_seqs, "dtype": serving_dtype(engine, on_cpu=True),
                 "gpu_memory_utilization": engine.gpu_memory_utilization, "enforce_eager": engine.enforce_eager,
                 "seed": engine.seed,
             },

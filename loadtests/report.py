@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 from serve.config import EngineConfig
+from serve.engines.vllm_engine import serving_dtype
 
 Results = dict[str, dict[str, dict[str, float | int | str]]]
 REFERENCE = "vllm"
@@ -86,7 +87,8 @@ def write_report(
         f"Engine settings (identical for all three): max_lora_rank={engine.max_lora_rank}, "
         f"max_loras={engine.lora_slots(on_cpu=True)}, "
         f"max_cpu_loras={engine.max_cpu_loras or engine.lora_slots(on_cpu=True)}, "
-        f"max_num_seqs={engine.max_num_seqs}, max_model_len={engine.max_model_len}, dtype={engine.engine_dtype()}, "
+        f"max_num_seqs={engine.max_num_seqs}, max_model_len={engine.max_model_len}, "
+        f"dtype={serving_dtype(engine, on_cpu=True)}, "
         f"KV cache {engine.kv_cache_gib:g} GiB, SmolLM2-135M-Instruct, rank-8 adapters.",
         peers,
         "",

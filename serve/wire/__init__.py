@@ -1,0 +1,167 @@
+"""The contract between processes: what routers, engine replicas and the registry say to each other.
+
+Both sides import it (routing/ imports nothing else of serve/ but the config): adapter ids, adapter records and
+registry snapshots, replica reports, the items a replica answers with, the one wire error. The channel that
+carries streams after their first item is `serve.wire.channel`.
+
+A replica's `generate` is an async generator. Its first item decides the HTTP answer:
+an `WireError` (an OpenAI-shaped error with its status), a `dict` (a whole JSON response),
+or a `str` (the first server-sent event of a stream, more `str` events following). A stream
+ends with one `Usage` item, which the router records and does not forward. A request sent with
+`reply_to` gets its stream's items after the first over the router's channel (`serve.wire.channel`) and
+ends with `Relayed` over Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Endpoint = Literal["completions", "chat"]
+
+
+@dataclass(frozen=True)
+class WireError:
+    """An error answered across the wire (by an engine replica or the registry), already in OpenAI's terms:
+    the router answers it as is (`routing.errors.UpstreamError`). `type` defaults to the status's
+    (`error_type`)."""
+
+    status: int
+    message: str
+    param: str | None = None
+    type: str = ""
+    code: str | None = None
+    retry_after: int | None = None
+    """Seconds a client should wait before sending it again (a 503's `Retry-After`)."""
+
+    def __post_init__(self) -> None:
+        if not self.type:
+            object.__setattr__(self, "type", error_type(self.status))
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one finished request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class ReplyTo:
+    """Where a replica sends stream `stream`'s items after the first: a router's channel."""
+
+    host: str
+    port: int
+    token: str
+    stream: int
+
+
+@dataclass(frozen=True)
+class Relayed:
+    """A replica's last item over Ray for a stream whose items went over the channel.
+
+    `count` items were written to the channel; `failure` names the error that ended the stream early.
+    """
+
+    count: int
+    failure: str | None = None
+
+
+ReplicaItem = WireError | Usage | Relayed | dict | str
+
+
+ADAPTER_ID_SEPARATOR = ":"
+
+
+def adapter_model_id(base_id: str, name: str) -> str:
+    """The public id of adapter `name` on base model `base_id`: `BASE:NAME`, the one place it is formatted."""
+    return f"{base_id}{ADAPTER_ID_SEPARATOR}{name}"
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status."""
+    if status == 404:
+        return "not_found_error"
+    if status < 500:
+        return "invalid_request_error"
+    return "server_error"
+
+
+ROUTING_STATS_ADAPTERS = "adapters"
+"""Key of a replica's routing stats (Serve's `record_routing_stats`): the adapters it holds."""
+
+
+# The plain data that crosses between the registry, routers and engine replicas.
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One registered adapter at its current version."""
+
+    name: str
+    source: str
+    version: int
+    content_hash: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    pinned: bool
+    created: int
+    unusable: str | None = None
+    """Why the adapter cannot be served on this base model (it no longer fits it), or None: such a record is
+    listed with the reason and never handed to an engine."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """All records at one generation; the generation grows with every change."""
+
+    generation: int
+    records: dict[str, AdapterRecord]
+
+
+LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class LoaderStats:
+    """Cumulative counters a replica reports: cache hits and misses, loads (a latency histogram), unloads,
+    and evictions (adapters the engine's LRU dropped from memory while still installed)."""
+
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    load_seconds: float = 0.0
+    load_buckets: list[int] = field(default_factory=lambda: [0] * len(LOAD_BUCKETS))
+    unloads: int = 0
+    evictions: int = 0
+    cache_bytes: int = 0
+    """Bytes in the node's adapter cache, as this replica last measured it."""
+    cache_errors: int = 0
+    """Adapters this replica could not store in the node's cache (disk full, read-only, ...)."""
+    cache_error: str | None = None
+    cache_error_at: float | None = None
+    """Wall-clock time of `cache_error`, the latest."""
+
+    def observe_load(self, seconds: float) -> None:
+        self.loads += 1
+        self.load_seconds += seconds
+        for i, bound in enumerate(LOAD_BUCKETS):
+            if seconds <= bound:
+                self.load_buckets[i] += 1
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    """What one engine replica tells the registry about itself."""
+
+    replica: str
+    adapters: tuple[str, ...]
+    """Adapters installed in this replica's engine."""
+    engine_loras: int
+    """Adapters whose weights the engine currently holds in memory (its LRU caches)."""
+    stats: LoaderStats
+    resident: tuple[str, ...] = ()
+    """Names of the installed adapters among those `engine_loras`."""
+    running: int = 0
+    """Sequences in the replica's vLLM engine, running or waiting (one per prompt and choice); aborts free them."""
