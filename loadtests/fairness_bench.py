@@ -30,9 +30,9 @@ import httpx
 from loadtests.adapters_bench import start
 from loadtests.bench import machine
 from routing.fairness import FairGate
+from routing.keys import hash_api_key, new_api_key
 from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.config import EngineConfig
-from serve.keys import hash_api_key, new_api_key
 
 MAX_TOKENS = 32
 

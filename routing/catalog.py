@@ -11,8 +11,7 @@ from typing import Any
 
 from routing.errors import InvalidRequest, ModelNotFound, NotReady
 from routing.registry_client import RegistryClient
-from serve.adapters.records import AdapterRecord, Snapshot
-from serve.wire import ADAPTER_ID_SEPARATOR, adapter_model_id
+from serve.wire import ADAPTER_ID_SEPARATOR, AdapterRecord, Snapshot, adapter_model_id
 
 SEPARATOR = ADAPTER_ID_SEPARATOR
 logger = logging.getLogger("loraplex.router")

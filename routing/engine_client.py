@@ -2,7 +2,7 @@
 
 `ServeEngineClient` sends a request through the engine deployment's `DeploymentHandle` and streams back
 its wire items (`serve.wire`): the first over Ray, the rest over this router's stream channel
-(`serve.channel`) when it has one. It owns what depends on the transport: sending a request again when
+(`serve.wire.channel`) when it has one. It owns what depends on the transport: sending a request again when
 its replica died before answering, Serve's back-pressure as 503, cancellation, and giving up on a request
 whose router is draining.
 """
@@ -19,9 +19,8 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from routing.errors import EngineFailure, OpenAIError, Overloaded
-from serve.adapters.records import AdapterRecord
-from serve.channel import ChannelServer, Inbox
-from serve.wire import Endpoint, Relayed, ReplicaItem, ReplyTo
+from serve.wire import AdapterRecord, Endpoint, Relayed, ReplicaItem, ReplyTo
+from serve.wire.channel import ChannelServer, Inbox
 
 logger = logging.getLogger("loraplex.router")
 REPLICA_RETRIES = 2

@@ -26,9 +26,8 @@ from routing.catalog import ModelCatalog
 from routing.engine_client import ServeEngineClient
 from routing.ratelimit import ServeRateLimiter
 from routing.registry_client import ServeRegistryClient
-from serve.channel import ChannelServer
 from serve.config import RouterConfig
-from serve.processes import die_with_parent_if_asked
+from serve.wire.channel import ChannelServer
 
 logger = logging.getLogger("loraplex.router")
 KEEP_ALIVE_S = 75.0
@@ -52,7 +51,6 @@ class RouterIngress:
         config: RouterConfig,
         max_model_len: int | None = None,
     ) -> None:
-        die_with_parent_if_asked()
         show_audit_records()
         registry_client = ServeRegistryClient(registry)
         catalog = ModelCatalog(base_id, registry_client)

@@ -16,8 +16,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from routing.errors import PermissionDenied, Unauthorized
+from routing.keys import OPEN_WARNING, hash_api_key, read_keys_file
 from serve.config import ApiKeyConfig, AuthConfig
-from serve.keys import OPEN_WARNING, hash_api_key, read_keys_file
 
 logger = logging.getLogger("loraplex.router")
 RELOAD_S = 2.0

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from serve.adapters.records import AdapterRecord, ReplicaReport, Snapshot
-from serve.wire import WireError
+from serve.wire import AdapterRecord, ReplicaReport, Snapshot, WireError
 
 
 class RegistryClient(Protocol):

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from serve.adapters.records import LOAD_BUCKETS, ReplicaReport
+from serve.wire import LOAD_BUCKETS, ReplicaReport
 
 REPLICA = ["replica"]
 

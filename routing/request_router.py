@@ -16,8 +16,7 @@ from typing import Any
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from routing.policy import AffinityPolicy, ReplicaState
-from serve.adapters.records import AdapterRecord
-from serve.wire import ROUTING_STATS_ADAPTERS
+from serve.wire import ROUTING_STATS_ADAPTERS, AdapterRecord
 
 ROUTER_CLASS_PATH = "routing.request_router:AdapterAffinityRouter"
 RECENT_TTL_S = 30.0

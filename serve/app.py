@@ -55,6 +55,14 @@ class LimiterDeployment(SharedRateLimiter):
         super().__init__()
 
 
+class RouterDeployment(RouterIngress):
+    """The router as deployed: its process dies with its raylet."""
+
+    async def __init__(self, *args: Any) -> None:  # type: ignore[misc]
+        die_with_parent_if_asked()
+        await super().__init__(*args)
+
+
 def absolute_store(url: str) -> str:
     """A `sqlite:///relative` store made absolute (`sqlite:////abs`); other stores as they are."""
     if url.startswith("sqlite:///"):
@@ -151,5 +159,5 @@ def build_app(args: AppConfig | dict[str, Any], proxy_host: str | None = None) -
         max_ongoing_requests=config.router.max_ongoing_requests,
         graceful_shutdown_timeout_s=config.router.graceful_shutdown_timeout_s,
         ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": SERVING_PATH_ENV}},
-    )(RouterIngress)
+    )(RouterDeployment)
     return router.bind(engine, registry, limiter, config.engine.model_id, config.router, config.engine.max_model_len)

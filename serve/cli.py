@@ -13,8 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from routing.keys import OPEN_WARNING
 from serve.config import AppConfig, load_config
-from serve.keys import OPEN_WARNING
 
 app = typer.Typer(add_completion=False, help="Serve one base model and many LoRA adapters, OpenAI-compatible.")
 logger = logging.getLogger("loraplex")
@@ -382,8 +382,8 @@ def keys_create(
     """Mint a key, print it once, and append only its SHA-256 (with its scope and limits) to --file."""
     from pydantic import ValidationError
 
+    from routing.keys import append_key, hash_api_key, new_api_key
     from serve.config import ApiKeyConfig
-    from serve.keys import append_key, hash_api_key, new_api_key
 
     key = new_api_key()
     try:
@@ -401,7 +401,7 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(file: KeysFileOption) -> None:
     """Show each key's name, scope and limits (never a key: the file holds none)."""
-    from serve.keys import read_keys_file
+    from routing.keys import read_keys_file
 
     for key in read_keys_file(file).keys:
         scopes = [*key.adapters, *(["<base>"] if key.base else []), *(["<admin>"] if key.admin else []),

@@ -441,7 +441,7 @@ class RouterConfig(_Strict):
         default=True,
         description=(
             "Streams' items after the first come from engine replicas over one direct TCP connection per router "
-            "and replica (serve/channel.py: the router listens on its node's address, replicas prove a per-router "
+            "and replica (serve/wire/channel.py: the router listens on its node's address, replicas prove a per-router "
             "token), every stream's items of one engine step in one write, instead of one Ray item per stream per "
             "`stream_batch_ms`. Requests, first items, cancellation and retries still go through Ray Serve. False: "
             "everything over Ray (for networks where replicas cannot open connections to routers)."

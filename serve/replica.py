@@ -13,13 +13,12 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any, NoReturn
 
-from serve.adapters.records import AdapterRecord
-from serve.channel import Links
 from serve.config import AppConfig
 from serve.engines import Engine, build_engine
 from serve.processes import die_with_parent_if_asked
 from serve.streaming import batched
-from serve.wire import ROUTING_STATS_ADAPTERS, Endpoint, Relayed, ReplicaItem, ReplyTo
+from serve.wire import ROUTING_STATS_ADAPTERS, AdapterRecord, Endpoint, Relayed, ReplicaItem, ReplyTo
+from serve.wire.channel import Links
 
 logger = logging.getLogger("loraplex.replica")
 REGISTRY_POLL_S = 2.0
@@ -73,7 +72,7 @@ class Replica:
     ) -> AsyncIterator[ReplicaItem]:
         """Runs one request, for `adapter` at the version the router resolved; yields `serve.wire` items.
 
-        With `reply_to` a stream's items after the first go over the router's channel (`serve.channel`) and
+        With `reply_to` a stream's items after the first go over the router's channel (`serve.wire.channel`) and
         the call ends with `Relayed`; without it (or when the router cannot be reached) they come here,
         batched (`stream_batch_ms`). Once the engine is dead, the replica ends (`exit_with_dead_engine`)
         rather than pass on what the request met: before the first item, the router then sends the

@@ -20,8 +20,7 @@ from routing.errors import OpenAIError, PermissionDenied, UpstreamError
 from routing.openapi import TEXT_ROUTE_ERRORS
 from routing.principals import Principal
 from routing.protocol import JSONRoute
-from serve.adapters.records import AdapterRecord
-from serve.wire import WireError
+from serve.wire import AdapterRecord, WireError
 
 router = APIRouter(route_class=JSONRoute)
 

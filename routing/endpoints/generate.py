@@ -23,8 +23,8 @@ from routing.metrics import RequestTimer
 from routing.openapi import json_body
 from routing.principals import Principal
 from routing.protocol import ChatBody, CompletionBody, Endpoint, parse_body
-from serve.channel import ReplicaFailed
 from serve.wire import Usage, WireError
+from serve.wire.channel import ReplicaFailed
 
 logger = logging.getLogger("loraplex.router")
 TOKEN_EVENT = '"index":'

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from routing.context import ContextDep
 from routing.errors import NotReady
-from serve.adapters.records import ReplicaReport
+from serve.wire import ReplicaReport
 
 router = APIRouter()
 

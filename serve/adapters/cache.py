@@ -31,9 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve.adapters.records import AdapterRecord
 from serve.adapters.sources import SourceResolver
 from serve.adapters.validation import AdapterInvalid, content_hash
+from serve.wire import AdapterRecord
 
 logger = logging.getLogger("loraplex.adapters")
 INUSE = ".inuse"

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from serve.adapters.cache import Hold, NodeCache
-from serve.adapters.records import AdapterRecord, LoaderStats
 from serve.adapters.validation import AdapterInvalid
-from serve.wire import adapter_model_id
+from serve.wire import AdapterRecord, LoaderStats, adapter_model_id
 
 
 class AdapterLoader:

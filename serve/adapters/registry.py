@@ -19,7 +19,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from serve.adapters.records import AdapterRecord, ReplicaReport, Snapshot
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.store import (
     BaseIdentity,
@@ -32,7 +31,7 @@ from serve.adapters.store import (
 from serve.adapters.validation import AdapterInvalid, AdapterMetadata, base_linear_shapes, validate_adapter
 from serve.config import ADAPTER_NAME_PATTERN, AppConfig, is_adapter_name
 from serve.processes import die_with_parent_if_asked
-from serve.wire import WireError
+from serve.wire import AdapterRecord, ReplicaReport, Snapshot, WireError
 
 logger = logging.getLogger("loraplex.registry")
 REPORT_TTL_S = 30.0

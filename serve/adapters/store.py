@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from serve.adapters.records import AdapterRecord
 from serve.adapters.sources import S3Source
 from serve.adapters.validation import base_linear_shapes
+from serve.wire import AdapterRecord
 
 logger = logging.getLogger("loraplex.registry")
 

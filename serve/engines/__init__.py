@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from serve.adapters.records import AdapterRecord, ReplicaReport
 from serve.config import AppConfig
-from serve.wire import Endpoint, ReplicaItem
+from serve.wire import AdapterRecord, Endpoint, ReplicaItem, ReplicaReport
 
 
 class Engine(Protocol):

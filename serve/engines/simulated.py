@@ -18,9 +18,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from serve.adapters.records import AdapterRecord, LoaderStats, ReplicaReport
 from serve.config import EngineConfig
-from serve.wire import Endpoint, ReplicaItem, Usage, WireError
+from serve.wire import AdapterRecord, Endpoint, LoaderStats, ReplicaItem, ReplicaReport, Usage, WireError
 
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "runs", "far", "away")
 _ids = itertools.count(1)

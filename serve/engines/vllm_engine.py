@@ -20,12 +20,11 @@ from pydantic import BaseModel, ValidationError
 
 from serve.adapters.cache import FAILURE_TTL_S, CacheUnavailable, NodeCache
 from serve.adapters.loader import AdapterLoader
-from serve.adapters.records import AdapterRecord, ReplicaReport
 from serve.adapters.registry import make_resolver
 from serve.adapters.validation import AdapterInvalid
 from serve.config import AdapterConfig, AppConfig, EngineConfig
 from serve.prompt_limit import request_models
-from serve.wire import Endpoint, ReplicaItem, Usage, WireError, adapter_model_id
+from serve.wire import AdapterRecord, Endpoint, ReplicaItem, ReplicaReport, Usage, WireError, adapter_model_id
 
 if TYPE_CHECKING:
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse

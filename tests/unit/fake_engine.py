@@ -10,8 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from routing.engine_client import ServeEngineClient
-from serve.adapters.records import AdapterRecord, ReplicaReport, Snapshot
-from serve.wire import Endpoint, ReplicaItem, Usage, WireError
+from serve.wire import AdapterRecord, Endpoint, ReplicaItem, ReplicaReport, Snapshot, Usage, WireError
 
 Script = Callable[[Endpoint, dict[str, Any]], list[ReplicaItem | Exception]]
 

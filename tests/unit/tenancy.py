@@ -10,9 +10,9 @@ from fastapi import FastAPI
 from routing.app import create_app
 from routing.catalog import ModelCatalog
 from routing.context import RouterContext
+from routing.keys import hash_api_key, new_api_key
 from routing.ratelimit import RateLimiter
 from serve.config import ApiKeyConfig, AuthConfig, RouterConfig
-from serve.keys import hash_api_key, new_api_key
 from tests.unit.fake_engine import FakeRegistry, engine_client, record
 
 BASE = "tiny-base"

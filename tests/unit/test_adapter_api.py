@@ -14,10 +14,10 @@ from routing.app import create_app
 from routing.catalog import ModelCatalog
 from serve.adapters.cache import NodeCache
 from serve.adapters.loader import AdapterLoader
-from serve.adapters.records import LoaderStats, ReplicaReport
 from serve.adapters.sources import LocalSource, SourceResolver
 from serve.adapters.validation import AdapterInvalid
 from serve.config import RouterConfig
+from serve.wire import LoaderStats, ReplicaReport
 from tests.unit.fake_engine import FakeEngine, FakeRegistry, engine_client, record
 
 BASE = "tiny-base"

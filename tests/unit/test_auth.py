@@ -14,10 +14,10 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from routing.keys import hash_api_key, read_keys_file
 from routing.principals import ANONYMOUS, KeyRing
 from serve.cli import app as cli
 from serve.config import AuthConfig, RouterConfig
-from serve.keys import hash_api_key, read_keys_file
 from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
 from tests.unit.tenancy import ADAPTERS, BASE, api_key, bearer, client_for, make_app
 

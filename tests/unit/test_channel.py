@@ -1,4 +1,4 @@
-"""The stream channel (serve/channel.py) between a real replica (simulated engine) and the router's engine client,
+"""The stream channel (serve/wire/channel.py) between a real replica (simulated engine) and the router's engine client,
 over real sockets on loopback; Ray's call is stood in for by a task running the replica's `generate`."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import pytest
 
 from routing.engine_client import ServeEngineClient
 from serve import channel as channel_module
-from serve.channel import MAGIC, ChannelServer, ReplicaFailed
 from serve.config import EngineConfig
 from serve.engines.simulated import SimulatedEngine
 from serve.replica import Replica
 from serve.wire import Relayed, ReplicaItem, ReplyTo, Usage, WireError
+from serve.wire.channel import MAGIC, ChannelServer, ReplicaFailed
 from tests.unit.fake_engine import FakeHandle
 
 _END = object()

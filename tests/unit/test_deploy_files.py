@@ -28,9 +28,9 @@ from ray.serve.schema import ServeDeploySchema
 
 from routing.app import create_app
 from routing.catalog import ModelCatalog
-from serve.adapters.records import LoaderStats, ReplicaReport
 from serve.app import ENGINE_DEPLOYMENT, ROUTER_DEPLOYMENT, absolute_paths, build_app
 from serve.config import AppConfig, RouterConfig, load_config
+from serve.wire import LoaderStats, ReplicaReport
 from tests.unit.fake_engine import FakeRegistry, engine_client, record
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,10 +22,9 @@ from routing.app import create_app
 from routing.catalog import ModelCatalog
 from routing.engine_client import REPLICA_RETRIES
 from routing.metrics import RouterMetrics
-from serve.adapters.records import LoaderStats, ReplicaReport
 from serve.config import AppConfig, RouterConfig
 from serve.replica import Replica
-from serve.wire import Endpoint, ReplicaItem
+from serve.wire import Endpoint, LoaderStats, ReplicaItem, ReplicaReport
 from tests.unit.fake_engine import FakeEngine, FakeRegistry, Script, echo_script, engine_client, record
 from tests.unit.test_router import BASE, assert_openai_error
 

@@ -13,8 +13,7 @@ import pytest
 from routing.errors import Overloaded
 from routing.fairness import FairGate, VirtualTokenCounters
 from routing.ratelimit import LocalRateLimiter
-from serve.adapters.records import AdapterRecord
-from serve.wire import Endpoint, ReplicaItem
+from serve.wire import AdapterRecord, Endpoint, ReplicaItem
 from tests.unit.fake_engine import FakeEngine, FakeHandle, StreamCall
 from tests.unit.tenancy import BASE, api_key, bearer, client_for, context_of, make_app
 

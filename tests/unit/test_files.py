@@ -1,4 +1,4 @@
-"""One crash-safe file replacement (serve/files.py) for the keys file and the registry's state."""
+"""One crash-safe file replacement (routing/keys.py `atomic_write`) for the keys file."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from serve import files
-from serve.files import atomic_write
+from routing import keys as files
+from routing.keys import atomic_write
 
 
 def test_a_write_replaces_the_file_whole_owner_only_when_new(tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ import pytest
 
 from serve.adapters import cache as cache_module
 from serve.adapters.cache import CacheUnavailable, NodeCache
-from serve.adapters.records import AdapterRecord
 from serve.adapters.sources import LocalSource, SourceResolver
 from serve.adapters.validation import AdapterInvalid, content_hash
+from serve.wire import AdapterRecord
 
 
 def adapter_folder(root: Path, name: str, size: int) -> Path:

@@ -19,13 +19,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from serve.adapters.records import AdapterRecord
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.store import BaseIdentity, RegistryStore, S3Store, SqliteStore, open_store
 from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.config import RegistryConfig
-from serve.wire import WireError
+from serve.wire import AdapterRecord, WireError
 from tests.conftest import S3_KEYS
 from tests.unit.test_adapter_validation import ASSETS, LAYER, header_of, write_adapter
 

@@ -12,9 +12,8 @@ from ray.serve.exceptions import BackPressureError
 
 from routing.app import create_app
 from routing.catalog import ModelCatalog
-from serve.adapters.records import LoaderStats, ReplicaReport
 from serve.config import RouterConfig
-from serve.wire import Usage, WireError
+from serve.wire import LoaderStats, ReplicaReport, Usage, WireError
 from tests.unit.fake_engine import FakeEngine, FakeRegistry, engine_client, record
 
 BASE = "tiny-base"
