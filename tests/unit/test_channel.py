@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from routing.engine_client import ServeEngineClient
-from serve import channel as channel_module
 from serve.config import EngineConfig
 from serve.engines.simulated import SimulatedEngine
 from serve.replica import Replica
 from serve.wire import Relayed, ReplicaItem, ReplyTo, Usage, WireError
+from serve.wire import channel as channel_module
 from serve.wire.channel import MAGIC, ChannelServer, ReplicaFailed
 from tests.unit.fake_engine import FakeHandle
 
