@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from serve.adapters.sources import LocalSource, S3Source, SourceResolver
+from serve.adapters.sources import LocalSource, S3Source, SourceResolver, SourceUnreachable
 from serve.adapters.store import (
     BaseIdentity,
     RegistryStore,
@@ -35,6 +35,8 @@ from serve.wire import AdapterRecord, ReplicaReport, Snapshot, WireError
 
 logger = logging.getLogger("loraplex.registry")
 REPORT_TTL_S = 30.0
+UNREACHABLE = "source_unreachable"
+"""`WireError.code` of a source that could not be read (a folder gone, a bucket unreachable)."""
 
 
 def fresh_generation() -> int:
@@ -131,6 +133,8 @@ class AdapterRegistry:
         try:
             self._resolver.fetch(source, staging, self._max_bytes)
             return validate_adapter(staging, self._base_shapes, max_rank=self._max_rank, max_bytes=self._max_bytes)
+        except SourceUnreachable as exc:
+            return WireError(400, str(exc), exc.param, code=UNREACHABLE)
         except AdapterInvalid as exc:
             return WireError(400, str(exc), exc.param)
         finally:
@@ -201,16 +205,22 @@ class AdapterRegistry:
 
     def _recheck_for_this_base(self, stored: BaseIdentity | None) -> None:
         """Records validated against another base model are checked again against this one: those that no longer
-        fit are kept, marked unusable with the reason (never handed to an engine); those that fit again are usable."""
+        fit are kept, marked unusable with the reason (never handed to an engine); those that fit again are usable.
+        A record whose source cannot be read now is marked unusable too, and the base is recorded as unchecked, so
+        the next start checks every record again: an outage must not leave adapters unusable for good."""
         if self._records:
             logger.warning(
                 "the registry's records were validated against %s; checking all %d against %s",
                 stored.model_id if stored else "an unrecorded base model", len(self._records), self._base.model_id,
             )  # fmt: skip
+        unchecked = 0
         for name, record in sorted(self._records.items()):
             checked = self._fetch_and_check(name, record.source)
             reason = None
-            if isinstance(checked, WireError):
+            if isinstance(checked, WireError) and checked.code == UNREACHABLE:
+                unchecked += 1
+                reason = f"could not be checked against base model {self._base.model_id}: {checked.message}"
+            elif isinstance(checked, WireError):
                 reason = f"does not fit base model {self._base.model_id}: {checked.message}"
             elif checked.content_hash != record.content_hash:
                 reason = "its source changed since it was registered; register it again"
@@ -218,7 +228,11 @@ class AdapterRegistry:
                 failure = self._write(name, record, replace(record, unusable=reason))
                 if failure is not None:
                     raise StoreUnavailable(failure.message)
-        self._store.set_base(self._base)
+        if unchecked:
+            logger.error("%d adapters could not be checked against %s; checking again at the next start",
+                         unchecked, self._base.model_id)  # fmt: skip
+        # A digest no base has: whichever base starts next checks every record again.
+        self._store.set_base(replace(self._base, digest="unchecked") if unchecked else self._base)
 
 
 def make_resolver(config: AppConfig) -> SourceResolver:

@@ -333,3 +333,22 @@ def test_a_damaged_database_is_set_aside_and_the_last_good_copy_used(tmp_path: P
     restored = reopen()
     assert set(asyncio.run(restored.snapshot()).records) == {"one", "two"}
     assert [p.read_bytes() for p in tmp_path.glob("registry.db.corrupt-*")] == [damaged]
+
+
+def test_a_source_unreadable_during_the_check_is_checked_again_at_the_next_start(
+    tmp_path: Path, open_registry: Opener, store_at: Callable[[], RegistryStore], model_dir: Path
+) -> None:
+    """An outage while the records are checked against a new base must not leave adapters unusable for good."""
+    source = write_adapter(tmp_path / "adapters" / "fits")
+    asyncio.run(open_registry(base_id="smol").register("fits", str(source)))
+    other = other_base(tmp_path / "other", model_dir)
+    source.rename(tmp_path / "adapters" / "away")  # the source's folder unreachable for a moment
+
+    during = asyncio.run(open_registry(base=other, base_id="other-model").snapshot()).records["fits"]
+    assert during.unusable is not None and "could not be checked against base model other-model" in during.unusable
+    assert store_at().load().base not in (BaseIdentity.of("smol", model_dir), BaseIdentity.of("other-model", other))
+
+    (tmp_path / "adapters" / "away").rename(source)
+    back = asyncio.run(open_registry(base_id="smol").snapshot()).records["fits"]
+    assert back.unusable is None  # checked again, for real, and it fits this base
+    assert store_at().load().base == BaseIdentity.of("smol", model_dir)
