@@ -102,12 +102,19 @@ def request_router_config(scaling: EngineDeploymentConfig) -> dict[str, Any]:
     return config
 
 
-def build_app(args: AppConfig | dict[str, Any], proxy_host: str | None = None) -> Application:
-    """The Serve application for `args` (an `AppConfig` or its dict form).
+def build_app(args: AppConfig | dict[str, Any]) -> Application:
+    """The Serve application for `args` (an `AppConfig` or its dict form): Ray Serve's import path.
 
-    `proxy_host` is the address Serve's HTTP proxy listens on, when the caller knows it (`loraplex serve`
-    started the proxy); a Serve config's app cannot see its `http_options`, so without keys it is refused
-    behind the proxy unless it opts out (`router.auth.allow_open`).
+    Serve calls an application builder with exactly one argument (it refuses a builder with more), so what
+    only `loraplex serve` knows goes through `build_application`.
+    """
+    return build_application(args)
+
+
+def build_application(args: AppConfig | dict[str, Any], proxy_host: str | None = None) -> Application:
+    """`build_app`, given `proxy_host`: the address Serve's HTTP proxy listens on, when the caller knows it
+    (`loraplex serve` started the proxy). A Serve config's app cannot see its `http_options`, so without keys
+    it is refused behind the proxy unless it opts out (`router.auth.allow_open`).
     """
     config = absolute_paths(args if isinstance(args, AppConfig) else AppConfig.model_validate(args))
     listens_on = config.router.host if config.router.ingress == "direct" else proxy_host

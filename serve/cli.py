@@ -151,7 +151,7 @@ def run(config: AppConfig, infra_cpus: str = "auto") -> None:
     from ray import serve
 
     from serve import processes
-    from serve.app import build_app
+    from serve.app import build_application
 
     stop, hurry = threading.Event(), threading.Event()
 
@@ -198,7 +198,7 @@ def run(config: AppConfig, infra_cpus: str = "auto") -> None:
         take_signals()  # ray.init installed Ray's own SIGTERM handler, which would end us before clean-up
         if config.router.auth.is_open:
             typer.echo(f"loraplex: WARNING: {OPEN_WARNING}", err=True)
-        if not stop.is_set() and deploy(config, build_app, stop, ray_up):
+        if not stop.is_set() and deploy(config, build_application, stop, ray_up):
             host, port = config.router.host, config.router.port
             model, count = config.engine.model_id, len(config.adapters)
             typer.echo(f"loraplex: serving {model} with {count} adapters on http://{host}:{port}/v1", err=True)

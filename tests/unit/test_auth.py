@@ -317,16 +317,16 @@ def test_the_cli_refuses_to_serve_openly_on_all_interfaces_and_starts_nothing(tm
 
 
 def test_a_serve_config_app_without_keys_is_refused_unless_it_opts_out() -> None:
-    from serve.app import build_app
+    from serve.app import build_app, build_application
 
     args = {"engine": {"model": "/models/base"}, "router": {"ingress": "serve-proxy"}}
     with pytest.raises(ValueError, match="without API keys"):
         build_app(args)
     build_app({**args, "router": {"ingress": "serve-proxy", "auth": {"allow_open": True}}})
     build_app({**args, "router": {"ingress": "direct", "host": "127.0.0.1"}})
-    build_app(args, proxy_host="127.0.0.1")  # `loraplex serve` knows where it started Serve's proxy
+    build_application(args, proxy_host="127.0.0.1")  # `loraplex serve` knows where it started Serve's proxy
     with pytest.raises(ValueError, match=r"on 0\.0\.0\.0 without API keys"):
-        build_app(args, proxy_host="0.0.0.0")
+        build_application(args, proxy_host="0.0.0.0")
 
 
 # Slow clients: the key is checked before the body is read, and the body has a read deadline.

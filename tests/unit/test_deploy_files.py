@@ -22,6 +22,7 @@ import ray.serve
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve._private.build_app import build_app as build_serve_app
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
@@ -38,6 +39,7 @@ DEPLOY = ROOT / "deploy"
 SCHEMAS = Path(__file__).parent / "schemas"
 SERVE_CONFIGS = ["serve.yaml", "serve-local.yaml"]
 RAYSERVICE = DEPLOY / "kuberay" / "rayservice.yaml"
+API_SERVICE = DEPLOY / "kuberay" / "service.yaml"
 DASHBOARD = DEPLOY / "grafana" / "loraplex.json"
 # The Ray Serve series the dashboard uses: Ray's exporter adds the `ray_` prefix to these definitions.
 RAY_METRICS = {
@@ -93,8 +95,9 @@ def test_serve_config_is_accepted_by_ray_serve_and_loraplex(name: str) -> None:
     for app in data["applications"]:
         assert app["import_path"] == "serve.app:build_app"
         config = AppConfig.model_validate(app["args"])
-        # What the Serve controller does with import_path + args, without starting anything.
-        built = build_serve_app(build_app(app["args"]), name=app["name"])
+        # What the Serve controller does with import_path + args, without starting anything: Serve's own
+        # builder call (it refuses a builder that takes more than the args), then its graph build.
+        built = build_serve_app(call_user_app_builder_with_args_if_necessary(build_app, app["args"]), name=app["name"])
         assert built.ingress_deployment_name == ROUTER_DEPLOYMENT
         in_code = {
             ENGINE_DEPLOYMENT: config.engine_deployment.max_ongoing_requests,
@@ -208,13 +211,55 @@ def test_rayservice_cluster_fits_the_serve_config() -> None:
     assert f"ray[serve]=={cluster['rayVersion']}" in pyproject()["project"]["dependencies"]
     (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
     engine = next(d for d in app["deployments"] if d["name"] == ENGINE_DEPLOYMENT)
-    (group,) = cluster["workerGroupSpecs"]
+    group = worker_group(cluster, "gpu")
     (container,) = group["template"]["spec"]["containers"]
     gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
     per_worker = gpus // engine["ray_actor_options"]["num_gpus"]
     assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     assert group["maxReplicas"] * per_worker >= engine["autoscaling_config"]["max_replicas"]
     assert group["minReplicas"] * per_worker >= engine["autoscaling_config"]["min_replicas"]
+
+
+def worker_group(cluster: dict[str, Any], name: str) -> dict[str, Any]:
+    (group,) = [group for group in cluster["workerGroupSpecs"] if group["groupName"] == name]
+    return group
+
+
+def ray_resources(group: dict[str, Any]) -> dict[str, float]:
+    """A group's custom Ray resources: KubeRay passes `rayStartParams.resources` to `ray start --resources=`
+    as written, so the value is a JSON object inside a quoted shell word."""
+    written = group["rayStartParams"].get("resources")
+    return {} if written is None else json.loads(json.loads(written))
+
+
+def test_clients_reach_the_routers_own_port_through_the_api_service() -> None:
+    """KubeRay's path is direct ingress too (issue 14): the Service `loraplex-api` lists the `router` group's pods
+    on the port their router replicas serve themselves; the routers run only there, one per pod, and a pod is
+    an endpoint once its router answers /health on that port."""
+    api = load_yaml(API_SERVICE)
+    assert [e.message for e in validator("service.schema.json").iter_errors(api)] == []
+    service = load_yaml(RAYSERVICE)
+    cluster = service["spec"]["rayClusterConfig"]
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    router_args = RouterConfig.model_validate(app["args"]["router"])
+    assert router_args.ingress == "direct" and router_args.host == "0.0.0.0"
+    router = next(d for d in app["deployments"] if d["name"] == ROUTER_DEPLOYMENT)
+    (placement,) = router["ray_actor_options"]["resources"].items()
+    group = worker_group(cluster, "router")
+    assert ray_resources(group) == {placement[0]: placement[1]}  # one router replica per pod
+    assert router["num_replicas"] == group["replicas"] == group["minReplicas"] == group["maxReplicas"]
+    for other in cluster["workerGroupSpecs"]:
+        if other is not group:
+            assert placement[0] not in ray_resources(other), other["groupName"]
+    (port,) = api["spec"]["ports"]
+    (container,) = group["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[port["targetPort"]] == router_args.port == port["port"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": router_args.port}
+    selector = api["spec"]["selector"].items()
+    selected = [name for name, template in pod_templates(service).items()
+                if selector <= template["metadata"]["labels"].items()]  # fmt: skip
+    assert selected == ["router"]
 
 
 def test_rayservice_pods_mount_their_volumes_and_run_as_the_image_user() -> None:
@@ -236,7 +281,9 @@ def test_probes_use_the_router_health_for_readiness_only_on_workers() -> None:
     assert not any(probe in head for probe in ("readinessProbe", "livenessProbe", "startupProbe"))
     for group in cluster["workerGroupSpecs"]:
         (worker,) = group["template"]["spec"]["containers"]
-        assert worker["readinessProbe"]["httpGet"] == {"path": "/health", "port": 8000}
+        # Router pods: their router's own port; engine pods: the router through their Serve proxy.
+        port = 8100 if group["groupName"] == "router" else 8000
+        assert worker["readinessProbe"]["httpGet"] == {"path": "/health", "port": port}
         # Liveness follows Ray on the node, so a slow model load or a router restart does not kill the pod.
         assert worker["livenessProbe"]["httpGet"]["port"] != 8000
 
@@ -249,7 +296,18 @@ def test_prometheus_scrapes_the_router_and_rays_metrics_port() -> None:
     service = load_yaml(RAYSERVICE)
     router = jobs["loraplex-router"]
     assert router["metrics_path"] == "/metrics"
-    assert router["static_configs"][0]["targets"] == [f"{service['metadata']['name']}-serve-svc:8000"]
+    # Every router pod on its router's own port (each replica has its own counters), not one through a Service.
+    router_keeps = {rule["source_labels"][0]: rule["regex"] for rule in router["relabel_configs"]
+                    if rule.get("action") == "keep"}  # fmt: skip
+    group = worker_group(service["spec"]["rayClusterConfig"], "router")
+    labels = group["template"]["metadata"]["labels"]
+    pod_label = "__meta_kubernetes_pod_label_app_kubernetes_io_"
+    assert router_keeps[pod_label + "component"] == labels["app.kubernetes.io/component"]
+    assert router_keeps[pod_label + "name"] == labels["app.kubernetes.io/name"]
+    (container,) = group["template"]["spec"]["containers"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert ports[router_keeps["__meta_kubernetes_pod_container_port_name"]] == app["args"]["router"]["port"]
     rules = jobs["ray"]["relabel_configs"]
     keeps = {rule["source_labels"][0]: rule["regex"] for rule in rules if rule.get("action") == "keep"}
     assert keeps["__meta_kubernetes_pod_container_port_name"] == "metrics"
