@@ -185,9 +185,10 @@ def sse_error(exc: OpenAIError) -> str:
 
 
 def validation_param(loc: tuple[int | str, ...]) -> str | None:
-    """`("body", "messages", 0, "role")` → `"messages.0.role"`: the field the client got wrong."""
-    parts = [str(part) for part in loc if part != "body"]
-    return ".".join(parts) or None
+    """`("body", "messages", 0, "role")` → `"messages.0.role"`, `("query", "limit")` → `"limit"`: the field the
+    client got wrong."""
+    parts = loc[1:] if loc and loc[0] in ("body", "query") else loc
+    return ".".join(str(part) for part in parts) or None
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -337,10 +337,16 @@ def _call(method: str, url: str, api_key: str | None, **kwargs: Any) -> Any:
 
 @adapters_app.command("list")
 def adapters_list(url: UrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
-    """List registered adapters."""
-    for item in _call("GET", f"{url}/v1/adapters", api_key)["data"]:
-        pinned = " pinned" if item["pinned"] else ""
-        typer.echo(f"{item['id']}\tv{item['version']}\tr={item['rank']}\t{item.get('source', '-')}{pinned}")
+    """List registered adapters (every page)."""
+    params: dict[str, str] = {}
+    while True:
+        page = _call("GET", f"{url}/v1/adapters", api_key, params=params)
+        for item in page["data"]:
+            pinned = " pinned" if item["pinned"] else ""
+            typer.echo(f"{item['id']}\tv{item['version']}\tr={item['rank']}\t{item.get('source', '-')}{pinned}")
+        if not page.get("has_more") or not page["data"]:
+            return
+        params = {"after": page["last_id"]}
 
 
 @adapters_app.command("add")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +23,8 @@ from routing.protocol import JSONRoute
 from serve.wire import AdapterRecord, WireError
 
 router = APIRouter(route_class=JSONRoute)
+LIST_LIMIT, LIST_MAX = 1000, 10_000
+"""Adapters per page of `GET /v1/adapters` by default, and at most (OpenAI's file list uses 10,000 too)."""
 
 
 class RegisterAdapter(BaseModel):
@@ -91,9 +93,27 @@ def _bare(context: RouterContext, name: str) -> str:
 
 
 @router.get("/v1/adapters")
-async def list_adapters(context: ContextDep, key: KeyDep) -> dict[str, Any]:
-    records = [r for r in await context.catalog.records() if key.may_see(r.name)]
-    return {"object": "list", "data": [card(context, r, with_source=key.admin) for r in records]}
+async def list_adapters(
+    context: ContextDep,
+    key: KeyDep,
+    limit: int = Query(LIST_LIMIT, ge=1, le=LIST_MAX, description="Adapters on this page."),
+    after: str | None = Query(None, description="An adapter id (or name) from an earlier page: start after it."),
+) -> dict[str, Any]:
+    """The adapters this key may see, ordered by name, a page at a time as OpenAI's list endpoints page:
+    `has_more` says whether to ask again with `after` = this page's `last_id`."""
+    records = sorted((r for r in await context.catalog.records() if key.may_see(r.name)), key=lambda r: r.name)
+    if after is not None:
+        cursor = _bare(context, after)
+        records = [r for r in records if r.name > cursor]
+    page = records[:limit]
+    data = [card(context, r, with_source=key.admin) for r in page]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(records) > limit,
+    }
 
 
 @router.get("/v1/adapters/{name}")

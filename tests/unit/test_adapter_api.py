@@ -165,3 +165,56 @@ def test_concurrent_fetches_of_the_same_content_share_one_cached_copy(tmp_path: 
     hold.release()
     assert folder == cache / adapter.content_hash
     assert [p.name for p in cache.iterdir()] == [adapter.content_hash]  # the staging folder is gone
+
+
+async def test_the_adapter_list_pages_in_name_order_as_openai_lists_do() -> None:
+    registry = FakeRegistry({name: record(name) for name in ("c", "a", "e", "b", "d")})
+    app = create_app(engine_client(), ModelCatalog(BASE, registry), RouterConfig())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+        whole = (await client.get("/v1/adapters")).json()
+        assert [a["name"] for a in whole["data"]] == ["a", "b", "c", "d", "e"] and whole["has_more"] is False
+        pages, params = [], {"limit": "2"}
+        while True:
+            page = (await client.get("/v1/adapters", params=params)).json()
+            pages.append([a["name"] for a in page["data"]])
+            assert (page["first_id"], page["last_id"]) == (page["data"][0]["id"], page["data"][-1]["id"])
+            if not page["has_more"]:
+                break
+            params = {"limit": "2", "after": page["last_id"]}  # an id, BASE:NAME
+        assert pages == [["a", "b"], ["c", "d"], ["e"]]
+        bare = (await client.get("/v1/adapters", params={"after": "c"})).json()  # a bare name works too
+        assert [a["name"] for a in bare["data"]] == ["d", "e"]
+        empty = (await client.get("/v1/adapters", params={"after": "e"})).json()
+        assert empty["data"] == [] and empty["has_more"] is False and empty["last_id"] is None
+        for bad in ("0", "10001", "x"):
+            refused = await client.get("/v1/adapters", params={"limit": bad})
+            assert refused.status_code == 400, bad
+            assert refused.json()["error"]["param"] == "limit"
+
+
+def test_the_cli_lists_every_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import serve.cli
+
+    registry = FakeRegistry({f"a{i:02d}": record(f"a{i:02d}") for i in range(25)})
+    app = create_app(engine_client(), ModelCatalog(BASE, registry), RouterConfig())
+    asked: list[dict[str, str]] = []
+
+    def call(method: str, url: str, api_key: str | None, params: dict[str, str]) -> object:
+        import asyncio
+
+        asked.append(params)
+
+        async def get() -> object:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+                return (await client.get("/v1/adapters", params={**params, "limit": "10"})).json()
+
+        return asyncio.run(get())
+
+    monkeypatch.setattr(serve.cli, "_call", call)
+    result = CliRunner().invoke(serve.cli.app, ["adapters", "list"])
+    assert result.exit_code == 0, result.output
+    assert [line.split("\t")[0] for line in result.output.splitlines()] == [f"{BASE}:a{i:02d}" for i in range(25)]
+    assert asked == [{}, {"after": f"{BASE}:a09"}, {"after": f"{BASE}:a19"}]
