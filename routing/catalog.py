@@ -43,7 +43,9 @@ class ModelCatalog:
         return adapter_model_id(self.base_id, name)
 
     async def refresh(self, force: bool = False) -> bool:
-        """Fetches the registry's snapshot if it changed; asks at most every `REFRESH_S` unless forced.
+        """Brings the adapters up to the registry's generation by what changed since this router's (the whole
+        list only when the registry cannot say: it restarted, or this router fell behind its change log); asks
+        at most every `REFRESH_S` unless forced.
 
         False when the registry did not answer within `REGISTRY_TIMEOUT_S`: the adapters known so far keep
         being served rather than every request waiting on an unreachable registry.
@@ -54,8 +56,9 @@ class ModelCatalog:
         self._checked = now
         try:
             async with asyncio.timeout(REGISTRY_TIMEOUT_S):
-                if await self.registry.generation() != self._snapshot.generation:
-                    self._snapshot = await self.registry.snapshot()
+                changes = await self.registry.changes(self._snapshot.generation)
+                if changes.generation != self._snapshot.generation:
+                    self._snapshot = self._snapshot.updated(changes)
         except Exception as exc:
             logger.warning("adapter registry unreachable (%s); serving the adapters known so far", type(exc).__name__)
             return False

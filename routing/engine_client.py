@@ -3,8 +3,13 @@
 `ServeEngineClient` sends a request through the engine deployment's `DeploymentHandle` and streams back
 its wire items (`serve.wire`): the first over Ray, the rest over this router's stream channel
 (`serve.wire.channel`) when it has one. It owns what depends on the transport: sending a request again when
-its replica died before answering, Serve's back-pressure as 503, cancellation, and giving up on a request
-whose router is draining.
+no replica started it, Serve's back-pressure as 503, cancellation, and giving up on a request whose router is
+draining.
+
+Which requests go again: Serve's handle already sends a request elsewhere when a replica dies or is unreachable
+before taking it (its "accepted" reply). A replica that took one but found its engine dead answers
+`NOT_STARTED`, and it goes to another replica, up to `REPLICA_RETRIES` times. A replica lost while the request
+ran (`RayActorError` after it was taken) is not replayed on the others: the request may be what killed it.
 """
 
 from __future__ import annotations
@@ -19,12 +24,20 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, RequestCancelledError
 
 from routing.errors import EngineFailure, OpenAIError, Overloaded
-from serve.wire import AdapterRecord, Endpoint, Relayed, ReplicaItem, ReplyTo
+from routing.request_router import avoid_replica
+from serve.wire import NOT_STARTED, AdapterRecord, Endpoint, Relayed, ReplicaItem, ReplyTo, WireError
 from serve.wire.channel import ChannelServer, Inbox
 
 logger = logging.getLogger("loraplex.router")
 REPLICA_RETRIES = 2
-"""Other replicas tried when the one serving a request dies before its first item."""
+"""Other replicas tried when the one that took a request did not start it (`NOT_STARTED`)."""
+NOT_STARTED_RETRY_S = 0.5
+"""Wait before sending a request a replica did not start to another: that replica ends meanwhile
+(`serve.replica.NOT_STARTED_EXIT_S`), and Serve's handle then routes around a dead replica by itself."""
+NOT_REPLAYED = (
+    "the engine replica running this request was lost (%s); the request was not sent again, in case it is what "
+    "ended the replica: retry it if it is safe to"
+)
 SHUTTING_DOWN = "this server is shutting down; send the request again"
 
 
@@ -71,9 +84,10 @@ class ServeEngineClient:
     async def start(
         self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None, draining: asyncio.Event
     ) -> tuple[ReplicaItem, EngineCall]:
-        """A replica that dies (or cannot be reached) before its first item has sent the client nothing,
-        so the request goes again, up to `REPLICA_RETRIES` times: Serve's request router stops choosing a
-        replica once a call to it failed that way. A request still waiting when the router starts draining
+        """A request a replica did not start (`NOT_STARTED`) goes to another, up to `REPLICA_RETRIES` times, once
+        that replica has ended, and passed over by our request router (`routing.request_router.avoid_replica`)
+        until then; one whose replica was lost while it ran
+        fails (`EngineFailure`) and is not sent again. A request still waiting when the router starts draining
         gets 503: the engines are draining too, so it might wait for one until the router is killed.
         """
         failures = 0
@@ -86,14 +100,8 @@ class ServeEngineClient:
                 first = await _first_item_unless(call, draining)
             except RayActorError as exc:
                 self._release(reply_to)
-                failures += 1
-                if failures > REPLICA_RETRIES:
-                    logger.error("engine replicas failed %d times before answering", failures, exc_info=exc)
-                    raise EngineFailure(f"engine replica failed: {type(exc).__name__}") from exc
-                logger.warning(
-                    "engine replica lost before answering (%s); sending the request again", type(exc).__name__
-                )
-                continue
+                logger.error("an engine replica was lost while it ran a request; not sending it again", exc_info=exc)
+                raise EngineFailure(NOT_REPLAYED % type(exc).__name__) from exc
             except asyncio.CancelledError:  # the client left while the engine worked
                 self._release(reply_to)
                 call.cancel()  # Serve does not carry a caller's cancellation to the calls it made
@@ -101,6 +109,17 @@ class ServeEngineClient:
             except BaseException:
                 self._release(reply_to)
                 raise
+            if isinstance(first, WireError) and first.code == NOT_STARTED:
+                self._release(reply_to)
+                if first.replica is not None:
+                    avoid_replica(first.replica)
+                failures += 1
+                if failures > REPLICA_RETRIES:
+                    logger.error("%d engine replicas in a row did not start a request", failures)
+                    return first, call
+                logger.warning("engine replica %s did not start a request; sending it to another", first.replica)
+                await asyncio.sleep(NOT_STARTED_RETRY_S)
+                continue
             if reply_to is None or inbox is None or not isinstance(first, str):
                 self._release(reply_to)  # a whole answer or an error: no stream follows
                 self.stream_counts["ray"] += isinstance(first, str)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from serve.wire import AdapterRecord, ReplicaReport, Snapshot, WireError
+from serve.wire import AdapterRecord, Changes, ReplicaReport, Snapshot, WireError
 
 
 class RegistryClient(Protocol):
@@ -12,6 +12,7 @@ class RegistryClient(Protocol):
 
     async def generation(self) -> int: ...
     async def snapshot(self) -> Snapshot: ...
+    async def changes(self, since: int) -> Changes: ...
     async def register(self, name: str, source: str, pinned: bool) -> AdapterRecord | WireError: ...
     async def unregister(self, name: str) -> AdapterRecord | WireError: ...
     async def replica_reports(self) -> list[ReplicaReport]: ...
@@ -29,6 +30,10 @@ class ServeRegistryClient:
     async def snapshot(self) -> Snapshot:
         snapshot: Snapshot = await self._handle.snapshot.remote()
         return snapshot
+
+    async def changes(self, since: int) -> Changes:
+        changes: Changes = await self._handle.changes.remote(since)
+        return changes
 
     async def register(self, name: str, source: str, pinned: bool) -> AdapterRecord | WireError:
         outcome: AdapterRecord | WireError = await self._handle.register.remote(name, source, pinned)

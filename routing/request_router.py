@@ -21,6 +21,26 @@ from serve.wire import ROUTING_STATS_ADAPTERS, AdapterRecord
 ROUTER_CLASS_PATH = "routing.request_router:AdapterAffinityRouter"
 RECENT_TTL_S = 30.0
 """How long this router assumes a replica keeps an adapter it sent there, absent a report."""
+AVOID_S = 10.0
+"""How long a replica that did not start a request (its engine died) is passed over; it ends meanwhile."""
+_avoided: dict[str, float] = {}
+"""Replica id -> until when (monotonic): shared by the request routers of this process (the router replica)."""
+
+
+def avoid_replica(replica_id: str, seconds: float = AVOID_S) -> None:
+    """Passes `replica_id` over while others remain: it took a request and could not start it."""
+    now = time.monotonic()
+    for stale in [key for key, until in _avoided.items() if until <= now]:
+        del _avoided[stale]
+    _avoided[replica_id] = now + seconds
+
+
+def _usable(candidates: list[RunningReplica]) -> list[RunningReplica]:
+    if not _avoided:
+        return candidates
+    now = time.monotonic()
+    usable = [r for r in candidates if _avoided.get(r.replica_id.unique_id, 0) <= now]
+    return usable or candidates
 
 
 def adapter_of(request: PendingRequest | None) -> str | None:
@@ -41,6 +61,7 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
+        candidate_replicas = _usable(candidate_replicas)
         if not candidate_replicas:
             return []
         adapter = adapter_of(pending_request)

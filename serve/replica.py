@@ -17,13 +17,25 @@ from serve.config import AppConfig
 from serve.engines import Engine, build_engine
 from serve.processes import die_with_parent_if_asked
 from serve.streaming import batched
-from serve.wire import ROUTING_STATS_ADAPTERS, AdapterRecord, Endpoint, Relayed, ReplicaItem, ReplyTo
+from serve.wire import (
+    NOT_STARTED,
+    ROUTING_STATS_ADAPTERS,
+    AdapterRecord,
+    Changes,
+    Endpoint,
+    Relayed,
+    ReplicaItem,
+    ReplyTo,
+    WireError,
+)
 from serve.wire.channel import Links
 
 logger = logging.getLogger("loraplex.replica")
 REGISTRY_POLL_S = 2.0
 ENGINE_DIED_EXIT_CODE = 70
 """Exit status of a replica process whose engine died (EX_SOFTWARE)."""
+NOT_STARTED_EXIT_S = 0.2
+"""A replica that found its engine dead answers the request it took `NOT_STARTED`, then ends this much later."""
 
 
 class Replica:
@@ -43,7 +55,8 @@ class Replica:
         self._watcher = asyncio.create_task(self._follow_registry())
 
     async def _follow_registry(self) -> None:
-        """Reports this replica to the registry; frees adapters that were unregistered.
+        """Reports this replica to the registry; frees adapters that were unregistered (or became unusable),
+        learning of them by what changed since the generation it last saw.
 
         New versions need no push: the router resolves the version and the next request loads it.
         """
@@ -54,11 +67,14 @@ class Replica:
                 generation = await self._registry.report.remote(await self._engine.report(replica))
                 if generation == self._generation:
                     continue
-                snapshot = await self._registry.snapshot.remote()
-                servable = {name for name, record in snapshot.records.items() if not record.unusable}
-                for name in set(self._engine.held()) - servable:
+                changes: Changes = await self._registry.changes.remote(self._generation)
+                held = set(self._engine.held())
+                gone = {name for name, record in changes.records.items() if record is None or record.unusable}
+                if changes.full:
+                    gone |= held - set(changes.records)
+                for name in held & gone:
                     await self._engine.forget(name)
-                self._generation = snapshot.generation
+                self._generation = changes.generation
             except Exception:  # the registry restarting must not stop this replica from serving
                 logger.warning("could not reach the adapter registry", exc_info=True)
 
@@ -74,12 +90,16 @@ class Replica:
 
         With `reply_to` a stream's items after the first go over the router's channel (`serve.wire.channel`) and
         the call ends with `Relayed`; without it (or when the router cannot be reached) they come here,
-        batched (`stream_batch_ms`). Once the engine is dead, the replica ends (`exit_with_dead_engine`)
-        rather than pass on what the request met: before the first item, the router then sends the
-        request to another replica.
+        batched (`stream_batch_ms`). A request that finds the engine already dead is answered `NOT_STARTED` (the
+        router sends it to another replica) and the replica ends just after. One whose engine dies while it runs
+        ends the replica (`exit_with_dead_engine`) rather than pass on what the request met; the router does not
+        send it again, as it may be what killed the engine.
         """
         if self._engine.errored:
-            exit_with_dead_engine()
+            asyncio.get_running_loop().call_later(NOT_STARTED_EXIT_S, exit_with_dead_engine)
+            yield WireError(503, "this engine replica's engine had died; the request was not started",
+                            code=NOT_STARTED, retry_after=1, replica=_replica_id())  # fmt: skip
+            return
         stream = self._engine.generate(endpoint, body, adapter)
         relay = batched(stream, self._batch_s) if reply_to is None else self._relayed(stream, reply_to)
         try:

@@ -1,8 +1,8 @@
 """`POST /v1/completions` and `POST /v1/chat/completions`: validate, check scope, resolve the model, admit
 (rate limits, fair share), relay the engine, then settle the request's real token usage.
 
-A request whose engine replica dies before answering has sent the client nothing yet, so it goes to
-another replica; a client that leaves cancels the engine's work too."""
+A request no engine replica started goes to another (`routing.engine_client`); one whose replica was lost
+while running it is not sent again; a client that leaves cancels the engine's work too."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ base model) before anything is recorded.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import os
@@ -31,12 +32,14 @@ from serve.adapters.store import (
 from serve.adapters.validation import AdapterInvalid, AdapterMetadata, base_linear_shapes, validate_adapter
 from serve.config import ADAPTER_NAME_PATTERN, AppConfig, is_adapter_name
 from serve.processes import die_with_parent_if_asked
-from serve.wire import AdapterRecord, ReplicaReport, Snapshot, WireError
+from serve.wire import AdapterRecord, Changes, ReplicaReport, Snapshot, WireError
 
 logger = logging.getLogger("loraplex.registry")
 REPORT_TTL_S = 30.0
 UNREACHABLE = "source_unreachable"
 """`WireError.code` of a source that could not be read (a folder gone, a bucket unreachable)."""
+CHANGE_LOG = 100_000
+"""Changes the registry remembers, so followers catch up by what changed since their generation (`changes`)."""
 
 
 def fresh_generation() -> int:
@@ -73,6 +76,10 @@ class AdapterRegistry:
         state = store.load()
         self._records: dict[str, AdapterRecord] = state.records
         self._generation = fresh_generation()
+        self._log: list[tuple[int, str]] = []
+        """(generation, name) of every write since `_log_floor`, in order."""
+        self._log_floor = self._generation
+        """The oldest generation `changes` answers from the log; older ones (another run's too) get every record."""
         self._lock = asyncio.Lock()
         self._reports: dict[str, tuple[float, ReplicaReport]] = {}
         if not self._records and legacy_state is not None:
@@ -91,6 +98,17 @@ class AdapterRegistry:
 
     async def generation(self) -> int:
         return self._generation
+
+    async def changes(self, since: int) -> Changes:
+        """What changed after generation `since`: the records written since (None: removed), or every record when
+        `since` is not a generation of this run's log (routers and replicas follow by this, not by snapshots)."""
+        if since == self._generation:
+            return Changes(since, {})
+        if not self._log_floor <= since < self._generation:
+            return Changes(self._generation, dict(self._records), full=True)
+        start = bisect.bisect_right(self._log, since, key=lambda entry: entry[0])
+        names = {name for _, name in self._log[start:]}
+        return Changes(self._generation, {name: self._records.get(name) for name in names})
 
     async def report(self, report: ReplicaReport) -> int:
         """An engine replica's periodic report; returns the generation so it knows whether to sync."""
@@ -174,8 +192,15 @@ class AdapterRegistry:
             self._records.pop(name, None)
         else:
             self._records[name] = record  # in place: snapshots are copies, and a write copies nothing (100,000s)
-        self._generation += 1
+        self._changed(name)
         return None
+
+    def _changed(self, name: str) -> None:
+        self._generation += 1
+        self._log.append((self._generation, name))
+        if len(self._log) > 2 * CHANGE_LOG:  # trimmed now and then, not at every write
+            self._log_floor = self._log[-CHANGE_LOG - 1][0]
+            del self._log[:-CHANGE_LOG]
 
     def _reread(self, name: str) -> None:
         try:
@@ -185,7 +210,7 @@ class AdapterRegistry:
         self._records.pop(name, None)
         if current is not None:
             self._records[name] = current
-        self._generation += 1
+        self._changed(name)
 
     def _migrate(self, legacy: Path) -> None:
         """Imports the JSON state file of earlier releases into an empty store, then renames it `.migrated`."""

@@ -33,10 +33,18 @@ class WireError:
     code: str | None = None
     retry_after: int | None = None
     """Seconds a client should wait before sending it again (a 503's `Retry-After`)."""
+    replica: str | None = None
+    """The engine replica that answered, set with `NOT_STARTED` (the router then avoids it); never sent on."""
 
     def __post_init__(self) -> None:
         if not self.type:
             object.__setattr__(self, "type", error_type(self.status))
+
+
+NOT_STARTED = "replica_unavailable"
+"""`WireError.code` of a request an engine replica took but did not start: its engine had already died. Nothing
+ran, so the router sends it to another replica. A replica that dies while a request runs says nothing, and that
+request is not sent again: it may be what killed the replica."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,29 @@ class Snapshot:
 
     generation: int
     records: dict[str, AdapterRecord]
+
+    def updated(self, changes: Changes) -> Snapshot:
+        """This snapshot brought to `changes.generation`; its records dict is changed in place (a follower owns
+        its copy: at 100,000 adapters a copy per change would cost more than the change)."""
+        if changes.full:
+            return Snapshot(changes.generation, {name: r for name, r in changes.records.items() if r is not None})
+        for name, record in changes.records.items():
+            if record is None:
+                self.records.pop(name, None)
+            else:
+                self.records[name] = record
+        return Snapshot(changes.generation, self.records)
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a follower (router, engine replica) holding one generation needs to reach the registry's current one:
+    the records written since (None: removed). When the registry cannot answer from its change log (the generation
+    is another run's, or older than the log), `full` is set and `records` holds every record."""
+
+    generation: int
+    records: dict[str, AdapterRecord | None]
+    full: bool = False
 
 
 LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -1,10 +1,10 @@
 """Streams after their first item: one direct connection from each engine replica to each router.
 
 Ray Serve carries every request and its first item: placement by the request router, queue lengths,
-back-pressure, autoscaling, cancellation and the retry of a request whose replica died before answering
-all stay Serve's. Only what follows takes this channel: a router listens on its node's address; a
-replica opens one TCP connection to each router that sends it requests, proves it with the router's
-token, and writes every stream's items of one event-loop turn as one frame. A streamed token then costs
+back-pressure, autoscaling, cancellation and resending a request no replica took all stay Serve's. Only
+what follows takes this channel: a router listens on its node's address; a replica opens one TCP
+connection to each router that sends it requests, proves it with the router's token, and writes every
+stream's items of one event-loop turn as one frame. A streamed token then costs
 a share of one write, not a Ray item (serialisation, the owner's report, the caller's fetch) per stream.
 
 The replica ends such a stream with a `Relayed` item over Ray, which says how many items the channel

@@ -355,8 +355,12 @@ async def test_losing_an_engine_replica_under_load_loses_no_request_that_had_not
     hung = [o for o in outcomes if isinstance(o, TimeoutError)]
     assert not hung, f"{len(hung)} requests hung"
     stream_results, plain_results = outcomes[: len(streamed)], outcomes[len(streamed) :]
-    failed = [repr(o) for o in plain_results if isinstance(o, BaseException)]
-    assert len(failed) <= 0.01 * len(plain), failed  # those the lost replica held went to the other one
+    failed = [o for o in plain_results if isinstance(o, BaseException)]
+    # Only what the lost replica was running fails, and says it was not replayed (it may be what killed the
+    # replica); every request still waiting in the router (at most MAX_INFLIGHT run at once) is served.
+    assert all(isinstance(o, openai.InternalServerError) and "not sent again" in str(o) for o in failed), failed
+    assert len(failed) <= MAX_INFLIGHT, failed
+    print(f"plain requests after losing a replica: {len(plain) - len(failed)} served, {len(failed)} not replayed")
     kinds = []
     for events in stream_results:
         assert isinstance(events, list), repr(events)  # a stream answers 200, then ends with [DONE]
@@ -381,8 +385,11 @@ async def test_an_engine_core_that_dies_ends_its_replica_which_serve_replaces(se
     assert len(replicas) == 2, replicas
     victim = replicas[0]
     os.kill(engine_core_of(server, victim).pid, signal.SIGKILL)
+    # vLLM's engine client notices its engine core's exit at once (a process sentinel); a request the replica
+    # took in that instant ran on the dead engine and, like any request a lost replica ran, is not replayed.
+    await asyncio.sleep(0.5)
 
-    # Meanwhile the service answers: requests that met the dead engine are sent to the other replica.
+    # Meanwhile the service answers: requests that met the dead engine (not started) go to the other replica.
     client = openai_client(server)
     try:
         for _ in range(3):

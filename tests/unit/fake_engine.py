@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from routing.engine_client import ServeEngineClient
-from serve.wire import AdapterRecord, Endpoint, ReplicaItem, ReplicaReport, Snapshot, Usage, WireError
+from serve.wire import AdapterRecord, Changes, Endpoint, ReplicaItem, ReplicaReport, Snapshot, Usage, WireError
 
 Script = Callable[[Endpoint, dict[str, Any]], list[ReplicaItem | Exception]]
 
@@ -138,6 +138,12 @@ class FakeRegistry:
 
     async def snapshot(self) -> Snapshot:
         return Snapshot(self.generation_, dict(self.records))
+
+    async def changes(self, since: int) -> Changes:
+        """Every record whenever anything changed (a registry that keeps no change log answers so too)."""
+        if since == self.generation_:
+            return Changes(since, {})
+        return Changes(self.generation_, dict(self.records), full=True)
 
     async def register(self, name: str, source: str, pinned: bool) -> AdapterRecord | WireError:
         if "bad" in source:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -18,13 +19,15 @@ from prometheus_client import CollectorRegistry
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from starlette.types import Message
 
+from routing import engine_client as engine_client_module
+from routing import request_router
 from routing.app import create_app
 from routing.catalog import ModelCatalog
 from routing.engine_client import REPLICA_RETRIES
 from routing.metrics import RouterMetrics
 from serve.config import AppConfig, RouterConfig
-from serve.replica import Replica
-from serve.wire import Endpoint, LoaderStats, ReplicaItem, ReplicaReport
+from serve.replica import NOT_STARTED_EXIT_S, Replica
+from serve.wire import NOT_STARTED, Endpoint, LoaderStats, ReplicaItem, ReplicaReport, WireError
 from tests.unit.fake_engine import FakeEngine, FakeRegistry, Script, echo_script, engine_client, record
 from tests.unit.test_router import BASE, assert_openai_error
 
@@ -40,16 +43,44 @@ def inflight(app: FastAPI) -> int:
     return int(app.state.context.admitter.gate.inflight)
 
 
-def dies_first(times: int, error: Exception) -> Script:
-    """A replica that dies `times` times before answering, then a healthy one."""
+def not_started_first(times: int) -> Script:
+    """Replicas whose engine had died (they answer `NOT_STARTED`) `times` times, then a healthy one."""
     calls = 0
 
     def script(endpoint: Endpoint, body: dict[str, Any]) -> list[ReplicaItem | Exception]:
         nonlocal calls
         calls += 1
-        return [error] if calls <= times else echo_script(endpoint, body)
+        if calls > times:
+            return echo_script(endpoint, body)
+        return [WireError(503, "not started", code=NOT_STARTED, retry_after=1, replica=f"dead-{calls}")]
 
     return script
+
+
+@pytest.fixture(autouse=True)
+def no_avoided_replicas(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
+    avoided: dict[str, float] = {}
+    monkeypatch.setattr(request_router, "_avoided", avoided)
+    monkeypatch.setattr(engine_client_module, "NOT_STARTED_RETRY_S", 0.0)
+    return avoided
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_request_no_replica_started_goes_to_another_which_is_preferred(
+    stream: bool, no_avoided_replicas: dict[str, float]
+) -> None:
+    engine = FakeEngine(not_started_first(REPLICA_RETRIES))
+    app = router_app(engine)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+        response = await client.post("/v1/completions", json={**COMPLETION, "stream": stream})
+        metrics = (await client.get("/metrics")).text
+    assert response.status_code == 200
+    assert ("data: [DONE]" in response.text) if stream else response.json()["choices"]
+    assert len(engine.requests) == REPLICA_RETRIES + 1
+    assert set(no_avoided_replicas) == {f"dead-{i + 1}" for i in range(REPLICA_RETRIES)}  # passed over for now
+    assert inflight(app) == 0
+    assert f'loraplex_requests_total{{endpoint="completions",model="{BASE}",status="200"}} 1.0' in metrics
+    assert 'status="500"' not in metrics
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
@@ -58,29 +89,34 @@ def dies_first(times: int, error: Exception) -> Script:
     [ActorDiedError(), ActorUnavailableError("unreachable", None)],
     ids=["died", "unavailable"],
 )
-async def test_a_replica_lost_before_answering_is_replaced_by_another(stream: bool, error: Exception) -> None:
-    engine = FakeEngine(dies_first(REPLICA_RETRIES, error))
+async def test_a_request_whose_replica_was_lost_while_running_it_is_not_replayed(
+    stream: bool, error: Exception
+) -> None:
+    """Serve's handle resends what a replica never took; once one took it, it may be what killed the replica."""
+    engine = FakeEngine(lambda *_: [error])
     app = router_app(engine)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
         response = await client.post("/v1/completions", json={**COMPLETION, "stream": stream})
         metrics = (await client.get("/metrics")).text
-    assert response.status_code == 200
-    assert ("data: [DONE]" in response.text) if stream else response.json()["choices"]
-    assert len(engine.requests) == REPLICA_RETRIES + 1
+    assert_openai_error(response, 500)
+    assert "not sent again" in response.json()["error"]["message"]
+    assert len(engine.requests) == 1
     assert inflight(app) == 0
-    assert f'loraplex_requests_total{{endpoint="completions",model="{BASE}",status="200"}} 1.0' in metrics
-    assert 'status="500"' not in metrics
+    assert f'loraplex_requests_total{{endpoint="completions",model="{BASE}",status="500"}} 1.0' in metrics
 
 
 async def test_retries_are_bounded_and_the_request_fails_cleanly() -> None:
-    engine = FakeEngine(dies_first(REPLICA_RETRIES + 1, ActorDiedError()))
+    engine = FakeEngine(not_started_first(REPLICA_RETRIES + 1))
     app = router_app(engine)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
-        assert_openai_error(await client.post("/v1/completions", json=COMPLETION), 500)
+        response = await client.post("/v1/completions", json=COMPLETION)
         metrics = (await client.get("/metrics")).text
+    assert_openai_error(response, 503)
+    assert response.json()["error"]["code"] == NOT_STARTED and response.headers["retry-after"] == "1"
+    assert "dead-" not in response.text  # the replica's id is the router's business
     assert len(engine.requests) == REPLICA_RETRIES + 1
     assert inflight(app) == 0
-    assert f'loraplex_requests_total{{endpoint="completions",model="{BASE}",status="500"}} 1.0' in metrics
+    assert f'loraplex_requests_total{{endpoint="completions",model="{BASE}",status="503"}} 1.0' in metrics
 
 
 async def test_other_engine_failures_are_not_sent_again() -> None:
@@ -233,12 +269,22 @@ def replica(monkeypatch: pytest.MonkeyPatch) -> Replica:
     return Replica(ScriptedEngine(), FakeRegistry(), stream_batch_s=0.0)  # type: ignore[arg-type]
 
 
-async def test_a_replica_whose_engine_is_dead_ends_before_answering(replica: Any) -> None:
+async def test_a_replica_whose_engine_is_dead_answers_not_started_then_ends(
+    replica: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import serve.replica
+
+    ended = asyncio.Event()
+    monkeypatch.setattr(serve.replica, "exit_with_dead_engine", ended.set)
     replica._engine.errored = True
-    with pytest.raises(EngineDied):
-        await anext(replica.generate("completions", COMPLETION))
-    with pytest.raises(EngineDied):
-        await replica.check_health()
+    items = [item async for item in replica.generate("completions", COMPLETION)]
+    assert len(items) == 1 and isinstance(items[0], WireError)
+    assert (items[0].status, items[0].code, items[0].replica) == (503, NOT_STARTED, f"pid-{os.getpid()}")
+    assert not ended.is_set()
+    await asyncio.wait_for(ended.wait(), 10 * NOT_STARTED_EXIT_S)
+    ended.clear()
+    await replica.check_health()  # Serve's health check ends it at once
+    assert ended.is_set()
 
 
 @pytest.mark.parametrize("answer", ["data: {error}\n\n", None], ids=["error-event", "exception"])

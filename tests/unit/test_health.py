@@ -79,6 +79,7 @@ async def test_an_unreachable_registry_keeps_known_adapters_served_and_unknown_o
         assert (await client.post("/v1/completions", json={"model": "known", "prompt": "x"})).status_code == 200
         registry.generation = hangs  # type: ignore[method-assign]
         registry.snapshot = hangs  # type: ignore[method-assign]
+        registry.changes = hangs  # type: ignore[method-assign]
         known = await asyncio.wait_for(client.post("/v1/completions", json={"model": "known", "prompt": "x"}), 5)
         unknown = await asyncio.wait_for(client.post("/v1/completions", json={"model": "new", "prompt": "x"}), 5)
         base = await asyncio.wait_for(client.post("/v1/completions", json={"model": BASE, "prompt": "x"}), 5)

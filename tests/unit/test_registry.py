@@ -19,12 +19,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from serve.adapters import registry as registry_module
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.store import BaseIdentity, RegistryStore, S3Store, SqliteStore, open_store
 from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.config import RegistryConfig
-from serve.wire import AdapterRecord, WireError
+from serve.wire import AdapterRecord, Changes, WireError
 from tests.conftest import S3_KEYS
 from tests.unit.test_adapter_validation import ASSETS, LAYER, header_of, write_adapter
 
@@ -352,3 +353,65 @@ def test_a_source_unreadable_during_the_check_is_checked_again_at_the_next_start
     back = asyncio.run(open_registry(base_id="smol").snapshot()).records["fits"]
     assert back.unusable is None  # checked again, for real, and it fits this base
     assert store_at().load().base == BaseIdentity.of("smol", model_dir)
+
+
+def test_followers_catch_up_by_what_changed_since_their_generation(
+    tmp_path: Path, open_registry: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A router or replica holding generation G gets the records written since G (None for removed ones), not
+    every record; one whose G the registry cannot answer from its log (another run's, or older than the log)
+    gets every record, marked `full`. Either way, applying them gives the registry's own records."""
+    registry = open_registry()
+    source = str(write_adapter(tmp_path / "adapters" / "a"))
+    for name in ("a", "b", "c"):
+        asyncio.run(registry.register(name, source))
+    follower = asyncio.run(registry.snapshot())
+    assert asyncio.run(registry.changes(follower.generation)) == Changes(follower.generation, {})
+
+    asyncio.run(registry.unregister("a"))
+    asyncio.run(registry.register("d", source))
+    asyncio.run(registry.register("b", source, pinned=True))
+    changes = asyncio.run(registry.changes(follower.generation))
+    assert not changes.full and set(changes.records) == {"a", "b", "d"} and changes.records["a"] is None
+    follower = follower.updated(changes)
+    assert follower == asyncio.run(registry.snapshot())
+
+    restarted = open_registry()  # a new run: the old generation means nothing to it
+    asyncio.run(restarted.unregister("c"))
+    full = asyncio.run(restarted.changes(follower.generation))
+    assert full.full and set(full.records) == {"b", "d"}
+    assert follower.updated(full) == asyncio.run(restarted.snapshot())
+
+    monkeypatch.setattr(registry_module, "CHANGE_LOG", 2)  # a follower that fell behind the log
+    behind = asyncio.run(restarted.snapshot())
+    for name in ("e", "f", "g", "h", "i"):
+        asyncio.run(restarted.register(name, source))
+    assert asyncio.run(restarted.changes(behind.generation)).full
+    recent = asyncio.run(restarted.snapshot())
+    asyncio.run(restarted.unregister("e"))
+    assert asyncio.run(restarted.changes(recent.generation)).records == {"e": None}
+
+
+def test_a_router_follows_the_registry_by_changes_not_snapshots(tmp_path: Path, open_registry: Opener) -> None:
+    from routing.catalog import ModelCatalog
+
+    registry = open_registry()
+    source = str(write_adapter(tmp_path / "adapters" / "a"))
+
+    async def no_snapshots() -> None:
+        raise AssertionError("the router asked for every record")
+
+    registry.snapshot = no_snapshots  # type: ignore[assignment,method-assign]
+    catalog = ModelCatalog("smol", registry)
+
+    async def follow() -> None:
+        for name in ("a", "b"):
+            await registry.register(name, source)
+            await catalog.refresh(force=True)
+        assert [r.name for r in await catalog.records()] == ["a", "b"]
+        await registry.unregister("a")
+        await catalog.refresh(force=True)
+        assert [r.name for r in await catalog.records()] == ["b"]
+        assert (await catalog.resolve("b")).adapter == (await registry.changes(0)).records["b"]
+
+    asyncio.run(follow())

@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from ray.serve._private.common import DeploymentID
 from ray.serve.request_router import PendingRequest, ReplicaID
 
-from routing.request_router import AdapterAffinityRouter, adapter_of
+from routing import request_router
+from routing.request_router import AdapterAffinityRouter, adapter_of, avoid_replica
 from tests.unit.fake_engine import record
 
 
@@ -83,3 +85,17 @@ async def test_routed_requests_count_as_held_until_reports_arrive() -> None:
     other = "r2" if home == "r1" else "r1"
     router.on_request_routed(pending("y"), replica_id(other), None)
     assert (await ranked(router, replicas, "y"))[0] == other
+
+
+async def test_a_replica_that_did_not_start_a_request_is_passed_over_while_others_remain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(request_router, "_avoided", {})
+    replicas = [FakeReplica("r1"), FakeReplica("r2")]
+    router = make_router({"r1": 0, "r2": 5})  # r1 looks least loaded: a dead engine's replica does
+    assert (await ranked(router, replicas, None))[0] == "r1"
+    avoid_replica("r1")
+    assert await ranked(router, replicas, None) == ["r2"]
+    assert await ranked(router, [FakeReplica("r1")], None) == ["r1"]  # the only one left is still tried
+    avoid_replica("r1", seconds=0)
+    assert (await ranked(router, replicas, None))[0] == "r1"
