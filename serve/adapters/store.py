@@ -204,12 +204,22 @@ class SqliteStore:
             raise StoreUnavailable(f"the registry database failed: {exc}") from None
 
 
+SNAPSHOT_STALE = 100
+"""Objects an S3 store's load may fetch one by one before it writes a fresh snapshot."""
+
+
 @dataclass
 class S3Store:
     """One object per adapter under `s3://bucket/prefix/adapters/NAME.json`, the base identity in `base.json`.
 
     The ETag of every record this store read or wrote is kept; writes are conditional on it, so a record
     another writer changed since is never overwritten.
+
+    `snapshot.json` beside them lets a restart read 100,000 records without 100,000 GETs: every record with the
+    ETag it had. `load` lists the adapter objects (their ETags come with the listing, 1,000 per call) and GETs only
+    those whose ETag the snapshot does not have; it is only ever a cache of the objects, which stay the truth
+    (a stale or half-written snapshot costs GETs, never a wrong record), and is rewritten after a load that had
+    to fetch more than `SNAPSHOT_STALE` objects.
     """
 
     bucket: str
@@ -217,6 +227,8 @@ class S3Store:
     connection: S3Source = field(default_factory=S3Source)
     _etags: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _client: Any = field(default=None, init=False, repr=False)
+    stats: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    """What the last `load` did: objects listed, taken from the snapshot, fetched one by one."""
 
     @property
     def client(self) -> Any:
@@ -231,20 +243,64 @@ class S3Store:
     def _base_key(self) -> str:
         return f"{self.prefix}/base.json" if self.prefix else "base.json"
 
+    @property
+    def _snapshot_key(self) -> str:
+        return f"{self.prefix}/snapshot.json" if self.prefix else "snapshot.json"
+
     def load(self) -> StoredState:
         with self._errors():
             folder = self._key("").removesuffix(".json")
-            keys = [
-                item["Key"]
+            listed = {
+                item["Key"]: item["ETag"]
                 for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder)
                 for item in page.get("Contents", [])
                 if item["Key"].endswith(".json")
-            ]
+            }
+            cached = self._read_snapshot()
+            records: dict[str, AdapterRecord] = {}
+            missing = []
+            for key, etag in listed.items():
+                hit = cached.get(key)
+                if hit is not None and hit[0] == etag:
+                    records[hit[1].name] = hit[1]
+                    self._etags[hit[1].name] = etag
+                else:
+                    missing.append(key)
             with ThreadPoolExecutor(max_workers=16) as pool:
-                fetched = list(pool.map(self._read, keys))
+                fetched = list(pool.map(self._read, missing))
+            records |= {record.name: record for record in fetched if record is not None}
             base = self._read_object(self._base_key)
-        records = {record.name: record for record in fetched if record is not None}
+        self.stats = {"listed": len(listed), "from_snapshot": len(listed) - len(missing), "fetched": len(missing)}
+        if len(missing) > SNAPSHOT_STALE or len(cached) != len(listed) - len(missing):
+            self._write_snapshot(records)
         return StoredState(records=records, base=BaseIdentity(**json.loads(base[0])) if base else None)
+
+    def _read_snapshot(self) -> dict[str, tuple[str, AdapterRecord]]:
+        """Object key → (ETag, record) as the last snapshot saw them; empty if there is none or it cannot be read."""
+        found = self._read_object(self._snapshot_key)
+        if found is None:
+            return {}
+        try:
+            entries = json.loads(found[0])["objects"]
+            return {key: (etag, decode(json.dumps(item))) for key, (etag, item) in entries.items()}
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("the S3 registry store's snapshot cannot be read (%s); reading every record", exc)
+            return {}
+
+    def _write_snapshot(self, records: dict[str, AdapterRecord]) -> None:
+        objects = {
+            self._key(name): (self._etags[name], json.loads(encode(record)))
+            for name, record in records.items()
+            if name in self._etags
+        }
+        body = json.dumps({"objects": objects}, separators=(",", ":")).encode()
+        try:
+            with self._errors():
+                self.client.put_object(
+                    Bucket=self.bucket, Key=self._snapshot_key, Body=body, ContentType="application/json"
+                )
+        except StoreUnavailable as exc:  # a cache: the next start reads the objects themselves
+            logger.warning("could not write the S3 registry store's snapshot: %s", exc)
 
     def get(self, name: str) -> AdapterRecord | None:
         with self._errors():

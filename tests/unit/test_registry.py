@@ -415,3 +415,46 @@ def test_a_router_follows_the_registry_by_changes_not_snapshots(tmp_path: Path, 
         assert (await catalog.resolve("b")).adapter == (await registry.changes(0)).records["b"]
 
     asyncio.run(follow())
+
+
+def test_an_s3_store_restarts_from_its_snapshot_and_fetches_only_what_changed(s3_url: str) -> None:
+    """At 100,000 adapters a restart cannot GET every object: the snapshot holds each record with its ETag, the
+    listing gives every object's current ETag, and only objects the snapshot does not match are fetched."""
+    from dataclasses import replace as changed
+
+    keys = {"access_key_id": S3_KEYS["AWS_ACCESS_KEY_ID"], "secret_access_key": S3_KEYS["AWS_SECRET_ACCESS_KEY"]}
+    connection = S3Source(endpoint_url=s3_url, **keys)
+    connection.client().create_bucket(Bucket="snapshots")
+
+    def store() -> S3Store:
+        return S3Store(bucket="snapshots", prefix="base", connection=connection)
+
+    writer = store()
+    records = {f"a{i:03d}": make_record(f"a{i:03d}") for i in range(150)}
+    for record in records.values():
+        writer.put(record, None)
+    first = store()
+    assert first.load().records == records and first.stats["fetched"] == 150  # no snapshot yet: then one is written
+    second = store()
+    assert second.load().records == records and second.stats == {"listed": 150, "from_snapshot": 150, "fetched": 0}
+
+    other = store()  # another registry writes meanwhile: a new version, a removal, a new adapter
+    other.load()
+    records["a001"] = changed(records["a001"], version=2, content_hash="new")
+    other.put(records["a001"], make_record("a001"))
+    other.delete("a002", records.pop("a002"))
+    records["b"] = make_record("b")
+    other.put(records["b"], None)
+    third = store()
+    assert third.load().records == records and third.stats["fetched"] == 2
+    third.put(changed(records["a003"], pinned=True), records["a003"])  # its ETags came with the listing
+
+    connection.client().put_object(Bucket="snapshots", Key="base/snapshot.json", Body=b"{not json")
+    damaged = store()
+    records["a003"] = changed(records["a003"], pinned=True)
+    assert damaged.load().records == records and damaged.stats["fetched"] == len(records)
+
+
+def make_record(name: str) -> AdapterRecord:
+    return AdapterRecord(name=name, source=f"s3://b/{name}", version=1, content_hash=f"h-{name}", rank=8, alpha=16.0,
+                         target_modules=("q_proj",), size_bytes=1, pinned=False, created=0)  # fmt: skip
