@@ -86,9 +86,9 @@ class ServeEngineClient:
     ) -> tuple[ReplicaItem, EngineCall]:
         """A request a replica did not start (`NOT_STARTED`) goes to another, up to `REPLICA_RETRIES` times, once
         that replica has ended, and passed over by our request router (`routing.request_router.avoid_replica`)
-        until then; one whose replica was lost while it ran
-        fails (`EngineFailure`) and is not sent again. A request still waiting when the router starts draining
-        gets 503: the engines are draining too, so it might wait for one until the router is killed.
+        until then; one whose replica was lost while it ran fails (`EngineFailure`) and is not sent again. A
+        request still waiting when the router starts draining gets 503: the engines are draining too, so it might
+        wait for one until the router is killed.
         """
         failures = 0
         if self.channel is not None:

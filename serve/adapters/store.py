@@ -85,7 +85,11 @@ def encode(record: AdapterRecord) -> str:
 
 
 def decode(text: str | bytes) -> AdapterRecord:
-    item = json.loads(text)
+    return record_of(json.loads(text))
+
+
+def record_of(item: dict[str, Any]) -> AdapterRecord:
+    """The record a decoded JSON object (`asdict` of one) holds."""
     return AdapterRecord(**{**item, "target_modules": tuple(item["target_modules"])})
 
 
@@ -282,14 +286,14 @@ class S3Store:
             return {}
         try:
             entries = json.loads(found[0])["objects"]
-            return {key: (etag, decode(json.dumps(item))) for key, (etag, item) in entries.items()}
+            return {key: (etag, record_of(item)) for key, (etag, item) in entries.items()}
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("the S3 registry store's snapshot cannot be read (%s); reading every record", exc)
             return {}
 
     def _write_snapshot(self, records: dict[str, AdapterRecord]) -> None:
         objects = {
-            self._key(name): (self._etags[name], json.loads(encode(record)))
+            self._key(name): (self._etags[name], asdict(record))
             for name, record in records.items()
             if name in self._etags
         }

@@ -6,7 +6,6 @@ deployed through Serve's controller as `serve run deploy/serve.yaml` does (`clie
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import yaml
 
 from serve.app import ENGINE_DEPLOYMENT, ROUTER_DEPLOYMENT
 from tests.conftest import free_port, tail
-from tests.integration.conftest import assert_nothing_left_behind, stop
+from tests.integration.conftest import command_line, session_processes, stop, wait_until_ready
 from tests.integration.test_tenants import create_key
 
 pytestmark = pytest.mark.own_server
@@ -81,54 +80,21 @@ def test_the_shipped_serve_config_serves_on_the_routers_own_port_and_through_the
             assert driver.poll() is None, tail(log)
             assert time.monotonic() < deadline, tail(log)
             time.sleep(1)
-        routers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _in_session(p, driver.pid)
-                   and f"ServeReplica:loraplex:{ROUTER_DEPLOYMENT}".encode() in _cmdline(p)]  # fmt: skip
+        router_title = f"ServeReplica:loraplex:{ROUTER_DEPLOYMENT}"
+        routers = [pid for pid in session_processes(driver.pid) if router_title in command_line(pid)]
         assert len(routers) == replicas  # each placed on a `loraplex_router` unit; they share the port
 
         for port in (router_port, proxy_port):
             url = f"http://127.0.0.1:{port}"
-            assert _wait_for_health(url) == 200
+            wait_until_ready(driver, url, log)
             anonymous = httpx.post(f"{url}/v1/completions", json={"model": "sim-base", "prompt": "hi"}, timeout=30)
             assert anonymous.status_code == 401, anonymous.text
             client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
             stream = client.completions.create(model="sim-base", prompt="hi", max_tokens=5, stream=True)
             assert sum(1 for chunk in stream if chunk.choices and chunk.choices[0].text) == 5
     finally:
-        stop_driver(driver, log)
-
-
-def stop_driver(driver: subprocess.Popen[bytes], log: Path) -> None:
-    try:
-        stop(driver)
-    except BaseException:
-        print(tail(log))
-        raise
-    assert_nothing_left_behind(driver.pid)
-
-
-def _wait_for_health(url: str) -> int:
-    deadline = time.monotonic() + 60
-    status = 0
-    while time.monotonic() < deadline:
         try:
-            status = httpx.get(f"{url}/health", timeout=5).status_code
-        except httpx.TransportError:
-            status = 0
-        if status == 200:
-            break
-        time.sleep(0.5)
-    return status
-
-
-def _in_session(proc: Path, session: int) -> bool:
-    try:
-        return os.getsid(int(proc.name)) == session
-    except (ProcessLookupError, ValueError):
-        return False
-
-
-def _cmdline(proc: Path) -> bytes:
-    try:
-        return (proc / "cmdline").read_bytes()
-    except OSError:
-        return b""
+            stop(driver)  # and nothing of it left behind
+        except BaseException:
+            print(tail(log))
+            raise
