@@ -9,7 +9,7 @@ PORT ?= 8000
 MODEL := $(ASSETS)/models/SmolLM2-135M-Instruct
 DEMO_ADAPTERS := --adapter alpha=$(ASSETS)/adapters/alpha --adapter beta=$(ASSETS)/adapters/beta
 
-.PHONY: install assets serve test test-unit lint format bench bench-adapters bench-fairness soak locust sim cluster-demo
+.PHONY: install assets serve test test-unit lint format bench bench-adapters bench-fairness bench-autoscaling bench-warm soak locust sim cluster-demo
 
 install: $(STAMP)
 
@@ -41,6 +41,12 @@ bench-adapters: assets
 
 bench-fairness: assets
 	$(BIN)/python -m loadtests.fairness_bench
+
+bench-autoscaling: assets
+	$(BIN)/python -m loadtests.autoscaling
+
+bench-warm: assets
+	$(BIN)/python -m loadtests.warm_bench
 
 soak: assets
 	$(BIN)/python -m loadtests.soak

@@ -62,9 +62,15 @@ def server_rss_bytes(pid: int) -> int:
 
 @contextmanager
 def start(
-    model: Path, work: Path, roots: list[Path], engine: dict[str, Any], router: dict[str, Any] | None = None
+    model: Path,
+    work: Path,
+    roots: list[Path],
+    engine: dict[str, Any],
+    router: dict[str, Any] | None = None,
+    engine_deployment: dict[str, Any] | None = None,
 ) -> Iterator[Server]:
-    """moto on loopback and `loraplex serve` with `engine` and `router` settings, until the block ends."""
+    """moto on loopback and `loraplex serve` with `engine`, `router` and `engine_deployment` settings, until the
+    block ends."""
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     s3_port = free_port()
     s3_url = f"http://127.0.0.1:{s3_port}"
@@ -73,6 +79,7 @@ def start(
         config = {
             "engine": {"model": str(model), **engine},
             "router": router or {},
+            "engine_deployment": engine_deployment or {},
             "registry": {
                 "state_file": str(work / "registry.json"), "cache_dir": str(work / "cache"),
                 "local_roots": [str(root) for root in roots], "s3_endpoint_url": s3_url,

@@ -52,6 +52,11 @@ class ReplicaCollector(Collector):
             "Installed adapters the engine's LRU dropped from memory (reloaded on their next request).",
             labels=REPLICA,
         )
+        warmed = CounterMetricFamily(
+            "loraplex_adapter_warmed",
+            "Adapters a replica loaded ahead of any request for them when it joined (hot ones whose home it became).",
+            labels=REPLICA,
+        )
         cache_bytes = GaugeMetricFamily(
             "loraplex_adapter_cache_bytes", "Bytes in the node's adapter cache, as a replica last measured it.",
             labels=REPLICA,
@@ -75,6 +80,7 @@ class ReplicaCollector(Collector):
             misses.add_metric(labels, report.stats.misses)
             unloads.add_metric(labels, report.stats.unloads)
             evictions.add_metric(labels, report.stats.evictions)
+            warmed.add_metric(labels, report.stats.warmed)
             cache_bytes.add_metric(labels, report.stats.cache_bytes)
             cache_errors.add_metric(labels, report.stats.cache_errors)
             buckets = [
@@ -82,4 +88,16 @@ class ReplicaCollector(Collector):
             ]
             buckets.append(("+Inf", report.stats.loads))
             loads.add_metric(labels, buckets, report.stats.load_seconds)
-        yield from (installed, resident, running, hits, misses, unloads, evictions, cache_bytes, cache_errors, loads)
+        yield from (
+            installed,
+            resident,
+            running,
+            hits,
+            misses,
+            unloads,
+            evictions,
+            warmed,
+            cache_bytes,
+            cache_errors,
+            loads,
+        )

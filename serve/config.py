@@ -216,6 +216,9 @@ class Autoscaling(_Strict):
     downscale_delay_s: float = Field(
         default=600.0, ge=0, description="Quiet must last this long before removing one (its adapters are lost)."
     )
+    look_back_period_s: float = Field(
+        default=30.0, gt=0, description="Serve averages requests in flight over this window before deciding."
+    )
 
     @model_validator(mode="after")
     def _bounds_ordered(self) -> Autoscaling:
@@ -251,6 +254,13 @@ class EngineDeploymentConfig(_Strict):
     )
     routing_stats_period_s: float = Field(
         default=2.0, gt=0, description="Seconds between replicas' reports of the adapters they hold, for routing."
+    )
+    warm_adapters: int = Field(
+        default=8,
+        ge=0,
+        description="Adapters a replica that joins (scale-out, replacement) loads in the background before it is "
+        "preferred for them: the hottest of the last minutes whose rendezvous home it becomes. Bounded by the "
+        "engine's CPU LoRA cache (max_cpu_loras); 0 turns warming off.",
     )
     num_cpus: float = Field(default=1.0, gt=0, description="Logical Ray CPUs reserved per engine replica.")
     max_ongoing_requests: int = Field(

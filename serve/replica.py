@@ -1,7 +1,8 @@
 """The engine replica: a thin Ray Serve deployment around one engine (`serve.engines`).
 
 What only a replica does lives here: stream items batched per hop (`serve.streaming`), the registry
-followed, health checks, routing stats, and ending the process when its engine died.
+followed, adapters warmed when it joins, health checks, routing stats, and ending the process when its
+engine died.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any, NoReturn
 
 from serve.config import AppConfig
@@ -41,18 +45,56 @@ NOT_STARTED_EXIT_S = 0.2
 class Replica:
     """Hosts one engine and answers the router's `generate` calls; `start` starts the engine."""
 
-    def __init__(self, engine: Engine, registry: Any, stream_batch_s: float) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        registry: Any,
+        stream_batch_s: float,
+        warm_adapters: int = 0,
+        replica_id: str | None = None,
+    ) -> None:
+        """`registry`: the registry deployment's handle; `replica_id`: this replica's id in reports and routing
+        (default: Serve's id of the replica this runs in)."""
         self._engine = engine
+        self._id = replica_id
         self._registry = registry
         self._batch_s = stream_batch_s
+        self._warm_adapters = warm_adapters
         self._generation = 0
+        self._requests: Counter[str] = Counter()
+        """Requests per adapter since the last report to the registry."""
         self._watcher: asyncio.Task[None] | None = None
+        self._warmer: asyncio.Task[None] | None = None
         self._links = Links()
         self._unreachable: set[tuple[str, int]] = set()
 
     async def start(self) -> None:
         await self._engine.start()
         self._watcher = asyncio.create_task(self._follow_registry())
+        if self._warm_adapters:
+            self._warmer = asyncio.create_task(self._warm())
+
+    async def _warm(self) -> None:
+        """Loads, in the background, the adapters this replica is likely to serve (the registry's `warm_plan`).
+
+        The replica takes requests meanwhile: base requests and the spill-over of busy replicas at once, while
+        routers keep sending an adapter to the replicas that hold it (`routing.policy`) until this one does too.
+        """
+        started = time.perf_counter()
+        try:
+            plan: list[AdapterRecord] = await self._registry.warm_plan.remote(self._replica(), self._warm_adapters)
+        except Exception:
+            logger.warning("could not ask the adapter registry what to warm", exc_info=True)
+            return
+        warmed = 0
+        for record in plan:
+            try:
+                if not await self._engine.warm(record):
+                    break  # the engine's memory for adapters is full
+                warmed += 1
+            except Exception:  # a request for it will load it (or say why it cannot)
+                logger.warning("could not warm adapter %s", record.name, exc_info=True)
+        logger.info("warmed %d of %d hot adapters in %.2f s", warmed, len(plan), time.perf_counter() - started)
 
     async def _follow_registry(self) -> None:
         """Reports this replica to the registry; frees adapters that were unregistered (or became unusable),
@@ -60,11 +102,13 @@ class Replica:
 
         New versions need no push: the router resolves the version and the next request loads it.
         """
-        replica = _replica_id()
+        replica = self._replica()
         while True:
             await asyncio.sleep(REGISTRY_POLL_S)
             try:
-                generation = await self._registry.report.remote(await self._engine.report(replica))
+                report = replace(await self._engine.report(replica), requests=dict(self._requests))
+                self._requests.clear()
+                generation = await self._registry.report.remote(report)
                 if generation == self._generation:
                     continue
                 changes: Changes = await self._registry.changes.remote(self._generation)
@@ -98,8 +142,10 @@ class Replica:
         if self._engine.errored:
             asyncio.get_running_loop().call_later(NOT_STARTED_EXIT_S, exit_with_dead_engine)
             yield WireError(503, "this engine replica's engine had died; the request was not started",
-                            code=NOT_STARTED, retry_after=1, replica=_replica_id())  # fmt: skip
+                            code=NOT_STARTED, retry_after=1, replica=self._replica())  # fmt: skip
             return
+        if adapter is not None:
+            self._requests[adapter.name] += 1
         stream = self._engine.generate(endpoint, body, adapter)
         relay = batched(stream, self._batch_s) if reply_to is None else self._relayed(stream, reply_to)
         try:
@@ -155,6 +201,9 @@ class Replica:
                 )  # fmt: skip
             return None
 
+    def _replica(self) -> str:
+        return self._id or _replica_id()
+
     async def check_health(self) -> None:
         """Called by Ray Serve every `health_check_period_s`.
 
@@ -178,9 +227,9 @@ class Replica:
         links = getattr(self, "_links", None)
         if links is not None:
             links.close()
-        watcher = getattr(self, "_watcher", None)
-        if watcher is not None:
-            watcher.cancel()
+        for task in (getattr(self, "_watcher", None), getattr(self, "_warmer", None)):
+            if task is not None:
+                task.cancel()
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
@@ -192,7 +241,8 @@ class EngineReplica(Replica):
     # Ray Serve awaits an async constructor, so the engine is up before the replica takes requests.
     async def __init__(self, app: AppConfig, registry: Any) -> None:  # type: ignore[misc]
         die_with_parent_if_asked()  # and its engine's processes with it (serve.vllm_patches)
-        super().__init__(build_engine(app), registry, app.engine_deployment.stream_batch_ms / 1000)
+        scaling = app.engine_deployment
+        super().__init__(build_engine(app), registry, scaling.stream_batch_ms / 1000, scaling.warm_adapters)
         await self.start()
 
 

@@ -36,22 +36,29 @@ class AdapterLoader:
     def public_id(self, name: str) -> str:
         return adapter_model_id(self._base_id, name)
 
-    async def ensure(self, record: AdapterRecord) -> None:
-        """Loads `record` unless this replica already serves that exact version; never one marked unusable."""
+    async def ensure(self, record: AdapterRecord, *, ahead: bool = False) -> None:
+        """Loads `record` unless this replica already serves that exact version; never one marked unusable.
+
+        `ahead`: no request waits for it (`warm`); its weights go into the engine's memory now, and it counts as
+        warmed, not as a cache miss.
+        """
         if record.unusable:
             raise AdapterInvalid(f"adapter {record.name!r} cannot be served: it {record.unusable}")
         if self._versions.get(record.name) == record.content_hash:
-            self.stats.hits += 1
+            self.stats.hits += not ahead
             return
         async with self._locks[record.name]:
             if self._versions.get(record.name) == record.content_hash:
-                self.stats.hits += 1  # a concurrent first request loaded it while we waited
+                self.stats.hits += not ahead  # a concurrent first request loaded it while we waited
                 return
-            self.stats.misses += 1
+            if ahead:
+                self.stats.warmed += 1
+            else:
+                self.stats.misses += 1
             started = time.perf_counter()
             folder, hold = await asyncio.to_thread(self.cache.acquire, record)
             try:
-                await self._install(record, folder)
+                await self._install(record, folder, into_engine=ahead)
             except BaseException:
                 hold.release()
                 raise
@@ -94,7 +101,7 @@ class AdapterLoader:
         self._resident = resident
         return sorted(resident)
 
-    async def _install(self, record: AdapterRecord, folder: Path) -> None:
+    async def _install(self, record: AdapterRecord, folder: Path, into_engine: bool) -> None:
         from vllm.lora.request import LoRARequest
 
         request = LoRARequest(
@@ -102,9 +109,10 @@ class AdapterLoader:
             lora_int_id=self._models.lora_id_counter.inc(1),
             lora_path=str(folder),
         )
-        if record.pinned:
-            # Pinned: into the engine now, and kept there.
+        if record.pinned or into_engine:
+            # Pinned: into the engine now, and kept there. Warmed: into the engine now, for the LRU to keep or drop.
             await self._engine.add_lora(request)
+        if record.pinned:
             await self._engine.pin_lora(request.lora_int_id)
         # Otherwise the engine reads the weights from `folder` in the step that first needs them, as it
         # does after every eviction. Adding them here as well cost a second read whenever the engine's

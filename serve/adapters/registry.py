@@ -17,9 +17,11 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections import Counter, deque
 from dataclasses import replace
 from pathlib import Path
 
+from routing.policy import rendezvous_order
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver, SourceUnreachable
 from serve.adapters.store import (
     BaseIdentity,
@@ -36,6 +38,11 @@ from serve.wire import AdapterRecord, Changes, ReplicaReport, Snapshot, WireErro
 
 logger = logging.getLogger("loraplex.registry")
 REPORT_TTL_S = 30.0
+HOT_WINDOW_S = 300.0
+"""How far back the requests replicas report count when a joining replica asks what to warm (`warm_plan`)."""
+LIVE_S = 10.0
+"""A replica reported within this long counts as live for `warm_plan` (replicas report every 2 s; one that was
+replaced must not keep its adapters' homes from its successor)."""
 UNREACHABLE = "source_unreachable"
 """`WireError.code` of a source that could not be read (a folder gone, a bucket unreachable)."""
 CHANGE_LOG = 100_000
@@ -82,6 +89,8 @@ class AdapterRegistry:
         """The oldest generation `changes` answers from the log; older ones (another run's too) get every record."""
         self._lock = asyncio.Lock()
         self._reports: dict[str, tuple[float, ReplicaReport]] = {}
+        self._heat: deque[tuple[float, dict[str, int]]] = deque()
+        """(when, requests per adapter) of each report within `HOT_WINDOW_S`, oldest first."""
         if not self._records and legacy_state is not None:
             self._migrate(legacy_state)
         if state.base != self._base:
@@ -112,8 +121,40 @@ class AdapterRegistry:
 
     async def report(self, report: ReplicaReport) -> int:
         """An engine replica's periodic report; returns the generation so it knows whether to sync."""
-        self._reports[report.replica] = (time.monotonic(), report)
+        now = time.monotonic()
+        self._reports[report.replica] = (now, report)
+        if report.requests:
+            self._heat.append((now, report.requests))
+        while self._heat and self._heat[0][0] < now - HOT_WINDOW_S:
+            self._heat.popleft()
         return self._generation
+
+    async def warm_plan(self, replica: str, limit: int) -> list[AdapterRecord]:
+        """What a joining `replica` should load before it is preferred for it, hottest first, at most `limit`.
+
+        The adapters requested in the last `HOT_WINDOW_S` whose rendezvous home (`routing.policy`) among the live
+        replicas, `replica` included, it now is; for an adapter whose traffic has spread over k replicas, whether
+        it is among its first k homes. Routers send an adapter's requests to replicas that hold it first, so a
+        replica is preferred for these once it has loaded them.
+        """
+        now = time.monotonic()
+        others = [r for seen, r in self._reports.values() if now - seen <= LIVE_S and r.replica != replica]
+        live = tuple(sorted({r.replica for r in others} | {replica}))
+        heat: Counter[str] = Counter()
+        for seen, counts in self._heat:
+            if seen >= now - HOT_WINDOW_S:
+                heat.update(counts)
+        holders = Counter(name for r in others for name in r.adapters)
+        plan: list[AdapterRecord] = []
+        for name, _ in heat.most_common():
+            if len(plan) >= limit:
+                break
+            record = self._records.get(name)
+            if record is None or record.unusable:
+                continue
+            if replica in rendezvous_order(name, live)[: max(1, holders[name])]:
+                plan.append(record)
+        return plan
 
     async def replica_reports(self) -> list[ReplicaReport]:
         """Reports of replicas heard from within `REPORT_TTL_S` (a replaced replica drops out)."""

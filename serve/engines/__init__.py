@@ -38,6 +38,11 @@ class Engine(Protocol):
         """Names of the adapters installed in this engine."""
         ...
 
+    async def warm(self, adapter: AdapterRecord) -> bool:
+        """Loads `adapter` ahead of any request for it, weights into memory; False when the engine has no room
+        left for adapters loaded ahead (it would evict one of them)."""
+        ...
+
     async def forget(self, name: str) -> None:
         """Stops serving adapter `name` (it was unregistered)."""
 

@@ -134,12 +134,15 @@ class SimulatedEngine:
             head=head,
         )
 
-    async def _load(self, adapter: AdapterRecord) -> None:
+    async def _load(self, adapter: AdapterRecord, ahead: bool = False) -> None:
         if self._adapters.get(adapter.name) == adapter.content_hash:
             self._adapters.move_to_end(adapter.name)
             self._stats.hits += 1
             return
-        self._stats.misses += 1
+        if ahead:
+            self._stats.warmed += 1
+        else:
+            self._stats.misses += 1
         started = time.perf_counter()
         await asyncio.sleep(self._sim.adapter_load_ms / 1000)
         self._adapters[adapter.name] = adapter.content_hash
@@ -226,6 +229,13 @@ class SimulatedEngine:
 
     def held(self) -> list[str]:
         return sorted(self._adapters)
+
+    async def warm(self, adapter: AdapterRecord) -> bool:
+        if adapter.name not in self._adapters and len(self._adapters) >= self._capacity:
+            return False
+        if self._adapters.get(adapter.name) != adapter.content_hash:
+            await self._load(adapter, ahead=True)
+        return True
 
     async def forget(self, name: str) -> None:
         if self._adapters.pop(name, None) is not None:

@@ -255,6 +255,15 @@ class VLLMEngine:
     def held(self) -> list[str]:
         return self._loader.held() if self._loader is not None else []
 
+    async def warm(self, adapter: AdapterRecord) -> bool:
+        lora = self._llm.vllm_config.lora_config
+        room = lora.max_cpu_loras if lora is not None and lora.max_cpu_loras is not None else 0
+        if adapter.name not in self.held() and len(await self._engine_lora_ids()) >= room:
+            return False
+        self._changes += 1
+        await self._adapters.ensure(adapter, ahead=True)
+        return True
+
     async def forget(self, name: str) -> None:
         if self._loader is not None:
             self._changes += 1

@@ -166,6 +166,8 @@ class LoaderStats:
     load_buckets: list[int] = field(default_factory=lambda: [0] * len(LOAD_BUCKETS))
     unloads: int = 0
     evictions: int = 0
+    warmed: int = 0
+    """Adapters loaded ahead of any request for them, when the replica joined (`serve.replica`, warming)."""
     cache_bytes: int = 0
     """Bytes in the node's adapter cache, as this replica last measured it."""
     cache_errors: int = 0
@@ -196,3 +198,5 @@ class ReplicaReport:
     """Names of the installed adapters among those `engine_loras`."""
     running: int = 0
     """Sequences in the replica's vLLM engine, running or waiting (one per prompt and choice); aborts free them."""
+    requests: dict[str, int] = field(default_factory=dict)
+    """Requests per adapter since the replica's previous report: the registry's measure of which adapters are hot."""
