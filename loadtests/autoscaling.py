@@ -44,7 +44,7 @@ SERVER_SETTINGS: dict[str, Any] = {
 """The engine deployment's settings (`engine_deployment`) for the cycle: small limits, so a few streams scale it."""
 ENGINE_SETTINGS: dict[str, Any] = {"cpu_threads_bind": "0"}
 """Each engine's worker on core 0, leaving the other core of this 2-core machine to Ray, the router and the start of
-the second replica: sharing both, the second replica took 240 s to start under the load instead of about 100."""
+the second replica (with both cores shared, its start under this load took 240 s in one run; 182 s with this)."""
 
 
 @dataclass
@@ -269,8 +269,10 @@ def write(timeline: Timeline, out: Path, machine: str, command: str) -> str:
         f"when it joined (`loraplex_adapter_warmed_total`): {json.dumps(warmed)} — the first replica had no "
         "traffic to learn from; the second warmed the hot adapters whose rendezvous home it became.",
         "",
-        "The second replica takes most of its start-up importing vLLM and torch and loading the model on a machine "
-        "whose two cores are busy serving the load; on a GPU node it is the model load.",
+        "The second replica takes minutes to start here: importing vLLM and torch three times (replica, engine "
+        "core, worker) and loading the model on one core shared with Ray and the router relaying the load (idle, "
+        "a replica starts in about 75 s). On a GPU node the model load dominates. The first-token times of the "
+        "busy phase are queueing: 6 streams for 4 slots on one core.",
         "",
         summary,
     ]

@@ -19,6 +19,7 @@ import json
 import statistics
 import tempfile
 import time
+from contextlib import aclosing
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -52,11 +53,13 @@ class Handle:
 async def first_token_s(replica: Replica, model: str, adapter: AdapterRecord | None) -> float:
     body = {"model": model, "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True}
     started = time.perf_counter()
-    async for item in replica.generate("completions", body, adapter=adapter):
-        if isinstance(item, str) and '"text"' in item:
-            return time.perf_counter() - started
-        if not isinstance(item, str) and not hasattr(item, "prompt_tokens"):
-            raise RuntimeError(f"{model}: {item}")
+    # Closed before the engine stops: a stream the replica still ran then would take the engine for dead.
+    async with aclosing(replica.generate("completions", body, adapter=adapter)) as items:
+        async for item in items:
+            if isinstance(item, str) and '"text"' in item:
+                return time.perf_counter() - started
+            if not isinstance(item, str) and not hasattr(item, "prompt_tokens"):
+                raise RuntimeError(f"{model}: {item}")
     raise RuntimeError(f"no token from {model}")
 
 
