@@ -37,7 +37,7 @@ from tests.unit.fake_engine import FakeRegistry, engine_client, record
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SCHEMAS = Path(__file__).parent / "schemas"
-SERVE_CONFIGS = ["serve.yaml", "serve-local.yaml"]
+SERVE_CONFIGS = ["serve.yaml", "serve-local.yaml", "serve-cluster-demo.yaml"]
 RAYSERVICE = DEPLOY / "kuberay" / "rayservice.yaml"
 API_SERVICE = DEPLOY / "kuberay" / "service.yaml"
 DASHBOARD = DEPLOY / "grafana" / "loraplex.json"
