@@ -215,7 +215,7 @@ def check_sample(server: Server, folders: dict[str, Path], model: Path, names: l
     """Greedy outputs of a few adapters, long evicted by the churn, against transformers+PEFT."""
     import openai
 
-    from tests.integration.reference import Reference, assert_close, served_greedy
+    from serve.reference import Reference, assert_close, served_greedy
 
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
     reference = Reference(model, {name: folders[name] for name in names})

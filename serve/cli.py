@@ -344,6 +344,8 @@ def adapters_list(url: UrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOptio
         for item in page["data"]:
             pinned = " pinned" if item["pinned"] else ""
             typer.echo(f"{item['id']}\tv{item['version']}\tr={item['rank']}\t{item.get('source', '-')}{pinned}")
+            for warning in item.get("warnings") or ():
+                typer.echo(f"  warning: {warning}")
         if not page.get("has_more") or not page["data"]:
             return
         params = {"after": page["last_id"]}
@@ -423,3 +425,45 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@app.command()
+def verify(
+    name: str,
+    model: Annotated[
+        Path | None,
+        typer.Option(help="The base model's folder here (default: .loraplex/models/BASE, as `make serve` builds it)."),
+    ] = None,
+    adapter: Annotated[
+        Path | None, typer.Option(help="The adapter's folder here (default: its registered source, admins only).")
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Prompts to compare, one per line or a JSON list (default: four built in).")
+    ] = None,
+    tokens: Annotated[int, typer.Option(min=1, max=256, help="Greedy tokens compared per prompt.")] = 16,
+    s3_endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint of an s3:// source (default: AWS).")] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Check that the server serves adapter NAME as transformers + PEFT compute it here; exit 1 on a mismatch."""
+    from serve.adapters.sources import S3Source
+    from serve.verify import VerifyError, read_prompts
+    from serve.verify import verify as run
+
+    try:
+        base = model or DEFAULT_ASSETS / "models" / _base_id(url, name, api_key)
+        if not (base / "config.json").is_file():
+            raise VerifyError(f"no model folder at {base}: pass --model FOLDER")
+        verdict = run(url, name, base, adapter_dir=adapter, prompts=read_prompts(prompts), tokens=tokens,
+                      api_key=api_key, s3=S3Source(endpoint_url=s3_endpoint_url),
+                      progress=lambda line: typer.echo(line, err=True))  # fmt: skip
+    except VerifyError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(verdict.report())
+    raise typer.Exit(0 if verdict.ok else 1)
+
+
+def _base_id(url: str, name: str, api_key: str | None) -> str:
+    card = _call("GET", f"{url}/v1/adapters/{name}", api_key)
+    return str(card["id"]).rsplit(":", 1)[0]

@@ -202,13 +202,13 @@ class AdapterRegistry:
     def _record(self, name: str, source: str, pinned: bool, meta: AdapterMetadata) -> AdapterRecord | WireError:
         previous = self._records.get(name)
         if previous is not None and previous.content_hash == meta.content_hash and previous.source == source:
-            record = replace(previous, pinned=pinned, unusable=None)
+            record = replace(previous, pinned=pinned, unusable=None, warnings=meta.warnings)
         else:
             record = AdapterRecord(
                 name=name, source=source, version=(previous.version + 1) if previous else 1,
                 content_hash=meta.content_hash, rank=meta.rank, alpha=meta.alpha,
                 target_modules=meta.target_modules, size_bytes=meta.size_bytes, pinned=pinned,
-                created=int(time.time()),
+                created=int(time.time()), warnings=meta.warnings,
             )  # fmt: skip
         if record == previous:
             return record

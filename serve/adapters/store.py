@@ -90,7 +90,9 @@ def decode(text: str | bytes) -> AdapterRecord:
 
 def record_of(item: dict[str, Any]) -> AdapterRecord:
     """The record a decoded JSON object (`asdict` of one) holds."""
-    return AdapterRecord(**{**item, "target_modules": tuple(item["target_modules"])})
+    return AdapterRecord(
+        **{**item, "target_modules": tuple(item["target_modules"]), "warnings": tuple(item.get("warnings", ()))}
+    )
 
 
 class SqliteStore:

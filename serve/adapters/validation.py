@@ -37,6 +37,8 @@ class AdapterMetadata:
     base_model: str | None
     size_bytes: int
     content_hash: str
+    warnings: tuple[str, ...] = ()
+    """What makes the adapter suspect without making it unservable (it is registered, and shows them)."""
 
 
 def tensor_shapes(file: Path) -> dict[str, list[int]]:
@@ -119,6 +121,7 @@ def validate_adapter(
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha) or alpha <= 0:
         raise AdapterInvalid(f"adapter_config.json has no valid lora_alpha: {alpha!r} (a positive number)")
     targets = _check_shapes(tensor_shapes(weights), base_shapes, rank)
+    warnings = (NO_OP_WARNING,) if lora_b_all_zero(weights) else ()
     return AdapterMetadata(
         rank=rank,
         alpha=float(alpha),
@@ -126,7 +129,37 @@ def validate_adapter(
         base_model=config.get("base_model_name_or_path"),
         size_bytes=size,
         content_hash=content_hash(folder),
+        warnings=warnings,
     )
+
+
+NO_OP_WARNING = (
+    "every lora_B weight is zero, so the adapter changes nothing: a freshly initialized adapter, not a trained one?"
+)
+
+
+def lora_b_all_zero(file: Path) -> bool:
+    """True when every lora_B weight in the safetensors `file` is zero (either sign): LoRA's output is B·A·x, so such
+    an adapter answers exactly as the base model (PEFT initializes B to zeros; vLLM issue #34186). The header was
+    checked by `tensor_shapes`; only the lora_B tensors are read."""
+    import numpy as np
+
+    with file.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header: dict[str, Any] = json.loads(handle.read(length))
+        found = False
+        for name, info in header.items():
+            if name == "__metadata__" or not name.endswith(".lora_B.weight"):
+                continue
+            found = True
+            start, end = info["data_offsets"]
+            bits = 8 * FLOAT_DTYPE_BYTES[info["dtype"]]
+            handle.seek(8 + length + start)
+            words = np.frombuffer(handle.read(end - start), dtype=f"<u{bits // 8}")
+            magnitude = np.array((1 << (bits - 1)) - 1, dtype=words.dtype)  # every bit but the sign
+            if np.any(words & magnitude):
+                return False
+    return found
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

@@ -118,6 +118,8 @@ class AdapterRecord:
     unusable: str | None = None
     """Why the adapter cannot be served on this base model (it no longer fits it), or None: such a record is
     listed with the reason and never handed to an engine."""
+    warnings: tuple[str, ...] = ()
+    """What registration found suspect but servable, e.g. an adapter whose weights change nothing."""
 
 
 @dataclass(frozen=True)

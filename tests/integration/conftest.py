@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from serve.assets import LORA_TARGETS, prepare
+from serve.reference import Reference
 from tests.conftest import S3_KEYS, free_port, tail
-from tests.integration.reference import Reference
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / ".loraplex"

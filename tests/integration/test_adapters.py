@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from serve.adapters.validation import NO_OP_WARNING
+from serve.reference import Greedy, Reference, assert_close, served_greedy
 from tests.integration.conftest import (
     EXTERNAL_ADAPTERS,
     REGISTRY_BUCKET,
@@ -24,7 +26,6 @@ from tests.integration.conftest import (
     make_adapter,
     restart_the_registry_and_check_its_records,
 )
-from tests.integration.reference import Greedy, Reference, assert_close, served_greedy
 
 MAX_TOKENS = 10
 PROMPT = "Write a haiku about the sea."
@@ -85,6 +86,45 @@ def test_new_version_replaces_weights_everywhere(client: openai.OpenAI, stack: S
     _, want_second = expect(stack, second)
     assert want_second.tokens != want_first.tokens
     assert_close(want_second, served(client, "ver", prompt), "version 2")
+
+
+def test_loraplex_verify_passes_on_the_served_version_and_fails_on_another(stack: Stack) -> None:
+    """`loraplex verify` (issue 17): transformers + PEFT here against the server, the project's top-5 rule."""
+    first, second = new_adapter(stack, "checked", seed=51), new_adapter(stack, "checked", seed=52)
+    assert register(stack, "checked", str(first)).status_code == 201
+    loraplex = str(Path(sys.executable).parent / "loraplex")
+    command = [loraplex, "verify", "checked", "--model", str(stack.model_dir), "--url", stack.base_url, "--tokens", "8"]
+    passed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert "PASS: 4/4 prompts" in passed.stdout and "version 1" in passed.stdout  # files from its source
+
+    assert register(stack, "checked", str(second)).json()["version"] == 2
+    failed = subprocess.run([*command, "--adapter", str(first)], capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "version 2" in failed.stdout and "FILES DIFFER" in failed.stdout and "FAIL:" in failed.stdout
+
+    missing = subprocess.run([*command[:2], "nothing-here", *command[3:]], capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr, missing.stderr
+
+
+def test_an_untrained_adapter_is_registered_with_a_warning_shown_by_the_api_and_cli(
+    client: openai.OpenAI, stack: Stack
+) -> None:
+    """lora_B all zero (as PEFT initializes it): servable, but it answers as the base does, so it says so."""
+    spec = ExternalAdapter("untrained", rank=8, alpha=16, targets=("q_proj", "v_proj"), seed=61, scale=0.0)
+    created = register(stack, "untrained", str(make_adapter(stack.model_dir, spec, stack.uploads / "untrained")))
+    assert created.status_code == 201, created.text
+    assert created.json()["warnings"] == [NO_OP_WARNING]
+    assert httpx.get(f"{stack.base_url}/v1/adapters/untrained").json()["warnings"] == [NO_OP_WARNING]
+    listed = subprocess.run([str(Path(sys.executable).parent / "loraplex"), "adapters", "list", "--url",
+                             stack.base_url], capture_output=True, text=True, timeout=120)  # fmt: skip
+    lines = listed.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"{stack.model_id}:untrained\t"))
+    assert lines[at + 1] == f"  warning: {NO_OP_WARNING}"
+    from transformers import AutoTokenizer
+
+    prompt = list(AutoTokenizer.from_pretrained(stack.model_dir)(PROMPT)["input_ids"])
+    assert served(client, "untrained", prompt).tokens == served(client, stack.model_id, prompt).tokens
 
 
 def test_unregister_then_404_while_others_keep_answering(client: openai.OpenAI, stack: Stack) -> None:

@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
+from serve.reference import Greedy, Reference, assert_close, served_greedy
 from tests.integration.conftest import Stack
-from tests.integration.reference import Greedy, Reference, assert_close, served_greedy
 
 MAX_TOKENS = 12
 PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from serve.adapters.validation import AdapterInvalid, base_linear_shapes, validate_adapter
+from serve.adapters.validation import NO_OP_WARNING, AdapterInvalid, base_linear_shapes, validate_adapter
 from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 
 ASSETS = Path(__file__).resolve().parents[2] / ".loraplex"
@@ -99,3 +99,20 @@ def test_bad_adapters_are_refused_with_the_reason(
 def test_oversized_adapter_is_refused(tmp_path: Path, shapes: dict[str, list[int]]) -> None:
     with pytest.raises(AdapterInvalid, match="the limit is 100"):
         check(write_adapter(tmp_path / "a"), shapes, max_bytes=100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_an_adapter_whose_lora_b_is_zero_is_registered_with_a_warning(
+    tmp_path: Path, shapes: dict[str, list[int]], dtype: torch.dtype
+) -> None:
+    """PEFT initializes lora_B to zeros: such an adapter answers as the base model does (vLLM issue #34186)."""
+    a = torch.randn(4, 576).to(dtype)
+    for b, expected in [
+        (torch.zeros(576, 4), (NO_OP_WARNING,)),
+        (-torch.zeros(576, 4), (NO_OP_WARNING,)),  # -0.0 is zero too
+        (torch.zeros(576, 4).index_fill_(0, torch.tensor([575]), 1e-3), ()),  # one non-zero row: it does something
+    ]:
+        folder = write_adapter(tmp_path / f"b{len(expected)}-{b.sum()}", tensors={
+            f"{LAYER}.q_proj.lora_A.weight": a, f"{LAYER}.q_proj.lora_B.weight": b.to(dtype)})  # fmt: skip
+        meta = validate_adapter(folder, shapes, max_rank=64, max_bytes=10**9)
+        assert meta.warnings == expected, (dtype, b.sum())

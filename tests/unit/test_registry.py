@@ -23,6 +23,7 @@ from serve.adapters import registry as registry_module
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.store import BaseIdentity, RegistryStore, S3Store, SqliteStore, open_store
+from serve.adapters.validation import NO_OP_WARNING
 from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.config import RegistryConfig
 from serve.wire import AdapterRecord, Changes, WireError
@@ -458,3 +459,10 @@ def test_an_s3_store_restarts_from_its_snapshot_and_fetches_only_what_changed(s3
 def make_record(name: str) -> AdapterRecord:
     return AdapterRecord(name=name, source=f"s3://b/{name}", version=1, content_hash=f"h-{name}", rank=8, alpha=16.0,
                          target_modules=("q_proj",), size_bytes=1, pinned=False, created=0)  # fmt: skip
+
+
+def test_a_no_op_adapters_warning_is_recorded_and_survives_a_restart(tmp_path: Path, open_registry: Opener) -> None:
+    registry = open_registry()
+    record = asyncio.run(registry.register("silent", str(write_adapter(tmp_path / "adapters" / "silent"))))
+    assert isinstance(record, AdapterRecord) and record.warnings == (NO_OP_WARNING,)
+    assert asyncio.run(open_registry().snapshot()).records["silent"] == record

@@ -2,7 +2,8 @@
 
 Greedy decoding in float32 with the top-5 log-probabilities at each step; the comparison rule is
 vLLM's own (tests/models/utils.py `check_logprobs_close`): tokens equal, or at the first divergence
-each side's token is in the other's top-5, after which the sequences may differ.
+each side's token is in the other's top-5, after which the sequences may differ. The tests use it, and so
+does `loraplex verify` on a user's machine.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Reference:
         self._cache: dict[tuple[str | None, tuple[int, ...], int], Greedy] = {}
 
     def chat_prompt(self, text: str) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(
+        ids: Any = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
         )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
@@ -79,25 +80,32 @@ class Reference:
 
 
 def served_greedy(choice: Any) -> Greedy:
-    """A served completion choice (asked with `logprobs=5` and `return_tokens_as_token_ids`) as a `Greedy`."""
+    """A served completion choice (asked with `logprobs=5` and `return_tokens_as_token_ids`) as a `Greedy`: the
+    openai SDK's object, or the choice's JSON."""
 
     def token_id(token: str) -> int:
         return int(token.removeprefix("token_id:"))
 
-    logprobs = choice.logprobs
-    return Greedy(
-        tokens=[token_id(t) for t in logprobs.tokens],
-        top=[{token_id(t) for t in step} for step in logprobs.top_logprobs],
-    )
+    logprobs = choice["logprobs"] if isinstance(choice, dict) else choice.logprobs
+    tokens = logprobs["tokens"] if isinstance(logprobs, dict) else logprobs.tokens
+    tops = logprobs["top_logprobs"] if isinstance(logprobs, dict) else logprobs.top_logprobs
+    return Greedy(tokens=[token_id(t) for t in tokens], top=[{token_id(t) for t in step} for step in tops])
+
+
+def divergence(reference: Greedy, served: Greedy) -> tuple[int | None, str | None]:
+    """(first step where the tokens differ or None, what breaks vLLM's rule there or None when they are close)."""
+    if len(served.tokens) != len(reference.tokens):
+        return None, f"{len(served.tokens)} tokens served, {len(reference.tokens)} expected"
+    for step, (want, got) in enumerate(zip(reference.tokens, served.tokens, strict=True)):
+        if want != got:
+            if got in reference.top[step] and want in served.top[step]:
+                return step, None
+            return step, (f"step {step}: reference {want} (top {sorted(reference.top[step])}) "
+                          f"vs served {got} (top {sorted(served.top[step])})")  # fmt: skip
+    return None, None
 
 
 def assert_close(reference: Greedy, served: Greedy, context: str) -> None:
     """vLLM's rule: equal, or at the first divergence each token is in the other's top-5; then stop."""
-    assert len(served.tokens) == len(reference.tokens), f"{context}: length {len(served.tokens)}"
-    for step, (want, got) in enumerate(zip(reference.tokens, served.tokens, strict=True)):
-        if want != got:
-            assert got in reference.top[step] and want in served.top[step], (
-                f"{context}: step {step} reference {want} (top {sorted(reference.top[step])}) "
-                f"vs served {got} (top {sorted(served.top[step])})"
-            )
-            return
+    _, failure = divergence(reference, served)
+    assert failure is None, f"{context}: {failure}"
