@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ class ModelCatalog:
         self.base_id = base_id
         self.registry = registry
         self._snapshot = Snapshot(generation=0, records={})
+        self._ordered: tuple[int, list[AdapterRecord], list[str]] = (0, [], [])
+        """(generation, records by name, their names): sorted once per generation, not per list request."""
         self._checked = 0.0
         self._created = int(time.time())
 
@@ -88,8 +91,23 @@ class ModelCatalog:
         return ModelTarget(id=self.adapter_id(name), adapter=record)
 
     async def records(self) -> list[AdapterRecord]:
+        """Every adapter, in name order (do not change the list: it is shared until the next generation)."""
         await self.refresh()
-        return sorted(self._snapshot.records.values(), key=lambda r: r.name)
+        return self._sorted()[0]
+
+    async def records_after(self, name: str | None) -> list[AdapterRecord]:
+        """The adapters named after `name` (all for None), in name order: a slice found by bisection, for pages."""
+        await self.refresh()
+        records, names = self._sorted()
+        return records if name is None else records[bisect.bisect_right(names, name) :]
+
+    def _sorted(self) -> tuple[list[AdapterRecord], list[str]]:
+        generation, records, names = self._ordered
+        if generation != self._snapshot.generation:
+            records = sorted(self._snapshot.records.values(), key=lambda r: r.name)
+            names = [r.name for r in records]
+            self._ordered = (self._snapshot.generation, records, names)
+        return records, names
 
     async def models(self, visible: Callable[[str | None], bool] = lambda _: True) -> list[dict[str, Any]]:
         """OpenAI model objects: the base model first, then adapters with `parent` = base.

@@ -7,6 +7,7 @@ Reads list only the adapters the key may use (admins: all).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict
 from typing import Any
 
@@ -101,18 +102,16 @@ async def list_adapters(
 ) -> dict[str, Any]:
     """The adapters this key may see, ordered by name, a page at a time as OpenAI's list endpoints page:
     `has_more` says whether to ask again with `after` = this page's `last_id`."""
-    records = [r for r in await context.catalog.records() if key.may_see(r.name)]  # in name order
-    if after is not None:
-        cursor = _bare(context, after)
-        records = [r for r in records if r.name > cursor]
-    page = records[:limit]
-    data = [card(context, r, with_source=key.admin) for r in page]
+    following = await context.catalog.records_after(None if after is None else _bare(context, after))
+    visible = itertools.islice((r for r in following if key.may_see(r.name)), limit + 1)  # in name order
+    page = list(visible)
+    data = [card(context, r, with_source=key.admin) for r in page[:limit]]
     return {
         "object": "list",
         "data": data,
         "first_id": data[0]["id"] if data else None,
         "last_id": data[-1]["id"] if data else None,
-        "has_more": len(records) > limit,
+        "has_more": len(page) > limit,
     }
 
 
