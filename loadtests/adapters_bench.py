@@ -68,6 +68,7 @@ def start(
     engine: dict[str, Any],
     router: dict[str, Any] | None = None,
     engine_deployment: dict[str, Any] | None = None,
+    registry: dict[str, Any] | None = None,
 ) -> Iterator[Server]:
     """moto on loopback and `loraplex serve` with `engine`, `router` and `engine_deployment` settings, until the
     block ends."""
@@ -84,7 +85,7 @@ def start(
                 "state_file": str(work / "registry.json"), "cache_dir": str(work / "cache"),
                 "local_roots": [str(root) for root in roots], "s3_endpoint_url": s3_url,
                 "s3_access_key_id": S3_KEYS["AWS_ACCESS_KEY_ID"],
-                "s3_secret_access_key": S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+                "s3_secret_access_key": S3_KEYS["AWS_SECRET_ACCESS_KEY"], **(registry or {}),
             },
         }  # fmt: skip
         (work / "loraplex.yaml").write_text(yaml.safe_dump(config))

@@ -71,8 +71,8 @@ async def measure(app: AppConfig, registry: AdapterRegistry, warm_adapters: int)
     started = time.perf_counter()
     await replica.start()
     start_s = time.perf_counter() - started
-    assert replica._warmer is not None
-    await replica._warmer
+    if replica._warmer is not None:
+        await replica._warmer
     warm_s = time.perf_counter() - started - start_s
     warmed = set(replica._engine.held())
     homed = [n for n in names if rendezvous_order(n, ("new", "old"))[0] == "new"]
@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         registry = AdapterRegistry(SqliteStore(Path(tmp) / "registry.db"), model, make_resolver(app),
                                    max_rank=app.engine.max_lora_rank, max_bytes=10**9)  # fmt: skip
         for name, folder in folders.items():
-            assert isinstance(asyncio.run(registry.register(name, str(folder))), AdapterRecord)
+            if not isinstance(outcome := asyncio.run(registry.register(name, str(folder))), AdapterRecord):
+                raise RuntimeError(f"{name}: {outcome}")
         result = asyncio.run(measure(app, registry, args.warm_adapters))
     print(write(args.out, result, machine(), "make bench-warm"))
 

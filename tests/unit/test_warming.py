@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import serve.replica
+from loadtests.warm_bench import Handle
 from routing.policy import rendezvous_order
 from serve.adapters import registry as registry_module
 from serve.adapters.registry import AdapterRegistry
@@ -29,16 +30,6 @@ from serve.wire import AdapterRecord, LoaderStats, ReplicaReport
 from tests.unit.test_adapter_validation import ASSETS, write_adapter
 
 NAMES = [f"tenant-{i}" for i in range(12)]
-
-
-class Handle:
-    """What a Serve handle to the registry looks like to a replica: every method called with `.remote`."""
-
-    def __init__(self, target: AdapterRegistry) -> None:
-        self._target = target
-
-    def __getattr__(self, name: str) -> SimpleNamespace:
-        return SimpleNamespace(remote=getattr(self._target, name))
 
 
 @pytest.fixture
