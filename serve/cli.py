@@ -1,4 +1,5 @@
-"""The `loraplex` command: prepare the embedded demo assets, and serve a model with its adapters."""
+"""The `loraplex` command: prepare the embedded demo assets, and serve a model with its adapters (the commands that
+manage a running server, its keys, and `verify`, are in `serve.manage`)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ import typer
 
 from routing.keys import OPEN_WARNING
 from serve.config import AppConfig, load_config
+from serve.manage import DEFAULT_ASSETS, adapters_app, keys_app, verify
 
 app = typer.Typer(add_completion=False, help="Serve one base model and many LoRA adapters, OpenAI-compatible.")
 logger = logging.getLogger("loraplex")
 
-DEFAULT_ASSETS = Path(".loraplex")
 APP_NAME = "loraplex"
 DRAIN_MARGIN_S = 15.0
 """Beyond the replicas' graceful_shutdown_timeout_s: Serve's drain poll and the engines' own shutdown."""
@@ -315,108 +316,9 @@ DRAIN_CALL_S = 10.0
 """At most this long for one call to Ray while draining."""
 
 
-adapters_app = typer.Typer(add_completion=False, help="Manage a running server's adapters.")
 app.add_typer(adapters_app, name="adapters")
-UrlOption = Annotated[str, typer.Option(help="The server's base URL.", envvar="LORAPLEX_URL")]
-ApiKeyOption = Annotated[
-    str | None, typer.Option("--api-key", help="An admin API key, sent as a bearer token.", envvar="LORAPLEX_API_KEY")
-]
-
-
-def _call(method: str, url: str, api_key: str | None, **kwargs: Any) -> Any:
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    response = httpx.request(method, url, headers=headers, timeout=300, **kwargs)
-    if response.status_code >= 400:
-        error = response.json().get("error", {})
-        typer.echo(f"error {response.status_code}: {error.get('message', response.text)}", err=True)
-        raise typer.Exit(1)
-    return response.json()
-
-
-@adapters_app.command("list")
-def adapters_list(url: UrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
-    """List registered adapters (every page)."""
-    params: dict[str, str] = {}
-    while True:
-        page = _call("GET", f"{url}/v1/adapters", api_key, params=params)
-        for item in page["data"]:
-            pinned = " pinned" if item["pinned"] else ""
-            typer.echo(f"{item['id']}\tv{item['version']}\tr={item['rank']}\t{item.get('source', '-')}{pinned}")
-            for warning in item.get("warnings") or ():
-                typer.echo(f"  warning: {warning}")
-        if not page.get("has_more") or not page["data"]:
-            return
-        params = {"after": page["last_id"]}
-
-
-@adapters_app.command("add")
-def adapters_add(
-    name: str,
-    source: str,
-    pinned: Annotated[bool, typer.Option(help="Never evict once loaded.")] = False,
-    url: UrlOption = "http://127.0.0.1:8000",
-    api_key: ApiKeyOption = None,
-) -> None:
-    """Register NAME from SOURCE (a folder, file://... or s3://...); a new version if NAME exists."""
-    item = _call("POST", f"{url}/v1/adapters", api_key, json={"name": name, "source": source, "pinned": pinned})
-    typer.echo(f"{item['id']} v{item['version']}")
-
-
-@adapters_app.command("rm")
-def adapters_rm(name: str, url: UrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
-    """Unregister NAME."""
-    typer.echo(_call("DELETE", f"{url}/v1/adapters/{name}", api_key)["id"] + " removed")
-
-
-keys_app = typer.Typer(add_completion=False, help="Manage API keys (the file named by router.auth.keys_file).")
 app.add_typer(keys_app, name="keys")
-KeysFileOption = Annotated[Path, typer.Option("--file", help="The keys file (YAML, or JSON if it ends in .json).")]
-
-
-@keys_app.command("create")
-def keys_create(
-    name: Annotated[str, typer.Option(help="The key's public id, shown in audit logs and limits.")],
-    file: KeysFileOption,
-    adapter: Annotated[list[str] | None, typer.Option(help="Adapter name or glob the key may use; repeatable.")] = None,
-    base: Annotated[bool, typer.Option(help="The key may use the base model.")] = False,
-    admin: Annotated[bool, typer.Option(help="The key may register and remove adapters.")] = False,
-    metrics: Annotated[bool, typer.Option(help="The key may read /metrics (give it to Prometheus).")] = False,
-    rpm: Annotated[int | None, typer.Option(help="Requests per minute.")] = None,
-    tpm: Annotated[int | None, typer.Option(help="Tokens (prompt + completion) per minute.")] = None,
-    weight: Annotated[float, typer.Option(help="Fair-share weight under load.")] = 1.0,
-) -> None:
-    """Mint a key, print it once, and append only its SHA-256 (with its scope and limits) to --file."""
-    from pydantic import ValidationError
-
-    from routing.keys import append_key, hash_api_key, new_api_key
-    from serve.config import ApiKeyConfig
-
-    key = new_api_key()
-    try:
-        entry = ApiKeyConfig(
-            name=name, sha256=hash_api_key(key), adapters=adapter or [], base=base, admin=admin,
-            metrics=metrics, rpm=rpm, tpm=tpm, weight=weight,
-        )  # fmt: skip
-        append_key(file, entry)
-    except (ValidationError, ValueError) as exc:
-        raise typer.BadParameter(str(exc)) from None
-    typer.echo(f"created key {name!r} in {file}; it is shown only this once:", err=True)
-    typer.echo(key)
-
-
-@keys_app.command("list")
-def keys_list(file: KeysFileOption) -> None:
-    """Show each key's name, scope and limits (never a key: the file holds none)."""
-    from routing.keys import read_keys_file
-
-    for key in read_keys_file(file).keys:
-        scopes = [*key.adapters, *(["<base>"] if key.base else []), *(["<admin>"] if key.admin else []),
-                  *(["<metrics>"] if key.metrics else [])]  # fmt: skip
-        typer.echo(
-            f"{key.name}\t{','.join(scopes) or '-'}\trpm={key.rpm or '-'}\ttpm={key.tpm or '-'}\tw={key.weight:g}"
-        )
+app.command()(verify)
 
 
 def main() -> None:
@@ -425,45 +327,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-@app.command()
-def verify(
-    name: str,
-    model: Annotated[
-        Path | None,
-        typer.Option(help="The base model's folder here (default: .loraplex/models/BASE, as `make serve` builds it)."),
-    ] = None,
-    adapter: Annotated[
-        Path | None, typer.Option(help="The adapter's folder here (default: its registered source, admins only).")
-    ] = None,
-    prompts: Annotated[
-        Path | None, typer.Option(help="Prompts to compare, one per line or a JSON list (default: four built in).")
-    ] = None,
-    tokens: Annotated[int, typer.Option(min=1, max=256, help="Greedy tokens compared per prompt.")] = 16,
-    s3_endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint of an s3:// source (default: AWS).")] = None,
-    url: UrlOption = "http://127.0.0.1:8000",
-    api_key: ApiKeyOption = None,
-) -> None:
-    """Check that the server serves adapter NAME as transformers + PEFT compute it here; exit 1 on a mismatch."""
-    from serve.adapters.sources import S3Source
-    from serve.verify import VerifyError, read_prompts
-    from serve.verify import verify as run
-
-    try:
-        base = model or DEFAULT_ASSETS / "models" / _base_id(url, name, api_key)
-        if not (base / "config.json").is_file():
-            raise VerifyError(f"no model folder at {base}: pass --model FOLDER")
-        verdict = run(url, name, base, adapter_dir=adapter, prompts=read_prompts(prompts), tokens=tokens,
-                      api_key=api_key, s3=S3Source(endpoint_url=s3_endpoint_url),
-                      progress=lambda line: typer.echo(line, err=True))  # fmt: skip
-    except VerifyError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(verdict.report())
-    raise typer.Exit(0 if verdict.ok else 1)
-
-
-def _base_id(url: str, name: str, api_key: str | None) -> str:
-    card = _call("GET", f"{url}/v1/adapters/{name}", api_key)
-    return str(card["id"]).rsplit(":", 1)[0]

@@ -45,11 +45,13 @@ class AdapterLoader:
         if record.unusable:
             raise AdapterInvalid(f"adapter {record.name!r} cannot be served: it {record.unusable}")
         if self._versions.get(record.name) == record.content_hash:
-            self.stats.hits += not ahead
+            if not ahead:
+                self.stats.hits += 1
             return
         async with self._locks[record.name]:
             if self._versions.get(record.name) == record.content_hash:
-                self.stats.hits += not ahead  # a concurrent first request loaded it while we waited
+                if not ahead:
+                    self.stats.hits += 1  # a concurrent first request loaded it while we waited
                 return
             if ahead:
                 self.stats.warmed += 1

@@ -196,6 +196,7 @@ def test_the_cli_lists_every_page(monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
     import serve.cli
+    import serve.manage
 
     registry = FakeRegistry({f"a{i:02d}": record(f"a{i:02d}") for i in range(25)})
     app = create_app(engine_client(), ModelCatalog(BASE, registry), RouterConfig())
@@ -213,7 +214,7 @@ def test_the_cli_lists_every_page(monkeypatch: pytest.MonkeyPatch) -> None:
 
         return asyncio.run(get())
 
-    monkeypatch.setattr(serve.cli, "_call", call)
+    monkeypatch.setattr(serve.manage, "_call", call)
     result = CliRunner().invoke(serve.cli.app, ["adapters", "list"])
     assert result.exit_code == 0, result.output
     assert [line.split("\t")[0] for line in result.output.splitlines()] == [f"{BASE}:a{i:02d}" for i in range(25)]
