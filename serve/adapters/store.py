@@ -368,6 +368,12 @@ class S3Store:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                 raise StoreConflict("a record changed in the S3 registry store meanwhile") from None
+            if code in ("NoSuchBucket", "AccessDenied", "403"):
+                # Said plainly: the store never creates its bucket, and with these a registry replica cannot start.
+                problem = "does not exist" if code == "NoSuchBucket" else "refuses these credentials"
+                url = f"s3://{self.bucket}/{self.prefix}"
+                message = f"{where}: bucket {self.bucket!r} {problem} (registry.store is {url}; it creates no bucket)"
+                raise StoreUnavailable(message) from None
             raise StoreUnavailable(f"{where} failed: {code or type(exc).__name__}") from None
         except BotoCoreError as exc:
             raise StoreUnavailable(f"{where} is unreachable ({type(exc).__name__})") from None

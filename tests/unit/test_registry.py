@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from serve.adapters import registry as registry_module
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
-from serve.adapters.store import BaseIdentity, RegistryStore, S3Store, SqliteStore, open_store
+from serve.adapters.store import BaseIdentity, RegistryStore, S3Store, SqliteStore, StoreUnavailable, open_store
 from serve.adapters.validation import NO_OP_WARNING
 from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.config import RegistryConfig
@@ -466,3 +466,12 @@ def test_a_no_op_adapters_warning_is_recorded_and_survives_a_restart(tmp_path: P
     record = asyncio.run(registry.register("silent", str(write_adapter(tmp_path / "adapters" / "silent"))))
     assert isinstance(record, AdapterRecord) and record.warnings == (NO_OP_WARNING,)
     assert asyncio.run(open_registry().snapshot()).records["silent"] == record
+
+
+def test_an_s3_store_on_a_bucket_that_does_not_exist_says_so(s3_url: str) -> None:
+    keys = {"access_key_id": S3_KEYS["AWS_ACCESS_KEY_ID"], "secret_access_key": S3_KEYS["AWS_SECRET_ACCESS_KEY"]}
+    store = S3Store(
+        bucket="no-such-bucket", prefix="cluster/registry", connection=S3Source(endpoint_url=s3_url, **keys)
+    )
+    with pytest.raises(StoreUnavailable, match=r"bucket 'no-such-bucket' does not exist .*s3://no-such-bucket/cluster"):
+        store.load()
