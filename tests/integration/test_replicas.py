@@ -32,7 +32,9 @@ def two_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         json.dumps(
             {
                 "engine": {"model": str(model_dir), "cpu_threads_bind": "nobind", "dtype": "checkpoint"},
-                "engine_deployment": {"num_replicas": 2},
+                # Placement by routing alone: a replica that comes up after the first requests would otherwise warm
+                # the hot adapters whose home it is (tests/integration/test_autoscaling.py), holding them twice.
+                "engine_deployment": {"num_replicas": 2, "warm_adapters": 0},
                 "registry": {"state_file": str(work / "registry.json"), "cache_dir": str(work / "cache")},
             }
         )
