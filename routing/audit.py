@@ -16,7 +16,7 @@ from fastapi import Request
 
 from routing.errors import OpenAIError, PermissionDenied
 
-AuditAction = Literal["register", "unregister"]
+AuditAction = Literal["register", "compose", "unregister", "rollout", "split", "promote", "rollback"]
 Outcome = Literal["ok", "denied", "refused", "failed"]
 LOGGER = "loraplex.audit"
 
@@ -51,9 +51,11 @@ class AuditLog:
         adapter: str | None,
         source: str | None = None,
         version: int | None = None,
+        split: str | None = None,
         status: int = 200,
         error: OpenAIError | None = None,
     ) -> None:
+        """One JSON line; `split`: how an adapter's requests are shared between its versions after the change."""
         entry: dict[str, Any] = {
             "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "key": key,
@@ -66,6 +68,8 @@ class AuditLog:
         }
         if version is not None:
             entry["version"] = version
+        if split is not None:
+            entry["split"] = split
         if error is not None:
             entry["message"] = error.message
         line = json.dumps(entry, sort_keys=False)

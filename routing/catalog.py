@@ -6,18 +6,29 @@ import asyncio
 import bisect
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from routing.errors import InvalidRequest, ModelNotFound, NotReady
+from routing.errors import InvalidRequest, ModelNotFound, NotReady, UpstreamError
 from routing.registry_client import RegistryClient
-from serve.wire import ADAPTER_ID_SEPARATOR, AdapterRecord, Snapshot, adapter_model_id
+from serve.wire import (
+    ADAPTER_ID_SEPARATOR,
+    AdapterRecord,
+    Composition,
+    Snapshot,
+    WireError,
+    adapter_model_id,
+    composition_key,
+)
 
 SEPARATOR = ADAPTER_ID_SEPARATOR
 logger = logging.getLogger("loraplex.router")
 REGISTRY_TIMEOUT_S = 5.0
 REFRESH_S = 1.0
+INLINE_KEPT = 1024
+"""Inline composites a router remembers by what they are made of (a forgotten one is asked of the registry again)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,7 @@ class ModelCatalog:
         """(generation, records by name, their names): sorted once per generation, not per list request."""
         self._checked = 0.0
         self._created = int(time.time())
+        self._composites: OrderedDict[str, AdapterRecord] = OrderedDict()
 
     def adapter_id(self, name: str) -> str:
         return adapter_model_id(self.base_id, name)
@@ -89,6 +101,30 @@ class ModelCatalog:
         if record.unusable:
             raise InvalidRequest(f"The model `{requested}` cannot be served: it {record.unusable}.", param="model")
         return ModelTarget(id=self.adapter_id(name), adapter=record)
+
+    async def composite(self, composition: Composition) -> tuple[ModelTarget, bool]:
+        """The inline composite `composition` of registered adapters, and whether asking for it built it now.
+
+        Known by the hash of what it is made of (its components' current versions included), so a new version of a
+        component makes a new composite; the registry builds each once, however many routers ask at once.
+        """
+        await self.refresh()
+        records = [self._snapshot.records.get(name) for name in composition.adapters]
+        if all(record is not None for record in records):
+            made_of = tuple(record.content_hash for record in records if record is not None)
+            key = composition_key(replace(composition, built_from=made_of))
+            if (known := self._composites.get(key)) is not None:
+                self._composites.move_to_end(key)
+                return ModelTarget(id=self.adapter_id(known.name), adapter=known), False
+        outcome = await self.registry.materialize(composition)
+        if isinstance(outcome, WireError):
+            raise UpstreamError(outcome)
+        record, built = outcome
+        assert record.composition is not None
+        self._composites[composition_key(record.composition)] = record
+        if len(self._composites) > INLINE_KEPT:
+            self._composites.popitem(last=False)
+        return ModelTarget(id=self.adapter_id(record.name), adapter=record), built
 
     async def records(self) -> list[AdapterRecord]:
         """Every adapter, in name order (do not change the list: it is shared until the next generation)."""

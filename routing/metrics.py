@@ -38,6 +38,24 @@ class RouterMetrics:
             "loraplex_time_to_first_token_seconds", "Time to the first streamed token, by model.",
             ["model"], buckets=_LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
+        self.composite_builds = Counter(
+            "loraplex_composite_builds", "Inline composite adapters built with PEFT for requests through this router "
+            "(one per distinct composite, however many requests asked at once).", registry=registry,
+        )  # fmt: skip
+        self.rollout_requests = Counter(
+            "loraplex_rollout_requests", "Requests to adapters while a new version is rolled out, by model, the "
+            "version that served them and HTTP status: the two versions side by side.",
+            ["model", "version", "status"], registry=registry,
+        )  # fmt: skip
+        self.rollout_latency = Histogram(
+            "loraplex_rollout_request_latency_seconds", "End-to-end latency of requests to adapters while a new "
+            "version is rolled out, by model and version.", ["model", "version"], buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )  # fmt: skip
+        self.rollout_completion_tokens = Counter(
+            "loraplex_rollout_completion_tokens", "Completion tokens of adapters while a new version is rolled out, "
+            "by model and version.", ["model", "version"], registry=registry,
+        )  # fmt: skip
         self.replicas = ReplicaCollector()
         registry.register(self.replicas)
         self.latency = Histogram(
@@ -99,6 +117,8 @@ class RequestTimer:
     started: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     done: bool = False
+    version: str | None = None
+    """The adapter version that served the request, set while a new version of it is rolled out."""
 
     def first_token_seen(self) -> None:
         if self.first_token is None:
@@ -108,13 +128,19 @@ class RequestTimer:
     def tokens(self, prompt: int, completion: int) -> None:
         self.metrics.prompt_tokens.labels(self.label).inc(prompt)
         self.metrics.completion_tokens.labels(self.label).inc(completion)
+        if self.version is not None:
+            self.metrics.rollout_completion_tokens.labels(self.label, self.version).inc(completion)
 
     def finish(self, status: int) -> None:
         if self.done:
             return
         self.done = True
+        elapsed = time.perf_counter() - self.started
         self.metrics.requests.labels(self.label, self.endpoint, str(status)).inc()
-        self.metrics.latency.labels(self.label, self.endpoint).observe(time.perf_counter() - self.started)
+        self.metrics.latency.labels(self.label, self.endpoint).observe(elapsed)
+        if self.version is not None:
+            self.metrics.rollout_requests.labels(self.label, self.version, str(status)).inc()
+            self.metrics.rollout_latency.labels(self.label, self.version).observe(elapsed)
 
 
 class _Counted(Collector):

@@ -12,7 +12,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFun
 from pydantic_core import PydanticCustomError
 
 from routing.errors import InvalidRequest, validation_param
-from serve.wire import Endpoint
+from serve.wire import COMPOSE_METHODS, Composition, Endpoint
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -54,6 +54,50 @@ StopSequences = Annotated[
 ]
 
 
+MAX_COMPONENTS = 8
+"""Adapters one composite may combine."""
+
+
+class ComposeComponent(BaseModel):
+    """One adapter of a composite and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        min_length=1, max_length=MAX_MODEL_ID_CHARS, description="A registered adapter, `NAME` or `BASE:NAME`."
+    )
+    weight: float = Field(ge=-16, le=16, description="Its weight in the combination (negative subtracts it).")
+
+
+class ComposeSpec(BaseModel):
+    """A weighted combination of registered adapters, made with PEFT's `add_weighted_adapter`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: list[ComposeComponent] = Field(min_length=1, max_length=MAX_COMPONENTS)
+    method: Literal[COMPOSE_METHODS] = Field(  # type: ignore[valid-type]
+        default="cat",
+        description=(
+            "PEFT's combination type: `cat` (exact; rank = sum of ranks), `svd` (rank = largest rank), `linear`, "
+            "`ties`, `dare_linear`, `dare_ties` (components of one rank)."
+        ),
+    )
+    density: float | None = Field(default=None, gt=0, le=1, description="Share of weights kept: ties and dare only.")
+    seed: int = Field(
+        default=0, ge=0, le=INT32_MAX, description="Seeds DARE's random pruning: the same seed, the same adapter."
+    )
+
+    def composition(self, names: list[str]) -> Composition:
+        """As the registry takes it, with the components' bare `names`."""
+        return Composition(
+            method=self.method,
+            adapters=tuple(names),
+            weights=tuple(component.weight for component in self.adapters),
+            density=self.density,
+            seed=self.seed,
+        )
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -70,6 +114,13 @@ class _Body(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stream_options: dict[str, Any] | None = Field(default=None, description="Only with `stream`.")
+    compose: ComposeSpec | None = Field(
+        default=None,
+        description=(
+            "loraplex: serve this request with a weighted combination of registered adapters, built once and cached "
+            "(`model` must then be the base model). The openai SDK sends it through `extra_body`."
+        ),
+    )
 
 
 class CompletionBody(_Body):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from serve.wire import AdapterRecord, Changes, ReplicaReport, Snapshot, WireError
+from serve.wire import AdapterRecord, Changes, Composition, ReplicaReport, Snapshot, WireError
 
 
 class RegistryClient(Protocol):
@@ -15,6 +15,12 @@ class RegistryClient(Protocol):
     async def changes(self, since: int) -> Changes: ...
     async def register(self, name: str, source: str, pinned: bool) -> AdapterRecord | WireError: ...
     async def unregister(self, name: str) -> AdapterRecord | WireError: ...
+    async def compose(self, name: str, composition: Composition, pinned: bool) -> AdapterRecord | WireError: ...
+    async def materialize(self, composition: Composition) -> tuple[AdapterRecord, bool] | WireError: ...
+    async def rollout(self, name: str, source: str, percent: float) -> AdapterRecord | WireError: ...
+    async def split(self, name: str, percent: float) -> AdapterRecord | WireError: ...
+    async def promote(self, name: str) -> AdapterRecord | WireError: ...
+    async def rollback(self, name: str) -> AdapterRecord | WireError: ...
     async def replica_reports(self) -> list[ReplicaReport]: ...
 
 
@@ -41,6 +47,30 @@ class ServeRegistryClient:
 
     async def unregister(self, name: str) -> AdapterRecord | WireError:
         outcome: AdapterRecord | WireError = await self._handle.unregister.remote(name)
+        return outcome
+
+    async def compose(self, name: str, composition: Composition, pinned: bool) -> AdapterRecord | WireError:
+        outcome: AdapterRecord | WireError = await self._handle.compose.remote(name, composition, pinned)
+        return outcome
+
+    async def materialize(self, composition: Composition) -> tuple[AdapterRecord, bool] | WireError:
+        outcome: tuple[AdapterRecord, bool] | WireError = await self._handle.materialize.remote(composition)
+        return outcome
+
+    async def rollout(self, name: str, source: str, percent: float) -> AdapterRecord | WireError:
+        outcome: AdapterRecord | WireError = await self._handle.rollout.remote(name, source, percent)
+        return outcome
+
+    async def split(self, name: str, percent: float) -> AdapterRecord | WireError:
+        outcome: AdapterRecord | WireError = await self._handle.split.remote(name, percent)
+        return outcome
+
+    async def promote(self, name: str) -> AdapterRecord | WireError:
+        outcome: AdapterRecord | WireError = await self._handle.promote.remote(name)
+        return outcome
+
+    async def rollback(self, name: str) -> AdapterRecord | WireError:
+        outcome: AdapterRecord | WireError = await self._handle.rollback.remote(name)
         return outcome
 
     async def replica_reports(self) -> list[ReplicaReport]:

@@ -571,6 +571,15 @@ class RegistryConfig(_Strict):
             "`.migrated`. With no `store`, its folder holds the SQLite database."
         ),
     )
+    composites: str | None = Field(
+        default=None,
+        description=(
+            "Where the registry stores the composite adapters it builds (one folder per composite, named by the hash "
+            "of what it was made from): a folder every node can read, or `s3://BUCKET/PREFIX`. None: beside the "
+            "store, `s3://BUCKET/PREFIX-composites` for an S3 store, the `composites` folder beside `state_file` "
+            "otherwise."
+        ),
+    )
     cache_dir: str = Field(
         default=".loraplex/adapter-cache", description="Per-node copies of adapters, one folder per content hash."
     )
@@ -619,6 +628,15 @@ class RegistryConfig(_Strict):
     def store_url(self) -> str:
         """The store's URL, `store` or the SQLite database beside `state_file`."""
         return self.store or f"sqlite:///{Path(self.state_file).with_name('registry.db')}"
+
+    @property
+    def composites_url(self) -> str:
+        """Where composites go: `composites`, or the default beside the store."""
+        if self.composites:
+            return self.composites
+        if self.store and self.store.startswith("s3://"):
+            return self.store.rstrip("/") + "-composites"
+        return str(Path(self.state_file).with_name("composites").resolve())
 
 
 class AppConfig(_Strict):

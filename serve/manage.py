@@ -37,12 +37,20 @@ def adapters_list(url: UrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOptio
         page = _call("GET", f"{url}/v1/adapters", api_key, params=params)
         for item in page["data"]:
             pinned = " pinned" if item["pinned"] else ""
-            typer.echo(f"{item['id']}\tv{item['version']}\tr={item['rank']}\t{item.get('source', '-')}{pinned}")
+            made = item.get("composition")
+            source = item.get("source", "-") if made is None else _composition(made)
+            rollout = f"\trollout {_split(item)}" if item.get("canary") else ""
+            typer.echo(f"{item['id']}\tv{item['version']}\tr={item['rank']}\t{source}{pinned}{rollout}")
             for warning in item.get("warnings") or ():
                 typer.echo(f"  warning: {warning}")
         if not page.get("has_more") or not page["data"]:
             return
         params = {"after": page["last_id"]}
+
+
+def _composition(made: dict[str, Any]) -> str:
+    parts = ", ".join(f"{name}*{weight:g}" for name, weight in zip(made["adapters"], made["weights"], strict=True))
+    return f"{made['method']}({parts})"
 
 
 @adapters_app.command("add")
@@ -56,6 +64,83 @@ def adapters_add(
     """Register NAME from SOURCE (a folder, file://... or s3://...); a new version if NAME exists."""
     item = _call("POST", f"{url}/v1/adapters", api_key, json={"name": name, "source": source, "pinned": pinned})
     typer.echo(f"{item['id']} v{item['version']}")
+
+
+@adapters_app.command("compose")
+def adapters_compose(
+    name: str,
+    components: Annotated[list[str], typer.Argument(help="Registered adapters as NAME=WEIGHT, e.g. sql=0.7 chat=0.3.")],
+    method: Annotated[
+        str, typer.Option(help="PEFT's combination: cat, svd, linear, ties, dare_linear or dare_ties.")
+    ] = "cat",
+    density: Annotated[float | None, typer.Option(help="Share of weights kept (ties and dare only).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of DARE's random pruning.")] = 0,
+    pinned: Annotated[bool, typer.Option(help="Never evict once loaded.")] = False,
+    url: UrlOption = "http://127.0.0.1:8000",
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Register NAME as a weighted combination of registered adapters (built with PEFT's add_weighted_adapter)."""
+    adapters = []
+    for component in components:
+        adapter, separator, weight = component.rpartition("=")
+        try:
+            adapters.append({"name": adapter, "weight": float(weight)})
+        except ValueError:
+            separator = ""
+        if not separator or not adapter:
+            raise typer.BadParameter(f"{component!r}: write each component as NAME=WEIGHT")
+    spec: dict[str, Any] = {"adapters": adapters, "method": method, "seed": seed}
+    if density is not None:
+        spec["density"] = density
+    item = _call("POST", f"{url}/v1/adapters", api_key, json={"name": name, "compose": spec, "pinned": pinned})
+    typer.echo(f"{item['id']} v{item['version']} r={item['rank']}")
+
+
+def _split(item: dict[str, Any]) -> str:
+    canary = item.get("canary")
+    if not canary:
+        return f"v{item['version']} 100%"
+    share = item["canary_percent"]
+    return f"v{item['version']} {100 - share:g}% / v{canary['version']} {share:g}%"
+
+
+@adapters_app.command("rollout")
+def adapters_rollout(
+    name: str,
+    source: str,
+    percent: Annotated[float, typer.Option(min=0, max=100, help="Share of NAME's requests the new version gets.")] = 10,
+    url: UrlOption = "http://127.0.0.1:8000",
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Roll SOURCE out as NAME's next version to --percent of its requests (sticky per `user`)."""
+    item = _call("POST", f"{url}/v1/adapters/{name}/rollout", api_key, json={"source": source, "percent": percent})
+    typer.echo(f"{item['id']}\t{_split(item)}")
+
+
+@adapters_app.command("split")
+def adapters_split(
+    name: str,
+    percent: Annotated[float, typer.Argument(min=0, max=100, help="Share of NAME's requests the new version gets.")],
+    url: UrlOption = "http://127.0.0.1:8000",
+    api_key: ApiKeyOption = None,
+) -> None:
+    """Change the share of NAME's requests its new version gets."""
+    item = _call("PATCH", f"{url}/v1/adapters/{name}/rollout", api_key, json={"percent": percent})
+    typer.echo(f"{item['id']}\t{_split(item)}")
+
+
+@adapters_app.command("promote")
+def adapters_promote(name: str, url: UrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
+    """Make the version being rolled out NAME's only one."""
+    item = _call("POST", f"{url}/v1/adapters/{name}/promote", api_key)
+    typer.echo(f"{item['id']}\t{_split(item)}")
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(name: str, url: UrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
+    """Drop the version being rolled out: NAME's current version takes every request again."""
+    item = _call("POST", f"{url}/v1/adapters/{name}/rollback", api_key)
+    typer.echo(f"{item['id']}\t{_split(item)}")
 
 
 @adapters_app.command("rm")

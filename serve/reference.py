@@ -41,6 +41,20 @@ class Reference:
         self.model = model.eval()
         self._cache: dict[tuple[str | None, tuple[int, ...], int], Greedy] = {}
 
+    def compose(
+        self,
+        name: str,
+        method: str,
+        adapters: dict[str, float],
+        density: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        """Adds `name`, PEFT's `add_weighted_adapter` of loaded `adapters` (name: weight), seeded as the server's."""
+        torch.manual_seed(seed)
+        self.model.add_weighted_adapter(
+            list(adapters), list(adapters.values()), name, combination_type=method, density=density
+        )
+
     def chat_prompt(self, text: str) -> list[int]:
         ids: Any = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True

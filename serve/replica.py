@@ -31,6 +31,8 @@ from serve.wire import (
     ReplicaItem,
     ReplyTo,
     WireError,
+    unversioned,
+    versioned_name,
 )
 from serve.wire.channel import Links
 
@@ -112,15 +114,27 @@ class Replica:
                 if generation == self._generation:
                     continue
                 changes: Changes = await self._registry.changes.remote(self._generation)
-                held = set(self._engine.held())
-                gone = {name for name, record in changes.records.items() if record is None or record.unusable}
-                if changes.full:
-                    gone |= held - set(changes.records)
-                for name in held & gone:
+                for name in sorted(self._gone(changes, set(self._engine.held()))):
                     await self._engine.forget(name)
                 self._generation = changes.generation
             except Exception:  # the registry restarting must not stop this replica from serving
                 logger.warning("could not reach the adapter registry", exc_info=True)
+
+    @staticmethod
+    def _gone(changes: Changes, held: set[str]) -> set[str]:
+        """The held adapters `changes` ends: unregistered or unusable ones, and versions rolled out beside another
+        (`NAME@vN`) that are no longer (promoted, rolled back)."""
+        gone = {name for name, record in changes.records.items() if record is None or record.unusable}
+        if changes.full:
+            gone |= {name for name in held if unversioned(name) not in changes.records}
+        for name in held - gone:
+            adapter = unversioned(name)
+            if name != adapter and adapter in changes.records:
+                record = changes.records[adapter]
+                canary = record.canary if record is not None else None
+                if canary is None or versioned_name(adapter, canary.version) != name:
+                    gone.add(name)
+        return held & gone
 
     async def generate(
         self,

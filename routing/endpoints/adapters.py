@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from routing.audit import AuditAction
 from routing.auth import KeyDep, RegisterAdmin, UnregisterAdmin
 from routing.context import ContextDep, RouterContext
 from routing.errors import OpenAIError, PermissionDenied, UpstreamError
 from routing.openapi import TEXT_ROUTE_ERRORS
 from routing.principals import Principal
-from routing.protocol import JSONRoute
+from routing.protocol import ComposeSpec, JSONRoute
 from serve.wire import AdapterRecord, WireError
 
 router = APIRouter(route_class=JSONRoute)
@@ -32,8 +33,43 @@ class RegisterAdapter(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=64, description="Adapter name, `[A-Za-z0-9._-]`.")
-    source: str = Field(min_length=1, description="A local path, `file://...` or `s3://bucket/prefix`.")
+    compose: ComposeSpec | None = Field(
+        default=None,
+        description=(
+            "Instead of a source: a weighted combination of registered adapters, built with PEFT and rebuilt when a "
+            "component gets a new version."
+        ),
+    )
+    source: str | None = Field(
+        default=None,
+        min_length=1,
+        validate_default=True,
+        description="A local path, `file://...` or `s3://bucket/prefix` (or `compose`).",
+    )
     pinned: bool = Field(default=False, description="Never evicted from engine memory once loaded.")
+
+    @field_validator("source")
+    @classmethod
+    def _source_or_compose(cls, source: str | None, info: ValidationInfo) -> str | None:
+        if (source is None) == (info.data.get("compose") is None):
+            raise ValueError("give a source or compose (one of them)")
+        return source
+
+
+Percent = Annotated[float, Field(ge=0, le=100, description="Share of the adapter's requests the new version gets.")]
+
+
+class StartRollout(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(min_length=1, description="The new version's files: a local path, `file://...` or `s3://...`.")
+    percent: Percent = 10.0
+
+
+class ChangeSplit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    percent: Percent
 
 
 class LoadLoraAdapter(BaseModel):
@@ -60,17 +96,30 @@ def card(context: RouterContext, record: AdapterRecord, *, with_source: bool = T
 
 
 async def _register(
-    context: RouterContext, request: Request, key: Principal, name: str, source: str, pinned: bool, status: int
+    context: RouterContext,
+    request: Request,
+    key: Principal,
+    name: str,
+    source: str | ComposeSpec,
+    pinned: bool,
+    status: int,
 ) -> AdapterRecord:
+    """Registers `name` from a source, or as a composite (`ComposeSpec`), and audits the outcome."""
+    action: AuditAction = "register" if isinstance(source, str) else "compose"
+    described = source if isinstance(source, str) else _described(context, source)
     try:
-        outcome = await context.catalog.registry.register(name, source, pinned)
+        if isinstance(source, str):
+            outcome = await context.catalog.registry.register(name, source, pinned)
+        else:
+            names = [_bare(context, component.name) for component in source.adapters]
+            outcome = await context.catalog.registry.compose(name, source.composition(names), pinned)
         if isinstance(outcome, WireError):
             raise UpstreamError(outcome)
     except OpenAIError as exc:
-        context.audit.record(key.name, "register", request, adapter=name, source=source, error=exc)
+        context.audit.record(key.name, action, request, adapter=name, source=described, error=exc)
         raise
     context.audit.record(
-        key.name, "register", request, adapter=name, source=source, version=outcome.version, status=status
+        key.name, action, request, adapter=name, source=described, version=outcome.version, status=status
     )
     await context.catalog.refresh(force=True)
     return outcome
@@ -87,6 +136,12 @@ async def _unregister(context: RouterContext, request: Request, key: Principal, 
     context.audit.record(key.name, "unregister", request, adapter=name, source=outcome.source, version=outcome.version)
     await context.catalog.refresh(force=True)
     return outcome
+
+
+def _described(context: RouterContext, spec: ComposeSpec) -> str:
+    """A composite as the audit log shows it: `cat(alpha*0.7, beta*0.3)`."""
+    parts = ", ".join(f"{_bare(context, c.name)}*{c.weight:g}" for c in spec.adapters)
+    return f"{spec.method}({parts})"
 
 
 def _bare(context: RouterContext, name: str) -> str:
@@ -136,7 +191,9 @@ async def get_adapter(name: str, context: ContextDep, key: KeyDep) -> dict[str, 
 async def register_adapter(
     body: RegisterAdapter, request: Request, context: ContextDep, key: RegisterAdmin
 ) -> JSONResponse:
-    record = await _register(context, request, key, body.name, body.source, body.pinned, 201)
+    source = body.source if body.source is not None else body.compose
+    assert source is not None  # the model's validator
+    record = await _register(context, request, key, body.name, source, body.pinned, 201)
     return JSONResponse(card(context, record), status_code=201)
 
 
@@ -144,6 +201,64 @@ async def register_adapter(
 async def delete_adapter(name: str, request: Request, context: ContextDep, key: UnregisterAdmin) -> dict[str, Any]:
     record = await _unregister(context, request, key, _bare(context, name))
     return {"id": context.catalog.adapter_id(record.name), "object": "adapter", "deleted": True}
+
+
+def split_of(record: AdapterRecord) -> str:
+    """How `record`'s requests are shared between its versions: `v3 90% / v4 10%`."""
+    if record.canary is None:
+        return f"v{record.version} 100%"
+    share = record.canary_percent
+    return f"v{record.version} {100 - share:g}% / v{record.canary.version} {share:g}%"
+
+
+async def _rollout_step(
+    context: RouterContext, request: Request, key: Principal, action: AuditAction, name: str, step: Any
+) -> dict[str, Any]:
+    """Runs one change of a rollout against the registry, audits it with the split it leaves, returns the card."""
+    name = _bare(context, name)
+    try:
+        outcome = await step(name)
+        if isinstance(outcome, WireError):
+            raise UpstreamError(outcome)
+    except OpenAIError as exc:
+        context.audit.record(key.name, action, request, adapter=name, error=exc)
+        raise
+    context.audit.record(key.name, action, request, adapter=name, version=outcome.version, split=split_of(outcome),
+                         source=outcome.canary.source if outcome.canary else None)  # fmt: skip
+    await context.catalog.refresh(force=True)
+    return card(context, outcome)
+
+
+@router.post("/v1/adapters/{name}/rollout", status_code=201)
+async def start_rollout(
+    name: str, body: StartRollout, request: Request, context: ContextDep, key: RegisterAdmin
+) -> dict[str, Any]:
+    """Registers `source` as the next version of `name` and sends it `percent` of the requests (sticky per `user`);
+    the current version keeps the rest until promote or rollback."""
+    registry = context.catalog.registry
+    return await _rollout_step(context, request, key, "rollout", name,
+                               lambda n: registry.rollout(n, body.source, body.percent))  # fmt: skip
+
+
+@router.patch("/v1/adapters/{name}/rollout")
+async def change_split(
+    name: str, body: ChangeSplit, request: Request, context: ContextDep, key: RegisterAdmin
+) -> dict[str, Any]:
+    """Changes the share of `name`'s requests its new version gets."""
+    registry = context.catalog.registry
+    return await _rollout_step(context, request, key, "split", name, lambda n: registry.split(n, body.percent))
+
+
+@router.post("/v1/adapters/{name}/promote")
+async def promote(name: str, request: Request, context: ContextDep, key: RegisterAdmin) -> dict[str, Any]:
+    """Makes the version being rolled out `name`'s only one."""
+    return await _rollout_step(context, request, key, "promote", name, context.catalog.registry.promote)
+
+
+@router.post("/v1/adapters/{name}/rollback")
+async def rollback(name: str, request: Request, context: ContextDep, key: RegisterAdmin) -> dict[str, Any]:
+    """Drops the version being rolled out; the current one takes every request again."""
+    return await _rollout_step(context, request, key, "rollback", name, context.catalog.registry.rollback)
 
 
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=TEXT_ROUTE_ERRORS)

@@ -16,18 +16,31 @@ from starlette.types import Receive, Scope, Send
 
 from routing.admission import Admission
 from routing.auth import KeyDep
+from routing.catalog import ModelTarget
 from routing.context import ContextDep, RouterContext
 from routing.engine_client import SHUTTING_DOWN, EngineCall
-from routing.errors import EngineFailure, OpenAIError, Overloaded, UpstreamError, error_response, sse_error
+from routing.errors import (
+    EngineFailure,
+    InvalidRequest,
+    OpenAIError,
+    Overloaded,
+    PermissionDenied,
+    UpstreamError,
+    error_response,
+    sse_error,
+)
 from routing.metrics import RequestTimer
 from routing.openapi import json_body
 from routing.principals import Principal
-from routing.protocol import ChatBody, CompletionBody, Endpoint, parse_body
+from routing.protocol import ChatBody, CompletionBody, ComposeSpec, Endpoint, parse_body
+from routing.rollout import choose_version
 from serve.wire import Usage, WireError
 from serve.wire.channel import ReplicaFailed
 
 logger = logging.getLogger("loraplex.router")
 TOKEN_EVENT = '"index":'
+INLINE_COMPOSITE_LABEL = "~compose"
+"""The one metrics label of every inline composite (their names come from request bodies: unbounded)."""
 """Marks a choice in a streamed chunk: each carries about one token (the floor charged when a client leaves)."""
 router = APIRouter()
 
@@ -59,9 +72,21 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
             extra_chat_roles=config.extra_chat_roles,
             max_sequences=config.max_sequences,
         )
-        key.require_use(context.catalog.name_of(body["model"]), body["model"])
-        target = await context.catalog.resolve(body["model"])
-        timer.label = context.metrics.label(target.id, target.adapter is not None)
+        compose = body.pop("compose", None)
+        if compose is None:
+            key.require_use(context.catalog.name_of(body["model"]), body["model"])
+            target = await context.catalog.resolve(body["model"])
+            timer.label = context.metrics.label(target.id, target.adapter is not None)
+            if target.adapter is not None and target.adapter.composition is not None:
+                _require_components(key, target.adapter.composition.adapters, param="model")
+            if target.adapter is not None and target.adapter.canary is not None:
+                user = body.get("user")
+                chosen = choose_version(target.adapter, user if isinstance(user, str) else None)
+                timer.version = str(chosen.version)
+                target = ModelTarget(id=context.catalog.adapter_id(chosen.name), adapter=chosen)
+        else:
+            target = await _composite(context, key, body["model"], ComposeSpec.model_validate(compose))
+            timer.label = context.metrics.label(context.catalog.adapter_id(INLINE_COMPOSITE_LABEL), True)
         body["model"] = target.id
         admission = await context.admitter.admit(key, endpoint, body)
         first, items = await context.engine.start(endpoint, body, target.adapter, context.draining)
@@ -86,6 +111,27 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
         if admission is not None:
             admission.finish(None)
         raise
+
+
+async def _composite(context: RouterContext, key: Principal, model: str, spec: ComposeSpec) -> ModelTarget:
+    """The inline composite a request's `compose` asks for: on the base model, of adapters the key may all use."""
+    if context.catalog.name_of(model) is not None:
+        raise InvalidRequest(f"compose combines adapters of the base model: set model to `{context.catalog.base_id}`",
+                             param="model")  # fmt: skip
+    names = [context.catalog.name_of(component.name) or component.name for component in spec.adapters]
+    _require_components(key, names)
+    target, built = await context.catalog.composite(spec.composition(names))
+    if built:
+        context.metrics.composite_builds.inc()
+    return target
+
+
+def _require_components(key: Principal, components: tuple[str, ...] | list[str], param: str | None = None) -> None:
+    """A key may use a composite only if it may use every adapter it is made of."""
+    for i, component in enumerate(components):
+        if not key.may_use(component):
+            raise PermissionDenied(f"This API key may not use the adapter `{component}`, a component of this "
+                                   "composite.", param=param or f"compose.adapters.{i}.name")  # fmt: skip
 
 
 class AdmittedStream(StreamingResponse):

@@ -22,7 +22,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from routing.policy import rendezvous_order
-from serve.adapters.sources import LocalSource, S3Source, SourceResolver, SourceUnreachable
+from serve.adapters.compose import Composer, CompositeStore
+from serve.adapters.composites import Composites
+from serve.adapters.rollouts import Rollouts
+from serve.adapters.sources import UNREACHABLE, LocalSource, S3Source, SourceResolver, SourceUnreachable
 from serve.adapters.store import (
     BaseIdentity,
     RegistryStore,
@@ -31,10 +34,22 @@ from serve.adapters.store import (
     decode,
     open_store,
 )
-from serve.adapters.validation import AdapterInvalid, AdapterMetadata, base_linear_shapes, validate_adapter
+from serve.adapters.validation import (
+    AdapterInvalid,
+    AdapterMetadata,
+    base_linear_shapes,
+    validate_adapter,
+)
 from serve.config import ADAPTER_NAME_PATTERN, AppConfig, is_adapter_name
 from serve.processes import die_with_parent_if_asked
-from serve.wire import AdapterRecord, Changes, ReplicaReport, Snapshot, WireError
+from serve.wire import (
+    AdapterRecord,
+    Changes,
+    Composition,
+    ReplicaReport,
+    Snapshot,
+    WireError,
+)
 
 logger = logging.getLogger("loraplex.registry")
 REPORT_TTL_S = 30.0
@@ -43,8 +58,6 @@ HOT_WINDOW_S = 300.0
 LIVE_S = 10.0
 """A replica reported within this long counts as live for `warm_plan` (replicas report every 2 s; one that was
 replaced must not keep its adapters' homes from its successor)."""
-UNREACHABLE = "source_unreachable"
-"""`WireError.code` of a source that could not be read (a folder gone, a bucket unreachable)."""
 CHANGE_LOG = 100_000
 """Changes the registry remembers, so followers catch up by what changed since their generation (`changes`)."""
 
@@ -59,7 +72,7 @@ def fresh_generation() -> int:
     return ((time.time_ns() // 1_000_000) << 20) + secrets.randbelow(1 << 16)
 
 
-class AdapterRegistry:
+class AdapterRegistry(Composites, Rollouts):
     """Validates and records adapters in its store; serves snapshots to routers and replicas."""
 
     def __init__(
@@ -73,8 +86,15 @@ class AdapterRegistry:
         base_id: str | None = None,
         initial: dict[str, str] | None = None,
         legacy_state: Path | None = None,
+        composites: CompositeStore | None = None,
     ) -> None:
         self._store = store
+        self._composites = composites
+        self._composer = Composer(base_model)
+        self.builds = 0
+        """Composites PEFT built in this process (the others were found in the composite store)."""
+        self._inline: dict[str, AdapterRecord] = {}
+        self._building: dict[str, asyncio.Future[tuple[AdapterRecord, bool] | WireError]] = {}
         self._resolver = resolver
         self._max_rank = max_rank
         self._max_bytes = max_bytes
@@ -82,6 +102,10 @@ class AdapterRegistry:
         self._base = BaseIdentity.of(base_id or base_model.name, base_model)
         state = store.load()
         self._records: dict[str, AdapterRecord] = state.records
+        self._users: dict[str, set[str]] = {}
+        """The registered composites each adapter is a component of."""
+        for record in self._records.values():
+            self._index_components(None, record)
         self._generation = fresh_generation()
         self._log: list[tuple[int, str]] = []
         """(generation, name) of every write since `_log_floor`, in order."""
@@ -172,13 +196,25 @@ class AdapterRegistry:
         if isinstance(checked, WireError):
             return checked
         async with self._lock:
-            return self._record(name, source, pinned, checked)
+            previous = self._records.get(name)
+            if previous is not None and previous.composition is not None:
+                return WireError(409, f"adapter {name!r} is a composite; compose it again or delete it first", "name")
+            if previous is not None and previous.canary is not None:
+                return WireError(409, f"v{previous.canary.version} of {name!r} is being rolled out: promote it or "
+                                      "roll it back first", "name")  # fmt: skip
+            outcome = self._record(name, source, pinned, checked)
+        if isinstance(outcome, AdapterRecord) and (previous is None or previous.content_hash != outcome.content_hash):
+            await self._rebuild_composites_of(name)
+        return outcome
 
     async def unregister(self, name: str) -> AdapterRecord | WireError:
         async with self._lock:
             record = self._records.get(name)
             if record is None:
                 return WireError(404, f"adapter {name!r} is not registered", "name")
+            if users := self._composites_of(name):
+                message = f"adapter {name!r} is a component of {', '.join(users)}: delete or recompose those first"
+                return WireError(409, message, "name")
             return self._write(name, record, None) or record
 
     def _validate_and_record(self, name: str, source: str, pinned: bool) -> AdapterRecord | WireError:
@@ -199,16 +235,18 @@ class AdapterRegistry:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _record(self, name: str, source: str, pinned: bool, meta: AdapterMetadata) -> AdapterRecord | WireError:
+    def _record(
+        self, name: str, source: str, pinned: bool, meta: AdapterMetadata, composition: Composition | None = None
+    ) -> AdapterRecord | WireError:
         previous = self._records.get(name)
         if previous is not None and previous.content_hash == meta.content_hash and previous.source == source:
-            record = replace(previous, pinned=pinned, unusable=None, warnings=meta.warnings)
+            record = replace(previous, pinned=pinned, unusable=None, warnings=meta.warnings, composition=composition)
         else:
             record = AdapterRecord(
                 name=name, source=source, version=(previous.version + 1) if previous else 1,
                 content_hash=meta.content_hash, rank=meta.rank, alpha=meta.alpha,
                 target_modules=meta.target_modules, size_bytes=meta.size_bytes, pinned=pinned,
-                created=int(time.time()), warnings=meta.warnings,
+                created=int(time.time()), warnings=meta.warnings, composition=composition,
             )  # fmt: skip
         if record == previous:
             return record
@@ -229,6 +267,7 @@ class AdapterRegistry:
         except StoreUnavailable as exc:
             logger.error("could not save adapter %r in %s: %s", name, self._store, exc)
             return WireError(500, f"the registry could not save its state ({exc}); nothing changed")
+        self._index_components(previous, record)
         if record is None:
             self._records.pop(name, None)
         else:
@@ -248,7 +287,7 @@ class AdapterRegistry:
             current = self._store.get(name)
         except StoreUnavailable:
             return
-        self._records.pop(name, None)
+        self._index_components(self._records.pop(name, None), current)
         if current is not None:
             self._records[name] = current
         self._changed(name)
@@ -305,6 +344,8 @@ def make_resolver(config: AppConfig) -> SourceResolver:
     """Sources allowed by `config`: its local roots plus the folders of its configured adapters."""
     roots = [Path(root).resolve() for root in config.registry.local_roots]
     roots += [Path(adapter.path).resolve() for adapter in config.adapters]
+    if not config.registry.composites_url.startswith("s3://"):
+        roots.append(Path(config.registry.composites_url).resolve())  # what the registry builds, nodes read
     return SourceResolver(local=LocalSource(tuple(roots)), s3=s3_connection(config))
 
 
@@ -332,4 +373,5 @@ class RegistryDeployment(AdapterRegistry):
             base_id=config.engine.model_id,
             initial={adapter.name: adapter.path for adapter in config.adapters},
             legacy_state=Path(config.registry.state_file),
+            composites=CompositeStore(config.registry.composites_url, s3_connection(config)),
         )

@@ -21,6 +21,10 @@ class SourceUnreachable(AdapterInvalid):
     """The source could not be read (missing folder, unknown bucket, network failure)."""
 
 
+UNREACHABLE = "source_unreachable"
+"""`WireError.code` of a source that could not be read (a folder gone, a bucket unreachable)."""
+
+
 class Source(Protocol):
     """Copies the adapter at `uri` into the empty folder `dest`, refusing one larger than `max_bytes` before
     copying anything (a source's listing gives the sizes: a 50 GB object is never downloaded to find out)."""

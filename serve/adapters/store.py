@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 
 from serve.adapters.sources import S3Source
 from serve.adapters.validation import base_linear_shapes
-from serve.wire import AdapterRecord
+from serve.wire import AdapterRecord, Composition
 
 logger = logging.getLogger("loraplex.registry")
 
@@ -90,9 +90,18 @@ def decode(text: str | bytes) -> AdapterRecord:
 
 def record_of(item: dict[str, Any]) -> AdapterRecord:
     """The record a decoded JSON object (`asdict` of one) holds."""
-    return AdapterRecord(
-        **{**item, "target_modules": tuple(item["target_modules"]), "warnings": tuple(item.get("warnings", ()))}
-    )
+    composition = item.get("composition")
+    if composition is not None:
+        composition = Composition(**{
+            **composition, **{key: tuple(composition[key]) for key in ("adapters", "weights", "built_from")}
+        })  # fmt: skip
+    return AdapterRecord(**{
+        **item,
+        "target_modules": tuple(item["target_modules"]),
+        "warnings": tuple(item.get("warnings", ())),
+        "composition": composition,
+        "canary": None if item.get("canary") is None else record_of(item["canary"]),
+    })  # fmt: skip
 
 
 class SqliteStore:

@@ -14,6 +14,8 @@ ends with `Relayed` over Ray.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -101,6 +103,40 @@ ROUTING_STATS_ADAPTERS = "adapters"
 
 
 # The plain data that crosses between the registry, routers and engine replicas.
+COMPOSE_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
+"""PEFT's `add_weighted_adapter` combination types a composite may use."""
+DENSITY_METHODS = frozenset({"ties", "dare_linear", "dare_ties"})
+"""The methods that prune, and so take a `density`."""
+INLINE_COMPOSITE_PREFIX = "~compose-"
+"""Names of composites built for one request's `compose` field: `~` is not allowed in a registered name."""
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A weighted combination of registered adapters, made with PEFT's `add_weighted_adapter`."""
+
+    method: str
+    adapters: tuple[str, ...]
+    weights: tuple[float, ...]
+    density: float | None = None
+    seed: int = 0
+    """Seeds torch's generator before combining: DARE prunes at random, and the same seed gives the same adapter."""
+    built_from: tuple[str, ...] = ()
+    """Content hashes of the components' versions it was built from, in `adapters` order (empty until built)."""
+
+
+def composition_key(composition: Composition) -> str:
+    """The hash of what a composite is made of: its name in the composite store and its identity in caches."""
+    made_of = {
+        "method": composition.method,
+        "components": list(composition.built_from),
+        "weights": list(composition.weights),
+        "density": composition.density,
+        "seed": composition.seed,
+    }
+    return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class AdapterRecord:
     """One registered adapter at its current version."""
@@ -120,6 +156,25 @@ class AdapterRecord:
     listed with the reason and never handed to an engine."""
     warnings: tuple[str, ...] = ()
     """What registration found suspect but servable, e.g. an adapter whose weights change nothing."""
+    composition: Composition | None = None
+    """How a composite adapter was made from others (its `source` is where the registry stored the result)."""
+    canary: AdapterRecord | None = None
+    """A newer version being rolled out beside this one, to `canary_percent` of the requests; None: no rollout."""
+    canary_percent: float = 0.0
+
+
+VERSION_SEPARATOR = "@v"
+
+
+def versioned_name(name: str, version: int) -> str:
+    """The engine's name for version `version` of adapter `name` while it is rolled out beside another (`NAME@vN`):
+    both versions are installed in an engine at once, each under its own name."""
+    return f"{name}{VERSION_SEPARATOR}{version}"
+
+
+def unversioned(name: str) -> str:
+    """The adapter a `versioned_name` belongs to (a plain name is its own)."""
+    return name.split(VERSION_SEPARATOR, 1)[0]
 
 
 @dataclass(frozen=True)

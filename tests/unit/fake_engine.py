@@ -10,7 +10,17 @@ from types import SimpleNamespace
 from typing import Any
 
 from routing.engine_client import ServeEngineClient
-from serve.wire import AdapterRecord, Changes, Endpoint, ReplicaItem, ReplicaReport, Snapshot, Usage, WireError
+from serve.wire import (
+    AdapterRecord,
+    Changes,
+    Composition,
+    Endpoint,
+    ReplicaItem,
+    ReplicaReport,
+    Snapshot,
+    Usage,
+    WireError,
+)
 
 Script = Callable[[Endpoint, dict[str, Any]], list[ReplicaItem | Exception]]
 
@@ -158,3 +168,22 @@ class FakeRegistry:
             return WireError(404, f"adapter {name!r} is not registered", "name")
         self.generation_ += 1
         return self.records.pop(name)
+
+    # Composites and rollouts need adapter files: tests of them use the real registry (test_compose, test_rollout).
+    async def compose(self, name: str, composition: Composition, pinned: bool) -> AdapterRecord | WireError:
+        return WireError(400, "the fake registry builds no composites", "compose")
+
+    async def materialize(self, composition: Composition) -> tuple[AdapterRecord, bool] | WireError:
+        return WireError(400, "the fake registry builds no composites", "compose")
+
+    async def rollout(self, name: str, source: str, percent: float) -> AdapterRecord | WireError:
+        return WireError(409, "the fake registry rolls nothing out", "name")
+
+    async def split(self, name: str, percent: float) -> AdapterRecord | WireError:
+        return WireError(409, "the fake registry rolls nothing out", "name")
+
+    async def promote(self, name: str) -> AdapterRecord | WireError:
+        return WireError(409, "the fake registry rolls nothing out", "name")
+
+    async def rollback(self, name: str) -> AdapterRecord | WireError:
+        return WireError(409, "the fake registry rolls nothing out", "name")

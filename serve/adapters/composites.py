@@ -1,0 +1,207 @@
+"""The registry's side of composite adapters (issue 17, item 1): composites registered by name, which follow their
+components' versions, and composites asked for inline by one request, built once however many ask at once.
+
+PEFT builds them (`serve.adapters.compose`); this decides what to build from which versions, and records it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from serve.adapters.compose import Composer, CompositeStore, check_arguments, composite_rank
+from serve.adapters.sources import UNREACHABLE, SourceResolver, SourceUnreachable
+from serve.adapters.validation import AdapterInvalid, AdapterMetadata, content_hash, validate_adapter
+from serve.config import ADAPTER_NAME_PATTERN, is_adapter_name
+from serve.wire import INLINE_COMPOSITE_PREFIX, AdapterRecord, Composition, WireError, composition_key
+
+logger = logging.getLogger("loraplex.registry")
+INLINE_KEPT = 4096
+"""Inline composites the registry remembers (their files stay in the composite store; one forgotten is re-read)."""
+
+
+class Composites:
+    """Composite writes of `serve.adapters.registry.AdapterRegistry`, which provides the state declared here."""
+
+    _records: dict[str, AdapterRecord]
+    _lock: asyncio.Lock
+    _resolver: SourceResolver
+    _max_rank: int
+    _max_bytes: int
+    _base_shapes: dict[str, list[int]]
+    _composites: CompositeStore | None
+    _composer: Composer
+    builds: int
+    """Composites PEFT built in this process (the others were found in the composite store)."""
+    _inline: dict[str, AdapterRecord]
+    _building: dict[str, asyncio.Future[tuple[AdapterRecord, bool] | WireError]]
+    _users: dict[str, set[str]]
+    """The registered composites each adapter is a component of."""
+
+    if TYPE_CHECKING:
+
+        def _record(
+            self, name: str, source: str, pinned: bool, meta: AdapterMetadata, composition: Composition | None = None
+        ) -> AdapterRecord | WireError: ...
+        def _write(
+            self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None
+        ) -> WireError | None: ...
+
+    async def compose(self, name: str, composition: Composition, pinned: bool = False) -> AdapterRecord | WireError:
+        """Registers `name` as the composite `composition` (built now with PEFT, unless the same composite of the
+        same component versions was built before), or makes a new version of it. It follows its components: a new
+        version of one rebuilds it (`register`)."""
+        if not is_adapter_name(name):
+            return WireError(400, f"adapter name must match {ADAPTER_NAME_PATTERN}", "name")
+        if name in composition.adapters:
+            return WireError(400, "a composite cannot be one of its own components", "compose.adapters")
+        if users := self._composites_of(name):
+            return WireError(409, f"adapter {name!r} is a component of {', '.join(users)}; it cannot be a composite")
+        if (current := self._records.get(name)) is not None and current.canary is not None:
+            return WireError(409, f"v{current.canary.version} of {name!r} is being rolled out: promote it or roll it "
+                                  "back first", "name")  # fmt: skip
+        built = await self._build(composition)
+        if isinstance(built, WireError):
+            return built
+        source, meta, resolved, _ = built
+        async with self._lock:
+            return self._record(name, source, pinned, meta, resolved)
+
+    async def materialize(self, composition: Composition) -> tuple[AdapterRecord, bool] | WireError:
+        """The composite a request asked for inline (not registered), and whether this call built it with PEFT.
+
+        Built once per (method, components' versions, weights, density, seed): concurrent requests for the same one
+        wait for one build; later ones get the record remembered, or re-read from the composite store.
+        """
+        try:
+            resolved = self._resolve(composition)
+        except AdapterInvalid as exc:
+            return WireError(400, str(exc), exc.param)
+        key = composition_key(resolved)
+        if (known := self._inline.get(key)) is not None:
+            return known, False
+        if (pending := self._building.get(key)) is not None:
+            outcome = await asyncio.shield(pending)
+            return outcome if isinstance(outcome, WireError) else (outcome[0], False)
+        future: asyncio.Future[tuple[AdapterRecord, bool] | WireError] = asyncio.get_running_loop().create_future()
+        self._building[key] = future
+        try:
+            built = await self._build(resolved)
+            if isinstance(built, WireError):
+                result: tuple[AdapterRecord, bool] | WireError = built
+            else:
+                source, meta, _, did_build = built
+                record = AdapterRecord(
+                    name=INLINE_COMPOSITE_PREFIX + key[:24], source=source, version=1, content_hash=meta.content_hash,
+                    rank=meta.rank, alpha=meta.alpha, target_modules=meta.target_modules, size_bytes=meta.size_bytes,
+                    pinned=False, created=int(time.time()), warnings=meta.warnings, composition=resolved,
+                )  # fmt: skip
+                if len(self._inline) >= INLINE_KEPT:
+                    self._inline.pop(next(iter(self._inline)))
+                self._inline[key] = record
+                result = (record, did_build)
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when no one else waited
+            raise
+        finally:
+            del self._building[key]
+
+    def _composites_of(self, name: str) -> list[str]:
+        """The registered composites that have `name` as a component."""
+        return sorted(self._users.get(name, ()))
+
+    def _index_components(self, previous: AdapterRecord | None, record: AdapterRecord | None) -> None:
+        for old, new in ((previous, False), (record, True)):
+            if old is None or old.composition is None:
+                continue
+            for component in old.composition.adapters:
+                users = self._users.setdefault(component, set())
+                if new:
+                    users.add(old.name)
+                else:
+                    users.discard(old.name)
+
+    def _resolve(self, composition: Composition) -> Composition:
+        """`composition` with its components' current versions, or `AdapterInvalid` naming the field at fault."""
+        check_arguments(composition)
+        hashes = []
+        for i, component in enumerate(composition.adapters):
+            record = self._records.get(component)
+            if record is None:
+                raise AdapterInvalid(f"component {component!r} is not registered", f"compose.adapters.{i}.name")
+            if record.unusable:
+                raise AdapterInvalid(f"component {component!r} cannot be served: it {record.unusable}",
+                                     f"compose.adapters.{i}.name")  # fmt: skip
+            if record.composition is not None:
+                raise AdapterInvalid(f"component {component!r} is itself a composite; compose plain adapters",
+                                     f"compose.adapters.{i}.name")  # fmt: skip
+            hashes.append(record.content_hash)
+        ranks = {c: self._records[c].rank for c in composition.adapters}
+        composite_rank(composition.method, ranks, self._max_rank)
+        return replace(composition, built_from=tuple(hashes))
+
+    async def _build(self, composition: Composition) -> tuple[str, AdapterMetadata, Composition, bool] | WireError:
+        """(source, metadata, the composition with its components' versions, whether PEFT ran) of a composite."""
+        if self._composites is None:
+            return WireError(400, "this registry has no composite store configured", "compose")
+        try:
+            resolved = self._resolve(composition)
+        except AdapterInvalid as exc:
+            return WireError(400, str(exc), exc.param)
+        sources = [self._records[c].source for c in resolved.adapters]
+        try:
+            return await asyncio.to_thread(self._build_files, resolved, sources)
+        except SourceUnreachable as exc:
+            return WireError(400, f"a component could not be read: {exc}", "compose.adapters", code=UNREACHABLE)
+        except AdapterInvalid as exc:
+            return WireError(400, str(exc), exc.param if exc.param.startswith("compose") else "compose.adapters")
+
+    def _build_files(self, resolved: Composition, sources: list[str]) -> tuple[str, AdapterMetadata, Composition, bool]:
+        assert self._composites is not None
+        key = composition_key(resolved)
+        staging = Path(tempfile.mkdtemp(prefix="loraplex-compose-"))
+        try:
+            built = not self._composites.has(key)
+            if built:
+                folders = []
+                for i, (source, expected) in enumerate(zip(sources, resolved.built_from, strict=True)):
+                    folder = staging / f"c{i}"
+                    self._resolver.fetch(source, folder, self._max_bytes)
+                    if content_hash(folder) != expected:
+                        raise AdapterInvalid(f"{source} changed since it was registered; register it again",
+                                             f"compose.adapters.{i}.name")  # fmt: skip
+                    folders.append(folder)
+                self._composer.build(resolved, folders, staging / "out")
+                self._composites.publish(staging / "out", key)
+                self.builds += 1
+            source = self._composites.url(key)
+            check = staging / "check"
+            self._resolver.fetch(source, check, self._max_bytes)  # as a node's cache will read it
+            meta = validate_adapter(check, self._base_shapes, max_rank=self._max_rank, max_bytes=self._max_bytes)
+            return source, meta, resolved, built
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    async def _rebuild_composites_of(self, name: str) -> None:
+        """Builds again the composites that have `name` as a component, after it changed; one that cannot be built
+        is marked unusable with the reason (never served with a component version it was not made of)."""
+        for user in self._composites_of(name):
+            record = self._records[user]
+            assert record.composition is not None
+            outcome = await self.compose(user, replace(record.composition, built_from=()), record.pinned)
+            if isinstance(outcome, WireError):
+                logger.error("composite %r could not be rebuilt after %r changed: %s", user, name, outcome.message)
+                async with self._lock:
+                    current = self._records.get(user)
+                    if current is not None:
+                        reason = f"could not be rebuilt after its component {name!r} changed: {outcome.message}"
+                        self._write(user, current, replace(current, unusable=reason))

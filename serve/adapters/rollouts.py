@@ -1,0 +1,104 @@
+"""The registry's side of rolling out a new version of an adapter beside its current one (issue 17, item 3).
+
+The record of an adapter being rolled out carries the new version as its `canary` and the share of requests it
+gets; routers choose per request (`routing.rollout`). Every change is one store write, so the split survives a
+restart of the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from serve.wire import AdapterRecord, WireError
+
+if TYPE_CHECKING:
+    from serve.adapters.validation import AdapterMetadata
+
+
+class Rollouts:
+    """Rollout writes of `serve.adapters.registry.AdapterRegistry`, which provides the state declared here."""
+
+    _records: dict[str, AdapterRecord]
+    _lock: asyncio.Lock
+
+    if TYPE_CHECKING:
+
+        def _fetch_and_check(self, name: str, source: str) -> AdapterMetadata | WireError: ...
+        def _write(
+            self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None
+        ) -> WireError | None: ...
+        async def _rebuild_composites_of(self, name: str) -> None: ...
+
+    async def rollout(self, name: str, source: str, percent: float) -> AdapterRecord | WireError:
+        """Starts rolling out `source` as the next version of `name`, to `percent` of its requests; the current
+        version keeps the rest until `promote` or `rollback`."""
+        current = self._records.get(name)
+        if (refused := self._refuse_rollout(name, current, starting=True)) is not None:
+            return refused
+        checked = await asyncio.to_thread(self._fetch_and_check, name, source)
+        if isinstance(checked, WireError):
+            return checked
+        async with self._lock:
+            current = self._records.get(name)
+            if (refused := self._refuse_rollout(name, current, starting=True)) is not None:
+                return refused
+            assert current is not None
+            if checked.content_hash == current.content_hash:
+                return WireError(400, f"{source} holds the same weights as v{current.version} of {name!r}", "source")
+            canary = AdapterRecord(
+                name=name, source=source, version=current.version + 1, content_hash=checked.content_hash,
+                rank=checked.rank, alpha=checked.alpha, target_modules=checked.target_modules,
+                size_bytes=checked.size_bytes, pinned=current.pinned, created=int(time.time()),
+                warnings=checked.warnings,
+            )  # fmt: skip
+            record = replace(current, canary=canary, canary_percent=percent)
+            return self._write(name, current, record) or record
+
+    async def split(self, name: str, percent: float) -> AdapterRecord | WireError:
+        """Sends `percent` of `name`'s requests to the version being rolled out."""
+        async with self._lock:
+            current = self._records.get(name)
+            if (refused := self._refuse_rollout(name, current, starting=False)) is not None:
+                return refused
+            assert current is not None
+            record = replace(current, canary_percent=percent)
+            return self._write(name, current, record) or record
+
+    async def promote(self, name: str) -> AdapterRecord | WireError:
+        """Makes the version being rolled out `name`'s only version."""
+        async with self._lock:
+            current = self._records.get(name)
+            if (refused := self._refuse_rollout(name, current, starting=False)) is not None:
+                return refused
+            assert current is not None and current.canary is not None
+            record = current.canary
+            if (failure := self._write(name, current, record)) is not None:
+                return failure
+        await self._rebuild_composites_of(name)
+        return record
+
+    async def rollback(self, name: str) -> AdapterRecord | WireError:
+        """Drops the version being rolled out; `name`'s current version takes every request again."""
+        async with self._lock:
+            current = self._records.get(name)
+            if (refused := self._refuse_rollout(name, current, starting=False)) is not None:
+                return refused
+            assert current is not None
+            record = replace(current, canary=None, canary_percent=0.0)
+            return self._write(name, current, record) or record
+
+    @staticmethod
+    def _refuse_rollout(name: str, current: AdapterRecord | None, *, starting: bool) -> WireError | None:
+        if current is None:
+            return WireError(404, f"adapter {name!r} is not registered", "name")
+        if current.composition is not None:
+            return WireError(409, f"adapter {name!r} is a composite: it follows its components' versions", "name")
+        if starting and current.canary is not None:
+            return WireError(409, f"v{current.canary.version} of {name!r} is being rolled out: promote it or roll it "
+                                  "back first", "name")  # fmt: skip
+        if not starting and current.canary is None:
+            return WireError(409, f"adapter {name!r} has no rollout in progress", "name")
+        return None
