@@ -136,6 +136,21 @@ def test_adapter_writes_need_the_admin_scope_and_are_audited(tenancy: Tenancy) -
     assert all(r["ts"] and r["route"] == "POST /v1/adapters" for r in records)
 
 
+def test_a_composite_serves_only_keys_that_may_use_every_component(tenancy: Tenancy) -> None:
+    """beta-co's `be*` covers the name `be-mix` and its component beta, not its component alpha."""
+    spec = {"method": "cat", "adapters": [{"name": "alpha", "weight": 0.5}, {"name": "beta", "weight": 0.5}]}
+    created = httpx.post(f"{tenancy.base_url}/v1/adapters", json={"name": "be-mix", "compose": spec}, timeout=300,
+                         headers={"Authorization": f"Bearer {tenancy.keys['ops']}"})  # fmt: skip
+    assert created.status_code == 201, created.text
+    beta_co, full = sdk(tenancy, tenancy.keys["beta-co"]), sdk(tenancy, tenancy.keys["full"])
+    for asked in ({"model": "be-mix"}, {"model": BASE, "extra_body": {"compose": spec}}):
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            beta_co.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], max_tokens=2, **asked)
+        assert "`alpha`" in caught.value.body["message"]  # type: ignore[index]
+        answer = full.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], max_tokens=2, **asked)
+        assert answer.choices[0].message.content
+
+
 def test_request_and_token_limits_answer_429_with_retry_after(tenancy: Tenancy) -> None:
     acme = sdk(tenancy, tenancy.keys["acme"])
     codes = []
