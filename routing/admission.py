@@ -20,7 +20,7 @@ from routing.fairness import FairGate
 from routing.principals import Principal
 from routing.protocol import prompt_count
 from routing.ratelimit import Decision, RateLimiter
-from serve.wire import Endpoint
+from serve.wire import GENERATING, Endpoint
 
 logger = logging.getLogger("loraplex.router")
 CHARS_PER_TOKEN = 4
@@ -35,9 +35,14 @@ VLLM_COMPLETIONS_MAX_TOKENS = 16
 
 def estimate_prompt_tokens(endpoint: Endpoint, body: dict[str, Any]) -> int:
     """Prompt tokens of a checked request body, estimated from its characters (token ids are counted)."""
-    if endpoint == "chat":
+    if endpoint in ("chat", "messages") or (endpoint == "tokenize" and body.get("messages")):
         messages = body.get("messages") or []
-        return sum(MESSAGE_OVERHEAD_TOKENS + _text_tokens(message.get("content")) for message in messages)
+        system = _text_tokens(body.get("system")) if endpoint == "messages" else 0
+        return system + sum(MESSAGE_OVERHEAD_TOKENS + _text_tokens(message.get("content")) for message in messages)
+    if endpoint == "responses":
+        return _text_tokens(body.get("instructions")) + _text_tokens(body.get("input"))
+    if endpoint == "detokenize":
+        return len(body.get("tokens") or ())
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         return len(prompt)
@@ -47,7 +52,8 @@ def estimate_prompt_tokens(endpoint: Endpoint, body: dict[str, Any]) -> int:
 
 
 def sequences(endpoint: Endpoint, body: dict[str, Any]) -> int:
-    """How many sequences a checked request body generates: `n` for each prompt of a completions batch."""
+    """How many sequences a checked request body generates: `n` for each prompt of a completions batch (a
+    tokenizer request counts as one request, as it is one)."""
     prompts = prompt_count(body.get("prompt") or "") if endpoint == "completions" else 1
     return prompts * int(body.get("n") or 1)
 
@@ -57,13 +63,17 @@ def estimate_completion_tokens(
 ) -> int:
     """The most completion tokens a request may produce, read as vLLM reads the body: for each choice of each
     prompt, `max_tokens` on completions (vLLM ignores `max_completion_tokens` there; its default is 16), and
-    `max_completion_tokens` or `max_tokens` on chat, where vLLM's default is the rest of the context
-    (`max_model_len` minus the prompt). The router has checked both are positive integers."""
+    `max_completion_tokens` or `max_tokens` on chat (`max_output_tokens` on Responses, the required `max_tokens`
+    on Messages), where vLLM's default is the rest of the context (`max_model_len` minus the prompt). The router
+    has checked they are positive integers. Tokenizer requests generate nothing."""
+    if endpoint not in GENERATING:
+        return 0
     if endpoint == "completions":
         limit = body.get("max_tokens") or VLLM_COMPLETIONS_MAX_TOKENS
     else:
         context_left = DEFAULT_COMPLETION_TOKENS if max_model_len is None else max(1, max_model_len - prompt_tokens)
-        limit = body.get("max_completion_tokens") or body.get("max_tokens") or context_left
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+        limit = limit or context_left
     return int(limit) * sequences(endpoint, body)
 
 

@@ -1,7 +1,8 @@
 """Authentication and scope as typed FastAPI dependencies: `KeyDep` for API routes, `RegisterAdmin` for writes.
 
-A key arrives as `Authorization: Bearer lpx-...`; a missing or unknown key is 401, a known key asking
-for something outside its scope 403. `/health` takes no key; `/metrics` one with the metrics scope.
+A key arrives as `Authorization: Bearer lpx-...` (or `x-api-key: lpx-...`, as Anthropic's SDK sends it); a
+missing or unknown key is 401, a known key asking for something outside its scope 403. `/health` takes no key;
+`/metrics` one with the metrics scope.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ async def require_key(request: Request, context: ContextDep) -> Principal:
 
     Async so FastAPI runs it on the event loop rather than sending every request through its thread pool.
     """
-    return context.keys.authenticate(request.headers.get("authorization"))
+    return context.keys.authenticate(request.headers.get("authorization"), request.headers.get("x-api-key"))
 
 
 KeyDep = Annotated[Principal, Depends(require_key)]

@@ -17,10 +17,17 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from routing.errors import InvalidRequest, OpenAIError, PayloadTooLarge, RequestTimeout, error_response
+from routing.errors import (
+    ANTHROPIC_ROUTES,
+    InvalidRequest,
+    OpenAIError,
+    PayloadTooLarge,
+    RequestTimeout,
+    error_response,
+)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
-API_PREFIX = "/v1/"
+API_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 """Routes whose key is checked before their body is read (`/health` and `/metrics` have no body)."""
 
 
@@ -38,7 +45,7 @@ class BodyLimit:
         self,
         app: ASGIApp,
         max_bytes: int = MAX_BODY_BYTES,
-        authenticate: Callable[[str | None], Any] | None = None,
+        authenticate: Callable[[str | None, str | None], Any] | None = None,
         read_timeout_s: float | None = None,
     ) -> None:
         self.app = app
@@ -51,8 +58,8 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         try:
-            if self.authenticate is not None and scope["path"].startswith(API_PREFIX):
-                self.authenticate(_header(scope, b"authorization"))  # raises Unauthorized
+            if self.authenticate is not None and scope["path"].startswith(API_PREFIXES):
+                self.authenticate(_header(scope, b"authorization"), _header(scope, b"x-api-key"))  # or Unauthorized
             self._check_declared_length(scope)
             try:
                 async with asyncio.timeout(self.read_timeout_s):
@@ -60,7 +67,7 @@ class BodyLimit:
             except TimeoutError:
                 raise RequestTimeout(f"the request body did not arrive within {self.read_timeout_s:g} s") from None
         except OpenAIError as exc:
-            await error_response(exc)(scope, receive, send)
+            await error_response(exc, anthropic=scope["path"] in ANTHROPIC_ROUTES)(scope, receive, send)
             return
         if body is None:
             return  # the client went away before sending its whole body

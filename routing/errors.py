@@ -175,12 +175,32 @@ class _ErrorJSONResponse(JSONResponse):
         return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
-def error_response(exc: OpenAIError) -> JSONResponse:
-    return _ErrorJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+ANTHROPIC_ROUTES = ("/v1/messages",)
+"""Routes of Anthropic's API: their errors take Anthropic's shape, so its SDK reads them."""
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error"}  # fmt: skip
 
 
-def sse_error(exc: OpenAIError) -> str:
+def anthropic_body(exc: OpenAIError) -> dict[str, Any]:
+    """`exc` as Anthropic's API answers errors: `{"type": "error", "error": {"type", "message"}}`."""
+    kind = _ANTHROPIC_TYPES.get(exc.status, "api_error" if exc.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": exc.message}}
+
+
+def is_anthropic(request: Request) -> bool:
+    return request.url.path in ANTHROPIC_ROUTES
+
+
+def error_response(exc: OpenAIError, *, anthropic: bool = False) -> JSONResponse:
+    body = anthropic_body(exc) if anthropic else exc.body()
+    return _ErrorJSONResponse(body, status_code=exc.status, headers=exc.headers())
+
+
+def sse_error(exc: OpenAIError, *, anthropic: bool = False) -> str:
     """The closing events of a stream that failed after it started."""
+    if anthropic:
+        return f"event: error\ndata: {json.dumps(anthropic_body(exc))}\n\n"
     return f"data: {json.dumps(exc.body())}\n\ndata: [DONE]\n\n"
 
 
@@ -195,15 +215,17 @@ def install_error_handlers(app: FastAPI) -> None:
     """Makes every error path of `app`, FastAPI's own included, answer in OpenAI's shape."""
 
     @app.exception_handler(OpenAIError)
-    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-        return error_response(exc)
+    async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(exc, anthropic=is_anthropic(request))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         if first["type"] == "json_invalid":  # FastAPI's loc is ("body", offset): no field to name
-            return error_response(InvalidRequest(f"request body is not valid JSON: {first['msg']}"))
-        return error_response(InvalidRequest(first["msg"], param=validation_param(tuple(first["loc"]))))
+            error = InvalidRequest(f"request body is not valid JSON: {first['msg']}")
+        else:
+            error = InvalidRequest(first["msg"], param=validation_param(tuple(first["loc"])))
+        return error_response(error, anthropic=is_anthropic(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -218,11 +240,11 @@ def install_error_handlers(app: FastAPI) -> None:
             error = OpenAIError(str(exc.detail))
             error.status = exc.status_code
             error.type = error_type(exc.status_code)
-        response = error_response(error)
+        response = error_response(error, anthropic=is_anthropic(request))
         response.headers.update(exc.headers or {})  # e.g. 405's `Allow`
         return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(OpenAIError(f"internal error: {type(exc).__name__}"))
+        return error_response(OpenAIError(f"internal error: {type(exc).__name__}"), anthropic=is_anthropic(request))

@@ -81,10 +81,13 @@ class KeyRing:
         if self.is_open:
             logger.warning(OPEN_WARNING)
 
-    def authenticate(self, authorization: str | None) -> Principal:
-        """The principal of an `Authorization` header value; raises `Unauthorized`."""
+    def authenticate(self, authorization: str | None, api_key: str | None = None) -> Principal:
+        """The principal of an `Authorization` header value, or else of an `x-api-key` one (Anthropic's SDK sends
+        its key so); raises `Unauthorized`."""
         if self.is_open:
             return ANONYMOUS
+        if authorization is None and api_key:
+            authorization = f"Bearer {api_key}"
         scheme, _, token = (authorization or "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:

@@ -98,12 +98,24 @@ class ComposeSpec(BaseModel):
         )
 
 
-class _Body(BaseModel):
+class _Routed(BaseModel):
+    """What every body the router sends to an engine carries: the model it resolves, and perhaps a composite."""
+
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(
         min_length=1, max_length=MAX_MODEL_ID_CHARS, description="The base model's id, `BASE:NAME`, or a bare `NAME`."
     )
+    compose: ComposeSpec | None = Field(
+        default=None,
+        description=(
+            "loraplex: serve this request with a weighted combination of registered adapters, built once and cached "
+            "(`model` must then be the base model). The openai SDK sends it through `extra_body`."
+        ),
+    )
+
+
+class _Body(_Routed):
     stream: bool = Field(default=False, description="Answer with server-sent events, ending with `data: [DONE]`.")
     max_tokens: Count | None = Field(default=None, description="Most tokens to generate.")
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -114,13 +126,6 @@ class _Body(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stream_options: dict[str, Any] | None = Field(default=None, description="Only with `stream`.")
-    compose: ComposeSpec | None = Field(
-        default=None,
-        description=(
-            "loraplex: serve this request with a weighted combination of registered adapters, built once and cached "
-            "(`model` must then be the base model). The openai SDK sends it through `extra_body`."
-        ),
-    )
 
 
 class CompletionBody(_Body):
@@ -151,9 +156,58 @@ class ChatBody(_Body):
     max_completion_tokens: Count | None = None
 
 
+class ResponsesBody(_Routed):
+    """`POST /v1/responses` (OpenAI's Responses API, as vLLM serves it); the rest passes through to the engine."""
+
+    input: str | list[Any] = Field(description="Text, or a list of input items (messages, tool outputs, ...).")
+    instructions: str | None = None
+    stream: bool = Field(default=False, description="Answer with the Responses API's server-sent events.")
+    max_output_tokens: Count | None = Field(default=None, description="Most tokens to generate.")
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+
+
+class MessagesBody(_Routed):
+    """`POST /v1/messages` (Anthropic's Messages API, as vLLM serves it); the rest passes through to the engine."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Count = Field(description="Most tokens to generate (Anthropic requires it).")
+    system: str | list[Any] | None = None
+    stream: bool = Field(default=False, description="Answer with Anthropic's server-sent events.")
+    temperature: float | None = Field(default=None, ge=0, le=1)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+
+
+class TokenizeBody(_Routed):
+    """`POST /tokenize` (vLLM's): a `prompt`, or chat `messages` counted with the chat template."""
+
+    prompt: str | list[TokenId] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+
+
+class DetokenizeBody(_Routed):
+    """`POST /detokenize` (vLLM's): token ids back to text."""
+
+    tokens: list[TokenId] = Field(min_length=1)
+
+
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 """The roles of OpenAI's chat schema; others are refused unless `router.extra_chat_roles` lists them."""
-BODY_MODELS: dict[Endpoint, type[_Body]] = {"completions": CompletionBody, "chat": ChatBody}
+BODY_MODELS: dict[Endpoint, type[_Routed]] = {
+    "completions": CompletionBody,
+    "chat": ChatBody,
+    "responses": ResponsesBody,
+    "messages": MessagesBody,
+    "tokenize": TokenizeBody,
+    "detokenize": DetokenizeBody,
+}
+TOKEN_FIELDS: dict[Endpoint, tuple[str, ...]] = {
+    "completions": ("max_tokens",),  # vLLM's completions read only max_tokens
+    "chat": ("max_tokens", "max_completion_tokens"),
+    "responses": ("max_output_tokens",),
+    "messages": ("max_tokens",),
+}
+"""The fields that bound a request's output, the first set to the router's cap when none is given."""
 
 
 def parse_body(
@@ -180,6 +234,23 @@ def parse_body(
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         raise InvalidRequest(first["msg"], param=validation_param(tuple(first["loc"]))) from None
+    if isinstance(body, _Body):
+        _check_choices(body, max_n, max_sequences)
+    if max_tokens is not None:
+        _cap_max_tokens(endpoint, data, max_tokens)
+    if isinstance(body, TokenizeBody) and (body.prompt is None) == (body.messages is None):
+        raise InvalidRequest("give a prompt or messages (one of them)", param="prompt")
+    if isinstance(body, ChatBody) and body.top_logprobs and not body.logprobs:
+        raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
+    if isinstance(body, ChatBody | MessagesBody | TokenizeBody):
+        for i, message in enumerate(body.messages or ()):
+            if message.role not in CHAT_ROLES and message.role not in extra_chat_roles:
+                known = ", ".join(sorted(CHAT_ROLES | set(extra_chat_roles)))
+                raise InvalidRequest(f"messages[{i}].role must be one of {known}", param=f"messages.{i}.role")
+    return data
+
+
+def _check_choices(body: _Body, max_n: int, max_sequences: int | None) -> None:
     if body.n > max_n:
         raise InvalidRequest(f"n must be at most {max_n}", param="n")
     if max_sequences is not None and isinstance(body, CompletionBody):
@@ -189,18 +260,8 @@ def parse_body(
                 f"a request may generate at most {max_sequences} sequences (prompts x n); this one asks for {asked}",
                 param="prompt",
             )
-    if max_tokens is not None:
-        _cap_max_tokens(body, data, max_tokens)
     if body.stream_options is not None and not body.stream:
         raise InvalidRequest("stream_options is only allowed with stream=true", param="stream_options")
-    if isinstance(body, ChatBody):
-        if body.top_logprobs and not body.logprobs:
-            raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
-        for i, message in enumerate(body.messages):
-            if message.role not in CHAT_ROLES and message.role not in extra_chat_roles:
-                known = ", ".join(sorted(CHAT_ROLES | set(extra_chat_roles)))
-                raise InvalidRequest(f"messages[{i}].role must be one of {known}", param=f"messages.{i}.role")
-    return data
 
 
 def prompt_count(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
@@ -210,15 +271,14 @@ def prompt_count(prompt: str | list[str] | list[int] | list[list[int]]) -> int:
     return len(prompt)
 
 
-def _cap_max_tokens(body: _Body, data: dict[str, Any], cap: int) -> None:
-    asked = {"max_tokens": body.max_tokens}
-    if isinstance(body, ChatBody):
-        asked["max_completion_tokens"] = body.max_completion_tokens
-    for param, value in asked.items():
+def _cap_max_tokens(endpoint: Endpoint, data: dict[str, Any], cap: int) -> None:
+    fields = TOKEN_FIELDS.get(endpoint, ())
+    for param in fields:
+        value = data.get(param)
         if value is not None and value > cap:
             raise InvalidRequest(f"{param} must be at most {cap}", param=param)
-    if all(value is None for value in asked.values()):
-        data["max_tokens"] = cap
+    if fields and all(data.get(param) is None for param in fields):
+        data[fields[0]] = cap
 
 
 def require_json(content_type: str | None) -> None:

@@ -138,6 +138,15 @@ class EngineConfig(_Strict):
             "it when it keeps Ray's processes off vLLM's cores (--infra-cpus). None: the replica's CPUs."
         ),
     )
+    tool_call_parser: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "vLLM's tool-call parser for this model's chat format (e.g. `hermes`, `llama3_json`, `mistral`): chat and "
+            "Responses requests may then send `tools` with `tool_choice` auto, required or a named function. None: "
+            "tools are refused (vLLM's `--enable-auto-tool-choice --tool-call-parser`)."
+        ),
+    )
     enforce_eager: bool = Field(default=True, description="Skip graph capture; faster start-up on CPU.")
     seed: int = Field(default=0, description="Engine seed, for reproducible sampling with a request seed.")
 

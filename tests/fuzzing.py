@@ -9,6 +9,8 @@ import zlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from routing.errors import ANTHROPIC_ROUTES
+
 if TYPE_CHECKING:
     from schemathesis import Case, CheckContext, Response
 
@@ -18,7 +20,8 @@ RETRYABLE = {429, 503}
 
 
 def openai_error_shape(ctx: CheckContext, response: Response, case: Case) -> bool | None:
-    """A schemathesis check: every error is `{"error": {"message", "type", "param", "code"}}`; 429 and 503 say when."""
+    """A schemathesis check: every error is `{"error": {"message", "type", "param", "code"}}` (Anthropic's shape on
+    its routes); 429 and 503 say when."""
     if response.status_code < 400:
         return None
     where = f"{case.method} {case.formatted_path} answered {response.status_code}"
@@ -30,6 +33,10 @@ def openai_error_shape(ctx: CheckContext, response: Response, case: Case) -> boo
         body = response.json()
     except ValueError:
         raise AssertionError(f"{where} without a JSON body: {response.content[:200]!r}") from None
+    if case.formatted_path in ANTHROPIC_ROUTES:  # Anthropic's API, Anthropic's shape
+        assert isinstance(body, dict) and body.get("type") == "error", f"{where} outside Anthropic's shape: {body!r}"
+        assert set(body["error"]) == {"type", "message"} and body["error"]["message"], f"{where}: {body!r}"
+        return None
     assert isinstance(body, dict) and set(body) == {"error"}, f"{where} outside OpenAI's error shape: {body!r}"
     error = body["error"]
     assert isinstance(error, dict) and set(error) == ERROR_FIELDS, f"{where} with error fields {error!r}"

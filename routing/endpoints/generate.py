@@ -32,7 +32,17 @@ from routing.errors import (
 from routing.metrics import RequestTimer
 from routing.openapi import json_body
 from routing.principals import Principal
-from routing.protocol import ChatBody, CompletionBody, ComposeSpec, Endpoint, parse_body
+from routing.protocol import (
+    ChatBody,
+    CompletionBody,
+    ComposeSpec,
+    DetokenizeBody,
+    Endpoint,
+    MessagesBody,
+    ResponsesBody,
+    TokenizeBody,
+    parse_body,
+)
 from routing.rollout import choose_version
 from serve.wire import Usage, WireError
 from serve.wire.channel import ReplicaFailed
@@ -53,6 +63,31 @@ async def create_completion(request: Request, context: ContextDep, key: KeyDep) 
 @router.post("/v1/chat/completions", response_model=None, openapi_extra=json_body(ChatBody, streams=True))
 async def create_chat_completion(request: Request, context: ContextDep, key: KeyDep) -> Response:
     return await _generate("chat", request, context, key)
+
+
+@router.post("/v1/responses", response_model=None, openapi_extra=json_body(ResponsesBody, streams=True))
+async def create_response(request: Request, context: ContextDep, key: KeyDep) -> Response:
+    """OpenAI's Responses API, answered by vLLM's own Responses serving code in the engine replica."""
+    return await _generate("responses", request, context, key)
+
+
+@router.post("/v1/messages", response_model=None, openapi_extra=json_body(MessagesBody, streams=True))
+async def create_message(request: Request, context: ContextDep, key: KeyDep) -> Response:
+    """Anthropic's Messages API, answered by vLLM's own Messages serving code; errors in Anthropic's shape."""
+    return await _generate("messages", request, context, key)
+
+
+@router.post("/tokenize", response_model=None, openapi_extra=json_body(TokenizeBody))
+async def tokenize(request: Request, context: ContextDep, key: KeyDep) -> Response:
+    """vLLM's tokenizer endpoint for `model` (messages are counted with its chat template); rate-limited as a
+    request, costing no generation."""
+    return await _generate("tokenize", request, context, key)
+
+
+@router.post("/detokenize", response_model=None, openapi_extra=json_body(DetokenizeBody))
+async def detokenize(request: Request, context: ContextDep, key: KeyDep) -> Response:
+    """vLLM's detokenizer endpoint for `model`."""
+    return await _generate("detokenize", request, context, key)
 
 
 async def _generate(endpoint: Endpoint, request: Request, context: RouterContext, key: Principal) -> Response:
@@ -100,13 +135,14 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
             return JSONResponse(first)
         if isinstance(first, str):
             timer.first_token_seen()
-            return AdmittedStream(_relay(first, items, timer, admission), items, admission)
+            relay = _relay(first, items, timer, admission, anthropic=endpoint == "messages")
+            return AdmittedStream(relay, items, admission)
         raise EngineFailure(f"engine answered with an unexpected {type(first).__name__}")
     except OpenAIError as exc:
         timer.finish(exc.status)
         if admission is not None:
             admission.finish(0)  # the engine served nothing
-        return error_response(exc)
+        return error_response(exc, anthropic=endpoint == "messages")
     except BaseException:  # cancelled (the client left) or a bug: free the slot, keep the estimate charged
         if admission is not None:
             admission.finish(None)
@@ -158,7 +194,9 @@ class AdmittedStream(StreamingResponse):
                 self.admission.finish(None)
 
 
-async def _relay(first: str, items: EngineCall, timer: RequestTimer, admission: Admission) -> AsyncGenerator[str, None]:
+async def _relay(
+    first: str, items: EngineCall, timer: RequestTimer, admission: Admission, *, anthropic: bool = False
+) -> AsyncGenerator[str, None]:
     """Streams the engine's events to the client; a failure mid-stream ends it with an error event."""
     status = 200
     used: int | None = None
@@ -180,7 +218,7 @@ async def _relay(first: str, items: EngineCall, timer: RequestTimer, admission: 
         name = exc.name if isinstance(exc, ReplicaFailed) else type(exc).__name__
         failure = EngineFailure(f"engine replica failed mid-stream: {name}")
         status = failure.status
-        yield sse_error(failure)
+        yield sse_error(failure, anthropic=anthropic)
     finally:
         if not ended:  # the client left (cancelled, or closed while we waited to send)
             items.cancel()
@@ -189,5 +227,10 @@ async def _relay(first: str, items: EngineCall, timer: RequestTimer, admission: 
 
 
 def _usage_of(response: dict[str, Any]) -> tuple[int, int]:
+    """(prompt, completion) tokens of a whole answer: OpenAI's usage names, the Responses and Messages APIs'
+    (`input_tokens`, `output_tokens`), or a tokenizer answer's `count` (prompt tokens, nothing generated)."""
     usage = response.get("usage") or {}
-    return int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+    if "count" in response and not usage:
+        return int(response["count"]), 0
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+    return int(prompt or 0), int(usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0)

@@ -70,7 +70,8 @@ async def livez() -> dict[str, str]:
 @router.get("/metrics")
 async def metrics(request: Request, context: ContextDep) -> Response:
     if not context.config.public_metrics:
-        context.keys.authenticate(request.headers.get("authorization")).require_metrics()
+        headers = request.headers
+        context.keys.authenticate(headers.get("authorization"), headers.get("x-api-key")).require_metrics()
     reports = await context.catalog.registry.replica_reports()
     context.metrics.replicas.update(reports, registry_size=len(await context.catalog.records()))
     return Response(context.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -104,6 +104,8 @@ class SimulatedEngine:
             self._abort(request)
 
     def _request(self, endpoint: Endpoint, body: dict[str, Any]) -> _Request | WireError:
+        if endpoint not in ("completions", "chat"):
+            return WireError(404, f"the simulated engine serves completions and chat, not {endpoint}")
         if endpoint == "completions":
             prompt = body.get("prompt")
             prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]

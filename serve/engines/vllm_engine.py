@@ -7,12 +7,11 @@ class adapts them to the replica's wire protocol (`serve.wire`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,7 @@ from serve.adapters.loader import AdapterLoader
 from serve.adapters.registry import make_resolver
 from serve.adapters.validation import AdapterInvalid
 from serve.config import AdapterConfig, AppConfig, EngineConfig
+from serve.engines.vllm_routes import Route, StreamUsage, build_routes, sse
 from serve.prompt_limit import request_models
 from serve.wire import AdapterRecord, Endpoint, ReplicaItem, ReplicaReport, Usage, WireError, adapter_model_id
 
@@ -89,6 +89,8 @@ def vllm_cli_args(config: EngineConfig, adapters: list[AdapterConfig]) -> list[s
     ]  # fmt: skip
     if config.enforce_eager:
         args.append("--enforce-eager")
+    if config.tool_call_parser is not None:
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", config.tool_call_parser]
     if adapters:
         args.append("--lora-modules")
         args.extend(f"{adapter_model_id(config.model_id, a.name)}={a.path}" for a in adapters)
@@ -103,15 +105,6 @@ def engine_env(config: EngineConfig) -> dict[str, str]:
     }
 
 
-@dataclass(frozen=True)
-class _Route:
-    """How one endpoint reaches vLLM: its request model and the serving call that answers it."""
-
-    request_model: type[BaseModel]
-    serve: Callable[[Any], Awaitable[object]]
-    error_response: Callable[[Exception], ErrorResponse]
-
-
 class VLLMEngine:
     """A vLLM engine answering completions and chat in the wire protocol; constructed cheaply, started by `start`."""
 
@@ -120,7 +113,7 @@ class VLLMEngine:
         self._config = app.engine
         self._engine: AsyncLLM | None = None
         self._loader: AdapterLoader | None = None
-        self._routes: dict[Endpoint, _Route] = {}
+        self._routes: dict[Endpoint, Route] = {}
         # The engine's adapter ids as last asked (`list_loras`), and whether anything ran since. Asking is a
         # round trip to the worker, whose message queue then spins a core for a second (vLLM's SpinCondition):
         # asked every report, an idle server's worker burned half a core. Nothing changes them while idle.
@@ -166,12 +159,7 @@ class VLLMEngine:
             max_adapter_bytes=registry.max_adapter_bytes,
         )
         self._loader = AdapterLoader(engine, models, cache, self._config.model_id)
-        completion_model, chat_model = request_models(self._app.router.max_prompt_tokens)
-        completion, chat = state.openai_serving_completion, state.openai_serving_chat
-        self._routes = {
-            "completions": _Route(completion_model, completion.create_completion, completion.create_error_response),
-            "chat": _Route(chat_model, chat.create_chat_completion, chat.create_error_response),
-        }
+        self._routes = build_routes(state, *request_models(self._app.router.max_prompt_tokens))
 
     @property
     def _llm(self) -> AsyncLLM:
@@ -192,10 +180,11 @@ class VLLMEngine:
         from vllm.exceptions import VLLMClientError
 
         self._changes += 1
+        route = self._routes[endpoint]
         streaming = bool(body.get("stream"))
         options = body.get("stream_options") or {}
         client_wants_usage = streaming and bool(options.get("include_usage"))
-        if streaming:
+        if streaming and route.usage_api == "openai":
             # Always ask vLLM for the final usage event: the router's token metrics need it.
             body = {**body, "stream_options": {**options, "include_usage": True}}
 
@@ -203,10 +192,9 @@ class VLLMEngine:
             yield failure
             return
 
-        route = self._routes[endpoint]
         result: object
         try:
-            result = await route.serve(route.request_model.model_validate(body))
+            result = await route.serve(route.parse(body))
         except ValidationError as exc:
             yield validation_error(exc)
             return
@@ -217,14 +205,17 @@ class VLLMEngine:
         if isinstance(result, ErrorResponse):
             yield from_vllm_error(result)
         elif isinstance(result, BaseModel):
-            yield result.model_dump(mode="json")
+            yield route.dump(result)
         elif isinstance(result, AsyncGenerator):
             usage: Usage | None = None
+            reader = StreamUsage(route.usage_api)
             # Closed at once when the caller leaves mid-stream: vLLM then aborts the request.
             async with aclosing(result) as events:
-                async for event in events:
-                    if usage is None and (usage := final_usage(event)) is not None and not client_wants_usage:
-                        continue
+                async for item in events:
+                    event = sse(item)
+                    closing = usage is None and (usage := reader.read(event)) is not None
+                    if closing and route.usage_api == "openai" and not client_wants_usage:
+                        continue  # asked for by the router, not by the client
                     yield event
             if usage is not None:
                 yield usage
@@ -303,14 +294,8 @@ class VLLMEngine:
 
 
 def final_usage(event: str) -> Usage | None:
-    """The token counts carried by a stream's closing usage event, or None for any other event."""
-    if '"usage"' not in event or not event.startswith("data: {"):
-        return None
-    payload = json.loads(event[len("data: ") :])
-    usage = payload.get("usage")
-    if payload.get("choices") or not usage:
-        return None
-    return Usage(prompt_tokens=usage["prompt_tokens"], completion_tokens=usage.get("completion_tokens") or 0)
+    """The token counts carried by an OpenAI stream's closing usage event, or None for any other event."""
+    return StreamUsage("openai").read(event)
 
 
 def from_vllm_error(response: ErrorResponse) -> WireError:

@@ -19,7 +19,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-Endpoint = Literal["completions", "chat"]
+Endpoint = Literal["completions", "chat", "responses", "messages", "tokenize", "detokenize"]
+"""What a request asks of an engine: OpenAI's completions, chat and Responses, Anthropic's Messages, or vLLM's
+tokenizer."""
+GENERATING: frozenset[Endpoint] = frozenset({"completions", "chat", "responses", "messages"})
+"""The endpoints that generate tokens (the others only count or decode them)."""
 
 
 @dataclass(frozen=True)

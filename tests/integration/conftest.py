@@ -105,7 +105,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str) -> Iterator[Sta
             {
                 # dtype exact: checked against PEFT. 4 slots (the default on this CPU is 16): test_adapters fills
                 # them all and churns the engine's adapter cache with a handful of adapters.
-                "engine": {"model": str(model_dir), "dtype": "checkpoint", "max_loras": 4},
+                "engine": {
+                    "model": str(model_dir),
+                    "dtype": "checkpoint",
+                    "max_loras": 4,
+                },
                 "registry": {
                     # The shared stack keeps its registry in S3 (moto); the servers of other modules use SQLite.
                     "store": f"s3://{REGISTRY_BUCKET}/{MODEL_ID}",

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -149,6 +150,27 @@ def test_a_composite_serves_only_keys_that_may_use_every_component(tenancy: Tena
         assert "`alpha`" in caught.value.body["message"]  # type: ignore[index]
         answer = full.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], max_tokens=2, **asked)
         assert answer.choices[0].message.content
+
+
+def test_the_newer_apis_keep_scopes(tenancy: Tenancy) -> None:
+    """Responses (openai SDK), Messages (anthropic SDK, its `x-api-key` header) and the tokenizer: 403 for a model
+    outside the key's scope, served inside it."""
+    beta_co, full = sdk(tenancy, tenancy.keys["beta-co"]), sdk(tenancy, tenancy.keys["full"])
+    with pytest.raises(openai.PermissionDeniedError):
+        beta_co.responses.create(model="alpha", input="Hi", max_output_tokens=2)
+    assert full.responses.create(model="alpha", input="Hi", max_output_tokens=2).output_text
+    claude = anthropic.Anthropic(base_url=tenancy.base_url, api_key=tenancy.keys["beta-co"], max_retries=0)
+    with pytest.raises(anthropic.PermissionDeniedError) as caught:
+        claude.messages.create(model="alpha", max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    assert caught.value.body["error"]["type"] == "permission_error"  # type: ignore[index]
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=tenancy.base_url, api_key="lpx-wrong", max_retries=0).messages.create(
+            model="alpha", max_tokens=2, messages=[{"role": "user", "content": "Hi"}]
+        )
+    body = {"model": "alpha", "prompt": "Hi"}
+    with pytest.raises(openai.PermissionDeniedError):
+        beta_co.post(f"{tenancy.base_url}/tokenize", cast_to=object, body=body)
+    assert full.post(f"{tenancy.base_url}/tokenize", cast_to=object, body=body)["count"] > 0  # type: ignore[index]
 
 
 def test_request_and_token_limits_answer_429_with_retry_after(tenancy: Tenancy) -> None:

@@ -15,6 +15,8 @@ from serve.assets import prepare
 from serve.cli import parse_adapter
 from serve.config import AdapterConfig, ApiKeyConfig, AppConfig, EngineConfig, load_config, lora_slot_bytes
 from serve.engines.vllm_engine import final_usage, vllm_cli_args
+from serve.engines.vllm_routes import StreamUsage
+from serve.wire import Usage
 
 KEY = {"name": "k", "sha256": "0" * 64}
 BAD_CONFIGS = [
@@ -78,6 +80,30 @@ def test_vllm_args_register_adapters_under_their_public_ids(tmp_path: Path) -> N
     assert args[args.index("--lora-modules") + 1] == "base:x=/x"
     assert args[args.index("--max-cpu-loras") + 1] == "8"
     assert args[args.index("--max-lora-rank") + 1] == "64"
+
+
+def test_a_tool_call_parser_turns_on_vllm_tools(tmp_path: Path) -> None:
+    assert "--enable-auto-tool-choice" not in vllm_cli_args(EngineConfig(model=str(tmp_path)), [])
+    args = vllm_cli_args(EngineConfig(model=str(tmp_path), tool_call_parser="hermes"), [])
+    assert args[args.index("--enable-auto-tool-choice") + 1 :][:2] == ["--tool-call-parser", "hermes"]
+
+
+def sse_event(kind: str, data: dict[str, object]) -> str:
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+def test_usage_is_read_from_each_apis_stream() -> None:
+    responses = StreamUsage("responses")
+    created = sse_event("response.created", {"type": "response.created", "response": {"usage": None}})
+    assert responses.read(created) is None
+    usage = {"input_tokens": 4, "output_tokens": 9}
+    done = sse_event("response.completed", {"type": "response.completed", "response": {"usage": usage}})
+    assert responses.read(done) == Usage(4, 9)
+    messages = StreamUsage("messages")
+    start = {"type": "message_start", "message": {"usage": {"input_tokens": 7, "output_tokens": 1}}}
+    assert messages.read(sse_event("message_start", start)) is None
+    delta = {"type": "message_delta", "usage": {"output_tokens": 12}}
+    assert messages.read(sse_event("message_delta", delta)) == Usage(7, 12)
 
 
 def test_adapter_flag() -> None:
