@@ -120,10 +120,10 @@ class ModelCatalog:
         if isinstance(outcome, WireError):
             raise UpstreamError(outcome)
         record, built = outcome
-        assert record.composition is not None
-        self._composites[composition_key(record.composition)] = record
-        if len(self._composites) > INLINE_KEPT:
-            self._composites.popitem(last=False)
+        if record.composition is not None:  # the registry's record says what it was built from
+            self._composites[composition_key(record.composition)] = record
+            if len(self._composites) > INLINE_KEPT:
+                self._composites.popitem(last=False)
         return ModelTarget(id=self.adapter_id(record.name), adapter=record), built
 
     async def records(self) -> list[AdapterRecord]:

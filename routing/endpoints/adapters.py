@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from routing.audit import AuditAction
 from routing.auth import KeyDep, RegisterAdmin, UnregisterAdmin
 from routing.context import ContextDep, RouterContext
-from routing.errors import OpenAIError, PermissionDenied, UpstreamError
+from routing.errors import InvalidRequest, OpenAIError, PermissionDenied, UpstreamError
 from routing.openapi import TEXT_ROUTE_ERRORS
 from routing.principals import Principal
 from routing.protocol import ComposeSpec, JSONRoute
@@ -191,8 +191,9 @@ async def get_adapter(name: str, context: ContextDep, key: KeyDep) -> dict[str, 
 async def register_adapter(
     body: RegisterAdapter, request: Request, context: ContextDep, key: RegisterAdmin
 ) -> JSONResponse:
-    source = body.source if body.source is not None else body.compose
-    assert source is not None  # the model's validator
+    source = body.source or body.compose
+    if source is None:  # the model's validator refuses this already
+        raise InvalidRequest("give a source or compose (one of them)", param="source")
     record = await _register(context, request, key, body.name, source, body.pinned, 201)
     return JSONResponse(card(context, record), status_code=201)
 

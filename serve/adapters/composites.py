@@ -159,18 +159,19 @@ class Composites:
             return WireError(400, str(exc), exc.param)
         sources = [self._records[c].source for c in resolved.adapters]
         try:
-            return await asyncio.to_thread(self._build_files, resolved, sources)
+            return await asyncio.to_thread(self._build_files, self._composites, resolved, sources)
         except SourceUnreachable as exc:
             return WireError(400, f"a component could not be read: {exc}", "compose.adapters", code=UNREACHABLE)
         except AdapterInvalid as exc:
             return WireError(400, str(exc), exc.param if exc.param.startswith("compose") else "compose.adapters")
 
-    def _build_files(self, resolved: Composition, sources: list[str]) -> tuple[str, AdapterMetadata, Composition, bool]:
-        assert self._composites is not None
+    def _build_files(
+        self, store: CompositeStore, resolved: Composition, sources: list[str]
+    ) -> tuple[str, AdapterMetadata, Composition, bool]:
         key = composition_key(resolved)
         staging = Path(tempfile.mkdtemp(prefix="loraplex-compose-"))
         try:
-            built = not self._composites.has(key)
+            built = not store.has(key)
             if built:
                 folders = []
                 for i, (source, expected) in enumerate(zip(sources, resolved.built_from, strict=True)):
@@ -181,9 +182,9 @@ class Composites:
                                              f"compose.adapters.{i}.name")  # fmt: skip
                     folders.append(folder)
                 self._composer.build(resolved, folders, staging / "out")
-                self._composites.publish(staging / "out", key)
+                store.publish(staging / "out", key)
                 self.builds += 1
-            source = self._composites.url(key)
+            source = store.url(key)
             check = staging / "check"
             self._resolver.fetch(source, check, self._max_bytes)  # as a node's cache will read it
             meta = validate_adapter(check, self._base_shapes, max_rank=self._max_rank, max_bytes=self._max_bytes)
@@ -196,7 +197,8 @@ class Composites:
         is marked unusable with the reason (never served with a component version it was not made of)."""
         for user in self._composites_of(name):
             record = self._records[user]
-            assert record.composition is not None
+            if record.composition is None:
+                continue
             outcome = await self.compose(user, replace(record.composition, built_from=()), record.pinned)
             if isinstance(outcome, WireError):
                 logger.error("composite %r could not be rebuilt after %r changed: %s", user, name, outcome.message)

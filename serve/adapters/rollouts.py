@@ -35,17 +35,15 @@ class Rollouts:
     async def rollout(self, name: str, source: str, percent: float) -> AdapterRecord | WireError:
         """Starts rolling out `source` as the next version of `name`, to `percent` of its requests; the current
         version keeps the rest until `promote` or `rollback`."""
-        current = self._records.get(name)
-        if (refused := self._refuse_rollout(name, current, starting=True)) is not None:
+        if isinstance(refused := self._settled(name), WireError):
             return refused
         checked = await asyncio.to_thread(self._fetch_and_check, name, source)
         if isinstance(checked, WireError):
             return checked
         async with self._lock:
-            current = self._records.get(name)
-            if (refused := self._refuse_rollout(name, current, starting=True)) is not None:
-                return refused
-            assert current is not None
+            current = self._settled(name)
+            if isinstance(current, WireError):
+                return current
             if checked.content_hash == current.content_hash:
                 return WireError(400, f"{source} holds the same weights as v{current.version} of {name!r}", "source")
             canary = AdapterRecord(
@@ -60,45 +58,53 @@ class Rollouts:
     async def split(self, name: str, percent: float) -> AdapterRecord | WireError:
         """Sends `percent` of `name`'s requests to the version being rolled out."""
         async with self._lock:
-            current = self._records.get(name)
-            if (refused := self._refuse_rollout(name, current, starting=False)) is not None:
-                return refused
-            assert current is not None
+            if isinstance(rolling := self._rolling(name), WireError):
+                return rolling
+            current, _ = rolling
             record = replace(current, canary_percent=percent)
             return self._write(name, current, record) or record
 
     async def promote(self, name: str) -> AdapterRecord | WireError:
         """Makes the version being rolled out `name`'s only version."""
         async with self._lock:
-            current = self._records.get(name)
-            if (refused := self._refuse_rollout(name, current, starting=False)) is not None:
-                return refused
-            assert current is not None and current.canary is not None
-            record = current.canary
-            if (failure := self._write(name, current, record)) is not None:
+            if isinstance(rolling := self._rolling(name), WireError):
+                return rolling
+            current, canary = rolling
+            if (failure := self._write(name, current, canary)) is not None:
                 return failure
         await self._rebuild_composites_of(name)
-        return record
+        return canary
 
     async def rollback(self, name: str) -> AdapterRecord | WireError:
         """Drops the version being rolled out; `name`'s current version takes every request again."""
         async with self._lock:
-            current = self._records.get(name)
-            if (refused := self._refuse_rollout(name, current, starting=False)) is not None:
-                return refused
-            assert current is not None
+            if isinstance(rolling := self._rolling(name), WireError):
+                return rolling
+            current, _ = rolling
             record = replace(current, canary=None, canary_percent=0.0)
             return self._write(name, current, record) or record
 
-    @staticmethod
-    def _refuse_rollout(name: str, current: AdapterRecord | None, *, starting: bool) -> WireError | None:
+    def _settled(self, name: str) -> AdapterRecord | WireError:
+        """`name`'s record, which no rollout is under way for; or why a rollout cannot start."""
+        current = self._rollable(name)
+        if isinstance(current, AdapterRecord) and current.canary is not None:
+            return WireError(409, f"v{current.canary.version} of {name!r} is being rolled out: promote it or roll it "
+                                  "back first", "name")  # fmt: skip
+        return current
+
+    def _rolling(self, name: str) -> tuple[AdapterRecord, AdapterRecord] | WireError:
+        """`name`'s record and the version being rolled out beside it; or why there is none."""
+        current = self._rollable(name)
+        if isinstance(current, WireError):
+            return current
+        if current.canary is None:
+            return WireError(409, f"adapter {name!r} has no rollout in progress", "name")
+        return current, current.canary
+
+    def _rollable(self, name: str) -> AdapterRecord | WireError:
+        current = self._records.get(name)
         if current is None:
             return WireError(404, f"adapter {name!r} is not registered", "name")
         if current.composition is not None:
             return WireError(409, f"adapter {name!r} is a composite: it follows its components' versions", "name")
-        if starting and current.canary is not None:
-            return WireError(409, f"v{current.canary.version} of {name!r} is being rolled out: promote it or roll it "
-                                  "back first", "name")  # fmt: skip
-        if not starting and current.canary is None:
-            return WireError(409, f"adapter {name!r} has no rollout in progress", "name")
-        return None
+        return current
