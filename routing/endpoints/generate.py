@@ -1,5 +1,7 @@
-"""`POST /v1/completions` and `POST /v1/chat/completions`: validate, check scope, resolve the model, admit
-(rate limits, fair share), relay the engine, then settle the request's real token usage.
+"""The routes that reach an engine: `POST /v1/completions`, `/v1/chat/completions`, `/v1/responses`, `/v1/messages`,
+`/tokenize` and `/detokenize`. Each validates, checks scope, resolves the model (an adapter, the version a rollout
+gives this request, or an inline composite), admits (rate limits, fair share), relays the engine, then settles the
+request's real token usage.
 
 A request no engine replica started goes to another (`routing.engine_client`); one whose replica was lost
 while running it is not sent again; a client that leaves cancels the engine's work too."""
@@ -49,9 +51,9 @@ from serve.wire.channel import ReplicaFailed
 
 logger = logging.getLogger("loraplex.router")
 TOKEN_EVENT = '"index":'
+"""Marks a choice in a streamed chunk: each carries about one token (the floor charged when a client leaves)."""
 INLINE_COMPOSITE_LABEL = "~compose"
 """The one metrics label of every inline composite (their names come from request bodies: unbounded)."""
-"""Marks a choice in a streamed chunk: each carries about one token (the floor charged when a client leaves)."""
 router = APIRouter()
 
 
