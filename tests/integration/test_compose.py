@@ -76,13 +76,13 @@ async def test_each_registered_method_serves_what_peft_composes(
 async def test_composites_batched_with_plain_adapters_and_the_base(
     async_client: openai.AsyncOpenAI, stack: Stack, composer: Reference
 ) -> None:
-    for method, weights, density in METHODS[:3]:  # registered again: the same composite, no new version
+    for method, weights, density in METHODS:  # registered again: the same composite, no new version
         body = {"name": f"mix-{method}", "compose": compose_body(method, weights, density)}
         again = httpx.post(f"{stack.base_url}/v1/adapters", json=body, timeout=300)
         assert again.status_code == 201 and again.json()["version"] == 1, again.text
     prompts = [composer.chat_prompt(text) for text in (PROMPT, "Name three colours.", "What is 2 + 2?")]
     asked = [(model, prompt) for prompt in prompts
-             for model in ("mix-cat", "mix-svd", "mix-linear", "alpha", "mate", None)]  # fmt: skip
+             for model in (*(f"mix-{method}" for method, _, _ in METHODS), "alpha", "mate", None)]  # fmt: skip
     results = await asyncio.gather(*(served(async_client, model or stack.model_id, p) for model, p in asked))
     for (model, prompt), got in zip(asked, results, strict=True):
         assert_close(composer.greedy(model, prompt, MAX_TOKENS), got, f"{model or 'base'} in a mixed batch")
