@@ -287,6 +287,24 @@ def test_pinned_adapter_survives_eviction_churn(client: openai.OpenAI, stack: St
         httpx.delete(f"{stack.base_url}/v1/adapters/{name}")
 
 
+async def test_a_step_full_of_other_adapters_beside_a_pinned_one_keeps_the_engine_alive(
+    async_client: openai.AsyncOpenAI, client: openai.OpenAI, stack: Stack
+) -> None:
+    """vLLM's pin took one of the engine's 4 slots while its scheduler still let 4 other adapters into a step: the
+    worker failed building the step and the engine died (serve/vllm_patches.py). `keeper` is pinned above."""
+    assert httpx.get(f"{stack.base_url}/v1/adapters/keeper").json()["pinned"] is True
+    names = [f"full{i}" for i in range(4)]
+    for i, name in enumerate(names):
+        assert register(stack, name, str(new_adapter(stack, name, seed=95 + i))).status_code == 201
+    for _ in range(3):
+        step = (async_client.completions.create(model=name, prompt="Hi", max_tokens=4) for name in names)
+        await asyncio.gather(*step)
+    prompt, want = expect(stack, stack.uploads / "keeper-91")
+    assert_close(want, served(client, "keeper", prompt), "pinned adapter after full steps of others")
+    for name in names:
+        httpx.delete(f"{stack.base_url}/v1/adapters/{name}")
+
+
 def test_the_node_cache_holds_installed_adapters_and_lets_go_of_unregistered_ones(
     client: openai.OpenAI, stack: Stack
 ) -> None:
