@@ -110,7 +110,17 @@ class EngineConfig(_Strict):
     max_cpu_loras: int | None = Field(
         default=None,
         ge=1,
-        description="Adapters kept in the engine's CPU cache (LRU); defaults to max_loras.",
+        description="Unpinned adapters kept in the engine's CPU cache (LRU); defaults to max_loras.",
+    )
+    max_pinned_loras: int = Field(
+        default=2,
+        ge=0,
+        description=(
+            "Adapters that may be pinned (a version being rolled out of a pinned adapter counts as one more). The "
+            "engine's adapter cache holds them beside max_cpu_loras unpinned ones (and one spare for a version "
+            "switch), so a step of max_loras other adapters never evicts one of its own; a pin beyond this is "
+            "refused (409)."
+        ),
     )
     max_model_len: int = Field(default=2048, ge=16, description="Longest prompt plus completion, in tokens.")
     max_num_seqs: int = Field(default=64, ge=1, description="Sequences the engine batches in one step.")
@@ -170,6 +180,12 @@ class EngineConfig(_Strict):
         if self.max_cpu_loras is not None:
             slots = min(slots, self.max_cpu_loras)
         return slots
+
+    def cpu_cache_entries(self, slots: int) -> int:
+        """The engine's adapter cache size: `max_cpu_loras` (default: `slots`) unpinned adapters, the pinned ones
+        allowed, and one spare for a pinned adapter's version switch (its new version is pinned before the old
+        one leaves)."""
+        return (self.max_cpu_loras or slots) + (self.max_pinned_loras + 1 if self.max_pinned_loras else 0)
 
     def engine_dtype(self) -> str:
         """The dtype passed to vLLM: `checkpoint` resolved from the model's config.json."""

@@ -27,6 +27,7 @@ def register() -> None:
     _applied = True
     # The engine core dies with the replica that spawned it, its worker with the engine core, however they died.
     die_with_parent_if_asked()
+    _pin_adapters_in_memory_not_in_slots()
     _mask_base_rows_in_cpu_lora_ops()
     if os.environ.get(CPU_LORA_OPS_ENV, "grouped") == "grouped":
         _group_cpu_lora_ops_by_slot()
@@ -53,6 +54,32 @@ def _group_cpu_lora_ops_by_slot() -> None:
     activate_adapter._loraplex = True  # type: ignore[attr-defined]
     model_manager.LoRAModelManager.activate_adapter = activate_adapter  # type: ignore[method-assign]
     logger.debug("loraplex: CPU LoRA ops grouped by slot, cut to each adapter's rank")
+
+
+def _pin_adapters_in_memory_not_in_slots() -> None:
+    """A pinned adapter must not hold one of the engine's LoRA slots, nor take an unpinned one's cache entry.
+
+    vLLM's `pin_lora` pins an adapter in the engine's adapter cache *and* in one of its `max_loras` slots, but its
+    scheduler still admits `max_loras` other adapters into one step: activating the last of them evicts another
+    adapter of the same step, and building the step's LoRA mapping raises KeyError in the worker, which kills the
+    engine (found by tests/integration/test_compose.py: a batch of eight adapters while one was pinned). Pinned
+    here means what loraplex's `pinned` promises, never evicted from the engine's memory (its adapter cache); the
+    adapter takes a slot only in the steps that use it, like any other. The cache itself holds the pinned ones
+    beside `max_cpu_loras` others (`EngineConfig.cpu_cache_entries`): pinned in a cache of `max_loras` entries,
+    the same step would still evict one of its own adapters from the cache.
+    """
+    from vllm.lora.model_manager import LRUCacheLoRAModelManager
+
+    if getattr(LRUCacheLoRAModelManager.pin_adapter, "_loraplex", False):
+        return
+
+    def pin_adapter(self: Any, lora_id: int) -> bool:
+        self._pin_lora_in_cpu_cache(lora_id)
+        return True
+
+    pin_adapter._loraplex = True  # type: ignore[attr-defined]
+    LRUCacheLoRAModelManager.pin_adapter = pin_adapter  # type: ignore[method-assign]
+    logger.debug("loraplex: pinned adapters stay in the adapter cache without holding a LoRA slot")
 
 
 def _mask_base_rows_in_cpu_lora_ops() -> None:

@@ -8,6 +8,7 @@ while requests already running keep the version they started with.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -17,12 +18,17 @@ from serve.adapters.cache import Hold, NodeCache
 from serve.adapters.validation import AdapterInvalid
 from serve.wire import AdapterRecord, LoaderStats, adapter_model_id
 
+logger = logging.getLogger(__name__)
+
 
 class AdapterLoader:
     """Makes `record` usable by the engine under its public id `BASE:NAME`."""
 
-    def __init__(self, engine: Any, models: Any, cache: NodeCache, base_id: str) -> None:
+    def __init__(self, engine: Any, models: Any, cache: NodeCache, base_id: str, pin_room: int = 0) -> None:
         self._engine = engine
+        self._pin_room = pin_room
+        """Engine LoRA ids this replica may pin: the entries its adapter cache holds beside the unpinned ones."""
+        self._pinned: set[int] = set()
         self._models = models
         self.cache = cache
         self._holds: dict[str, Hold] = {}
@@ -82,6 +88,7 @@ class AdapterLoader:
                 hold.release()
             if previous is not None:
                 await self._engine.remove_lora(previous.lora_int_id)
+                self._pinned.discard(previous.lora_int_id)
                 self.stats.unloads += 1
 
     def held(self) -> list[str]:
@@ -111,11 +118,17 @@ class AdapterLoader:
             lora_int_id=self._models.lora_id_counter.inc(1),
             lora_path=str(folder),
         )
-        if record.pinned or into_engine:
+        pin = record.pinned and len(self._pinned) < self._pin_room
+        if record.pinned and not pin:
+            # The registry refuses pins beyond the engine's room; this is a store written under a larger allowance.
+            logger.warning("adapter %r is pinned but the engine's %d pinned entries are taken: served unpinned",
+                           record.name, self._pin_room)  # fmt: skip
+        if pin or into_engine:
             # Pinned: into the engine now, and kept there. Warmed: into the engine now, for the LRU to keep or drop.
             await self._engine.add_lora(request)
-        if record.pinned:
+        if pin:
             await self._engine.pin_lora(request.lora_int_id)
+            self._pinned.add(request.lora_int_id)
         # Otherwise the engine reads the weights from `folder` in the step that first needs them, as it
         # does after every eviction. Adding them here as well cost a second read whenever the engine's
         # cache was full (the add evicted an adapter a waiting request needed) and held the engine's
@@ -126,3 +139,4 @@ class AdapterLoader:
         if previous is not None:
             # Requests already running hold `previous` and finish on it; new ones get `request`.
             await self._engine.remove_lora(previous.lora_int_id)
+            self._pinned.discard(previous.lora_int_id)

@@ -87,8 +87,11 @@ class AdapterRegistry(Composites, Rollouts):
         initial: dict[str, str] | None = None,
         legacy_state: Path | None = None,
         composites: CompositeStore | None = None,
+        max_pinned: int | None = None,
     ) -> None:
         self._store = store
+        self._max_pinned = max_pinned
+        """Engine entries pinned adapters may take (`engine.max_pinned_loras`); None: no bound."""
         self._composites = composites
         self._composer = Composer(base_model)
         self.builds = 0
@@ -255,6 +258,8 @@ class AdapterRegistry(Composites, Rollouts):
     def _write(self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None) -> WireError | None:
         """Stores `record` (None: deletes `name`), then makes it current: a write that fails changes nothing,
         here or in the store. A record another registry changed meanwhile is re-read, and the write refused."""
+        if (refused := self._pin_refused(previous, record)) is not None:
+            return refused
         try:
             if record is None:
                 assert previous is not None
@@ -274,6 +279,19 @@ class AdapterRegistry(Composites, Rollouts):
             self._records[name] = record  # in place: snapshots are copies, and a write copies nothing (100,000s)
         self._changed(name)
         return None
+
+    def _pin_refused(self, previous: AdapterRecord | None, record: AdapterRecord | None) -> WireError | None:
+        """409 when `record` would pin more engine entries than `max_pinned` allows (each pinned version takes one
+        in every replica's adapter cache: one more would evict adapters a full step needs)."""
+        added = _pinned_entries(record) - _pinned_entries(previous)
+        if self._max_pinned is None or added <= 0:
+            return None
+        taken = sum(_pinned_entries(r) for r in self._records.values())
+        if taken + added <= self._max_pinned:
+            return None
+        message = (f"{taken} of the {self._max_pinned} pinned adapter versions the engine holds "
+                   "(engine.max_pinned_loras) are taken: unpin one, or raise the setting")  # fmt: skip
+        return WireError(409, message, "pinned")
 
     def _changed(self, name: str) -> None:
         self._generation += 1
@@ -359,6 +377,13 @@ def s3_connection(config: AppConfig) -> S3Source:
     )
 
 
+def _pinned_entries(record: AdapterRecord | None) -> int:
+    """Engine adapter-cache entries `record` pins: its version, and the one being rolled out."""
+    if record is None or not record.pinned:
+        return 0
+    return 2 if record.canary is not None else 1
+
+
 class RegistryDeployment(AdapterRegistry):
     """The registry as the application builds it from an `AppConfig`."""
 
@@ -374,4 +399,5 @@ class RegistryDeployment(AdapterRegistry):
             initial={adapter.name: adapter.path for adapter in config.adapters},
             legacy_state=Path(config.registry.state_file),
             composites=CompositeStore(config.registry.composites_url, s3_connection(config)),
+            max_pinned=config.engine.max_pinned_loras,
         )

@@ -79,7 +79,7 @@ def vllm_cli_args(config: EngineConfig, adapters: list[AdapterConfig]) -> list[s
         "--enable-lora",
         "--max-loras", str(slots := config.lora_slots(_on_cpu())),
         "--max-lora-rank", str(config.max_lora_rank),
-        "--max-cpu-loras", str(config.max_cpu_loras or slots),
+        "--max-cpu-loras", str(config.cpu_cache_entries(slots)),
         "--max-model-len", str(config.max_model_len),
         "--max-num-seqs", str(config.max_num_seqs),
         "--dtype", serving_dtype(config),
@@ -158,7 +158,8 @@ class VLLMEngine:
             max_bytes=registry.cache_max_bytes,
             max_adapter_bytes=registry.max_adapter_bytes,
         )
-        self._loader = AdapterLoader(engine, models, cache, self._config.model_id)
+        pin_room = self._config.max_pinned_loras + 1 if self._config.max_pinned_loras else 0
+        self._loader = AdapterLoader(engine, models, cache, self._config.model_id, pin_room)
         self._routes = build_routes(state, *request_models(self._app.router.max_prompt_tokens))
 
     @property

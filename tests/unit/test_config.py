@@ -78,8 +78,11 @@ def test_vllm_args_register_adapters_under_their_public_ids(tmp_path: Path) -> N
     config = EngineConfig(model=str(tmp_path / "base"), max_cpu_loras=8)
     args = vllm_cli_args(config, [AdapterConfig(name="x", path="/x")])
     assert args[args.index("--lora-modules") + 1] == "base:x=/x"
-    assert args[args.index("--max-cpu-loras") + 1] == "8"
+    # 8 unpinned adapters, the 2 pinned ones engine.max_pinned_loras allows, and a spare for a pinned version switch
+    assert args[args.index("--max-cpu-loras") + 1] == "11"
     assert args[args.index("--max-lora-rank") + 1] == "64"
+    unpinned = vllm_cli_args(EngineConfig(model=str(tmp_path), max_loras=4, max_pinned_loras=0), [])
+    assert unpinned[unpinned.index("--max-cpu-loras") + 1] == "4"
 
 
 def test_a_tool_call_parser_turns_on_vllm_tools(tmp_path: Path) -> None:

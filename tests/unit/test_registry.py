@@ -468,6 +468,36 @@ def test_a_no_op_adapters_warning_is_recorded_and_survives_a_restart(tmp_path: P
     assert asyncio.run(open_registry().snapshot()).records["silent"] == record
 
 
+def test_pins_beyond_the_engines_room_are_refused_and_a_rollout_counts_as_one_more(
+    tmp_path: Path, open_registry: Opener
+) -> None:
+    """Every replica's adapter cache holds `max_pinned` pinned versions beside its unpinned ones; one more would let
+    a step of max_loras other adapters evict one of its own (the engine died of that)."""
+    registry = open_registry(max_pinned=2)
+
+    def weights(i: int) -> dict[str, torch.Tensor]:
+        return {f"{LAYER}.q_proj.lora_A.weight": torch.full((4, 576), i + 1.0),
+                f"{LAYER}.q_proj.lora_B.weight": torch.ones(576, 4)}  # fmt: skip
+
+    sources = [str(write_adapter(tmp_path / "adapters" / f"p{i}", tensors=weights(i))) for i in range(3)]
+    assert isinstance(asyncio.run(registry.register("one", sources[0], pinned=True)), AdapterRecord)
+    assert isinstance(asyncio.run(registry.register("two", sources[1])), AdapterRecord)
+    assert isinstance(asyncio.run(registry.register("unpinned", sources[2])), AdapterRecord)
+    rolled = asyncio.run(registry.rollout("one", sources[1], 10.0))  # its canary is pinned too: 2 of 2
+    assert isinstance(rolled, AdapterRecord) and rolled.canary is not None and rolled.canary.pinned
+    refused = asyncio.run(registry.register("two", sources[1], pinned=True))
+    assert isinstance(refused, WireError) and refused.status == 409 and refused.param == "pinned", refused
+    assert asyncio.run(registry.snapshot()).records["two"].pinned is False  # nothing half-done
+    assert isinstance(asyncio.run(registry.rollback("one")), AdapterRecord)
+    assert isinstance(asyncio.run(registry.register("two", sources[1], pinned=True)), AdapterRecord)
+    refused = asyncio.run(registry.rollout("two", sources[2], 50.0))
+    assert isinstance(refused, WireError) and refused.param == "pinned", refused
+    # Unpinning and unregistering free room; a registry without a bound refuses nothing.
+    assert isinstance(asyncio.run(registry.register("one", sources[0])), AdapterRecord)
+    assert isinstance(asyncio.run(registry.rollout("two", sources[2], 50.0)), AdapterRecord)
+    assert isinstance(asyncio.run(open_registry().register("unpinned", sources[2], pinned=True)), AdapterRecord)
+
+
 def test_an_s3_store_on_a_bucket_that_does_not_exist_says_so(s3_url: str) -> None:
     keys = {"access_key_id": S3_KEYS["AWS_ACCESS_KEY_ID"], "secret_access_key": S3_KEYS["AWS_SECRET_ACCESS_KEY"]}
     store = S3Store(
