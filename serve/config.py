@@ -637,6 +637,21 @@ class RegistryConfig(_Strict):
         ),
     )
 
+    hf_endpoint: str | None = Field(
+        default=None,
+        description=(
+            "Hugging Face Hub endpoint for `hf://` sources (a mirror, a private hub); None: huggingface_hub's "
+            "default (`HF_ENDPOINT`, else https://huggingface.co)."
+        ),
+    )
+    hf_token: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Hub token for private or gated `hf://` sources; None: the one huggingface_hub finds itself (`HF_TOKEN`, "
+            "else a saved `hf auth login`; preferred, as it keeps the secret out of configs). Never rendered."
+        ),
+    )
+
     @field_validator("store")
     @classmethod
     def _store_scheme(cls, value: str | None) -> str | None:

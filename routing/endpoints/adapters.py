@@ -44,7 +44,9 @@ class RegisterAdapter(BaseModel):
         default=None,
         min_length=1,
         validate_default=True,
-        description="A local path, `file://...` or `s3://bucket/prefix` (or `compose`).",
+        description=(
+            "A local path, `file://...`, `s3://bucket/prefix` or `hf://org/repo[@revision][/subfolder]` (or `compose`)."
+        ),
     )
     pinned: bool = Field(default=False, description="Never evicted from engine memory once loaded.")
 
@@ -62,7 +64,9 @@ Percent = Annotated[float, Field(ge=0, le=100, description="Share of the adapter
 class StartRollout(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(min_length=1, description="The new version's files: a local path, `file://...` or `s3://...`.")
+    source: str = Field(
+        min_length=1, description="The new version's files: a local path, `file://...`, `s3://...` or `hf://...`."
+    )
     percent: Percent = 10.0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from routing.policy import rendezvous_order
 from serve.adapters.compose import Composer, CompositeStore
 from serve.adapters.composites import Composites
+from serve.adapters.hf_source import HfSource
 from serve.adapters.rollouts import Rollouts
 from serve.adapters.sources import UNREACHABLE, LocalSource, S3Source, SourceResolver, SourceUnreachable
 from serve.adapters.store import (
@@ -198,6 +199,7 @@ class AdapterRegistry(Composites, Rollouts):
         checked = await asyncio.to_thread(self._fetch_and_check, name, source)
         if isinstance(checked, WireError):
             return checked
+        source, meta = checked  # the source pinned: an hf:// branch is recorded as its commit
         async with self._lock:
             previous = self._records.get(name)
             if previous is not None and previous.composition is not None:
@@ -205,7 +207,7 @@ class AdapterRegistry(Composites, Rollouts):
             if previous is not None and previous.canary is not None:
                 return WireError(409, f"v{previous.canary.version} of {name!r} is being rolled out: promote it or "
                                       "roll it back first", "name")  # fmt: skip
-            outcome = self._record(name, source, pinned, checked)
+            outcome = self._record(name, source, pinned, meta)
         if isinstance(outcome, AdapterRecord) and (previous is None or previous.content_hash != outcome.content_hash):
             await self._rebuild_composites_of(name)
         return outcome
@@ -222,15 +224,19 @@ class AdapterRegistry(Composites, Rollouts):
 
     def _validate_and_record(self, name: str, source: str, pinned: bool) -> AdapterRecord | WireError:
         checked = self._fetch_and_check(name, source)
-        return checked if isinstance(checked, WireError) else self._record(name, source, pinned, checked)
+        return checked if isinstance(checked, WireError) else self._record(name, checked[0], pinned, checked[1])
 
-    def _fetch_and_check(self, name: str, source: str) -> AdapterMetadata | WireError:
+    def _fetch_and_check(self, name: str, source: str) -> tuple[str, AdapterMetadata] | WireError:
+        """`source` pinned to the files it names now (`SourceResolver.pin`), and what the checks found in them: the
+        record names the pinned source, so every node fetches the very files checked here."""
         if not is_adapter_name(name):
             return WireError(400, f"adapter name must match {ADAPTER_NAME_PATTERN}", "name")
         staging = Path(tempfile.mkdtemp(prefix="loraplex-adapter-"))
         try:
-            self._resolver.fetch(source, staging, self._max_bytes)
-            return validate_adapter(staging, self._base_shapes, max_rank=self._max_rank, max_bytes=self._max_bytes)
+            exact = self._resolver.pin(source)
+            self._resolver.fetch(exact, staging, self._max_bytes)
+            meta = validate_adapter(staging, self._base_shapes, max_rank=self._max_rank, max_bytes=self._max_bytes)
+            return exact, meta
         except SourceUnreachable as exc:
             return WireError(400, str(exc), exc.param, code=UNREACHABLE)
         except AdapterInvalid as exc:
@@ -345,7 +351,7 @@ class AdapterRegistry(Composites, Rollouts):
                 reason = f"could not be checked against base model {self._base.model_id}: {checked.message}"
             elif isinstance(checked, WireError):
                 reason = f"does not fit base model {self._base.model_id}: {checked.message}"
-            elif checked.content_hash != record.content_hash:
+            elif checked[1].content_hash != record.content_hash:
                 reason = "its source changed since it was registered; register it again"
             if reason != record.unusable:
                 failure = self._write(name, record, replace(record, unusable=reason))
@@ -364,7 +370,7 @@ def make_resolver(config: AppConfig) -> SourceResolver:
     roots += [Path(adapter.path).resolve() for adapter in config.adapters]
     if not config.registry.composites_url.startswith("s3://"):
         roots.append(Path(config.registry.composites_url).resolve())  # what the registry builds, nodes read
-    return SourceResolver(local=LocalSource(tuple(roots)), s3=s3_connection(config))
+    return SourceResolver(local=LocalSource(tuple(roots)), s3=s3_connection(config), hf=hf_connection(config))
 
 
 def s3_connection(config: AppConfig) -> S3Source:
@@ -375,6 +381,12 @@ def s3_connection(config: AppConfig) -> S3Source:
         access_key_id=registry.s3_access_key_id,
         secret_access_key=secret.get_secret_value() if (secret := registry.s3_secret_access_key) else None,
     )
+
+
+def hf_connection(config: AppConfig) -> HfSource:
+    registry = config.registry
+    token = registry.hf_token.get_secret_value() if registry.hf_token else None
+    return HfSource(endpoint=registry.hf_endpoint, token=token)
 
 
 def _pinned_entries(record: AdapterRecord | None) -> int:

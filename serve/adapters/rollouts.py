@@ -26,7 +26,7 @@ class Rollouts:
 
     if TYPE_CHECKING:
 
-        def _fetch_and_check(self, name: str, source: str) -> AdapterMetadata | WireError: ...
+        def _fetch_and_check(self, name: str, source: str) -> tuple[str, AdapterMetadata] | WireError: ...
         def _write(
             self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None
         ) -> WireError | None: ...
@@ -37,9 +37,10 @@ class Rollouts:
         version keeps the rest until `promote` or `rollback`."""
         if isinstance(refused := self._settled(name), WireError):
             return refused
-        checked = await asyncio.to_thread(self._fetch_and_check, name, source)
-        if isinstance(checked, WireError):
-            return checked
+        fetched = await asyncio.to_thread(self._fetch_and_check, name, source)
+        if isinstance(fetched, WireError):
+            return fetched
+        source, checked = fetched  # the source pinned: an hf:// branch is recorded as its commit
         async with self._lock:
             current = self._settled(name)
             if isinstance(current, WireError):

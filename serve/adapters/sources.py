@@ -1,7 +1,8 @@
-"""Where adapters come from: local folders (`/path`, `file://`) and S3-compatible object stores (`s3://`).
+"""Where adapters come from: local folders (`/path`, `file://`), S3-compatible object stores (`s3://`) and the
+Hugging Face Hub (`hf://`, in `serve.adapters.hf_source`).
 
-A source copies an adapter folder into a local directory. New schemes (say `hf://`) plug in by
-adding a `Source` to `SourceResolver`.
+A source copies an adapter folder into a local directory. New schemes plug in by adding a `Source` to
+`SourceResolver`.
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
 from serve.adapters.validation import AdapterInvalid
+
+if TYPE_CHECKING:
+    from serve.adapters.hf_source import HfSource
 
 MAX_FILES = 64
 
@@ -111,12 +115,24 @@ class S3Source:
             raise SourceUnreachable(f"cannot read {uri}: {exc}") from None
 
 
+def _hub() -> HfSource:
+    from serve.adapters.hf_source import HfSource  # which imports this module
+
+    return HfSource()
+
+
 @dataclass(frozen=True)
 class SourceResolver:
     """Picks the source for a URI by its scheme."""
 
     local: LocalSource
     s3: S3Source = field(default_factory=S3Source)
+    hf: HfSource = field(default_factory=_hub)
+
+    def pin(self, uri: str) -> str:
+        """`uri` naming exactly the files it names now, as the registry records it: an `hf://` branch or tag becomes
+        its commit (a later push is a new version only when registered again). Other sources come back unchanged."""
+        return self.hf.pin(uri) if urlparse(uri).scheme == "hf" else uri
 
     def fetch(self, uri: str, dest: Path, max_bytes: int | None = None) -> None:
         scheme = urlparse(uri).scheme
@@ -125,7 +141,9 @@ class SourceResolver:
             source = self.local
         elif scheme == "s3":
             source = self.s3
+        elif scheme == "hf":
+            source = self.hf
         else:
-            raise AdapterInvalid(f"unsupported adapter source scheme {scheme!r}; use a path, file:// or s3://")
+            raise AdapterInvalid(f"unsupported adapter source scheme {scheme!r}; use a path, file://, s3:// or hf://")
         dest.mkdir(parents=True, exist_ok=True)
         source.fetch(uri, dest, max_bytes)

@@ -29,6 +29,7 @@ import torch
 from serve.assets import LORA_TARGETS, prepare
 from serve.reference import Reference
 from tests.conftest import S3_KEYS, free_port, tail
+from tests.hub_standin import StandInHub
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / ".loraplex"
@@ -89,7 +90,14 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str) -> Iterator[Stack]:
+def hf_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandInHub]:
+    """A stand-in for the Hugging Face Hub on loopback (no hub is reachable here), that the stack reads `hf://` from."""
+    with StandInHub(tmp_path_factory.mktemp("hub")) as hub:
+        yield hub
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str, hf_hub: StandInHub) -> Iterator[Stack]:
     model_src, demo = prepare(ASSETS)
     work = tmp_path_factory.mktemp("stack")
     model_dir = work / MODEL_ID
@@ -119,6 +127,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str) -> Iterator[Sta
                     "s3_endpoint_url": s3_url,
                     "s3_access_key_id": S3_KEYS["AWS_ACCESS_KEY_ID"],
                     "s3_secret_access_key": S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+                    "hf_endpoint": hf_hub.url,
                 },
             }
         )
