@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from opentelemetry.trace import Tracer
 from prometheus_client import CollectorRegistry
 
 from routing.admission import Admitter
@@ -18,6 +19,7 @@ from routing.metrics import RouterMetrics
 from routing.openapi import ERROR_RESPONSES
 from routing.principals import KeyRing
 from routing.ratelimit import LocalRateLimiter, RateLimiter
+from routing.tracing import TraceRequests, traced_authentication
 from serve.config import RouterConfig
 
 
@@ -28,12 +30,14 @@ def create_app(
     *,
     limiter: RateLimiter | None = None,
     max_model_len: int | None = None,
+    tracer: Tracer | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app that sends generation requests to `engine`.
 
     `limiter` holds the per-key rate limits; it must be shared by every router replica (the
     `SharedRateLimiter` deployment in an application); by default they are kept in this process.
     `max_model_len` is the engine's: a chat request without `max_tokens` is estimated at the rest of it.
+    `tracer` (`serve.wire.tracing`): spans for generation requests (`routing.tracing`); None, the default: none.
     """
     app = FastAPI(
         title="loraplex", description="OpenAI-compatible multi-LoRA inference router.", responses=ERROR_RESPONSES
@@ -52,15 +56,21 @@ def create_app(
         keys=KeyRing(config.auth),
         admitter=Admitter(limiter, gate, max_model_len),
         audit=AuditLog(config.auth.audit_file),
+        tracer=tracer,
     )
     install_error_handlers(app)
     context = app.state.context
+    authenticate = None if config.auth.is_open else context.keys.authenticate
+    if authenticate is not None and tracer is not None:
+        authenticate = traced_authentication(tracer, authenticate)
     app.add_middleware(
         BodyLimit,
         max_bytes=config.max_body_bytes,
-        authenticate=None if config.auth.is_open else context.keys.authenticate,
+        authenticate=authenticate,
         read_timeout_s=config.body_read_timeout_s,
     )
+    if tracer is not None:
+        app.add_middleware(TraceRequests, tracer=tracer)  # added last: outermost, so its span holds the others
     for endpoints in (generate, models, adapters, ops):
         app.include_router(endpoints.router)
     return app

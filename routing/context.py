@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
+from opentelemetry.trace import Tracer
 
 from routing.admission import Admitter
 from routing.audit import AuditLog
@@ -28,6 +29,8 @@ class RouterContext:
     keys: KeyRing
     admitter: Admitter
     audit: AuditLog
+    tracer: Tracer | None = None
+    """Spans for generation requests (`routing.tracing`); None when tracing is off."""
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when this router replica stops: new and waiting generation requests get 503, streams finish."""
 

@@ -27,6 +27,7 @@ from routing.errors import EngineFailure, OpenAIError, Overloaded
 from routing.request_router import avoid_replica
 from serve.wire import NOT_STARTED, AdapterRecord, Endpoint, Relayed, ReplicaItem, ReplyTo, WireError
 from serve.wire.channel import ChannelServer, Inbox
+from serve.wire.tracing import TRACE_KWARG
 
 logger = logging.getLogger("loraplex.router")
 REPLICA_RETRIES = 2
@@ -39,6 +40,7 @@ NOT_REPLAYED = (
     "ended the replica: retry it if it is safe to"
 )
 SHUTTING_DOWN = "this server is shutting down; send the request again"
+_UNTRACED: dict[str, str] = {}
 
 
 class EngineCall(Protocol):
@@ -56,9 +58,14 @@ class EngineClient(Protocol):
     """Streams so far by how their items after the first came: `channel` or `ray`."""
 
     async def start(
-        self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None, draining: asyncio.Event
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        adapter: AdapterRecord | None,
+        draining: asyncio.Event,
+        trace: str | None = None,
     ) -> tuple[ReplicaItem, EngineCall]:
-        """The replica's first item and the call for the rest.
+        """The replica's first item and the call for the rest; `trace`, a `traceparent` the replica continues.
 
         Raises `Overloaded` (every replica is full, or `draining` was set first) or `EngineFailure`. A client
         that leaves (this coroutine cancelled) cancels the call.
@@ -82,7 +89,12 @@ class ServeEngineClient:
         self.stream_counts = {"channel": 0, "ray": 0}
 
     async def start(
-        self, endpoint: Endpoint, body: dict[str, Any], adapter: AdapterRecord | None, draining: asyncio.Event
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        adapter: AdapterRecord | None,
+        draining: asyncio.Event,
+        trace: str | None = None,
     ) -> tuple[ReplicaItem, EngineCall]:
         """A request a replica did not start (`NOT_STARTED`) goes to another, up to `REPLICA_RETRIES` times, once
         that replica has ended, and passed over by our request router (`routing.request_router.avoid_replica`)
@@ -91,11 +103,12 @@ class ServeEngineClient:
         wait for one until the router is killed.
         """
         failures = 0
+        traced = _UNTRACED if trace is None else {TRACE_KWARG: trace}  # a replica without tracing gets no argument
         if self.channel is not None:
             await self.channel.start()
         while True:
             reply_to, inbox = self.channel.open() if self.channel is not None else (None, None)
-            call = self._handle.generate.remote(endpoint, body, adapter=adapter, reply_to=reply_to)
+            call = self._handle.generate.remote(endpoint, body, adapter=adapter, reply_to=reply_to, **traced)
             try:
                 first = await _first_item_unless(call, draining)
             except RayActorError as exc:

@@ -26,8 +26,9 @@ from routing.catalog import ModelCatalog
 from routing.engine_client import ServeEngineClient
 from routing.ratelimit import ServeRateLimiter
 from routing.registry_client import ServeRegistryClient
-from serve.config import RouterConfig
+from serve.config import RouterConfig, TracingConfig
 from serve.wire.channel import ChannelServer
+from serve.wire.tracing import process_tracer
 
 logger = logging.getLogger("loraplex.router")
 KEEP_ALIVE_S = 75.0
@@ -50,6 +51,7 @@ class RouterIngress:
         base_id: str,
         config: RouterConfig,
         max_model_len: int | None = None,
+        tracing: TracingConfig | None = None,
     ) -> None:
         show_audit_records()
         registry_client = ServeRegistryClient(registry)
@@ -58,7 +60,10 @@ class RouterIngress:
         self._channel = channel
         engine_client = ServeEngineClient(engine, channel, config.engine_transport)
         shared = None if limiter is None else ServeRateLimiter(limiter)
-        self._app = create_app(engine_client, catalog, config, limiter=shared, max_model_len=max_model_len)
+        tracer = process_tracer(tracing, "router") if tracing is not None else None
+        self._app = create_app(
+            engine_client, catalog, config, limiter=shared, max_model_len=max_model_len, tracer=tracer
+        )
         self._config = config
         self._server: uvicorn.Server | None = None
         self._serving: asyncio.Task[None] | None = None

@@ -5,7 +5,8 @@ replicas), calls `choose_replicas` for each request and tries the returned ranks
 replica whose queue is full. What the policy needs it gets from Serve: each replica's requests in
 flight from Serve's queue-length cache, and the adapters it holds from the replica's
 `record_routing_stats` (every `routing_stats_period_s`), completed by the requests this router sent
-since, so affinity does not wait for the next report.
+since, so affinity does not wait for the next report. With tracing on, each choice of a traced request is a
+`router.replica_choice` span in the request's trace (its `traceparent` travels in the call's arguments).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from typing import Any
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from routing.policy import AffinityPolicy, ReplicaState
+from routing.tracing import replica_choice_span
+from serve.config import TracingConfig
 from serve.wire import ROUTING_STATS_ADAPTERS, AdapterRecord
+from serve.wire.tracing import process_tracer
 
 ROUTER_CLASS_PATH = "routing.request_router:AdapterAffinityRouter"
 RECENT_TTL_S = 30.0
@@ -54,9 +58,13 @@ def adapter_of(request: PendingRequest | None) -> str | None:
 class AdapterAffinityRouter(FIFOMixin, RequestRouter):
     """Adapter affinity under a (1 + epsilon) x mean load bound; base requests to the least loaded."""
 
-    def initialize_state(self, epsilon: float = 0.25, min_load: int = 0, **_: Any) -> None:
+    def initialize_state(
+        self, epsilon: float = 0.25, min_load: int = 0, tracing: dict[str, Any] | None = None, **_: Any
+    ) -> None:
+        """`tracing`: the app's `TracingConfig` as a dict, given only when tracing is on."""
         self._policy = AffinityPolicy(epsilon=epsilon, min_load=min_load)
         self._recent: dict[tuple[str, str], float] = {}
+        self._tracer = process_tracer(TracingConfig.model_validate(tracing), "router") if tracing else None
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -65,6 +73,18 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
         if not candidate_replicas:
             return []
         adapter = adapter_of(pending_request)
+        if self._tracer is None:
+            return self._rank(candidate_replicas, adapter)
+        with replica_choice_span(self._tracer, pending_request, adapter, len(candidate_replicas)) as span:
+            ranks = self._rank(candidate_replicas, adapter)
+            chosen = ranks[0][0]
+            span.set_attributes({
+                "loraplex.replica": chosen.replica_id.unique_id,
+                "loraplex.replica.holds_adapter": adapter is not None and adapter in self._held(chosen, adapter),
+            })  # fmt: skip
+            return ranks
+
+    def _rank(self, candidate_replicas: list[RunningReplica], adapter: str | None) -> list[list[RunningReplica]]:
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         states = [self._state(r, adapter) for r in candidate_replicas]
         return [[by_id[state.replica_id]] for state in self._policy.rank(adapter, states)]
@@ -80,11 +100,15 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
     def _state(self, replica: RunningReplica, adapter: str | None) -> ReplicaState:
         replica_id = replica.replica_id.unique_id
         ongoing = self.replica_queue_len_cache.get(replica.replica_id) or 0
+        return ReplicaState(replica_id=replica_id, ongoing=ongoing, adapters=self._held(replica, adapter))
+
+    def _held(self, replica: RunningReplica, adapter: str | None) -> frozenset[str]:
+        """The adapters `replica` reported, and `adapter` if this router sent it there lately."""
         held: frozenset[str] = frozenset((replica.routing_stats or {}).get(ROUTING_STATS_ADAPTERS, ()))
         if (
             adapter is not None
             and adapter not in held
-            and self._recent.get((replica_id, adapter), 0) > time.monotonic()
+            and self._recent.get((replica.replica_id.unique_id, adapter), 0) > time.monotonic()
         ):
             held = held | {adapter}
-        return ReplicaState(replica_id=replica_id, ongoing=ongoing, adapters=held)
+        return held

@@ -17,7 +17,7 @@ from routing.ratelimit import SharedRateLimiter
 from routing.request_router import ROUTER_CLASS_PATH
 from serve.adapters.registry import RegistryDeployment
 from serve.adapters.store import sqlite_path
-from serve.config import AppConfig, EngineDeploymentConfig
+from serve.config import AppConfig, EngineDeploymentConfig, TracingConfig
 from serve.engines.vllm_engine import engine_env
 from serve.processes import DIE_WITH_PARENT_ENV, die_with_parent_if_asked
 from serve.replica import EngineReplica
@@ -93,12 +93,15 @@ def absolute_paths(config: AppConfig) -> AppConfig:
     return config.model_copy(update={"registry": registry, "adapters": adapters, "engine": engine, "router": router})
 
 
-def request_router_config(scaling: EngineDeploymentConfig) -> dict[str, Any]:
-    """The engine deployment's `request_router_config`: our affinity router, or Serve's default."""
+def request_router_config(scaling: EngineDeploymentConfig, tracing: TracingConfig | None = None) -> dict[str, Any]:
+    """The engine deployment's `request_router_config`: our affinity router (tracing its choices when `tracing` is
+    on), or Serve's default."""
     config: dict[str, Any] = {"request_routing_stats_period_s": scaling.routing_stats_period_s}
     if scaling.request_router == "affinity":
         config["request_router_class"] = ROUTER_CLASS_PATH
         config["request_router_kwargs"] = {"epsilon": scaling.affinity_epsilon, "min_load": scaling.affinity_min_load}
+        if tracing is not None and tracing.enabled:
+            config["request_router_kwargs"]["tracing"] = tracing.model_dump()
     return config
 
 
@@ -137,7 +140,7 @@ def build_application(args: AppConfig | dict[str, Any], proxy_host: str | None =
     engine = serve.deployment(
         name=ENGINE_DEPLOYMENT,
         **replicas,
-        request_router_config=request_router_config(scaling),
+        request_router_config=request_router_config(scaling, config.tracing),
         max_ongoing_requests=scaling.max_ongoing_requests,
         max_queued_requests=scaling.max_queued_requests,
         health_check_period_s=scaling.health_check_period_s,
@@ -167,4 +170,6 @@ def build_application(args: AppConfig | dict[str, Any], proxy_host: str | None =
         graceful_shutdown_timeout_s=config.router.graceful_shutdown_timeout_s,
         ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": SERVING_PATH_ENV}},
     )(RouterDeployment)
-    return router.bind(engine, registry, limiter, config.engine.model_id, config.router, config.engine.max_model_len)
+    return router.bind(
+        engine, registry, limiter, config.engine.model_id, config.router, config.engine.max_model_len, config.tracing
+    )

@@ -636,7 +636,6 @@ class RegistryConfig(_Strict):
             "the secret out of configs). Never rendered: reprs, dumps and logs show `**********`."
         ),
     )
-
     hf_endpoint: str | None = Field(
         default=None,
         description=(
@@ -679,6 +678,52 @@ class RegistryConfig(_Strict):
         return str(Path(self.state_file).with_name("composites").resolve())
 
 
+class TracingConfig(_Strict):
+    """OpenTelemetry traces of generation requests, in the router and the engine replicas, sent to an OTLP collector.
+
+    Off without `otlp_endpoint`: no tracer is built and requests do no tracing work. On, each request gets spans per
+    phase (auth, admission, replica choice, adapter load, queue, the whole generation), never per token, continuing
+    the trace of a client's W3C `traceparent` header.
+    """
+
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description=(
+            "The OTLP collector spans go to, e.g. `http://127.0.0.1:4318` (`http/protobuf`: to its `/v1/traces`) or "
+            "`http://127.0.0.1:4317` (`grpc`). None: tracing is off."
+        ),
+    )
+    otlp_protocol: Literal["http/protobuf", "grpc"] = Field(
+        default="http/protobuf", description="How spans are sent to `otlp_endpoint`: OTLP over HTTP or gRPC."
+    )
+    service_name: str = Field(
+        default="loraplex",
+        min_length=1,
+        description="`service.name` of the spans, `-router` or `-engine` appended by the process that made them.",
+    )
+    sample_ratio: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description=(
+            "Fraction of the traces the router starts that are recorded. A request with a client's `traceparent` "
+            "follows the client's choice (its sampled flag) instead."
+        ),
+    )
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint_is_a_url(cls, value: str | None) -> str | None:
+        if value is not None and urlparse(value).scheme not in ("http", "https"):
+            raise ValueError(f"otlp_endpoint {value!r} must be an http:// or https:// URL")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        """Whether spans are recorded and exported at all."""
+        return self.otlp_endpoint is not None
+
+
 class AppConfig(_Strict):
     """A whole loraplex application: one base model, its adapters, and how it is deployed."""
 
@@ -687,6 +732,9 @@ class AppConfig(_Strict):
     engine_deployment: EngineDeploymentConfig = Field(default_factory=EngineDeploymentConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    tracing: TracingConfig = Field(
+        default_factory=TracingConfig, description="OpenTelemetry tracing of requests; off unless given an endpoint."
+    )
 
     @model_validator(mode="after")
     def _adapter_names_unique(self) -> AppConfig:

@@ -17,10 +17,13 @@ from contextlib import aclosing
 from dataclasses import replace
 from typing import Any, NoReturn
 
+from opentelemetry.trace import Tracer
+
 from serve.config import AppConfig
 from serve.engines import Engine, build_engine
 from serve.processes import die_with_parent_if_asked
 from serve.streaming import batched
+from serve.tracing import traced_generation
 from serve.wire import (
     NOT_STARTED,
     ROUTING_STATS_ADAPTERS,
@@ -35,6 +38,7 @@ from serve.wire import (
     versioned_name,
 )
 from serve.wire.channel import Links
+from serve.wire.tracing import process_tracer
 
 logger = logging.getLogger("loraplex.replica")
 REGISTRY_POLL_S = 2.0
@@ -54,10 +58,12 @@ class Replica:
         stream_batch_s: float,
         warm_adapters: int = 0,
         replica_id: str | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         """`registry`: the registry deployment's handle; `replica_id`: this replica's id in reports and routing
-        (default: Serve's id of the replica this runs in)."""
+        (default: Serve's id of the replica this runs in); `tracer`: spans for traced requests (None: tracing off)."""
         self._engine = engine
+        self._tracer = tracer
         self._id = replica_id
         self._registry = registry
         self._batch_s = stream_batch_s
@@ -143,6 +149,7 @@ class Replica:
         *,
         adapter: AdapterRecord | None = None,
         reply_to: ReplyTo | None = None,
+        trace: str | None = None,
     ) -> AsyncIterator[ReplicaItem]:
         """Runs one request, for `adapter` at the version the router resolved; yields `serve.wire` items.
 
@@ -151,7 +158,8 @@ class Replica:
         batched (`stream_batch_ms`). A request that finds the engine already dead is answered `NOT_STARTED` (the
         router sends it to another replica) and the replica ends just after. One whose engine dies while it runs
         ends the replica (`exit_with_dead_engine`) rather than pass on what the request met; the router does not
-        send it again, as it may be what killed the engine.
+        send it again, as it may be what killed the engine. `trace`: the `traceparent` of a request the router traces
+        (`serve.tracing`); absent for the others.
         """
         if self._engine.errored:
             asyncio.get_running_loop().call_later(NOT_STARTED_EXIT_S, exit_with_dead_engine)
@@ -161,6 +169,9 @@ class Replica:
         if adapter is not None:
             self._requests[adapter.name] += 1
         stream = self._engine.generate(endpoint, body, adapter)
+        if trace is not None and self._tracer is not None:
+            attributes = {"loraplex.endpoint": endpoint, "loraplex.adapter": adapter.name if adapter else ""}
+            stream = traced_generation(self._tracer, trace, stream, attributes | {"loraplex.replica": self._replica()})
         relay = batched(stream, self._batch_s) if reply_to is None else self._relayed(stream, reply_to)
         try:
             async with aclosing(relay) as items:
@@ -256,7 +267,9 @@ class EngineReplica(Replica):
     async def __init__(self, app: AppConfig, registry: Any) -> None:  # type: ignore[misc]
         die_with_parent_if_asked()  # and its engine's processes with it (serve.vllm_patches)
         scaling = app.engine_deployment
-        super().__init__(build_engine(app), registry, scaling.stream_batch_ms / 1000, scaling.warm_adapters)
+        tracer = process_tracer(app.tracing, "engine")
+        engine = build_engine(app)
+        super().__init__(engine, registry, scaling.stream_batch_ms / 1000, scaling.warm_adapters, tracer=tracer)
         await self.start()
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry.trace import get_current_span
 from starlette.types import Receive, Scope, Send
 
 from routing.admission import Admission
@@ -46,8 +47,10 @@ from routing.protocol import (
     parse_body,
 )
 from routing.rollout import choose_version
+from routing.tracing import describe_request, record_usage
 from serve.wire import Usage, WireError
 from serve.wire.channel import ReplicaFailed
+from serve.wire.tracing import traceparent_of
 
 logger = logging.getLogger("loraplex.router")
 TOKEN_EVENT = '"index":'
@@ -125,19 +128,28 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
             target = await _composite(context, key, body["model"], ComposeSpec.model_validate(compose))
             timer.label = context.metrics.label(context.catalog.adapter_id(INLINE_COMPOSITE_LABEL), True)
         body["model"] = target.id
-        admission = await context.admitter.admit(key, endpoint, body)
-        first, items = await context.engine.start(endpoint, body, target.adapter, context.draining)
+        trace: str | None = None  # the `traceparent` the replica continues: only for a recorded request
+        if context.tracer is None:
+            admission = await context.admitter.admit(key, endpoint, body)
+        else:
+            describe_request(key, endpoint, target.id, target.adapter.name if target.adapter is not None else None)
+            trace = traceparent_of(get_current_span())
+            with context.tracer.start_as_current_span("router.admission"):
+                admission = await context.admitter.admit(key, endpoint, body)
+        first, items = await context.engine.start(endpoint, body, target.adapter, context.draining, trace)
         if isinstance(first, WireError):
             raise UpstreamError(first)
         if isinstance(first, dict):
             usage = _usage_of(first)
             timer.tokens(*usage)
+            if trace is not None:
+                record_usage(*usage)
             timer.finish(200)
             admission.finish(sum(usage))
             return JSONResponse(first)
         if isinstance(first, str):
             timer.first_token_seen()
-            relay = _relay(first, items, timer, admission, anthropic=endpoint == "messages")
+            relay = _relay(first, items, timer, admission, anthropic=endpoint == "messages", traced=trace is not None)
             return AdmittedStream(relay, items, admission)
         raise EngineFailure(f"engine answered with an unexpected {type(first).__name__}")
     except OpenAIError as exc:
@@ -197,9 +209,16 @@ class AdmittedStream(StreamingResponse):
 
 
 async def _relay(
-    first: str, items: EngineCall, timer: RequestTimer, admission: Admission, *, anthropic: bool = False
+    first: str,
+    items: EngineCall,
+    timer: RequestTimer,
+    admission: Admission,
+    *,
+    anthropic: bool = False,
+    traced: bool = False,
 ) -> AsyncGenerator[str, None]:
-    """Streams the engine's events to the client; a failure mid-stream ends it with an error event."""
+    """Streams the engine's events to the client; a failure mid-stream ends it with an error event. `traced`: the
+    request's server span is recorded, and gets the usage."""
     status = 200
     used: int | None = None
     relayed = first.count(TOKEN_EVENT)
@@ -213,6 +232,8 @@ async def _relay(
             elif isinstance(item, Usage):
                 timer.tokens(item.prompt_tokens, item.completion_tokens)
                 used = item.prompt_tokens + item.completion_tokens
+                if traced:
+                    record_usage(item.prompt_tokens, item.completion_tokens)
         ended = True
     except Exception as exc:
         ended = True

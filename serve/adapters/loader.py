@@ -16,6 +16,7 @@ from typing import Any
 
 from serve.adapters.cache import Hold, NodeCache
 from serve.adapters.validation import AdapterInvalid
+from serve.tracing import phase
 from serve.wire import AdapterRecord, LoaderStats, adapter_model_id
 
 logger = logging.getLogger(__name__)
@@ -64,12 +65,13 @@ class AdapterLoader:
             else:
                 self.stats.misses += 1
             started = time.perf_counter()
-            folder, hold = await asyncio.to_thread(self.cache.acquire, record)
-            try:
-                await self._install(record, folder, into_engine=ahead)
-            except BaseException:
-                hold.release()
-                raise
+            with phase("engine.adapter_load", adapter=record.name, version=record.version):  # for a traced request
+                folder, hold = await asyncio.to_thread(self.cache.acquire, record)
+                try:
+                    await self._install(record, folder, into_engine=ahead)
+                except BaseException:
+                    hold.release()
+                    raise
             previous_hold = self._holds.pop(record.name, None)
             self._holds[record.name] = hold
             if previous_hold is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from serve.config import EngineConfig
+from serve.tracing import phase
 from serve.wire import AdapterRecord, Endpoint, LoaderStats, ReplicaItem, ReplicaReport, Usage, WireError
 
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "runs", "far", "away")
@@ -146,7 +147,8 @@ class SimulatedEngine:
         else:
             self._stats.misses += 1
         started = time.perf_counter()
-        await asyncio.sleep(self._sim.adapter_load_ms / 1000)
+        with phase("engine.adapter_load", adapter=adapter.name, version=adapter.version):  # for a traced request
+            await asyncio.sleep(self._sim.adapter_load_ms / 1000)
         self._adapters[adapter.name] = adapter.content_hash
         self._stats.observe_load(time.perf_counter() - started)
         while len(self._adapters) > self._capacity:

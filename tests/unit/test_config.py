@@ -137,7 +137,7 @@ def test_app_binds_one_shared_rate_limiter_into_the_router(tmp_path: Path, monke
         {"engine": {"model": str(tmp_path)}, "router": {"auth": {"keys_file": "keys.yaml", "audit_file": "a.jsonl"}}}
     )
     router = build_app(config)._bound_deployment  # binding builds the graph; it starts nothing
-    _, _, limiter, _, router_config, _ = router.init_args
+    _, _, limiter, _, router_config, *_ = router.init_args
     assert limiter._bound_deployment.name == LIMITER_DEPLOYMENT
     assert limiter._bound_deployment.num_replicas == 1
     assert router_config.auth.keys_file == str(tmp_path / "keys.yaml")
@@ -150,7 +150,7 @@ def test_an_open_server_starts_no_rate_limiter(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.chdir(tmp_path)
     router = build_app(AppConfig.model_validate({"engine": {"model": str(tmp_path)}}))._bound_deployment
-    _, _, limiter, _, _, _ = router.init_args
+    _, _, limiter, *_ = router.init_args
     assert limiter is None
 
 
@@ -159,7 +159,7 @@ def test_bookkeeping_deployments_keep_no_access_log(tmp_path: Path, monkeypatch:
 
     monkeypatch.chdir(tmp_path)
     config = AppConfig.model_validate({"engine": {"model": str(tmp_path)}, "router": {"auth": {"keys_file": "k.yaml"}}})
-    _, registry, limiter, _, _, _ = build_app(config)._bound_deployment.init_args
+    _, registry, limiter, *_ = build_app(config)._bound_deployment.init_args
     for bound in (registry, limiter):
         deployment = bound._bound_deployment
         assert deployment._deployment_config.logging_config["enable_access_log"] is False, deployment.name

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ALLOWED = ("serve.config", "serve.wire", "serve.wire.channel")
+ALLOWED = ("serve.config", "serve.wire", "serve.wire.channel", "serve.wire.tracing")
 
 
 def test_routing_imports_nothing_of_serve_but_its_config_and_the_wire_contract() -> None:
