@@ -13,9 +13,13 @@ class RegistryClient(Protocol):
     async def generation(self) -> int: ...
     async def snapshot(self) -> Snapshot: ...
     async def changes(self, since: int) -> Changes: ...
-    async def register(self, name: str, source: str, pinned: bool) -> AdapterRecord | WireError: ...
+    async def register(
+        self, name: str, source: str, pinned: bool, tool_call_parser: str | None = None
+    ) -> AdapterRecord | WireError: ...
     async def unregister(self, name: str) -> AdapterRecord | WireError: ...
-    async def compose(self, name: str, composition: Composition, pinned: bool) -> AdapterRecord | WireError: ...
+    async def compose(
+        self, name: str, composition: Composition, pinned: bool, tool_call_parser: str | None = None
+    ) -> AdapterRecord | WireError: ...
     async def materialize(self, composition: Composition) -> tuple[AdapterRecord, bool] | WireError: ...
     async def rollout(self, name: str, source: str, percent: float) -> AdapterRecord | WireError: ...
     async def split(self, name: str, percent: float) -> AdapterRecord | WireError: ...
@@ -41,16 +45,22 @@ class ServeRegistryClient:
         changes: Changes = await self._handle.changes.remote(since)
         return changes
 
-    async def register(self, name: str, source: str, pinned: bool) -> AdapterRecord | WireError:
-        outcome: AdapterRecord | WireError = await self._handle.register.remote(name, source, pinned)
+    async def register(
+        self, name: str, source: str, pinned: bool, tool_call_parser: str | None = None
+    ) -> AdapterRecord | WireError:
+        outcome: AdapterRecord | WireError = await self._handle.register.remote(name, source, pinned, tool_call_parser)
         return outcome
 
     async def unregister(self, name: str) -> AdapterRecord | WireError:
         outcome: AdapterRecord | WireError = await self._handle.unregister.remote(name)
         return outcome
 
-    async def compose(self, name: str, composition: Composition, pinned: bool) -> AdapterRecord | WireError:
-        outcome: AdapterRecord | WireError = await self._handle.compose.remote(name, composition, pinned)
+    async def compose(
+        self, name: str, composition: Composition, pinned: bool, tool_call_parser: str | None = None
+    ) -> AdapterRecord | WireError:
+        outcome: AdapterRecord | WireError = await self._handle.compose.remote(
+            name, composition, pinned, tool_call_parser
+        )
         return outcome
 
     async def materialize(self, composition: Composition) -> tuple[AdapterRecord, bool] | WireError:

@@ -157,6 +157,14 @@ class EngineConfig(_Strict):
             "tools are refused (vLLM's `--enable-auto-tool-choice --tool-call-parser`)."
         ),
     )
+    tool_call_parsers: list[str] = Field(
+        default_factory=list,
+        description=(
+            "More tool-call parsers, for adapters whose chat format differs from the base model's: an adapter "
+            "registered with `tool_call_parser` set to one of these (or to `tool_call_parser`) gets tools with that "
+            "parser. Each is built when the engine starts, so a name vLLM does not know stops it at start."
+        ),
+    )
     enforce_eager: bool = Field(default=True, description="Skip graph capture; faster start-up on CPU.")
     seed: int = Field(default=0, description="Engine seed, for reproducible sampling with a request seed.")
 
@@ -180,6 +188,11 @@ class EngineConfig(_Strict):
         if self.max_cpu_loras is not None:
             slots = min(slots, self.max_cpu_loras)
         return slots
+
+    def tool_parsers(self) -> tuple[str, ...]:
+        """Every tool-call parser the engine loads: the server's, then the adapters' others."""
+        named = [self.tool_call_parser, *self.tool_call_parsers] if self.tool_call_parser else self.tool_call_parsers
+        return tuple(dict.fromkeys(named))
 
     def cpu_cache_entries(self, slots: int) -> int:
         """The engine's adapter cache size: `max_cpu_loras` (default: `slots`) unpinned adapters, the pinned ones

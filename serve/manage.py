@@ -58,14 +58,20 @@ def adapters_add(
     name: str,
     source: str,
     pinned: Annotated[bool, typer.Option(help="Never evict once loaded.")] = False,
+    tool_call_parser: Annotated[
+        str | None, typer.Option(help="vLLM tool-call parser of this adapter's chat format (engine.tool_call_parsers).")
+    ] = None,
     url: UrlOption = "http://127.0.0.1:8000",
     api_key: ApiKeyOption = None,
 ) -> None:
-    """Register NAME from SOURCE (a folder, file://... or s3://...); a new version if NAME exists."""
+    """Register NAME from SOURCE (a folder, file://..., s3://... or hf://...); a new version if NAME exists."""
     from serve.progress import on_server, sized
 
+    body: dict[str, object] = {"name": name, "source": source, "pinned": pinned}
+    if tool_call_parser is not None:
+        body["tool_call_parser"] = tool_call_parser
     with on_server(f"fetching and validating {sized(source)} on the server") as work:
-        item = _call("POST", f"{url}/v1/adapters", api_key, json={"name": name, "source": source, "pinned": pinned})
+        item = _call("POST", f"{url}/v1/adapters", api_key, json=body)
     typer.echo(f"{item['id']} v{item['version']}")
     work.made(item)
 

@@ -49,6 +49,15 @@ class RegisterAdapter(BaseModel):
         ),
     )
     pinned: bool = Field(default=False, description="Never evicted from engine memory once loaded.")
+    tool_call_parser: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description=(
+            "vLLM's tool-call parser for this adapter's chat format, when it differs from the server's "
+            "(`engine.tool_call_parser`): one of the parsers the server loads (`engine.tool_call_parsers`)."
+        ),
+    )
 
     @field_validator("source")
     @classmethod
@@ -107,16 +116,17 @@ async def _register(
     source: str | ComposeSpec,
     pinned: bool,
     status: int,
+    tool_call_parser: str | None = None,
 ) -> AdapterRecord:
     """Registers `name` from a source, or as a composite (`ComposeSpec`), and audits the outcome."""
     action: AuditAction = "register" if isinstance(source, str) else "compose"
     described = source if isinstance(source, str) else _described(context, source)
     try:
         if isinstance(source, str):
-            outcome = await context.catalog.registry.register(name, source, pinned)
+            outcome = await context.catalog.registry.register(name, source, pinned, tool_call_parser)
         else:
             names = [_bare(context, component.name) for component in source.adapters]
-            outcome = await context.catalog.registry.compose(name, source.composition(names), pinned)
+            outcome = await context.catalog.registry.compose(name, source.composition(names), pinned, tool_call_parser)
         if isinstance(outcome, WireError):
             raise UpstreamError(outcome)
     except OpenAIError as exc:
@@ -198,7 +208,7 @@ async def register_adapter(
     source = body.source or body.compose
     if source is None:  # the model's validator refuses this already
         raise InvalidRequest("give a source or compose (one of them)", param="source")
-    record = await _register(context, request, key, body.name, source, body.pinned, 201)
+    record = await _register(context, request, key, body.name, source, body.pinned, 201, body.tool_call_parser)
     return JSONResponse(card(context, record), status_code=201)
 
 

@@ -47,18 +47,29 @@ class Composites:
     if TYPE_CHECKING:
 
         def _record(
-            self, name: str, source: str, pinned: bool, meta: AdapterMetadata, composition: Composition | None = None
+            self,
+            name: str,
+            source: str,
+            pinned: bool,
+            meta: AdapterMetadata,
+            composition: Composition | None = None,
+            tool_call_parser: str | None = None,
         ) -> AdapterRecord | WireError: ...
+        def _unknown_parser(self, tool_call_parser: str | None) -> WireError | None: ...
         def _write(
             self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None
         ) -> WireError | None: ...
 
-    async def compose(self, name: str, composition: Composition, pinned: bool = False) -> AdapterRecord | WireError:
+    async def compose(
+        self, name: str, composition: Composition, pinned: bool = False, tool_call_parser: str | None = None
+    ) -> AdapterRecord | WireError:
         """Registers `name` as the composite `composition` (built now with PEFT, unless the same composite of the
         same component versions was built before), or makes a new version of it. It follows its components: a new
         version of one rebuilds it (`register`)."""
         if not is_adapter_name(name):
             return WireError(400, f"adapter name must match {ADAPTER_NAME_PATTERN}", "name")
+        if (refused := self._unknown_parser(tool_call_parser)) is not None:
+            return refused
         if name in composition.adapters:
             return WireError(400, "a composite cannot be one of its own components", "compose.adapters")
         if users := self._composites_of(name):
@@ -71,7 +82,7 @@ class Composites:
             return built
         source, meta, resolved, _ = built
         async with self._lock:
-            return self._record(name, source, pinned, meta, resolved)
+            return self._record(name, source, pinned, meta, resolved, tool_call_parser)
 
     async def materialize(self, composition: Composition) -> tuple[AdapterRecord, bool] | WireError:
         """The composite a request asked for inline (not registered), and whether this call built it with PEFT.
@@ -199,7 +210,8 @@ class Composites:
             record = self._records[user]
             if record.composition is None:
                 continue
-            outcome = await self.compose(user, replace(record.composition, built_from=()), record.pinned)
+            outcome = await self.compose(user, replace(record.composition, built_from=()), record.pinned,
+                                         record.tool_call_parser)  # fmt: skip
             if isinstance(outcome, WireError):
                 logger.error("composite %r could not be rebuilt after %r changed: %s", user, name, outcome.message)
                 async with self._lock:

@@ -89,8 +89,11 @@ class AdapterRegistry(Composites, Rollouts):
         legacy_state: Path | None = None,
         composites: CompositeStore | None = None,
         max_pinned: int | None = None,
+        tool_parsers: tuple[str, ...] = (),
     ) -> None:
         self._store = store
+        self._tool_parsers = tool_parsers
+        """The tool-call parsers the engines load, that an adapter may name (`EngineConfig.tool_parsers`)."""
         self._max_pinned = max_pinned
         """Engine entries pinned adapters may take (`engine.max_pinned_loras`); None: no bound."""
         self._composites = composites
@@ -125,8 +128,9 @@ class AdapterRegistry(Composites, Rollouts):
             self._recheck_for_this_base(state.base)
         for name, source in (initial or {}).items():
             # Configured adapters are checked at every start: changed weights become a new version.
-            pinned = name in self._records and self._records[name].pinned
-            outcome = self._validate_and_record(name, source, pinned=pinned)
+            known = self._records.get(name)
+            pinned, parser = (known.pinned, known.tool_call_parser) if known is not None else (False, None)
+            outcome = self._validate_and_record(name, source, pinned, parser)
             if isinstance(outcome, WireError):
                 raise AdapterInvalid(f"adapter {name!r}: {outcome.message}")
 
@@ -190,12 +194,16 @@ class AdapterRegistry(Composites, Rollouts):
         self._reports = {k: v for k, v in self._reports.items() if now - v[0] <= REPORT_TTL_S}
         return [report for _, report in self._reports.values()]
 
-    async def register(self, name: str, source: str, pinned: bool = False) -> AdapterRecord | WireError:
+    async def register(
+        self, name: str, source: str, pinned: bool = False, tool_call_parser: str | None = None
+    ) -> AdapterRecord | WireError:
         """Adds `name`, or makes a new version of it when the weights changed.
 
         The fetch and the checks (up to `max_bytes` from S3) run outside the registry's lock: only recording
         the outcome takes it, so one large download holds up no other write, read or replica report.
         """
+        if (refused := self._unknown_parser(tool_call_parser)) is not None:
+            return refused
         checked = await asyncio.to_thread(self._fetch_and_check, name, source)
         if isinstance(checked, WireError):
             return checked
@@ -207,7 +215,7 @@ class AdapterRegistry(Composites, Rollouts):
             if previous is not None and previous.canary is not None:
                 return WireError(409, f"v{previous.canary.version} of {name!r} is being rolled out: promote it or "
                                       "roll it back first", "name")  # fmt: skip
-            outcome = self._record(name, source, pinned, meta)
+            outcome = self._record(name, source, pinned, meta, tool_call_parser=tool_call_parser)
         if isinstance(outcome, AdapterRecord) and (previous is None or previous.content_hash != outcome.content_hash):
             await self._rebuild_composites_of(name)
         return outcome
@@ -222,9 +230,20 @@ class AdapterRegistry(Composites, Rollouts):
                 return WireError(409, message, "name")
             return self._write(name, record, None) or record
 
-    def _validate_and_record(self, name: str, source: str, pinned: bool) -> AdapterRecord | WireError:
+    def _validate_and_record(
+        self, name: str, source: str, pinned: bool, tool_call_parser: str | None = None
+    ) -> AdapterRecord | WireError:
         checked = self._fetch_and_check(name, source)
-        return checked if isinstance(checked, WireError) else self._record(name, checked[0], pinned, checked[1])
+        if isinstance(checked, WireError):
+            return checked
+        return self._record(name, checked[0], pinned, checked[1], tool_call_parser=tool_call_parser)
+
+    def _unknown_parser(self, tool_call_parser: str | None) -> WireError | None:
+        if tool_call_parser is None or tool_call_parser in self._tool_parsers:
+            return None
+        loaded = ", ".join(self._tool_parsers) or "none"
+        return WireError(400, f"tool_call_parser {tool_call_parser!r} is not loaded by this server (loaded: {loaded}; "
+                              "engine.tool_call_parser and engine.tool_call_parsers)", "tool_call_parser")  # fmt: skip
 
     def _fetch_and_check(self, name: str, source: str) -> tuple[str, AdapterMetadata] | WireError:
         """`source` pinned to the files it names now (`SourceResolver.pin`), and what the checks found in them: the
@@ -245,17 +264,25 @@ class AdapterRegistry(Composites, Rollouts):
             shutil.rmtree(staging, ignore_errors=True)
 
     def _record(
-        self, name: str, source: str, pinned: bool, meta: AdapterMetadata, composition: Composition | None = None
+        self,
+        name: str,
+        source: str,
+        pinned: bool,
+        meta: AdapterMetadata,
+        composition: Composition | None = None,
+        tool_call_parser: str | None = None,
     ) -> AdapterRecord | WireError:
         previous = self._records.get(name)
         if previous is not None and previous.content_hash == meta.content_hash and previous.source == source:
-            record = replace(previous, pinned=pinned, unusable=None, warnings=meta.warnings, composition=composition)
+            record = replace(previous, pinned=pinned, unusable=None, warnings=meta.warnings, composition=composition,
+                             tool_call_parser=tool_call_parser)  # fmt: skip
         else:
             record = AdapterRecord(
                 name=name, source=source, version=(previous.version + 1) if previous else 1,
                 content_hash=meta.content_hash, rank=meta.rank, alpha=meta.alpha,
                 target_modules=meta.target_modules, size_bytes=meta.size_bytes, pinned=pinned,
                 created=int(time.time()), warnings=meta.warnings, composition=composition,
+                tool_call_parser=tool_call_parser,
             )  # fmt: skip
         if record == previous:
             return record
@@ -412,4 +439,5 @@ class RegistryDeployment(AdapterRegistry):
             legacy_state=Path(config.registry.state_file),
             composites=CompositeStore(config.registry.composites_url, s3_connection(config)),
             max_pinned=config.engine.max_pinned_loras,
+            tool_parsers=config.engine.tool_parsers(),
         )

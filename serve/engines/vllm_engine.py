@@ -22,7 +22,7 @@ from serve.adapters.loader import AdapterLoader
 from serve.adapters.registry import make_resolver
 from serve.adapters.validation import AdapterInvalid
 from serve.config import AdapterConfig, AppConfig, EngineConfig
-from serve.engines.vllm_routes import Route, StreamUsage, build_routes, sse
+from serve.engines.vllm_routes import Route, StreamUsage, build_routes, sse, with_tool_parser
 from serve.prompt_limit import request_models
 from serve.wire import AdapterRecord, Endpoint, ReplicaItem, ReplicaReport, Usage, WireError, adapter_model_id
 
@@ -114,6 +114,8 @@ class VLLMEngine:
         self._engine: AsyncLLM | None = None
         self._loader: AdapterLoader | None = None
         self._routes: dict[Endpoint, Route] = {}
+        self._parser_routes: dict[str, dict[Endpoint, Route]] = {}
+        """The routes for adapters registered with a tool-call parser other than the server's, by parser."""
         # The engine's adapter ids as last asked (`list_loras`), and whether anything ran since. Asking is a
         # round trip to the worker, whose message queue then spins a core for a second (vLLM's SpinCondition):
         # asked every report, an idle server's worker burned half a core. Nothing changes them while idle.
@@ -160,7 +162,13 @@ class VLLMEngine:
         )
         pin_room = self._config.max_pinned_loras + 1 if self._config.max_pinned_loras else 0
         self._loader = AdapterLoader(engine, models, cache, self._config.model_id, pin_room)
-        self._routes = build_routes(state, *request_models(self._app.router.max_prompt_tokens))
+        request_types = request_models(self._app.router.max_prompt_tokens)
+        self._routes = build_routes(state, *request_types)
+        self._parser_routes = {
+            parser: build_routes(with_tool_parser(state, parser, args), *request_types)
+            for parser in self._config.tool_parsers()
+            if parser != self._config.tool_call_parser
+        }
 
     @property
     def _llm(self) -> AsyncLLM:
@@ -181,7 +189,8 @@ class VLLMEngine:
         from vllm.exceptions import VLLMClientError
 
         self._changes += 1
-        route = self._routes[endpoint]
+        parser = adapter.tool_call_parser if adapter is not None else None
+        route = (self._parser_routes.get(parser, self._routes) if parser else self._routes)[endpoint]
         streaming = bool(body.get("stream"))
         options = body.get("stream_options") or {}
         client_wants_usage = streaming and bool(options.get("include_usage"))

@@ -8,6 +8,7 @@ as server-sent events, and where a stream carries its token usage.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -67,6 +68,42 @@ def build_routes(state: Any, completion_model: type[BaseModel], chat_model: type
             tokens.create_error_response,
         ),
     }  # fmt: skip
+
+
+def with_tool_parser(state: Any, parser: str, args: Any) -> Any:
+    """vLLM's app `state` as `vllm serve --enable-auto-tool-choice --tool-call-parser PARSER` would build it, for the
+    adapters registered with that parser: its chat, Responses and Messages serving objects and the renderer they share,
+    copied with that parser (`ParserManager.get_parser`, which vLLM checks against the tokenizer); the rest, the engine
+    and the adapters' ids are shared. vLLM builds one parser per server; an adapter fine-tuned on another chat format
+    needs its own (issue 18)."""
+    from starlette.datastructures import State
+    from vllm.parser.parser_manager import ParserManager
+
+    renderer = copy.copy(state.online_renderer)
+    renderer.enable_auto_tools = True
+    renderer.parser = ParserManager.get_parser(
+        tool_parser_name=parser,
+        reasoning_parser_name=args.structured_outputs_config.reasoning_parser or None,
+        enable_auto_tools=True,
+        model_name=renderer.model_config.model,
+        is_harmony=renderer.use_harmony,
+        tool_strict_level=args.tool_strict_level,
+        tokenizer=renderer.renderer.tokenizer,
+    )
+    variant = State()
+    variant.openai_serving_completion = state.openai_serving_completion
+    variant.serving_tokenization = state.serving_tokenization
+    for name, parser_attribute in (
+        ("openai_serving_chat", "parser_cls"),
+        ("anthropic_serving_messages", "parser_cls"),
+        ("openai_serving_responses", "parser"),
+    ):
+        serving = copy.copy(getattr(state, name))
+        serving.online_renderer = renderer
+        serving.enable_auto_tools = True
+        setattr(serving, parser_attribute, renderer.parser)
+        setattr(variant, name, serving)
+    return variant
 
 
 def sse(event: object) -> str:

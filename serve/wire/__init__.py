@@ -165,6 +165,9 @@ class AdapterRecord:
     canary: AdapterRecord | None = None
     """A newer version being rolled out beside this one, to `canary_percent` of the requests; None: no rollout."""
     canary_percent: float = 0.0
+    tool_call_parser: str | None = None
+    """vLLM's tool-call parser for this adapter's chat format, when it differs from the server's
+    (`engine.tool_call_parser`); one of the parsers the server loads (`EngineConfig.tool_parsers`)."""
 
 
 VERSION_SEPARATOR = "@v"

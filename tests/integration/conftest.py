@@ -117,6 +117,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str, hf_hub: StandIn
                     "model": str(model_dir),
                     "dtype": "checkpoint",
                     "max_loras": 4,
+                    # No tool-call parser of its own; `hermes` for adapters registered with it (test_api_surface).
+                    "tool_call_parsers": ["hermes"],
                 },
                 "registry": {
                     # The shared stack keeps its registry in S3 (moto); the servers of other modules use SQLite.

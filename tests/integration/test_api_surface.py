@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import anthropic
+import httpx
 import jsonschema
 import openai
 
@@ -91,3 +92,70 @@ def test_structured_output_follows_its_schema(client: openai.OpenAI) -> None:
         response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER, "strict": True}},
     )  # fmt: skip
     jsonschema.validate(json.loads(response.choices[0].message.content or ""), ANSWER)
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 40}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                      "parameters": WEATHER, "strict": True}},
+    {"type": "function", "function": {"name": "get_time", "description": "Time in a city.", "strict": True,
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"], "additionalProperties": False}}},
+]  # fmt: skip
+
+
+def test_tool_calls_use_the_adapters_parser_and_follow_the_functions_schema(
+    client: openai.OpenAI, stack: Stack
+) -> None:
+    """Tools need vLLM's tool-call parser for the model's chat format. The stack's server has none of its own but
+    loads `hermes` for adapters that ask for it (engine.tool_call_parsers): `alpha` registered again as `alpha-tools`
+    with that parser gets tool calls, decoded under each strict function's schema (the parser's structural tags), so
+    even the demo model returns calls whose arguments validate; `alpha` itself is refused in OpenAI's shape."""
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    try:
+        client.chat.completions.create(model="alpha", messages=messages, tools=TOOLS, tool_choice=named,  # type: ignore[arg-type]
+                                       max_tokens=8)  # fmt: skip
+        raise AssertionError("a tool call without a parser was accepted")
+    except openai.BadRequestError as exc:
+        assert "tool-call-parser" in str(exc.message), exc
+
+    def register(parser: str) -> httpx.Response:
+        body = {"name": "alpha-tools", "source": str(stack.adapters["alpha"]), "tool_call_parser": parser}
+        return httpx.post(f"{stack.base_url}/v1/adapters", json=body)
+
+    unknown = register("no_such_parser")
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "tool_call_parser", unknown.text
+    created = register("hermes")
+    assert created.status_code == 201 and created.json()["tool_call_parser"] == "hermes", created.text
+    try:
+        for choice in (named, "required"):
+            response = client.chat.completions.create(
+                model="alpha-tools", messages=messages, tools=TOOLS, tool_choice=choice,  # type: ignore[arg-type]
+                max_tokens=150, temperature=0,
+            )  # fmt: skip
+            calls = response.choices[0].message.tool_calls or []
+            # OpenAI ends a named tool choice with "stop", a required one with "tool_calls"; vLLM does the same.
+            assert calls and response.choices[0].finish_reason in ("stop", "tool_calls"), (choice, response.choices[0])
+            call = calls[0]
+            assert call.type == "function" and call.function.name in {"get_weather", "get_time"}, choice
+            schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.function.name)
+            jsonschema.validate(json.loads(call.function.arguments), schema)  # type: ignore[arg-type]
+            if choice is named:
+                assert call.function.name == "get_weather"
+        responses_tool = {"type": "function", "name": "get_weather", "parameters": WEATHER, "strict": True}
+        answer = client.responses.create(model="alpha-tools", input=messages[0]["content"], tools=[responses_tool],  # type: ignore[list-item]
+                                         tool_choice="required", max_output_tokens=150, temperature=0)  # fmt: skip
+        calls_made = [item for item in answer.output if item.type == "function_call"]
+        assert calls_made and calls_made[0].name == "get_weather", answer.output
+        jsonschema.validate(json.loads(calls_made[0].arguments), WEATHER)
+        auto = client.chat.completions.create(model="alpha-tools", messages=messages, tools=TOOLS, tool_choice="auto",  # type: ignore[arg-type]
+                                              max_tokens=8, temperature=0)  # fmt: skip
+        assert auto.choices[0].message.content or auto.choices[0].message.tool_calls  # the parser ran on its answer
+    finally:
+        httpx.delete(f"{stack.base_url}/v1/adapters/alpha-tools")

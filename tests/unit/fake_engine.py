@@ -155,7 +155,9 @@ class FakeRegistry:
             return Changes(since, {})
         return Changes(self.generation_, dict(self.records), full=True)
 
-    async def register(self, name: str, source: str, pinned: bool) -> AdapterRecord | WireError:
+    async def register(
+        self, name: str, source: str, pinned: bool, tool_call_parser: str | None = None
+    ) -> AdapterRecord | WireError:
         if "bad" in source:
             return WireError(400, f"{source} is not a LoRA adapter", "source")
         previous = self.records.get(name)
@@ -170,7 +172,9 @@ class FakeRegistry:
         return self.records.pop(name)
 
     # Composites and rollouts need adapter files: tests of them use the real registry (test_compose, test_rollout).
-    async def compose(self, name: str, composition: Composition, pinned: bool) -> AdapterRecord | WireError:
+    async def compose(
+        self, name: str, composition: Composition, pinned: bool, tool_call_parser: str | None = None
+    ) -> AdapterRecord | WireError:
         return WireError(400, "the fake registry builds no composites", "compose")
 
     async def materialize(self, composition: Composition) -> tuple[AdapterRecord, bool] | WireError:

@@ -81,6 +81,10 @@ def test_vllm_args_register_adapters_under_their_public_ids(tmp_path: Path) -> N
     # 8 unpinned adapters, the 2 pinned ones engine.max_pinned_loras allows, and a spare for a pinned version switch
     assert args[args.index("--max-cpu-loras") + 1] == "11"
     assert args[args.index("--max-lora-rank") + 1] == "64"
+    parsers = EngineConfig(model=str(tmp_path), tool_call_parser="hermes", tool_call_parsers=["llama3_json", "hermes"])
+    assert parsers.tool_parsers() == ("hermes", "llama3_json")
+    assert EngineConfig(model=str(tmp_path), tool_call_parsers=["mistral"]).tool_parsers() == ("mistral",)
+    assert "--tool-call-parser" not in vllm_cli_args(EngineConfig(model=str(tmp_path), tool_call_parsers=["x"]), [])
     unpinned = vllm_cli_args(EngineConfig(model=str(tmp_path), max_loras=4, max_pinned_loras=0), [])
     assert unpinned[unpinned.index("--max-cpu-loras") + 1] == "4"
 

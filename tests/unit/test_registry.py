@@ -498,6 +498,24 @@ def test_pins_beyond_the_engines_room_are_refused_and_a_rollout_counts_as_one_mo
     assert isinstance(asyncio.run(open_registry().register("unpinned", sources[2], pinned=True)), AdapterRecord)
 
 
+def test_an_adapters_tool_call_parser_is_one_the_server_loads_and_survives_a_restart(
+    tmp_path: Path, open_registry: Opener
+) -> None:
+    registry = open_registry(tool_parsers=("hermes", "llama3_json"))
+    source = str(write_adapter(tmp_path / "adapters" / "tools"))
+    refused = asyncio.run(registry.register("tools", source, tool_call_parser="mistral"))
+    assert isinstance(refused, WireError) and refused.status == 400 and refused.param == "tool_call_parser", refused
+    assert "hermes, llama3_json" in refused.message and "tools" not in asyncio.run(registry.snapshot()).records
+    record = asyncio.run(registry.register("tools", source, tool_call_parser="hermes"))
+    assert isinstance(record, AdapterRecord) and record.tool_call_parser == "hermes" and record.version == 1
+    # The same weights with another parser: the same version, the parser changed; a restart reads it back.
+    again = asyncio.run(registry.register("tools", source, tool_call_parser="llama3_json"))
+    assert isinstance(again, AdapterRecord) and again.version == 1 and again.tool_call_parser == "llama3_json"
+    assert asyncio.run(open_registry().snapshot()).records["tools"] == again
+    refused = asyncio.run(open_registry().register("other", source, tool_call_parser="hermes"))  # loads none
+    assert isinstance(refused, WireError) and "loaded: none" in refused.message
+
+
 def test_an_s3_store_on_a_bucket_that_does_not_exist_says_so(s3_url: str) -> None:
     keys = {"access_key_id": S3_KEYS["AWS_ACCESS_KEY_ID"], "secret_access_key": S3_KEYS["AWS_SECRET_ACCESS_KEY"]}
     store = S3Store(
