@@ -26,7 +26,8 @@ from typing import Any
 
 from routing.policy import rendezvous_order
 from serve.adapters import registry as registry_module
-from serve.adapters.registry import AdapterRegistry, make_resolver
+from serve.adapters.registry import AdapterRegistry
+from serve.adapters.resolver import make_resolver
 from serve.adapters.store import SqliteStore
 from serve.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 from serve.config import AppConfig

@@ -30,6 +30,8 @@ LIST_LIMIT, LIST_MAX = 1000, 10_000
 
 
 class RegisterAdapter(BaseModel):
+    """A registration: an adapter's name and its source, or the composite it is."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=64, description="Adapter name, `[A-Za-z0-9._-]`.")
@@ -71,6 +73,8 @@ Percent = Annotated[float, Field(ge=0, le=100, description="Share of the adapter
 
 
 class StartRollout(BaseModel):
+    """The next version of an adapter, and the share of its requests it gets at first."""
+
     model_config = ConfigDict(extra="forbid")
 
     source: str = Field(
@@ -80,6 +84,8 @@ class StartRollout(BaseModel):
 
 
 class ChangeSplit(BaseModel):
+    """A new share of an adapter's requests for the version being rolled out."""
+
     model_config = ConfigDict(extra="forbid")
 
     percent: Percent
@@ -95,6 +101,8 @@ class LoadLoraAdapter(BaseModel):
 
 
 class UnloadLoraAdapter(BaseModel):
+    """vLLM's unload request (`/v1/unload_lora_adapter`): unregisters the adapter."""
+
     model_config = ConfigDict(extra="allow")
 
     lora_name: str = Field(min_length=1)

@@ -24,9 +24,9 @@ from pathlib import Path
 from routing.policy import rendezvous_order
 from serve.adapters.compose import Composer, CompositeStore
 from serve.adapters.composites import Composites
-from serve.adapters.hf_source import HfSource
+from serve.adapters.resolver import make_resolver, s3_connection
 from serve.adapters.rollouts import Rollouts
-from serve.adapters.sources import UNREACHABLE, LocalSource, S3Source, SourceResolver, SourceUnreachable
+from serve.adapters.sources import UNREACHABLE, SourceResolver, SourceUnreachable
 from serve.adapters.store import (
     BaseIdentity,
     RegistryStore,
@@ -389,31 +389,6 @@ class AdapterRegistry(Composites, Rollouts):
                          unchecked, self._base.model_id)  # fmt: skip
         # A digest no base has: whichever base starts next checks every record again.
         self._store.set_base(replace(self._base, digest="unchecked") if unchecked else self._base)
-
-
-def make_resolver(config: AppConfig) -> SourceResolver:
-    """Sources allowed by `config`: its local roots plus the folders of its configured adapters."""
-    roots = [Path(root).resolve() for root in config.registry.local_roots]
-    roots += [Path(adapter.path).resolve() for adapter in config.adapters]
-    if not config.registry.composites_url.startswith("s3://"):
-        roots.append(Path(config.registry.composites_url).resolve())  # what the registry builds, nodes read
-    return SourceResolver(local=LocalSource(tuple(roots)), s3=s3_connection(config), hf=hf_connection(config))
-
-
-def s3_connection(config: AppConfig) -> S3Source:
-    registry = config.registry
-    return S3Source(
-        endpoint_url=registry.s3_endpoint_url,
-        region=registry.s3_region,
-        access_key_id=registry.s3_access_key_id,
-        secret_access_key=secret.get_secret_value() if (secret := registry.s3_secret_access_key) else None,
-    )
-
-
-def hf_connection(config: AppConfig) -> HfSource:
-    registry = config.registry
-    token = registry.hf_token.get_secret_value() if registry.hf_token else None
-    return HfSource(endpoint=registry.hf_endpoint, token=token)
 
 
 def _pinned_entries(record: AdapterRecord | None) -> int:

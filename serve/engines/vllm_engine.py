@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from serve.adapters.cache import FAILURE_TTL_S, CacheUnavailable, NodeCache
 from serve.adapters.loader import AdapterLoader
-from serve.adapters.registry import make_resolver
+from serve.adapters.resolver import make_resolver
 from serve.adapters.validation import AdapterInvalid
 from serve.config import AdapterConfig, AppConfig, EngineConfig
 from serve.engines.vllm_routes import Route, StreamUsage, build_routes, sse, with_tool_parser

@@ -184,7 +184,7 @@ def test_key_names_and_hashes_must_match_whole() -> None:
 
 
 def test_the_s3_secret_is_never_rendered_but_reaches_the_s3_client() -> None:
-    from serve.adapters.registry import make_resolver
+    from serve.adapters.resolver import make_resolver
 
     secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
     config = AppConfig.model_validate(

@@ -16,7 +16,8 @@ import torch
 
 from serve.adapters.cache import NodeCache
 from serve.adapters.hf_source import HfSource, HfUri
-from serve.adapters.registry import AdapterRegistry, make_resolver
+from serve.adapters.registry import AdapterRegistry
+from serve.adapters.resolver import make_resolver
 from serve.adapters.sources import UNREACHABLE, LocalSource, SourceResolver
 from serve.adapters.store import SqliteStore
 from serve.assets import DEFAULT_MODEL_NAME, build_default_model
