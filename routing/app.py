@@ -10,8 +10,10 @@ from routing.admission import Admitter
 from routing.audit import AuditLog
 from routing.body_limit import BodyLimit
 from routing.catalog import ModelCatalog
+from routing.console.page import page_router
+from routing.console.summary import ServerFacts
 from routing.context import RouterContext
-from routing.endpoints import adapters, generate, models, ops
+from routing.endpoints import adapters, console, generate, models, ops
 from routing.engine_client import EngineClient
 from routing.errors import install_error_handlers
 from routing.fairness import FairGate
@@ -19,6 +21,7 @@ from routing.metrics import RouterMetrics
 from routing.openapi import ERROR_RESPONSES
 from routing.principals import KeyRing
 from routing.ratelimit import LocalRateLimiter, RateLimiter
+from routing.request_window import RequestWindow
 from routing.tracing import TraceRequests, traced_authentication
 from serve.config import RouterConfig
 
@@ -31,6 +34,7 @@ def create_app(
     limiter: RateLimiter | None = None,
     max_model_len: int | None = None,
     tracer: Tracer | None = None,
+    facts: ServerFacts | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app that sends generation requests to `engine`.
 
@@ -38,12 +42,14 @@ def create_app(
     `SharedRateLimiter` deployment in an application); by default they are kept in this process.
     `max_model_len` is the engine's: a chat request without `max_tokens` is estimated at the rest of it.
     `tracer` (`serve.wire.tracing`): spans for generation requests (`routing.tracing`); None, the default: none.
+    `facts`: the engines' settings and deployment, which the console's Server view shows (None: unknown).
     """
     app = FastAPI(
         title="loraplex", description="OpenAI-compatible multi-LoRA inference router.", responses=ERROR_RESPONSES
     )
     gate = FairGate(config.max_inflight, config.max_waiting, config.fair_share_reserve)
-    metrics = RouterMetrics(CollectorRegistry(), max_adapters=config.max_adapter_labels)
+    window = RequestWindow(config.console_window_s)
+    metrics = RouterMetrics(CollectorRegistry(), max_adapters=config.max_adapter_labels, window=window)
     metrics.watch_admission(inflight=lambda: gate.inflight, waiting=lambda: gate.waiting)
     metrics.watch_streams(engine.stream_counts)
     limiter = limiter or LocalRateLimiter()
@@ -57,6 +63,7 @@ def create_app(
         admitter=Admitter(limiter, gate, max_model_len),
         audit=AuditLog(config.auth.audit_file),
         tracer=tracer,
+        facts=facts or ServerFacts(),
     )
     install_error_handlers(app)
     context = app.state.context
@@ -71,6 +78,8 @@ def create_app(
     )
     if tracer is not None:
         app.add_middleware(TraceRequests, tracer=tracer)  # added last: outermost, so its span holds the others
-    for endpoints in (generate, models, adapters, ops):
+    for endpoints in (generate, models, adapters, console, ops):
         app.include_router(endpoints.router)
+    if config.console:
+        app.include_router(page_router(config.auth.is_open))
     return app

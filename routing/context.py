@@ -12,6 +12,7 @@ from opentelemetry.trace import Tracer
 from routing.admission import Admitter
 from routing.audit import AuditLog
 from routing.catalog import ModelCatalog
+from routing.console.summary import ServerFacts
 from routing.engine_client import EngineClient
 from routing.metrics import RouterMetrics
 from routing.principals import KeyRing
@@ -31,6 +32,8 @@ class RouterContext:
     audit: AuditLog
     tracer: Tracer | None = None
     """Spans for generation requests (`routing.tracing`); None when tracing is off."""
+    facts: ServerFacts = field(default_factory=ServerFacts)
+    """The engines' settings and deployment, for the console's Server view."""
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when this router replica stops: new and waiting generation requests get 503, streams finish."""
 

@@ -23,10 +23,11 @@ from ray import serve
 from routing.app import create_app
 from routing.audit import show_audit_records
 from routing.catalog import ModelCatalog
+from routing.console.summary import ServerFacts
 from routing.engine_client import ServeEngineClient
 from routing.ratelimit import ServeRateLimiter
 from routing.registry_client import ServeRegistryClient
-from serve.config import RouterConfig, TracingConfig
+from serve.config import EngineConfig, EngineDeploymentConfig, RouterConfig, TracingConfig
 from serve.wire.channel import ChannelServer
 from serve.wire.tracing import process_tracer
 
@@ -40,6 +41,7 @@ class RouterIngress:
     """Builds the FastAPI router in the replica, wired to the engine, registry and rate-limiter deployments.
 
     `limiter` is None on an open server (no keys, so no limits): the router's local limiter stands in, unused.
+    `engine_config` and `deployment` are the engines' settings, which the web console's Server view shows.
     """
 
     # Ray Serve awaits an async constructor: the replica is ready once it listens.
@@ -52,6 +54,8 @@ class RouterIngress:
         config: RouterConfig,
         max_model_len: int | None = None,
         tracing: TracingConfig | None = None,
+        engine_config: EngineConfig | None = None,
+        deployment: EngineDeploymentConfig | None = None,
     ) -> None:
         show_audit_records()
         registry_client = ServeRegistryClient(registry)
@@ -61,8 +65,9 @@ class RouterIngress:
         engine_client = ServeEngineClient(engine, channel, config.engine_transport)
         shared = None if limiter is None else ServeRateLimiter(limiter)
         tracer = process_tracer(tracing, "router") if tracing is not None else None
+        facts = ServerFacts(engine=engine_config, deployment=deployment, tracing=tracing)
         self._app = create_app(
-            engine_client, catalog, config, limiter=shared, max_model_len=max_model_len, tracer=tracer
+            engine_client, catalog, config, limiter=shared, max_model_len=max_model_len, tracer=tracer, facts=facts
         )
         self._config = config
         self._server: uvicorn.Server | None = None

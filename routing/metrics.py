@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from routing.replica_metrics import ReplicaCollector
+from routing.request_window import RequestWindow
 
 OTHER = "other"
 UNKNOWN = "unknown"
@@ -18,10 +19,14 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 
 
 class RouterMetrics:
-    """Request, token and latency series labelled by model id; at most `max_adapters` adapter labels."""
+    """Request, token and latency series labelled by model id; at most `max_adapters` adapter labels.
 
-    def __init__(self, registry: CollectorRegistry, max_adapters: int) -> None:
+    `window` keeps the last minutes of every model's traffic for the web console (by model id, not label).
+    """
+
+    def __init__(self, registry: CollectorRegistry, max_adapters: int, window: RequestWindow | None = None) -> None:
         self.registry = registry
+        self.window = window if window is not None else RequestWindow()
         self._max_adapters = max_adapters
         self._adapter_labels: set[str] = set()
         self.requests = Counter(
@@ -119,6 +124,11 @@ class RequestTimer:
     done: bool = False
     version: str | None = None
     """The adapter version that served the request, set while a new version of it is rolled out."""
+    model: str | None = None
+    """The model id the console's `RequestWindow` counts the request under (None: `label`); unlike `label`, not
+    folded into `other` beyond the label cap, as the window bounds its own size."""
+    prompt: int = 0
+    completion: int = 0
 
     def first_token_seen(self) -> None:
         if self.first_token is None:
@@ -126,6 +136,8 @@ class RequestTimer:
             self.metrics.ttft.labels(self.label).observe(self.first_token - self.started)
 
     def tokens(self, prompt: int, completion: int) -> None:
+        self.prompt += prompt
+        self.completion += completion
         self.metrics.prompt_tokens.labels(self.label).inc(prompt)
         self.metrics.completion_tokens.labels(self.label).inc(completion)
         if self.version is not None:
@@ -138,6 +150,7 @@ class RequestTimer:
         elapsed = time.perf_counter() - self.started
         self.metrics.requests.labels(self.label, self.endpoint, str(status)).inc()
         self.metrics.latency.labels(self.label, self.endpoint).observe(elapsed)
+        self.metrics.window.record(self.model or self.label, status, elapsed, self.prompt, self.completion)
         if self.version is not None:
             self.metrics.rollout_requests.labels(self.label, self.version, str(status)).inc()
             self.metrics.rollout_latency.labels(self.label, self.version).observe(elapsed)

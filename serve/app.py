@@ -171,5 +171,6 @@ def build_application(args: AppConfig | dict[str, Any], proxy_host: str | None =
         ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": SERVING_PATH_ENV}},
     )(RouterDeployment)
     return router.bind(
-        engine, registry, limiter, config.engine.model_id, config.router, config.engine.max_model_len, config.tracing
-    )
+        engine, registry, limiter, config.engine.model_id, config.router, config.engine.max_model_len, config.tracing,
+        config.engine, config.engine_deployment,
+    )  # fmt: skip

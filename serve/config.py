@@ -510,6 +510,23 @@ class RouterConfig(_Strict):
             "`metrics` or `admin` scope (it names adapters and their traffic); an open server serves it to anyone."
         ),
     )
+    console: bool = Field(
+        default=True,
+        description=(
+            "Serve the web console at `/ui`: a page (shipped in the package, nothing fetched from elsewhere) that asks "
+            "for an API key and shows what that key may see. Its data come from the key-checked `/v1/console/...` "
+            "routes, which answer either way."
+        ),
+    )
+    console_window_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Seconds of traffic the console's per-model statistics cover (requests, tokens, error rate, p50/p99 "
+            "latency), kept by each router replica in bounded memory."
+        ),
+    )
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request) accepted.")
     max_sequences: int = Field(
         default=256,

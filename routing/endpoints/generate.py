@@ -117,6 +117,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
             key.require_use(context.catalog.name_of(body["model"]), body["model"])
             target = await context.catalog.resolve(body["model"])
             timer.label = context.metrics.label(target.id, target.adapter is not None)
+            timer.model = target.id  # the adapter, whichever version of it serves the request
             if target.adapter is not None and target.adapter.composition is not None:
                 _require_components(key, target.adapter.composition.adapters, param="model")
             if target.adapter is not None and target.adapter.canary is not None:

@@ -1,0 +1,1 @@
+"""The web console at `/ui`: its page, shipped as package data, and what its Server view shows of the configuration."""
