@@ -79,6 +79,17 @@ class ModelCatalog:
             return False
         return True
 
+    def wrote(self, name: str, record: AdapterRecord | None) -> None:
+        """Takes in this router's own write to the registry (`record` None: `name` removed) without a round trip for
+        it: a request through this router sees it at once. The next read still asks the registry for what changed
+        (this write again, and any other), so nothing older can stay."""
+        if record is None:
+            self._snapshot.records.pop(name, None)
+        else:
+            self._snapshot.records[name] = record
+        self._ordered = (-1, [], [])
+        self._checked = -REFRESH_S
+
     def name_of(self, requested: str) -> str | None:
         """The adapter name a model id asks for (`BASE:NAME` or `NAME` → `NAME`), or None for the base model."""
         if requested == self.base_id:

@@ -29,10 +29,16 @@ class RegistryClient(Protocol):
 
 
 class ServeRegistryClient:
-    """A `RegistryClient` over the registry deployment's handle."""
+    """A `RegistryClient` over the registry deployment's handle.
+
+    Writes go on Serve's gRPC transport (as the engine client's calls): a registration's round trip costs about half
+    a Ray actor call's. Reads stay Ray calls: a follower's full list is 20 MB at 100,000 adapters, and Serve's gRPC
+    channels take replies of at most 4 MB (`RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH`).
+    """
 
     def __init__(self, handle: Any) -> None:
         self._handle = handle
+        self._writes = handle.options(_by_reference=False)
 
     async def generation(self) -> int:
         return int(await self._handle.generation.remote())
@@ -48,39 +54,39 @@ class ServeRegistryClient:
     async def register(
         self, name: str, source: str, pinned: bool, tool_call_parser: str | None = None
     ) -> AdapterRecord | WireError:
-        outcome: AdapterRecord | WireError = await self._handle.register.remote(name, source, pinned, tool_call_parser)
+        outcome: AdapterRecord | WireError = await self._writes.register.remote(name, source, pinned, tool_call_parser)
         return outcome
 
     async def unregister(self, name: str) -> AdapterRecord | WireError:
-        outcome: AdapterRecord | WireError = await self._handle.unregister.remote(name)
+        outcome: AdapterRecord | WireError = await self._writes.unregister.remote(name)
         return outcome
 
     async def compose(
         self, name: str, composition: Composition, pinned: bool, tool_call_parser: str | None = None
     ) -> AdapterRecord | WireError:
-        outcome: AdapterRecord | WireError = await self._handle.compose.remote(
+        outcome: AdapterRecord | WireError = await self._writes.compose.remote(
             name, composition, pinned, tool_call_parser
         )
         return outcome
 
     async def materialize(self, composition: Composition) -> tuple[AdapterRecord, bool] | WireError:
-        outcome: tuple[AdapterRecord, bool] | WireError = await self._handle.materialize.remote(composition)
+        outcome: tuple[AdapterRecord, bool] | WireError = await self._writes.materialize.remote(composition)
         return outcome
 
     async def rollout(self, name: str, source: str, percent: float) -> AdapterRecord | WireError:
-        outcome: AdapterRecord | WireError = await self._handle.rollout.remote(name, source, percent)
+        outcome: AdapterRecord | WireError = await self._writes.rollout.remote(name, source, percent)
         return outcome
 
     async def split(self, name: str, percent: float) -> AdapterRecord | WireError:
-        outcome: AdapterRecord | WireError = await self._handle.split.remote(name, percent)
+        outcome: AdapterRecord | WireError = await self._writes.split.remote(name, percent)
         return outcome
 
     async def promote(self, name: str) -> AdapterRecord | WireError:
-        outcome: AdapterRecord | WireError = await self._handle.promote.remote(name)
+        outcome: AdapterRecord | WireError = await self._writes.promote.remote(name)
         return outcome
 
     async def rollback(self, name: str) -> AdapterRecord | WireError:
-        outcome: AdapterRecord | WireError = await self._handle.rollback.remote(name)
+        outcome: AdapterRecord | WireError = await self._writes.rollback.remote(name)
         return outcome
 
     async def replica_reports(self) -> list[ReplicaReport]:

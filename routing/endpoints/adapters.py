@@ -143,7 +143,7 @@ async def _register(
     context.audit.record(
         key.name, action, request, adapter=name, source=described, version=outcome.version, status=status
     )
-    await context.catalog.refresh(force=True)
+    context.catalog.wrote(outcome.name, outcome)
     return outcome
 
 
@@ -156,7 +156,7 @@ async def _unregister(context: RouterContext, request: Request, key: Principal, 
         context.audit.record(key.name, "unregister", request, adapter=name, error=exc)
         raise
     context.audit.record(key.name, "unregister", request, adapter=name, source=outcome.source, version=outcome.version)
-    await context.catalog.refresh(force=True)
+    context.catalog.wrote(name, None)
     return outcome
 
 

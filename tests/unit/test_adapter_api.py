@@ -17,7 +17,7 @@ from serve.adapters.loader import AdapterLoader
 from serve.adapters.sources import LocalSource, SourceResolver
 from serve.adapters.validation import AdapterInvalid
 from serve.config import RouterConfig
-from serve.wire import LoaderStats, ReplicaReport
+from serve.wire import Changes, LoaderStats, ReplicaReport
 from tests.unit.fake_engine import FakeEngine, FakeRegistry, engine_client, record
 
 BASE = "tiny-base"
@@ -219,3 +219,30 @@ def test_the_cli_lists_every_page(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.exit_code == 0, result.output
     assert [line.split("\t")[0] for line in result.output.splitlines()] == [f"{BASE}:a{i:02d}" for i in range(25)]
     assert asked == [{}, {"after": f"{BASE}:a09"}, {"after": f"{BASE}:a19"}]
+
+
+class CountingRegistry(FakeRegistry):
+    """Counts the router's `changes` round trips."""
+
+    asked: int = 0
+
+    async def changes(self, since: int) -> Changes:
+        self.asked += 1
+        return await super().changes(since)
+
+
+async def test_a_router_takes_in_its_own_write_without_a_round_trip_and_syncs_at_the_next_read() -> None:
+    registry = CountingRegistry({"old": record("old")})
+    catalog = ModelCatalog(BASE, registry)
+    app = create_app(engine_client(), catalog, RouterConfig())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+        assert await model_ids(client) == [BASE, f"{BASE}:old"]
+        asked = registry.asked
+        assert (await client.post("/v1/adapters", json={"name": "new", "source": "/a/new"})).status_code == 201
+        assert registry.asked == asked  # answered from the registry's reply, not a second call
+        registry.records["other"] = record("other")  # written meanwhile through another router
+        assert await model_ids(client) == [BASE, f"{BASE}:new", f"{BASE}:old", f"{BASE}:other"]
+        assert registry.asked == asked + 1
+        assert (await client.delete("/v1/adapters/new")).status_code == 200
+        assert registry.asked == asked + 1
+        assert await model_ids(client) == [BASE, f"{BASE}:old", f"{BASE}:other"]
