@@ -9,7 +9,6 @@ base model) before anything is recorded.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import json
 import logging
 import os
@@ -114,8 +113,8 @@ class AdapterRegistry(Composites, Rollouts):
         for record in self._records.values():
             self._index_components(None, record)
         self._generation = fresh_generation()
-        self._log: list[tuple[int, str]] = []
-        """(generation, name) of every write since `_log_floor`, in order."""
+        self._log: list[str] = []
+        """The name each write since `_log_floor` changed, in order: entry i made generation `_log_floor + 1 + i`."""
         self._log_floor = self._generation
         """The oldest generation `changes` answers from the log; older ones (another run's too) get every record."""
         self._lock = asyncio.Lock()
@@ -147,8 +146,7 @@ class AdapterRegistry(Composites, Rollouts):
             return Changes(since, {})
         if not self._log_floor <= since < self._generation:
             return Changes(self._generation, dict(self._records), full=True)
-        start = bisect.bisect_right(self._log, since, key=lambda entry: entry[0])
-        names = {name for _, name in self._log[start:]}
+        names = set(self._log[since - self._log_floor :])
         return Changes(self._generation, {name: self._records.get(name) for name in names})
 
     async def report(self, report: ReplicaReport) -> int:
@@ -328,9 +326,9 @@ class AdapterRegistry(Composites, Rollouts):
 
     def _changed(self, name: str) -> None:
         self._generation += 1
-        self._log.append((self._generation, name))
+        self._log.append(name)
         if len(self._log) > 2 * CHANGE_LOG:  # trimmed now and then, not at every write
-            self._log_floor = self._log[-CHANGE_LOG - 1][0]
+            self._log_floor += len(self._log) - CHANGE_LOG
             del self._log[:-CHANGE_LOG]
 
     def _reread(self, name: str) -> None:

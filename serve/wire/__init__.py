@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
-from typing import Literal
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 Endpoint = Literal["completions", "chat", "responses", "messages", "tokenize", "detokenize"]
 """What a request asks of an engine: OpenAI's completions, chat and Responses, Anthropic's Messages, or vLLM's
@@ -141,9 +142,25 @@ def composition_key(composition: Composition) -> str:
     return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()
 
 
-@dataclass(frozen=True)
+_SHARED: dict[tuple[type, object], Any] = {}
+"""One object per distinct `target_modules` and `alpha` (a few kinds among 100,000 adapters), up to `SHARED_KINDS`."""
+SHARED_KINDS = 4096
+
+
+def _shared(value: Any) -> Any:
+    """An object equal to `value` (of its type) that records share."""
+    key = (type(value), value)
+    return _SHARED.setdefault(key, value) if len(_SHARED) < SHARED_KINDS else _SHARED.get(key, value)
+
+
+@dataclass(frozen=True, slots=True)
 class AdapterRecord:
-    """One registered adapter at its current version."""
+    """One registered adapter at its current version.
+
+    The registry and every router and engine replica hold one per adapter, 100,000s of them: slots, and its
+    repeated values (`source`, `target_modules`, `alpha`, `tool_call_parser`) shared between records however a
+    record was made (constructed, decoded from a store, unpickled after a Ray call), keep it at about 0.5 KB.
+    """
 
     name: str
     source: str
@@ -168,6 +185,18 @@ class AdapterRecord:
     tool_call_parser: str | None = None
     """vLLM's tool-call parser for this adapter's chat format, when it differs from the server's
     (`engine.tool_call_parser`); one of the parsers the server loads (`EngineConfig.tool_parsers`)."""
+
+    def __post_init__(self) -> None:
+        share = object.__setattr__  # frozen: these replace values by equal, shared ones
+        share(self, "source", sys.intern(self.source))
+        share(self, "target_modules", _shared(self.target_modules))
+        share(self, "alpha", _shared(self.alpha))
+        if self.tool_call_parser is not None:
+            share(self, "tool_call_parser", sys.intern(self.tool_call_parser))
+
+    def __reduce__(self) -> tuple[type[AdapterRecord], tuple[object, ...]]:
+        """Unpickled through the constructor, so a record received from another process shares its values too."""
+        return AdapterRecord, tuple(getattr(self, f.name) for f in fields(self))
 
 
 VERSION_SEPARATOR = "@v"

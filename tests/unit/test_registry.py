@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -391,6 +392,22 @@ def test_followers_catch_up_by_what_changed_since_their_generation(
     recent = asyncio.run(restarted.snapshot())
     asyncio.run(restarted.unregister("e"))
     assert asyncio.run(restarted.changes(recent.generation)).records == {"e": None}
+
+
+def test_records_share_their_repeated_values_however_they_were_made(tmp_path: Path, open_registry: Opener) -> None:
+    """100,000 records from one bucket and one kind of adapter hold one copy of the source, targets and alpha, in
+    the registry (records made and decoded from the store) and in a follower (records unpickled from Ray calls)."""
+    registry = open_registry()
+    folder = write_adapter(tmp_path / "adapters" / "a")
+    for name in ("a", "b"):
+        asyncio.run(registry.register(name, "".join(str(folder))))  # equal sources, two string objects
+    made = [asyncio.run(registry.changes(0)).records[name] for name in ("a", "b")]
+    decoded = [record for record in open_registry()._records.values()]
+    received = [pickle.loads(pickle.dumps(record)) for record in made]  # each as its own Ray reply
+    for a, b in (made, decoded, received):
+        assert a is not None and b is not None and a.source == str(folder)
+        assert a.source is b.source and a.target_modules is b.target_modules and a.alpha is b.alpha
+    assert received == made
 
 
 def test_a_router_follows_the_registry_by_changes_not_snapshots(tmp_path: Path, open_registry: Opener) -> None:
