@@ -109,10 +109,13 @@ class UnloadLoraAdapter(BaseModel):
 
 
 def card(context: RouterContext, record: AdapterRecord, *, with_source: bool = True) -> dict[str, Any]:
-    """An adapter as the API shows it; `source` (buckets, prefixes, host paths) only to admins."""
+    """An adapter as the API shows it; `source` (buckets, prefixes, host paths) only to admins, its rolled-out
+    version's too."""
     fields = asdict(record)
     if not with_source:
         del fields["source"]
+        if fields["canary"] is not None:
+            del fields["canary"]["source"]
     return {"id": context.catalog.adapter_id(record.name), "object": "adapter", **fields}
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -279,14 +280,19 @@ def test_adapters_cli_sends_the_api_key_as_bearer(monkeypatch: pytest.MonkeyPatc
     assert [h["Authorization"] for h in sent] == ["Bearer lpx-flag", "Bearer lpx-env"]
 
 
-async def test_only_admins_see_where_an_adapter_comes_from(client: httpx.AsyncClient) -> None:
-    """An adapter's `source` names buckets, prefixes and host paths: operators' business, not tenants'."""
+async def test_only_admins_see_where_an_adapter_comes_from(client: httpx.AsyncClient, registry: FakeRegistry) -> None:
+    """An adapter's `source` names buckets, prefixes and host paths: operators' business, not tenants'; nor the
+    source of a version being rolled out."""
+    registry.records["a1"] = replace(registry.records["a1"], canary=record("a1", 2, "s3://private/a1-v2"),
+                                     canary_percent=10.0)  # fmt: skip
+    registry.generation_ += 1
     for key, sees_source in ((USER, False), (ADMIN, True)):
         one = (await client.get("/v1/adapters/a1", headers=bearer(key))).json()
         listed = (await client.get("/v1/adapters", headers=bearer(key))).json()["data"]
-        assert one["id"].endswith("a1") and listed
-        assert ("source" in one) is sees_source
+        assert one["id"].endswith("a1") and listed and one["canary"]["version"] == 2
+        assert ("source" in one) is sees_source and ("source" in one["canary"]) is sees_source
         assert all(("source" in item) is sees_source for item in listed)
+        assert ("private" in json.dumps(listed)) is sees_source
 
 
 # Open by default only on loopback (Redis' protected mode): the CLI and the Serve app builder refuse otherwise.
