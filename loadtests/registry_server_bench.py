@@ -41,6 +41,7 @@ VISIBILITY_WRITES = 20
 VISIBLE_RUN = 8
 PAGE_READS = 200
 SEQUENTIAL_WRITES = 200
+SYNC_READS = 16
 
 
 def tiny_adapter(folder: Path) -> Path:
@@ -70,6 +71,15 @@ def replica_rss(server_pid: int) -> dict[str, int]:
     return sizes
 
 
+async def sync_routers(url: str) -> None:
+    """Brings every router replica up to the registry before its memory is read: a router takes in its own writes
+    at once and others' at its next read. Reads on new connections, which the kernel spreads over the replicas
+    sharing the port."""
+    for _ in range(SYNC_READS):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            (await client.get("/v1/adapters", params={"limit": 1})).raise_for_status()
+
+
 def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -91,6 +101,7 @@ async def register_many(url: str, source: str, count: int, step: int, server_pid
                 if response.status_code != 201:
                     failures.append(f"{response.status_code} {response.text[:120]}")
                 if (i + 1) % step == 0:
+                    await sync_routers(url)
                     memory.append({"adapters": i + 1, **replica_rss(server_pid)})
                     recent = round(1000 * statistics.median(latencies[-step:]), 1)
                     elapsed = round(time.perf_counter() - started, 1)
