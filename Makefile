@@ -7,7 +7,10 @@ ASSETS ?= .loraplex
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL := $(ASSETS)/models/SmolLM2-135M-Instruct
-DEMO_ADAPTERS := --adapter alpha=$(ASSETS)/adapters/alpha --adapter beta=$(ASSETS)/adapters/beta
+# alpha and beta: seeded weights; pirate, french and json: trained by `loraplex prepare` (serve/demo_training.py).
+DEMO_ADAPTERS := --adapter alpha=$(ASSETS)/adapters/alpha --adapter beta=$(ASSETS)/adapters/beta \
+	--adapter pirate=$(ASSETS)/adapters/pirate --adapter french=$(ASSETS)/adapters/french \
+	--adapter json=$(ASSETS)/adapters/json
 
 .PHONY: install assets serve test test-unit lint format bench bench-adapters bench-fairness bench-autoscaling bench-warm soak locust sim cluster-demo
 

