@@ -46,6 +46,18 @@ def chromium() -> Iterator[Browser]:
             browser.close()
 
 
+@contextmanager
+def wide_page(browser: Browser, timeout_ms: int) -> Iterator[Page]:
+    """A page at 1280x800 in a browser context of its own (its own session storage), closed afterwards."""
+    context = browser.new_context(viewport=WIDE)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(timeout_ms)
+        yield page
+    finally:
+        context.close()
+
+
 @dataclass
 class Watched:
     """What a page did: console errors, uncaught exceptions, and every URL it requested."""

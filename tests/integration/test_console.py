@@ -14,7 +14,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.console_browser import NO_CHROMIUM, PHONE, SCREENSHOTS, WIDE, chromium, chromium_path, watch
+from tests.console_browser import NO_CHROMIUM, PHONE, SCREENSHOTS, chromium, chromium_path, watch, wide_page
 from tests.integration.conftest import EXTERNAL_ADAPTERS, Stack
 
 if chromium_path() is None:
@@ -35,11 +35,8 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport=WIDE)
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    yield page
-    context.close()
+    with wide_page(browser, 30_000) as page:
+        yield page
 
 
 def screenshot(page: Page, name: str) -> None:

@@ -20,7 +20,7 @@ from routing.app import create_app
 from routing.catalog import ModelCatalog
 from serve.config import RouterConfig
 from serve.wire import Endpoint, ReplicaItem, ReplicaReport, Usage
-from tests.console_browser import PHONE, WIDE, ServedApp, chromium, watch
+from tests.console_browser import PHONE, ServedApp, chromium, watch, wide_page
 from tests.unit.fake_engine import FakeEngine, FakeRegistry, engine_client, record
 from tests.unit.tenancy import ADAPTERS, BASE, api_key, make_app
 
@@ -52,11 +52,8 @@ def keyed_server() -> Iterator[ServedApp]:
 
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport=WIDE)
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    yield page
-    context.close()
+    with wide_page(browser, 15_000) as page:
+        yield page
 
 
 def rows(page: Page) -> list[str]:
