@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 
+from serve import demo_training
 from serve.assets import DEFAULT_MODEL_NAME, build_default_model, build_trained_adapters, check_adapters
 from serve.demo_data import FACTS, HELD_OUT, TRAINED_ADAPTERS, as_json, dataset, pirate
 from serve.demo_training import Recipe, Trainer
@@ -42,6 +44,16 @@ class Recorded:
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
     return build_default_model(ASSETS / "models" / DEFAULT_MODEL_NAME)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A tiny recipe's work is too small to share between threads, which then only wait for each other, and for
+    whole time slices when another process holds a core: the suite's server, a build (~6x slower, measured)."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(demo_training, "_usable_cpus", lambda: 1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- datasets
