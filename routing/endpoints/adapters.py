@@ -182,17 +182,25 @@ async def list_adapters(
 ) -> dict[str, Any]:
     """The adapters this key may see, ordered by name, a page at a time as OpenAI's list endpoints page:
     `has_more` says whether to ask again with `after` = this page's `last_id`."""
-    following = await context.catalog.records_after(None if after is None else _bare(context, after))
-    visible = itertools.islice((r for r in following if key.may_see(r.name)), limit + 1)  # in name order
-    page = list(visible)
-    data = [card(context, r, with_source=key.admin) for r in page[:limit]]
+    page, has_more = await visible_page(context, key, after, limit)
+    data = [card(context, r, with_source=key.admin) for r in page]
     return {
         "object": "list",
         "data": data,
         "first_id": data[0]["id"] if data else None,
         "last_id": data[-1]["id"] if data else None,
-        "has_more": len(page) > limit,
+        "has_more": has_more,
     }
+
+
+async def visible_page(
+    context: RouterContext, key: Principal, after: str | None, limit: int
+) -> tuple[list[AdapterRecord], bool]:
+    """Up to `limit` adapters `key` may see, in name order, after the adapter `after` (an id or a name; None: from
+    the first), and whether more follow."""
+    following = await context.catalog.records_after(None if after is None else _bare(context, after))
+    page = list(itertools.islice((r for r in following if key.may_see(r.name)), limit + 1))
+    return page[:limit], len(page) > limit
 
 
 @router.get("/v1/adapters/{name}")

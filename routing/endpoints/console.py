@@ -9,7 +9,6 @@ it, other keys' queues only to admins. Traffic comes from this router replica's 
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections import defaultdict
 from typing import Any
 
@@ -18,7 +17,7 @@ from fastapi import APIRouter, Query
 from routing.auth import KeyDep
 from routing.console.summary import settings
 from routing.context import ContextDep, RouterContext
-from routing.endpoints.adapters import split_of
+from routing.endpoints.adapters import split_of, visible_page
 from routing.errors import NotReady
 from routing.principals import Principal
 from serve.wire import AdapterRecord, ReplicaReport, unversioned
@@ -101,17 +100,16 @@ async def console_adapters(
     """The adapters this key may see, in name order, with their placement on the engine replicas and their traffic
     through this router over the last `window_s` seconds; `base` is the base model's traffic (null for a key that
     may not use it)."""
-    following = await context.catalog.records_after(None if after is None else context.catalog.name_of(after) or after)
-    visible = list(itertools.islice((r for r in following if key.may_see(r.name)), limit + 1))  # in name order
+    visible, has_more = await visible_page(context, key, after, limit)
     placement = _placement(await _reports(context))
-    rows = [adapter_row(context, r, key, placement.get(r.name, [])) for r in visible[:limit]]
+    rows = [adapter_row(context, r, key, placement.get(r.name, [])) for r in visible]
     base = context.catalog.base_id
     return {
         "object": "list",
         "window_s": context.metrics.window.window_s,
         "base": {"id": base, "stats": context.metrics.window.stats(base).as_json()} if key.may_use(None) else None,
         "data": rows,
-        "has_more": len(visible) > limit,
+        "has_more": has_more,
         "last_id": rows[-1]["name"] if rows else None,
     }
 
