@@ -83,10 +83,9 @@ class ModelCatalog:
         """Takes in this router's own write to the registry (`record` None: `name` removed) without a round trip for
         it: a request through this router sees it at once. The next read still asks the registry for what changed
         (this write again, and any other), so nothing older can stay."""
-        if record is None:
-            self._snapshot.records.pop(name, None)
-        else:
-            self._snapshot.records[name] = record
+        self._snapshot.records.pop(name, None)
+        if record is not None:
+            self._snapshot.records[record.name] = record  # keyed by its own name (`serve.wire.keyed`)
         self._ordered = (-1, [], [])
         self._checked = -REFRESH_S
 

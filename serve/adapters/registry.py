@@ -307,7 +307,8 @@ class AdapterRegistry(Composites, Rollouts):
         if record is None:
             self._records.pop(name, None)
         else:
-            self._records[name] = record  # in place: snapshots are copies, and a write copies nothing (100,000s)
+            self._records.pop(name, None)  # keyed by the record's own name (`serve.wire.keyed`)
+            self._records[record.name] = record  # in place: snapshots are copies, and a write copies nothing (100,000s)
         self._changed(name)
         return None
 
@@ -338,7 +339,7 @@ class AdapterRegistry(Composites, Rollouts):
             return
         self._index_components(self._records.pop(name, None), current)
         if current is not None:
-            self._records[name] = current
+            self._records[current.name] = current
         self._changed(name)
 
     def _migrate(self, legacy: Path) -> None:

@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 
 from serve.adapters.sources import S3Source
 from serve.adapters.validation import base_linear_shapes
-from serve.wire import AdapterRecord, Composition
+from serve.wire import AdapterRecord, Composition, keyed
 
 logger = logging.getLogger("loraplex.registry")
 
@@ -168,7 +168,7 @@ class SqliteStore:
 
     def load(self) -> StoredState:
         with self._lock, self._errors():
-            records = {name: decode(text) for name, text in self._db.execute("SELECT name, record FROM adapters")}
+            records = keyed(decode(text) for (text,) in self._db.execute("SELECT record FROM adapters"))
             row = self._db.execute("SELECT value FROM meta WHERE key = 'base'").fetchone()
         return StoredState(records=records, base=BaseIdentity(**json.loads(row[0])) if row else None)
 
@@ -283,7 +283,7 @@ class S3Store:
                     missing.append(key)
             with ThreadPoolExecutor(max_workers=16) as pool:
                 fetched = list(pool.map(self._read, missing))
-            records |= {record.name: record for record in fetched if record is not None}
+            records |= keyed(record for record in fetched if record is not None)
             base = self._read_object(self._base_key)
         self.stats = {"listed": len(listed), "from_snapshot": len(listed) - len(missing), "fetched": len(missing)}
         if len(missing) > SNAPSHOT_STALE or len(cached) != len(listed) - len(missing):

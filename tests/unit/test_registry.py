@@ -407,7 +407,41 @@ def test_records_share_their_repeated_values_however_they_were_made(tmp_path: Pa
     for a, b in (made, decoded, received):
         assert a is not None and b is not None and a.source == str(folder)
         assert a.source is b.source and a.target_modules is b.target_modules and a.alpha is b.alpha
+        assert a.size_bytes is b.size_bytes and a.size_bytes > 256  # not one of Python's own shared small ints
     assert received == made
+
+
+def test_holders_key_records_by_their_own_name_object(tmp_path: Path, open_registry: Opener) -> None:
+    """The registry (live and restarted) and a follower (by a full list, by changes, by its own write) key each
+    record by `record.name` itself: an equal key string beside it would be a second copy of every name."""
+    from routing.catalog import ModelCatalog
+
+    class OverRay:  # a follower receives its own copies, as from Ray calls
+        def __init__(self, registry: AdapterRegistry) -> None:
+            self.registry = registry
+
+        async def changes(self, since: int) -> Changes:
+            changes: Changes = pickle.loads(pickle.dumps(await self.registry.changes(since)))
+            return changes
+
+    def fresh(name: str) -> str:  # an equal string that is another object, as a request's or a row's is
+        return "".join(list(name))
+
+    registry = open_registry()
+    folder = str(write_adapter(tmp_path / "adapters" / "a"))
+    for name in ("adapter-a", "adapter-b"):
+        asyncio.run(registry.register(fresh(name), folder))
+    catalog = ModelCatalog("base", OverRay(registry))  # type: ignore[arg-type]
+    asyncio.run(catalog.refresh(force=True))  # everything, as a router starting
+    asyncio.run(registry.register(fresh("adapter-c"), folder))
+    asyncio.run(registry.register(fresh("adapter-a"), folder))  # a new version of a name the follower holds
+    asyncio.run(catalog.refresh(force=True))  # what changed
+    record = asyncio.run(registry.register(fresh("adapter-d"), folder))
+    assert isinstance(record, AdapterRecord)
+    catalog.wrote(fresh("adapter-d"), pickle.loads(pickle.dumps(record)))  # its own write, from the registry's reply
+    for holder in (registry._records, open_registry()._records, catalog._snapshot.records):
+        assert sorted(holder) == ["adapter-a", "adapter-b", "adapter-c", "adapter-d"]
+        assert all(key is record.name for key, record in holder.items())
 
 
 def test_a_router_follows_the_registry_by_changes_not_snapshots(tmp_path: Path, open_registry: Opener) -> None:
