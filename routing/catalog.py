@@ -7,7 +7,7 @@ import bisect
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -48,8 +48,9 @@ class ModelCatalog:
         self.base_id = base_id
         self.registry = registry
         self._snapshot = Snapshot(generation=0, records={})
-        self._ordered: tuple[int, list[AdapterRecord], list[str]] = (0, [], [])
-        """(generation, records by name, their names): sorted once per generation, not per list request."""
+        self._ordered: tuple[int, list[str]] = (0, [])
+        """(generation, the adapters' names in order): sorted once per generation, not per list request; names only,
+        as the records are in the snapshot (a second list of them cost 8 bytes per adapter)."""
         self._checked = 0.0
         self._created = int(time.time())
         self._composites: OrderedDict[str, AdapterRecord] = OrderedDict()
@@ -86,7 +87,7 @@ class ModelCatalog:
         self._snapshot.records.pop(name, None)
         if record is not None:
             self._snapshot.records[record.name] = record  # keyed by its own name (`serve.wire.keyed`)
-        self._ordered = (-1, [], [])
+        self._ordered = (-1, [])
         self._checked = -REFRESH_S
 
     def name_of(self, requested: str) -> str | None:
@@ -137,23 +138,30 @@ class ModelCatalog:
         return ModelTarget(id=self.adapter_id(record.name), adapter=record), built
 
     async def records(self) -> list[AdapterRecord]:
-        """Every adapter, in name order (do not change the list: it is shared until the next generation)."""
+        """Every adapter, in name order."""
         await self.refresh()
-        return self._sorted()[0]
+        records = self._snapshot.records
+        return [records[name] for name in self._sorted()]
 
-    async def records_after(self, name: str | None) -> list[AdapterRecord]:
-        """The adapters named after `name` (all for None), in name order: a slice found by bisection, for pages."""
+    async def count(self) -> int:
         await self.refresh()
-        records, names = self._sorted()
-        return records if name is None else records[bisect.bisect_right(names, name) :]
+        return len(self._snapshot.records)
 
-    def _sorted(self) -> tuple[list[AdapterRecord], list[str]]:
-        generation, records, names = self._ordered
+    async def records_after(self, name: str | None) -> Iterator[AdapterRecord]:
+        """The adapters named after `name` (all for None), in name order, from a place found by bisection, for
+        pages: read it before the next `await` (it follows the records as they are then)."""
+        await self.refresh()
+        names = self._sorted()
+        start = 0 if name is None else bisect.bisect_right(names, name)
+        records = self._snapshot.records
+        return (record for i in range(start, len(names)) if (record := records.get(names[i])) is not None)
+
+    def _sorted(self) -> list[str]:
+        generation, names = self._ordered
         if generation != self._snapshot.generation:
-            records = sorted(self._snapshot.records.values(), key=lambda r: r.name)
-            names = [r.name for r in records]
-            self._ordered = (self._snapshot.generation, records, names)
-        return records, names
+            names = sorted(self._snapshot.records)
+            self._ordered = (self._snapshot.generation, names)
+        return names
 
     async def models(self, visible: Callable[[str | None], bool] = lambda _: True) -> list[dict[str, Any]]:
         """OpenAI model objects: the base model first, then adapters with `parent` = base.

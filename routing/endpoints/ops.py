@@ -73,5 +73,5 @@ async def metrics(request: Request, context: ContextDep) -> Response:
         headers = request.headers
         context.keys.authenticate(headers.get("authorization"), headers.get("x-api-key")).require_metrics()
     reports = await context.catalog.registry.replica_reports()
-    context.metrics.replicas.update(reports, registry_size=len(await context.catalog.records()))
+    context.metrics.replicas.update(reports, registry_size=await context.catalog.count())
     return Response(context.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -154,13 +154,28 @@ def _shared(value: Any) -> Any:
     return _SHARED.setdefault(key, value) if len(_SHARED) < SHARED_KINDS else _SHARED.get(key, value)
 
 
+_last_created = 0
+
+
+def _as_last_created(created: int) -> int:
+    """The previous record's `created` when equal: adapters registered in bulk (and decoded from a store in the
+    order they were written) share it, 32 bytes each; another second is not remembered (timestamps would fill
+    `_SHARED`)."""
+    global _last_created
+    if created == _last_created:
+        return _last_created
+    _last_created = created
+    return created
+
+
 @dataclass(frozen=True, slots=True)
 class AdapterRecord:
     """One registered adapter at its current version.
 
     The registry and every router and engine replica hold one per adapter, 100,000s of them: slots, and its
-    repeated values (`source`, `target_modules`, `alpha`, `size_bytes`, `tool_call_parser`) shared between records
-    however a record was made (constructed, decoded from a store, unpickled after a Ray call), keep it at about 0.4 KB.
+    repeated values (`source`, `target_modules`, `alpha`, `size_bytes`, `canary_percent`, `tool_call_parser`, and
+    `created` within one second) shared between records however a record was made (constructed, decoded from a
+    store, unpickled after a Ray call), keep it at about 0.4 KB.
     Whatever holds records by name keys them by the record's own `name` (`keyed`), not by an equal string.
     """
 
@@ -194,6 +209,8 @@ class AdapterRecord:
         share(self, "target_modules", _shared(self.target_modules))
         share(self, "alpha", _shared(self.alpha))
         share(self, "size_bytes", _shared(self.size_bytes))  # adapters of one recipe (rank, targets) are one size
+        share(self, "canary_percent", _shared(self.canary_percent))  # a float unpickled is a new object each time
+        share(self, "created", _as_last_created(self.created))  # registered in one second, in bulk
         if self.tool_call_parser is not None:
             share(self, "tool_call_parser", sys.intern(self.tool_call_parser))
 

@@ -408,6 +408,7 @@ def test_records_share_their_repeated_values_however_they_were_made(tmp_path: Pa
         assert a is not None and b is not None and a.source == str(folder)
         assert a.source is b.source and a.target_modules is b.target_modules and a.alpha is b.alpha
         assert a.size_bytes is b.size_bytes and a.size_bytes > 256  # not one of Python's own shared small ints
+        assert a.canary_percent is b.canary_percent
     assert received == made
 
 
@@ -510,6 +511,21 @@ def test_an_s3_store_restarts_from_its_snapshot_and_fetches_only_what_changed(s3
 def make_record(name: str) -> AdapterRecord:
     return AdapterRecord(name=name, source=f"s3://b/{name}", version=1, content_hash=f"h-{name}", rank=8, alpha=16.0,
                          target_modules=("q_proj",), size_bytes=1, pinned=False, created=0)  # fmt: skip
+
+
+def test_records_made_one_after_another_in_one_second_share_its_timestamp() -> None:
+    """Adapters registered in bulk (or decoded in the order they were written) hold one `created` int per second,
+    also when each arrives in a message of its own; a record of another second keeps its own."""
+
+    def made_at(name: str, created: int) -> AdapterRecord:
+        return AdapterRecord(name=name, source="s3://b/x", version=1, content_hash=f"h-{name}", rank=8, alpha=16.0,
+                             target_modules=("q_proj",), size_bytes=1, pinned=False, created=created)  # fmt: skip
+
+    second = int("1790000000")
+    made = [made_at("a", second), made_at("b", int(str(second)))]  # equal ints, two objects
+    received = [pickle.loads(pickle.dumps(record)) for record in made]
+    assert made[0].created is made[1].created and received[0].created is received[1].created
+    assert made_at("c", second + 1).created == second + 1 and made[0].created == second
 
 
 def test_a_no_op_adapters_warning_is_recorded_and_survives_a_restart(tmp_path: Path, open_registry: Opener) -> None:
