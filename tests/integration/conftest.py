@@ -98,8 +98,15 @@ def hf_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandInHub]:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str, hf_hub: StandInHub) -> Iterator[Stack]:
+    """The shared stack keeps its registry in S3 (moto); test_adapters_sqlite runs the adapter tests again on SQLite."""
+    with stack_server(tmp_path_factory.mktemp("stack"), s3_url, hf_hub, store="s3") as running:
+        yield running
+
+
+@contextmanager
+def stack_server(work: Path, s3_url: str, hf_hub: StandInHub, store: str) -> Iterator[Stack]:
+    """The stack's server in `work`, its registry in `store` ("s3": a bucket on `s3_url`; "sqlite": a file)."""
     model_src, demo = prepare(ASSETS)
-    work = tmp_path_factory.mktemp("stack")
     model_dir = work / MODEL_ID
     shutil.copytree(model_src, model_dir)
     adapters = {spec.name: make_adapter(model_dir, spec, work / spec.name) for spec in EXTERNAL_ADAPTERS}
@@ -108,6 +115,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str, hf_hub: StandIn
     uploads = work / "uploads"
     uploads.mkdir()
     config = work / "loraplex.yaml"
+    stores = {"s3": f"s3://{REGISTRY_BUCKET}/{MODEL_ID}", "sqlite": f"sqlite:///{work / 'registry.db'}"}
     config.write_text(
         json.dumps(
             {
@@ -121,12 +129,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str, hf_hub: StandIn
                     "tool_call_parsers": ["hermes"],
                 },
                 "registry": {
-                    # The shared stack keeps its registry in S3 (moto); the servers of other modules use SQLite.
-                    "store": f"s3://{REGISTRY_BUCKET}/{MODEL_ID}",
+                    "store": stores[store],
                     "state_file": str(work / "registry.json"),
                     "cache_dir": str(work / "adapter-cache"),
                     "local_roots": [str(uploads)],
-                    "s3_endpoint_url": s3_url,
+                    "s3_endpoint_url": s3_url,  # for s3:// adapter sources, whatever the store
                     "s3_access_key_id": S3_KEYS["AWS_ACCESS_KEY_ID"],
                     "s3_secret_access_key": S3_KEYS["AWS_SECRET_ACCESS_KEY"],
                     "hf_endpoint": hf_hub.url,
@@ -134,10 +141,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str, hf_hub: StandIn
             }
         )
     )
-    key_id, secret = S3_KEYS["AWS_ACCESS_KEY_ID"], S3_KEYS["AWS_SECRET_ACCESS_KEY"]
-    s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id=key_id,
-                      aws_secret_access_key=secret)  # fmt: skip
-    s3.create_bucket(Bucket=REGISTRY_BUCKET)
+    if store == "s3":
+        key_id, secret = S3_KEYS["AWS_ACCESS_KEY_ID"], S3_KEYS["AWS_SECRET_ACCESS_KEY"]
+        s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1", aws_access_key_id=key_id,
+                          aws_secret_access_key=secret)  # fmt: skip
+        s3.create_bucket(Bucket=REGISTRY_BUCKET)
     with running_server(config, adapters, work) as (base_url, log):
         yield Stack(base_url=base_url, model_id=MODEL_ID, model_dir=model_dir, adapters=adapters, log=log,
                     uploads=uploads, s3_url=s3_url)  # fmt: skip
