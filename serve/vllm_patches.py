@@ -16,7 +16,7 @@ from serve.processes import die_with_parent_if_asked
 logger = logging.getLogger("loraplex.vllm_patches")
 _applied = False
 CPU_LORA_OPS_ENV = "LORAPLEX_CPU_LORA_OPS"
-"""`grouped` (default): loraplex's CPU LoRA ops; `vllm`: vLLM's own (with the base-row fix only)."""
+"""`grouped` (default): loraplex's CPU LoRA ops and slot resets; `vllm`: vLLM's own (with the base-row fix only)."""
 
 
 def register() -> None:
@@ -31,6 +31,93 @@ def register() -> None:
     _mask_base_rows_in_cpu_lora_ops()
     if os.environ.get(CPU_LORA_OPS_ENV, "grouped") == "grouped":
         _group_cpu_lora_ops_by_slot()
+        _reset_only_what_was_written()
+
+
+def written_rank(lora_a: Any, lora_b: Any) -> int | None:
+    """The rank `set_lora(index, lora_a, lora_b)` writes into a slot (A is (rank, in), B is (out, rank); either may
+    be a tensor or a list of per-slice tensors and Nones), or None when the arguments are not of those kinds."""
+    import torch
+
+    ranks = []
+    for weights, rank_dim in ((lora_a, 0), (lora_b, -1)):
+        for tensor in weights if isinstance(weights, list | tuple) else [weights]:
+            if tensor is None:
+                continue
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
+                return None
+            ranks.append(int(tensor.shape[rank_dim]))
+    return max(ranks, default=0)
+
+
+def _reset_only_what_was_written() -> None:
+    """A slot's LoRA buffers are sized by `max_lora_rank` (and the vocabulary, for the embedding and the logits), and
+    vLLM zeroes all of a slot's buffers in every layer each time it activates an adapter there: ~100 MB for the demo
+    model at bound 64, a quarter of a rank-8 adapter's cold load on a CPU. Outside what a slot's last `set_lora`
+    wrote its buffers are zero (they are made with `torch.zeros`, and only `set_lora` writes them), so:
+    - a linear layer zeroes the first `rank` rows (A) and columns (B) its slot's previous adapter wrote;
+    - the embedding and logits layers (adapters rarely train them) skip the reset of a slot nothing was written to
+      since its last one.
+    Either leaves the buffers exactly as vLLM's full reset does. Arguments of another kind than vLLM's tensors or
+    lists, or a `set_lora` that failed, make that slot's next reset a full one."""
+    from vllm.lora.layers import base_linear, column_parallel_linear, logits_processor, vocab_parallel_embedding
+
+    base = base_linear.BaseLinearLayerWithLoRA
+    if getattr(base.reset_lora, "_loraplex", False):
+        return
+    unknown = -1  # per slot: 0 = zero, > 0 = the rank written, unknown = anything may be written
+
+    def state(layer: Any) -> dict[int, int]:
+        held: dict[int, int] = layer.__dict__.setdefault("_loraplex_written", {})
+        return held
+
+    def linear_reset(full_reset: Callable[[Any, int], None]) -> Callable[[Any, int], None]:
+        def reset_lora(self: Any, index: int) -> None:
+            rank = state(self).get(index, 0)
+            if rank == unknown:
+                full_reset(self, index)
+            elif rank > 0:
+                for a, b in zip(self.lora_a_stacked, self.lora_b_stacked, strict=True):
+                    a[index, :, :rank] = 0
+                    b[index, :, :, :rank] = 0
+            state(self)[index] = 0
+
+        return reset_lora
+
+    def clean_reset(full_reset: Callable[[Any, int], None]) -> Callable[[Any, int], None]:
+        def reset_lora(self: Any, index: int) -> None:
+            if state(self).get(index, 0) != 0:
+                full_reset(self, index)
+            state(self)[index] = 0
+
+        return reset_lora
+
+    def recording(set_lora: Callable[..., None], ranked: bool) -> Callable[..., None]:
+        def wrapper(self: Any, index: int, lora_a: Any, lora_b: Any) -> None:
+            try:
+                set_lora(self, index, lora_a, lora_b)  # its reset first zeroes what the slot held
+            except BaseException:
+                state(self)[index] = unknown  # written in part, perhaps
+                raise
+            rank = written_rank(lora_a, lora_b) if ranked else None
+            previous = state(self).get(index, 0)  # a subclass's set_lora calls its parent's: the widest is kept
+            state(self)[index] = unknown if rank is None or previous == unknown else max(previous, rank)
+
+        return wrapper
+
+    patched: list[tuple[type, str, Callable[..., Any]]] = [(base, "reset_lora", linear_reset(base.reset_lora))]
+    linear: tuple[type, ...] = (base, column_parallel_linear.MergedColumnParallelLinearWithLoRA,
+                                column_parallel_linear.MergedColumnParallelLinearVariableSliceWithLoRA)  # fmt: skip
+    for layer in linear:
+        patched.append((layer, "set_lora", recording(vars(layer)["set_lora"], ranked=True)))
+    vocabulary: tuple[type, ...] = (vocab_parallel_embedding.VocabParallelEmbeddingWithLoRA,
+                                    logits_processor.LogitsProcessorWithLoRA)  # fmt: skip
+    for layer in vocabulary:
+        patched.append((layer, "reset_lora", clean_reset(vars(layer)["reset_lora"])))
+        patched.append((layer, "set_lora", recording(vars(layer)["set_lora"], ranked=False)))
+    for layer, name, function in patched:
+        function._loraplex = True  # type: ignore[attr-defined]
+        setattr(layer, name, function)
 
 
 def _group_cpu_lora_ops_by_slot() -> None:
