@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--assets", type=Path, default=Path(".loraplex"))
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    parser.add_argument("--cold", type=int, default=16, help="adapters for the cold-load figure (half via S3)")
+    parser.add_argument("--cold", type=int, default=32, help="adapters for the cold-load figure (half via S3)")
     parser.add_argument("--many", type=int, default=1000)
     parser.add_argument("--checks", type=int, default=4)
     args = parser.parse_args(argv)
