@@ -149,7 +149,7 @@ def start_rayserve_llm(setup: Setup) -> Iterator[str]:
             "model": engine.model,
             "engine_kwargs": {
                 "enable_lora": True, "max_loras": slots, "max_lora_rank": engine.max_lora_rank,
-                "max_cpu_loras": engine.max_cpu_loras or slots, "max_model_len": engine.max_model_len,
+                "max_cpu_loras": engine.unpinned_cache_entries(slots), "max_model_len": engine.max_model_len,
                 "max_num_seqs": engine.max_num_seqs, "dtype": serving_dtype(engine, on_cpu=True),
                 "gpu_memory_utilization": engine.gpu_memory_utilization, "enforce_eager": engine.enforce_eager,
                 "seed": engine.seed,

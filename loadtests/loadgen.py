@@ -56,6 +56,9 @@ class Workload:
     """Output length drawn uniformly from this inclusive range per request (None: always `max_tokens`)."""
     prompt_repeat: tuple[int, int] = (1, 1)
     """Prompt length: each prompt is one of PROMPTS repeated k times, k uniform in this inclusive range."""
+    rare: tuple[str, ...] = ()
+    """Models sent beside the rest, one request each, one every `rare_every_s` from the start (the long tail)."""
+    rare_every_s: float = 1.0
 
     def schedule(self) -> list[Planned]:
         """(model, prompt, max_tokens) of every request, reproducible from `seed`."""
@@ -136,9 +139,22 @@ class Report:
         ]
         return 1000 * quantile(per_token, q)
 
-    def summary(self) -> dict[str, float | int | str]:
+    def ttft_by_rank(self, models: tuple[str, ...]) -> dict[str, float]:
+        """Worst TTFT (ms) of the requests for each band of popularity ranks (a model's place in `models`)."""
+        bands: dict[str, list[float]] = {}
+        for r in self.ok:
+            if r.ttft is not None and r.model in models:
+                rank = models.index(r.model) + 1
+                band = next(f"{low}-{high}" for low, high in RANK_BANDS if rank <= high)
+                bands.setdefault(band, []).append(r.ttft)
+        return {band: round(1000 * max(values), 1) for band, values in sorted(bands.items(), key=_band_order)}
+
+    def summary(self, rare: tuple[str, ...] = ()) -> dict[str, float | int | str]:
         failed = [r for r in self.results if r.status != 200 or r.error is not None]
         first_error = {"first_error": f"HTTP {failed[0].status}: {failed[0].error}"} if failed else {}
+        ttfts = [r.ttft for r in self.ok if r.ttft is not None]
+        rare_ttfts = [r.ttft for r in self.ok if r.ttft is not None and r.model in rare]
+        tail = {"rare_ttft_max_ms": round(1000 * max(rare_ttfts), 1)} if rare_ttfts else {}
         return {
             "workload": self.workload,
             "requests": len(self.results),
@@ -150,8 +166,17 @@ class Report:
             "ttft_p99_ms": round(self.ttft_ms(0.99), 1),
             "tpot_p50_ms": round(self.tpot_ms(0.5), 1),
             "tpot_p99_ms": round(self.tpot_ms(0.99), 1),
+            "ttft_max_ms": round(1000 * max(ttfts, default=float("nan")), 1),
+            **tail,
             **first_error,
         }
+
+
+RANK_BANDS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 512), (513, 1 << 30))
+
+
+def _band_order(item: tuple[str, float]) -> int:
+    return int(item[0].split("-")[0])
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -203,10 +228,12 @@ async def run(base_url: str, workload: Workload, timeout_s: float = 600) -> Repo
     limits = httpx.Limits(max_connections=max(workload.concurrency, 1) * 2)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as client:
         started = time.perf_counter()
+        rare = asyncio.create_task(_rare(client, workload))
         if workload.rate is None:
             results = await _closed_loop(client, workload, schedule)
         else:
             results = await _open_loop(client, workload, schedule, workload.rate)
+        results += await rare
         return Report(workload=workload.name, duration_s=time.perf_counter() - started, results=results)
 
 
@@ -228,6 +255,14 @@ async def _open_loop(
     for planned in schedule:
         tasks.append(asyncio.create_task(one_request(client, *planned)))
         await asyncio.sleep(rng.expovariate(rate))
+    return list(await asyncio.gather(*tasks))
+
+
+async def _rare(client: httpx.AsyncClient, workload: Workload) -> list[Result]:
+    tasks = []
+    for model in workload.rare:
+        await asyncio.sleep(workload.rare_every_s)
+        tasks.append(asyncio.create_task(one_request(client, model, PROMPTS[0], workload.max_tokens)))
     return list(await asyncio.gather(*tasks))
 
 

@@ -86,7 +86,7 @@ def write_report(
         f"Command: `{command}`.  ",
         f"Engine settings (identical for all three): max_lora_rank={engine.max_lora_rank}, "
         f"max_loras={engine.lora_slots(on_cpu=True)}, "
-        f"max_cpu_loras={engine.max_cpu_loras or engine.lora_slots(on_cpu=True)}, "
+        f"max_cpu_loras={engine.unpinned_cache_entries(engine.lora_slots(on_cpu=True))}, "
         f"max_num_seqs={engine.max_num_seqs}, max_model_len={engine.max_model_len}, "
         f"dtype={serving_dtype(engine, on_cpu=True)}, "
         f"KV cache {engine.kv_cache_gib:g} GiB, SmolLM2-135M-Instruct, rank-8 adapters.",

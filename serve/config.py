@@ -55,6 +55,13 @@ class SimulatedEngineConfig(_Strict):
     default_max_tokens: int = Field(
         default=16, ge=1, description="Tokens generated when a request sets no max_tokens (a real engine stops at EOS)."
     )
+    lora_slots: bool = Field(
+        default=False,
+        description=(
+            "Model the engine's LoRA slots: a step runs requests of at most `EngineConfig.max_loras` adapters "
+            "(4 when unset), admitted as vLLM's scheduler admits them, under the slot policy (`slot_wait_s`)."
+        ),
+    )
 
 
 GPU_LORA_SLOTS = 4
@@ -110,7 +117,11 @@ class EngineConfig(_Strict):
     max_cpu_loras: int | None = Field(
         default=None,
         ge=1,
-        description="Unpinned adapters kept in the engine's CPU cache (LRU); defaults to max_loras.",
+        description=(
+            "Unpinned adapters kept in the engine's CPU cache (LRU). Default: 4 x max_loras with the slot policy "
+            "on (slot_wait_s), so an adapter that gave its slot up is still in memory when it gets one back; "
+            "max_loras with it off."
+        ),
     )
     max_pinned_loras: int = Field(
         default=2,
@@ -121,6 +132,22 @@ class EngineConfig(_Strict):
             "switch), so a step of max_loras other adapters never evicts one of its own; a pin beyond this is "
             "refused (409)."
         ),
+    )
+    slot_wait_s: float | None = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "Bound on an adapter's wait for one of the engine's max_loras slots, in seconds: past it, its requests "
+            "go first and, when no slot is free, the holder with the fewest running requests gives its slot up "
+            "(those requests pause and resume from the prefix cache; serve/slots.py). A request then waits at most "
+            "slot_wait_s + slot_hold_s while fewer adapters are overdue than there are slots. None: vLLM's own "
+            "rule (first come, first served; a running request keeps its slot until it ends)."
+        ),
+    )
+    slot_hold_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="Least time an adapter keeps a slot it gained before the slot policy may take it for another.",
     )
     max_model_len: int = Field(default=2048, ge=16, description="Longest prompt plus completion, in tokens.")
     max_num_seqs: int = Field(default=64, ge=1, description="Sequences the engine batches in one step.")
@@ -189,16 +216,26 @@ class EngineConfig(_Strict):
             slots = min(slots, self.max_cpu_loras)
         return slots
 
+    def slot_policy_config(self) -> dict[str, dict[str, float]]:
+        """vLLM's `additional_config` for loraplex's slot policy (serve/vllm_slots.py); empty when it is off."""
+        if self.slot_wait_s is None:
+            return {}
+        return {"loraplex_slots": {"wait_s": self.slot_wait_s, "hold_s": self.slot_hold_s}}
+
     def tool_parsers(self) -> tuple[str, ...]:
         """Every tool-call parser the engine loads: the server's, then the adapters' others."""
         named = [self.tool_call_parser, *self.tool_call_parsers] if self.tool_call_parser else self.tool_call_parsers
         return tuple(dict.fromkeys(named))
 
+    def unpinned_cache_entries(self, slots: int) -> int:
+        """`max_cpu_loras`, or its default for an engine with `slots` LoRA slots."""
+        return self.max_cpu_loras or (4 * slots if self.slot_wait_s is not None else slots)
+
     def cpu_cache_entries(self, slots: int) -> int:
-        """The engine's adapter cache size: `max_cpu_loras` (default: `slots`) unpinned adapters, the pinned ones
+        """The engine's adapter cache size: the unpinned adapters (`unpinned_cache_entries`), the pinned ones
         allowed, and one spare for a pinned adapter's version switch (its new version is pinned before the old
         one leaves)."""
-        return (self.max_cpu_loras or slots) + (self.max_pinned_loras + 1 if self.max_pinned_loras else 0)
+        return self.unpinned_cache_entries(slots) + (self.max_pinned_loras + 1 if self.max_pinned_loras else 0)
 
     def engine_dtype(self) -> str:
         """The dtype passed to vLLM: `checkpoint` resolved from the model's config.json."""

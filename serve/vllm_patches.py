@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from serve import vllm_slots
 from serve.processes import die_with_parent_if_asked
 
 logger = logging.getLogger("loraplex.vllm_patches")
@@ -28,6 +29,7 @@ def register() -> None:
     # The engine core dies with the replica that spawned it, its worker with the engine core, however they died.
     die_with_parent_if_asked()
     _pin_adapters_in_memory_not_in_slots()
+    vllm_slots.install()  # on only for an engine whose config asks for it
     _mask_base_rows_in_cpu_lora_ops()
     if os.environ.get(CPU_LORA_OPS_ENV, "grouped") == "grouped":
         _group_cpu_lora_ops_by_slot()

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from serve.config import EngineConfig
+from serve.engines.sim_scheduler import Queued, SimScheduler
+from serve.slots import SlotPolicy
 from serve.tracing import phase
 from serve.wire import AdapterRecord, Endpoint, LoaderStats, ReplicaItem, ReplicaReport, Usage, WireError
 
@@ -40,7 +42,8 @@ class _Request:
     events: deque[str] = field(default_factory=deque)
     produced: list[int] = field(default_factory=list)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    started_at: float = 0.0
+    queued: Queued | None = None
+    """Its place in the scheduler, from when it is queued."""
     done: bool = False
 
     def __post_init__(self) -> None:
@@ -53,8 +56,10 @@ class SimulatedEngine:
     def __init__(self, config: EngineConfig) -> None:
         self._config = config
         self._sim = config.simulated
-        self._running: list[_Request] = []
-        self._waiting: deque[_Request] = deque()
+        slots = config.lora_slots(on_cpu=False) if self._sim.lora_slots else None
+        policy = SlotPolicy(config.slot_wait_s, config.slot_hold_s) if config.slot_wait_s is not None else None
+        self.scheduler = SimScheduler(config.max_num_seqs, slots, policy)
+        self._requests: dict[Queued, _Request] = {}
         self._wake = asyncio.Event()
         self._stepper: asyncio.Task[None] | None = None
         self._adapters: OrderedDict[str, str] = OrderedDict()
@@ -78,8 +83,9 @@ class SimulatedEngine:
         if adapter is not None:
             await self._load(adapter)
         wants_usage = request.stream and bool((body.get("stream_options") or {}).get("include_usage"))
-        request.started_at = time.monotonic()
-        self._waiting.append(request)
+        request.queued = Queued(adapter.name if adapter else None, request.choices, arrived=time.monotonic())
+        self._requests[request.queued] = request
+        self.scheduler.add(request.queued)
         self._wake.set()
         try:
             if not request.stream:
@@ -159,24 +165,19 @@ class SimulatedEngine:
         """The step loop: admit waiting sequences, give each running one its tokens, wake its reader."""
         step_s = self._sim.step_ms / 1000
         while True:
-            if not self._running and not self._waiting:
+            if not self._requests:
                 self._wake.clear()
                 await self._wake.wait()
             started = time.monotonic()
-            while self._waiting and self._sequences(self._running) + self._waiting[0].choices <= max(
-                self._config.max_num_seqs, self._waiting[0].choices
-            ):
-                self._running.append(self._waiting.popleft())
             prefill_s = self._sim.prefill_ms / 1000
-            for request in self._running:
-                if not request.done and started - request.started_at >= prefill_s:
+            for queued in self.scheduler.schedule(started):
+                request = self._requests[queued]
+                admitted = queued.admitted_at if queued.admitted_at is not None else started
+                if not request.done and started - admitted >= prefill_s:
                     self._step(request)
-            self._running = [r for r in self._running if not r.done]
+                if request.done:
+                    self.scheduler.remove(queued)
             await asyncio.sleep(max(0.0, started + step_s - time.monotonic()))
-
-    @staticmethod
-    def _sequences(requests: list[_Request]) -> int:
-        return sum(r.choices for r in requests)
 
     def _step(self, request: _Request) -> None:
         for index in range(request.choices):
@@ -223,8 +224,8 @@ class SimulatedEngine:
 
     def _abort(self, request: _Request) -> None:
         request.done = True
-        if request in self._waiting:
-            self._waiting.remove(request)
+        if request.queued is not None and self._requests.pop(request.queued, None) is not None:
+            self.scheduler.remove(request.queued)
 
     async def check_health(self) -> None:
         if self._stepper is not None and self._stepper.done():
@@ -253,7 +254,7 @@ class SimulatedEngine:
             engine_loras=len(held),
             resident=held,
             stats=replace(self._stats, load_buckets=list(self._stats.load_buckets)),
-            running=self._sequences(self._running) + self._sequences(list(self._waiting)),
+            running=sum(r.choices for r in self._requests.values() if not r.done),
         )
 
     def shutdown(self) -> None:

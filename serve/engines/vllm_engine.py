@@ -7,6 +7,7 @@ class adapts them to the replica's wire protocol (`serve.wire`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import AsyncGenerator, Iterator
@@ -89,6 +90,8 @@ def vllm_cli_args(config: EngineConfig, adapters: list[AdapterConfig]) -> list[s
     ]  # fmt: skip
     if config.enforce_eager:
         args.append("--enforce-eager")
+    if slot_policy := config.slot_policy_config():
+        args += ["--additional-config", json.dumps(slot_policy)]
     if config.tool_call_parser is not None:
         args += ["--enable-auto-tool-choice", "--tool-call-parser", config.tool_call_parser]
     if adapters:

@@ -85,8 +85,16 @@ def test_vllm_args_register_adapters_under_their_public_ids(tmp_path: Path) -> N
     assert parsers.tool_parsers() == ("hermes", "llama3_json")
     assert EngineConfig(model=str(tmp_path), tool_call_parsers=["mistral"]).tool_parsers() == ("mistral",)
     assert "--tool-call-parser" not in vllm_cli_args(EngineConfig(model=str(tmp_path), tool_call_parsers=["x"]), [])
+    # Unpinned entries by default: 4 x max_loras under the slot policy (an adapter that gave its slot up stays in
+    # memory), max_loras without it.
     unpinned = vllm_cli_args(EngineConfig(model=str(tmp_path), max_loras=4, max_pinned_loras=0), [])
-    assert unpinned[unpinned.index("--max-cpu-loras") + 1] == "4"
+    assert unpinned[unpinned.index("--max-cpu-loras") + 1] == "16"
+    fcfs = vllm_cli_args(EngineConfig(model=str(tmp_path), max_loras=4, max_pinned_loras=0, slot_wait_s=None), [])
+    assert fcfs[fcfs.index("--max-cpu-loras") + 1] == "4"
+    assert "--additional-config" not in fcfs
+    assert json.loads(unpinned[unpinned.index("--additional-config") + 1]) == {
+        "loraplex_slots": {"wait_s": 2.0, "hold_s": 1.0}
+    }
 
 
 def test_a_tool_call_parser_turns_on_vllm_tools(tmp_path: Path) -> None:

@@ -1,0 +1,150 @@
+"""Which adapter gets an engine LoRA slot: first come, first served, with a bound on how long any adapter waits.
+
+An engine step serves requests of at most `max_loras` adapters, and a running request keeps its adapter's slot
+until it finishes (vLLM's and SGLang's rule). Popular adapters nearly always have a running request, so under
+load a rare adapter's request waits until a gap happens to open: tens of seconds, the length of a whole
+generation. This policy bounds that wait, in two moves made before each step:
+
+- **Aging.** Requests of an adapter that has waited `wait_s` for a slot (since its oldest request arrived, or
+  since the adapter lost its slot) go to the front of the waiting queue, oldest first, ahead of newer requests
+  of other adapters, so the next slot that opens is theirs.
+- **Preemption.** If no slot is free, a holder gives its slot up: the one with the fewest running requests
+  (the fewest streams paused), the longest-held on a tie. Its running requests go back to the waiting queue
+  and resume once it has a slot again (their computed tokens stay in the engine's prefix cache). An adapter
+  keeps a slot it gained for at least `hold_s`, so slots are not handed back and forth every step; and a
+  holder with more streams than the waiting adapter brings is passed over while one with no more will be
+  free to go within `hold_s`, so a swap does not shrink the batch when it need not.
+
+So a request waits for a slot at most `wait_s + hold_s` (plus a step) while fewer adapters are overdue than
+there are slots; with more, overdue adapters take slots oldest first. What a popular adapter gives up: nothing
+while rare adapters can take slots from each other; otherwise a pause of about `wait_s` for its fewest streams.
+
+The same code decides in vLLM's scheduler (`serve.vllm_patches`) and in the simulated engine
+(`serve.engines.sim_scheduler`), which the slot simulator (`loadtests/slot_sim.py`) runs on a virtual clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Holder:
+    """An adapter holding a slot: since when, and how many of its requests run."""
+
+    adapter: Hashable
+    since: float
+    running: int
+
+
+@dataclass(frozen=True)
+class Waiter:
+    """An adapter without a slot whose requests wait: since when, and how many of them."""
+
+    adapter: Hashable
+    since: float
+    waiting: int = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do before a step: which adapters' requests go first (in order), and which holders give up slots."""
+
+    first: tuple[Hashable, ...] = ()
+    evict: tuple[Hashable, ...] = ()
+
+
+@dataclass(frozen=True)
+class SlotPolicy:
+    """A bound of `wait_s` on an adapter's wait for a slot; `hold_s`, the least time a gained slot is kept."""
+
+    wait_s: float = 2.0
+    hold_s: float = 1.0
+
+    def overdue(self, waiters: Sequence[Waiter], now: float) -> list[Waiter]:
+        """Waiting adapters past the bound, the longest-waiting first."""
+        return sorted((w for w in waiters if now - w.since >= self.wait_s), key=lambda w: w.since)
+
+    def plan(self, holders: Sequence[Holder], waiters: Sequence[Waiter], slots: int, now: float) -> Plan:
+        """The plan for the next step of an engine with `slots` LoRA slots."""
+        overdue = self.overdue(waiters, now)
+        if not overdue:
+            return Plan()
+        by_cost = sorted(holders, key=lambda h: (h.running, h.since))
+        evict: list[Hashable] = []
+        for waiter in overdue[max(0, slots - len(holders)) :]:
+            victim = self._victim(by_cost, waiter, now)
+            if victim is not None:
+                by_cost.remove(victim)
+                evict.append(victim.adapter)
+        return Plan(first=tuple(w.adapter for w in overdue), evict=tuple(evict))
+
+    def _victim(self, by_cost: list[Holder], waiter: Waiter, now: float) -> Holder | None:
+        """The holder to give `waiter` its slot: the cheapest that has held its slot `hold_s`, but not one that
+        pauses more streams than `waiter` brings while a holder that pauses no more will be free to go soon."""
+        free = [h for h in by_cost if now - h.since >= self.hold_s]
+        if not free:
+            return None
+        if free[0].running <= waiter.waiting or not any(h.running <= waiter.waiting for h in by_cost):
+            return free[0]
+        return None
+
+
+class SlotKeeper(Generic[R]):
+    """One engine's slot bookkeeping for the policy: when each adapter gained its slot and when each lost one.
+
+    Engines hand it their own request objects; `adapter_of` gives a request's adapter (None: the base model) and
+    `arrived_of` its arrival time, on the clock `plan` is given.
+    """
+
+    def __init__(
+        self,
+        policy: SlotPolicy,
+        slots: int,
+        adapter_of: Callable[[R], Hashable | None],
+        arrived_of: Callable[[R], float],
+    ) -> None:
+        self.policy = policy
+        self.slots = slots
+        self.adapter_of = adapter_of
+        self._arrived_of = arrived_of
+        self._held_since: dict[Hashable, float] = {}
+        self._lost_at: dict[Hashable, float] = {}
+        self.preempted = 0
+        """Requests whose slot was taken so far (the engines count them as they preempt)."""
+
+    def plan(self, running: Iterable[R], waiting: Iterable[R], now: float) -> Plan:
+        """The plan for the next step, given the engine's running and waiting requests."""
+        counts: dict[Hashable, int] = {}
+        for request in running:
+            if (adapter := self.adapter_of(request)) is not None:
+                counts[adapter] = counts.get(adapter, 0) + 1
+        self._held_since = {a: self._held_since.get(a, now) for a in counts}
+        holders = [Holder(a, self._held_since[a], n) for a, n in counts.items()]
+        waiting_since: dict[Hashable, float] = {}
+        waiting_count: dict[Hashable, int] = {}
+        for request in waiting:
+            adapter = self.adapter_of(request)
+            if adapter is None or adapter in counts:
+                continue
+            since = max(self._arrived_of(request), self._lost_at.get(adapter, float("-inf")))
+            waiting_since[adapter] = min(since, waiting_since.get(adapter, since))
+            waiting_count[adapter] = waiting_count.get(adapter, 0) + 1
+        # Forgotten once it has its slot back or nothing of it waits any more.
+        self._lost_at = {a: t for a, t in self._lost_at.items() if a in waiting_since}
+        waiters = [Waiter(a, t, waiting_count[a]) for a, t in waiting_since.items()]
+        plan = self.policy.plan(holders, waiters, self.slots, now)
+        for adapter in plan.evict:
+            self._lost_at[adapter] = now
+            del self._held_since[adapter]
+        return plan
+
+    def ordered(self, plan: Plan, waiting: Iterable[R]) -> list[R]:
+        """The waiting requests of the plan's `first` adapters, in the order they are to go to the front."""
+        rank = {adapter: place for place, adapter in enumerate(plan.first)}
+        ahead = [r for r in waiting if self.adapter_of(r) in rank]
+        return sorted(ahead, key=lambda r: rank[self.adapter_of(r)])  # stable: each adapter's in queue order
