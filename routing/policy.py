@@ -5,6 +5,9 @@ The same code decides in the Ray Serve request router and in the routing simulat
 name, so each adapter has a stable home; a replica already holding the adapter is preferred; and
 no replica is given more than (1 + epsilon) times the mean load, so a hot adapter spills to its next
 replicas in hash order and spreads as its traffic grows. Base-model requests go to the least loaded.
+Within the bound, a replica where the adapter already has one of the engine's LoRA slots (a request of it
+runs there) comes first, then one with a free slot, and a replica whose slots are all taken by other
+adapters last: there the request would wait for a slot (serve/slots.py), where elsewhere it runs at once.
 """
 
 from __future__ import annotations
@@ -18,11 +21,20 @@ from functools import lru_cache
 
 @dataclass(frozen=True)
 class ReplicaState:
-    """What the policy knows of a replica: its requests in flight and the adapters it holds."""
+    """What the policy knows of a replica: its requests in flight, the adapters it holds, the adapters holding
+    its engine's LoRA slots (`active`) and how many slots are free (None: not known, or no limit)."""
 
     replica_id: str
     ongoing: int
     adapters: frozenset[str] = frozenset()
+    active: frozenset[str] = frozenset()
+    free_slots: int | None = None
+
+    def slot_rank(self, adapter: str) -> int:
+        """0: `adapter` has a slot here; 1: a slot is free (or the replica does not say); 2: it would wait."""
+        if adapter in self.active:
+            return 0
+        return 1 if self.free_slots is None or self.free_slots > 0 else 2
 
 
 @lru_cache(maxsize=65536)
@@ -65,4 +77,4 @@ class AffinityPolicy:
         holders = sorted((r for r in under if adapter in r.adapters), key=lambda r: r.ongoing)
         others = [r for r in under if adapter not in r.adapters]
         over = sorted((r for r in order if r.ongoing + 1 > cap), key=lambda r: r.ongoing)
-        return holders + others + over
+        return sorted(holders + others, key=lambda r: r.slot_rank(adapter)) + over  # stable: affinity within

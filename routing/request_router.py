@@ -19,7 +19,7 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 from routing.policy import AffinityPolicy, ReplicaState
 from routing.tracing import replica_choice_span
 from serve.config import TracingConfig
-from serve.wire import ROUTING_STATS_ADAPTERS, AdapterRecord
+from serve.wire import ROUTING_STATS_ACTIVE, ROUTING_STATS_ADAPTERS, ROUTING_STATS_SLOTS, AdapterRecord
 from serve.wire.tracing import process_tracer
 
 ROUTER_CLASS_PATH = "routing.request_router:AdapterAffinityRouter"
@@ -100,7 +100,12 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
     def _state(self, replica: RunningReplica, adapter: str | None) -> ReplicaState:
         replica_id = replica.replica_id.unique_id
         ongoing = self.replica_queue_len_cache.get(replica.replica_id) or 0
-        return ReplicaState(replica_id=replica_id, ongoing=ongoing, adapters=self._held(replica, adapter))
+        stats = replica.routing_stats or {}
+        active = frozenset(stats.get(ROUTING_STATS_ACTIVE, ()))
+        slots = stats.get(ROUTING_STATS_SLOTS)
+        free = max(0, int(slots) - len(active)) if slots is not None else None
+        held = self._held(replica, adapter)
+        return ReplicaState(replica_id=replica_id, ongoing=ongoing, adapters=held, active=active, free_slots=free)
 
     def _held(self, replica: RunningReplica, adapter: str | None) -> frozenset[str]:
         """The adapters `replica` reported, and `adapter` if this router sent it there lately."""

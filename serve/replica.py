@@ -26,7 +26,9 @@ from serve.streaming import batched
 from serve.tracing import traced_generation
 from serve.wire import (
     NOT_STARTED,
+    ROUTING_STATS_ACTIVE,
     ROUTING_STATS_ADAPTERS,
+    ROUTING_STATS_SLOTS,
     AdapterRecord,
     Changes,
     Endpoint,
@@ -71,6 +73,8 @@ class Replica:
         self._generation = 0
         self._requests: Counter[str] = Counter()
         """Requests per adapter since the last report to the registry."""
+        self._active: Counter[str] = Counter()
+        """Requests per adapter in flight here now: the adapters holding (or waiting for) the engine's slots."""
         self._watcher: asyncio.Task[None] | None = None
         self._warmer: asyncio.Task[None] | None = None
         self._links = Links()
@@ -168,6 +172,7 @@ class Replica:
             return
         if adapter is not None:
             self._requests[adapter.name] += 1
+            self._active[adapter.name] += 1
         stream = self._engine.generate(endpoint, body, adapter)
         if trace is not None and self._tracer is not None:
             attributes = {"loraplex.endpoint": endpoint, "loraplex.adapter": adapter.name if adapter else ""}
@@ -180,6 +185,10 @@ class Replica:
                         exit_with_dead_engine()
                     yield item
         finally:
+            if adapter is not None:
+                self._active[adapter.name] -= 1
+                if self._active[adapter.name] <= 0:
+                    del self._active[adapter.name]
             if self._engine.errored:
                 exit_with_dead_engine()
 
@@ -246,7 +255,11 @@ class Replica:
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Called by Ray Serve every `routing_stats_period_s`; the request router reads it."""
-        return {ROUTING_STATS_ADAPTERS: self._engine.held()}
+        return {
+            ROUTING_STATS_ADAPTERS: self._engine.held(),
+            ROUTING_STATS_ACTIVE: sorted(self._active),
+            ROUTING_STATS_SLOTS: self._engine.lora_slots(),
+        }
 
     def __del__(self) -> None:
         links = getattr(self, "_links", None)

@@ -38,6 +38,10 @@ class Engine(Protocol):
         """Names of the adapters installed in this engine."""
         ...
 
+    def lora_slots(self) -> int | None:
+        """Adapters one engine step can serve (vLLM's `max_loras`); None when there is no such limit."""
+        ...
+
     async def warm(self, adapter: AdapterRecord) -> bool:
         """Loads `adapter` ahead of any request for it, weights into memory; False when the engine has no room
         left for adapters loaded ahead (it would evict one of them)."""

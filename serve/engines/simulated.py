@@ -235,6 +235,9 @@ class SimulatedEngine:
     def held(self) -> list[str]:
         return sorted(self._adapters)
 
+    def lora_slots(self) -> int | None:
+        return self.scheduler.max_loras
+
     async def warm(self, adapter: AdapterRecord) -> bool:
         if adapter.name not in self._adapters and len(self._adapters) >= self._capacity:
             return False

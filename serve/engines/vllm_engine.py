@@ -259,6 +259,10 @@ class VLLMEngine:
     def held(self) -> list[str]:
         return self._loader.held() if self._loader is not None else []
 
+    def lora_slots(self) -> int | None:
+        lora = self._llm.vllm_config.lora_config
+        return int(lora.max_loras) if lora is not None else None
+
     async def warm(self, adapter: AdapterRecord) -> bool:
         lora = self._llm.vllm_config.lora_config
         room = lora.max_cpu_loras if lora is not None and lora.max_cpu_loras is not None else 0

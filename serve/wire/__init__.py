@@ -106,6 +106,10 @@ def error_type(status: int) -> str:
 
 ROUTING_STATS_ADAPTERS = "adapters"
 """Key of a replica's routing stats (Serve's `record_routing_stats`): the adapters it holds."""
+ROUTING_STATS_ACTIVE = "active"
+"""Key of a replica's routing stats: the adapters with requests in flight there (each holds an engine LoRA slot)."""
+ROUTING_STATS_SLOTS = "lora_slots"
+"""Key of a replica's routing stats: its engine's LoRA slots (vLLM's max_loras), or None when it has no limit."""
 
 
 # The plain data that crosses between the registry, routers and engine replicas.

@@ -45,3 +45,25 @@ def test_simulator_runs_every_policy_and_affinity_cuts_loads() -> None:
     outcomes = {name: simulate(scenario, name, choose) for name, choose in POLICIES.items()}
     assert outcomes["loraplex"].loads_per_1000 < 0.6 * outcomes["pow2"].loads_per_1000
     assert outcomes["loraplex"].max_over_mean < 1.25
+
+
+def slotted(load: int, held: str = "", active: str = "", free: int | None = None, name: str = "") -> ReplicaState:
+    return ReplicaState(name, load, frozenset(held.split()), frozenset(active.split()), free)
+
+
+def test_within_the_bound_a_replica_where_the_adapter_has_a_slot_comes_first() -> None:
+    state = [slotted(1, "sql", free=1, name="idle-holder"), slotted(3, "sql", "sql", free=0, name="running-it")]
+    assert [r.replica_id for r in POLICY.rank("sql", state)] == ["running-it", "idle-holder"]
+
+
+def test_a_free_slot_beats_holding_the_adapter_when_the_holder_s_slots_are_taken() -> None:
+    """The holder would make the request wait for a slot (seconds); elsewhere it loads (~0.1 s) and runs."""
+    state = [slotted(2, "sql", "a b c d", free=0, name="full-holder"), slotted(2, "", "a", free=3, name="free")]
+    assert [r.replica_id for r in POLICY.rank("sql", state)] == ["free", "full-holder"]
+
+
+def test_slots_never_outweigh_the_load_bound_and_unknown_slots_keep_affinity() -> None:
+    over = [slotted(9, "sql", "sql", free=0, name="busy"), slotted(1, free=0, name="a"), slotted(1, name="b")]
+    assert POLICY.rank("sql", over)[-1].replica_id == "busy"  # bound = ceil(1.25 * 12 / 3) = 5
+    unknown = [slotted(2, name="x"), slotted(2, "sql", name="holder")]
+    assert POLICY.rank("sql", unknown)[0].replica_id == "holder"

@@ -99,3 +99,13 @@ async def test_a_replica_that_did_not_start_a_request_is_passed_over_while_other
     assert await ranked(router, [FakeReplica("r1")], None) == ["r1"]  # the only one left is still tried
     avoid_replica("r1", seconds=0)
     assert (await ranked(router, replicas, None))[0] == "r1"
+
+
+async def test_a_replica_with_a_free_slot_beats_a_holder_whose_slots_are_taken() -> None:
+    """Replicas report the adapters running there and their slots (`Replica.record_routing_stats`)."""
+    full = FakeReplica("full", {"adapters": ["sql"], "active": ["a", "b"], "lora_slots": 2})
+    free = FakeReplica("free", {"adapters": [], "active": ["a"], "lora_slots": 2})
+    router = make_router({"full": 2, "free": 2})
+    assert await ranked(router, [full, free], "sql") == ["free", "full"]
+    running = FakeReplica("running", {"adapters": ["sql"], "active": ["sql", "b"], "lora_slots": 2})
+    assert (await ranked(router, [free, running], "sql"))[0] == "running"
