@@ -1,0 +1,187 @@
+"""The adapter slot policy (serve/slots.py): a bound on any adapter's wait for an engine LoRA slot.
+
+Tested as a pure function, then on the simulated engine's scheduler (the vLLM rules it applies the plan to) with
+a virtual clock, then on the simulated engine itself in real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from loadtests.slot_sim import COSTS, Engine, simulate, workloads
+from serve.config import EngineConfig
+from serve.engines.sim_scheduler import Queued, SimScheduler
+from serve.engines.simulated import SimulatedEngine
+from serve.replica import Replica
+from serve.slots import Holder, Plan, SlotKeeper, SlotPolicy, Waiter
+from tests.unit.fake_engine import record
+
+POLICY = SlotPolicy(wait_s=2.0, hold_s=1.0)
+
+PLANS = [
+    # (holders, waiters, slots, now, plan): holders (adapter, since, running), waiters (adapter, since, waiting)
+    pytest.param([("a", 0, 3)], [("b", 9, 1)], 1, 10, Plan(), id="nothing-overdue-nothing-done"),
+    pytest.param([("a", 0, 3)], [("b", 7, 1)], 2, 10, Plan(first=("b",)), id="a-free-slot-needs-no-preemption"),
+    pytest.param([("a", 0, 3), ("c", 0, 1)], [("b", 7, 1)], 2, 10, Plan(("b",), ("c",)), id="fewest-streams-yield"),
+    pytest.param([("a", 0, 1), ("c", 5, 1)], [("b", 7, 1)], 2, 10, Plan(("b",), ("a",)), id="longest-held-on-a-tie"),
+    pytest.param([("a", 0, 1), ("c", 9.5, 1)], [("b", 7, 1)], 2, 10, Plan(("b",), ("a",)), id="young-slot-kept"),
+    pytest.param([("a", 9.5, 1)], [("b", 7, 1)], 1, 10, Plan(first=("b",)), id="only-a-young-holder-waits"),
+    pytest.param(
+        [("a", 0, 4), ("c", 9.5, 1)],
+        [("b", 7, 1)],
+        2,
+        10,
+        Plan(first=("b",)),
+        id="a-big-holder-is-spared-while-a-small-one-will-be-free-soon",
+    ),
+    pytest.param(
+        [("a", 0, 4), ("c", 0, 5)],
+        [("b", 7, 1)],
+        2,
+        10,
+        Plan(("b",), ("a",)),
+        id="the-bound-holds-when-every-holder-is-big",
+    ),
+    pytest.param(
+        [("a", 0, 1), ("c", 0, 1)],
+        [("b", 7, 1), ("d", 5, 1)],
+        2,
+        10,
+        Plan(("d", "b"), ("a", "c")),
+        id="oldest-first-one-holder-each",
+    ),
+    pytest.param([("a", 0, 1)], [("b", 7, 1), ("d", 5, 1)], 2, 10, Plan(("d", "b"), ("a",)), id="a-free-slot-counts"),
+]
+
+
+@pytest.mark.parametrize(("holders", "waiters", "slots", "now", "plan"), PLANS)
+def test_the_plan(holders: list[tuple], waiters: list[tuple], slots: int, now: float, plan: Plan) -> None:
+    got = POLICY.plan([Holder(*h) for h in holders], [Waiter(*w) for w in waiters], slots, now)
+    assert got == plan
+
+
+def test_an_adapter_that_lost_its_slot_waits_from_then_not_from_its_arrival() -> None:
+    keeper: SlotKeeper[Queued] = SlotKeeper(POLICY, 1, adapter_of=lambda q: q.adapter, arrived_of=lambda q: q.arrived)
+    popular, rare = Queued("pop", 1, arrived=0.0), Queued("rare", 1, arrived=0.5)
+    assert keeper.plan([popular], [rare], now=1.0) == Plan()
+    assert keeper.plan([popular], [rare], now=2.6) == Plan(first=("rare",), evict=("pop",))
+    # The popular adapter's request waits now; the rare one runs. It is not overdue at once (that would hand
+    # the slot back and forth every step), only slot_wait_s after it lost the slot.
+    assert keeper.plan([rare], [popular], now=3.0) == Plan()
+    assert keeper.plan([rare], [popular], now=4.5) == Plan()
+    assert keeper.plan([rare], [popular], now=4.7) == Plan(first=("pop",), evict=("rare",))
+
+
+def scheduler(slots: int = 2, policy: SlotPolicy | None = POLICY, max_num_seqs: int = 8) -> SimScheduler:
+    return SimScheduler(max_num_seqs, slots, policy)
+
+
+def test_without_the_policy_running_requests_keep_their_slots_and_a_rare_adapter_waits() -> None:
+    sim = scheduler(policy=None)
+    for adapter in ("a", "a", "b"):
+        sim.add(Queued(adapter, 1, arrived=0.0))
+    rare = Queued("rare", 1, arrived=0.0)
+    sim.add(rare)
+    for step in range(100):
+        assert rare not in sim.schedule(now=step * 0.5)  # vLLM's rule: never, while a and b run
+
+
+def test_with_the_policy_a_rare_adapter_runs_after_the_bound_and_the_others_resume() -> None:
+    sim = scheduler()
+    popular = [Queued(adapter, 1, arrived=0.0) for adapter in ("a", "a", "b")]
+    for request in popular:
+        sim.add(request)
+    rare = Queued("rare", 1, arrived=0.0)
+    sim.add(rare)
+    admitted_at = next(step * 0.5 for step in range(100) if rare in sim.schedule(now=step * 0.5))
+    assert POLICY.wait_s <= admitted_at <= POLICY.wait_s + 0.5  # the bound, within a step
+    running = sim.schedule(now=admitted_at + 0.5)
+    assert "b" not in {r.adapter for r in running}  # b had fewer streams than a: b gave its slot up
+    assert popular[2].preemptions == 1 and popular[2] in sim.waiting
+    sim.remove(rare)  # the rare request ends: b gets its slot back
+    assert popular[2] in sim.schedule(now=admitted_at + 1.0)
+
+
+def test_the_bound_holds_on_random_traffic() -> None:
+    """Random arrivals over 40 adapters (Pareto popularity) into 4 slots, random lengths, about twice as many
+    adapters wanting a slot as there are: no request waits for its first slot past slot_wait_s + slot_hold_s
+    (plus a step). (Heavier, when more adapters are overdue at once than slots free up, waits grow past it.)"""
+    rng = random.Random(7)
+    step_s, slots = 0.25, 4
+    sim = scheduler(slots=slots, max_num_seqs=64)
+    left: dict[int, int] = {}
+    waited: list[float] = []
+    for step in range(2000):
+        now = step * step_s
+        if rng.random() < 0.2:
+            request = Queued(f"a{min(int(rng.paretovariate(1.0)), 40)}", 1, arrived=now)
+            left[id(request)] = rng.randint(4, 60)
+            sim.add(request)
+        for request in sim.schedule(now):
+            if request.preemptions == 0 and left[id(request)] >= 0 and request.admitted_at == now:
+                waited.append(now - request.arrived)
+            left[id(request)] -= 1
+            if left[id(request)] <= 0:
+                sim.remove(request)
+    assert len(waited) > 400
+    assert max(waited) <= POLICY.wait_s + POLICY.hold_s + step_s
+    assert sim.keeper is not None and sim.keeper.preempted > 0
+
+
+@pytest.mark.parametrize("name", ["zipf64", "zipf512", "rare"])
+def test_in_the_slot_simulator_the_tail_is_cut_and_throughput_kept(name: str) -> None:
+    """The bench's workloads on the CPU cost model: first come first served leaves a tail of tens of seconds;
+    the policy bounds it without losing more than 5 % of the tokens per second."""
+    workload = next(w for w in workloads(512) if w.name == name)
+    fcfs = simulate(workload, Engine(policy=None), COSTS["cpu"]).summary()
+    bounded = simulate(workload, Engine(policy=POLICY), COSTS["cpu"]).summary()
+    assert fcfs["ttft_max_ms"] > 20_000
+    assert bounded["ttft_max_ms"] < 8_000
+    assert bounded["tok_per_s"] >= 0.95 * fcfs["tok_per_s"]
+
+
+async def test_the_simulated_engine_serves_a_rare_adapter_within_the_bound_while_popular_ones_hold_the_slots() -> None:
+    settings = {"kind": "simulated", "model": "/m", "max_loras": 1, "slot_wait_s": 0.3, "slot_hold_s": 0.1,
+                "simulated": {"step_ms": 10, "lora_slots": True}}  # fmt: skip
+    sim = SimulatedEngine(EngineConfig.model_validate(settings))
+    await sim.start()
+    body = {"model": "m", "prompt": "x", "max_tokens": 300, "stream": True}
+
+    async def first_token(adapter: str, delay: float) -> float:
+        """Reads the whole stream (leaving early would abort the request and free its slot)."""
+        await asyncio.sleep(delay)
+        started, first = time.monotonic(), None
+        async for _item in sim.generate("completions", body, record(adapter)):
+            first = first or time.monotonic() - started
+        assert first is not None
+        return first
+
+    try:
+        popular = [asyncio.create_task(first_token("pop", 0.0)) for _ in range(2)]
+        rare = await first_token("rare", 0.05)  # pop holds the one slot for 3 s
+        assert 0.3 <= rare < 1.0
+        assert sim.scheduler.keeper is not None and sim.scheduler.keeper.preempted >= 2  # then they take turns
+        assert all(await asyncio.gather(*popular))
+    finally:
+        sim.shutdown()
+
+
+async def test_a_replica_reports_the_adapters_in_flight_and_its_slots_for_the_request_router() -> None:
+    settings = {"kind": "simulated", "model": "/m", "max_loras": 3, "simulated": {"step_ms": 5, "lora_slots": True}}
+    engine = SimulatedEngine(EngineConfig.model_validate(settings))
+    await engine.start()
+    replica = Replica(engine, registry=None, stream_batch_s=0.0, replica_id="r")
+    body = {"model": "m", "prompt": "x", "max_tokens": 50, "stream": True}
+    try:
+        stream = replica.generate("completions", body, adapter=record("sql"))
+        await anext(stream)
+        stats = await replica.record_routing_stats()
+        assert (stats["active"], stats["lora_slots"], stats["adapters"]) == (["sql"], 3, ["sql"])
+        await stream.aclose()
+        assert (await replica.record_routing_stats())["active"] == []
+    finally:
+        engine.shutdown()
