@@ -75,6 +75,7 @@ class Replica:
         """Requests per adapter since the last report to the registry."""
         self._active: Counter[str] = Counter()
         """Requests per adapter in flight here now: the adapters holding (or waiting for) the engine's slots."""
+        self._prefetches: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._warmer: asyncio.Task[None] | None = None
         self._links = Links()
@@ -172,6 +173,10 @@ class Replica:
             return
         if adapter is not None:
             self._requests[adapter.name] += 1
+            if self._waits_for_slot(adapter.name):
+                task = asyncio.create_task(self._prefetch(adapter))
+                self._prefetches.add(task)
+                task.add_done_callback(self._prefetches.discard)
             self._active[adapter.name] += 1
         stream = self._engine.generate(endpoint, body, adapter)
         if trace is not None and self._tracer is not None:
@@ -191,6 +196,20 @@ class Replica:
                     del self._active[adapter.name]
             if self._engine.errored:
                 exit_with_dead_engine()
+
+    def _waits_for_slot(self, adapter: str) -> bool:
+        """Whether a new request for `adapter` will wait for an engine LoRA slot: other adapters' requests in flight
+        here hold (or wait for) every one."""
+        slots = self._engine.lora_slots()
+        return slots is not None and adapter not in self._active and len(self._active) >= slots
+
+    async def _prefetch(self, adapter: AdapterRecord) -> None:
+        """Has the engine load `adapter` while its request waits for a slot (best effort: the request loads it
+        itself otherwise)."""
+        try:
+            await self._engine.prefetch(adapter)
+        except Exception:
+            logger.warning("prefetching adapter %s failed; its request loads it", adapter.name, exc_info=True)
 
     async def _relayed(self, stream: AsyncIterator[ReplicaItem], to: ReplyTo) -> AsyncGenerator[ReplicaItem, None]:
         """The first item here at once, then the rest over `to`'s channel, then `Relayed`."""

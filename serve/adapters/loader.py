@@ -96,6 +96,14 @@ class AdapterLoader:
     def held(self) -> list[str]:
         return sorted(self._versions)
 
+    async def prefetch(self, record: AdapterRecord) -> None:
+        """Installs `record` and has the engine read its weights into its adapter cache now (vLLM's `add_lora`,
+        answered at once when it holds them), for a request that will wait for a slot."""
+        await self.ensure(record, ahead=True)  # a hit or miss is counted by the request's own `ensure`
+        request = self._models.lora_requests.get(self.public_id(record.name))
+        if request is not None:
+            await self._engine.add_lora(request)
+
     def observe_engine(self, engine_ids: set[int]) -> list[str]:
         """Names of installed adapters whose weights the engine holds (its `list_loras()`); counts evictions.
 

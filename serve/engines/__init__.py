@@ -47,6 +47,10 @@ class Engine(Protocol):
         left for adapters loaded ahead (it would evict one of them)."""
         ...
 
+    async def prefetch(self, adapter: AdapterRecord) -> None:
+        """Loads `adapter` and its weights into the engine's memory now: a request for it will wait for a LoRA
+        slot, and when one opens the switch should cost only the copy into the slot."""
+
     async def forget(self, name: str) -> None:
         """Stops serving adapter `name` (it was unregistered)."""
 

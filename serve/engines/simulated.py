@@ -245,6 +245,10 @@ class SimulatedEngine:
             await self._load(adapter, ahead=True)
         return True
 
+    async def prefetch(self, adapter: AdapterRecord) -> None:
+        if self._adapters.get(adapter.name) != adapter.content_hash:
+            await self._load(adapter, ahead=True)
+
     async def forget(self, name: str) -> None:
         if self._adapters.pop(name, None) is not None:
             self._stats.unloads += 1

@@ -272,6 +272,10 @@ class VLLMEngine:
         await self._adapters.ensure(adapter, ahead=True)
         return True
 
+    async def prefetch(self, adapter: AdapterRecord) -> None:
+        self._changes += 1
+        await self._adapters.prefetch(adapter)
+
     async def forget(self, name: str) -> None:
         if self._loader is not None:
             self._changes += 1

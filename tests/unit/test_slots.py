@@ -185,3 +185,29 @@ async def test_a_replica_reports_the_adapters_in_flight_and_its_slots_for_the_re
         assert (await replica.record_routing_stats())["active"] == []
     finally:
         engine.shutdown()
+
+
+async def test_a_request_that_will_wait_for_a_slot_has_its_adapter_loaded_while_it_waits() -> None:
+    settings = {"kind": "simulated", "model": "/m", "max_loras": 1, "slot_wait_s": 5.0,
+                "simulated": {"step_ms": 5, "lora_slots": True, "adapter_load_ms": 20}}  # fmt: skip
+    engine = SimulatedEngine(EngineConfig.model_validate(settings))
+    await engine.start()
+    replica = Replica(engine, registry=None, stream_batch_s=0.0, replica_id="r")
+    body = {"model": "m", "prompt": "x", "max_tokens": 400, "stream": True}
+    try:
+        popular = replica.generate("completions", body, adapter=record("pop"))
+        await anext(popular)  # pop holds the only slot
+        assert (await engine.report("r")).stats.warmed == 0
+        rare = replica.generate("completions", body, adapter=record("rare"))
+        waiting = asyncio.create_task(anext(rare))
+        for _ in range(100):
+            if "rare" in engine.held():
+                break
+            await asyncio.sleep(0.01)
+        stats = (await engine.report("r")).stats
+        assert "rare" in engine.held() and stats.warmed == 1  # loaded ahead, while the request waits for the slot
+        assert not waiting.done()
+        waiting.cancel()
+        await popular.aclose()
+    finally:
+        engine.shutdown()
