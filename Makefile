@@ -12,7 +12,7 @@ DEMO_ADAPTERS := --adapter alpha=$(ASSETS)/adapters/alpha --adapter beta=$(ASSET
 	--adapter pirate=$(ASSETS)/adapters/pirate --adapter french=$(ASSETS)/adapters/french \
 	--adapter json=$(ASSETS)/adapters/json
 
-.PHONY: install assets serve test test-unit lint format bench bench-adapters bench-fairness bench-autoscaling bench-warm soak locust sim cluster-demo
+.PHONY: install assets serve test test-unit lint format bench bench-tail bench-adapters bench-fairness bench-autoscaling bench-warm soak locust sim cluster-demo
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ test-unit: install
 
 bench: assets
 	$(BIN)/python -m loadtests.bench
+	$(BIN)/python -m loadtests.tail_bench
+
+# Time to first token with many adapters: vLLM's server, loraplex without and with its slot policy (docs/slots.md).
+bench-tail: assets
+	$(BIN)/python -m loadtests.tail_bench
 
 bench-adapters: assets
 	$(BIN)/python -m loadtests.adapters_bench
@@ -60,6 +65,7 @@ locust: install
 
 sim: install
 	$(BIN)/python -m loadtests.simulate
+	$(BIN)/python -m loadtests.slot_sim
 
 cluster-demo: assets
 	$(BIN)/python deploy/cluster_demo.py

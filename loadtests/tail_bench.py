@@ -6,9 +6,12 @@ Workloads (streamed completions of 64 tokens, `ignore_eos`; loadtests/loadgen.py
 - base: 64 requests to the base model, 32 streams;
 - zipf64 / zipf512: 64 requests over 64 adapters (Zipf 1.1) / 512 adapters (Zipf 1.0), 32 streams;
 - rare: 64 requests over 4 adapters, 32 streams, and one request a second for each of 30 adapters never used before.
-Systems: `vllm` (vLLM's OpenAI server as shipped: first come, first served within `max_loras`), `loraplex-fcfs`
-(loraplex with `slot_wait_s: null`, today's rule) and `loraplex` (the slot policy, serve/slots.py), all with the
-same engine settings. The 512 adapters are 64 seeded PEFT adapters, each also served under 7 more names (hard
+Systems: `vllm` (vLLM's OpenAI server: first come, first served within `max_loras`), `loraplex-fcfs` (loraplex
+with `slot_wait_s: null`, today's rule) and `loraplex` (the slot policy, serve/slots.py), all with the same engine
+settings and the same ops: vLLM's server loads loraplex's vLLM plugin too (its CPU LoRA ops and base-row fix; the
+slot policy is off there, as no `additional_config` asks for it). vLLM's own CPU LoRA ops are several times
+slower at rank bound 64 (docs/benchmarks/same-ops), which would compare ops, not scheduling.
+The 512 adapters are 64 seeded PEFT adapters, each also served under 7 more names (hard
 links): every name is its own adapter to both servers (its own id, load and slot).
 """
 
@@ -23,7 +26,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from loadtests.bench import LOGS, STARTERS, Setup, machine, warm_up
+from loadtests.bench import LOGS, STARTERS, STOCK_VLLM, Setup, machine, warm_up
 from loadtests.loadgen import Report, Workload, run
 from serve.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 from serve.config import AdapterConfig, EngineConfig
@@ -54,11 +57,13 @@ def adapter_folders(assets: Path, model_dir: Path) -> dict[str, Path]:
     return folders
 
 
-def tail_workloads(base: str, ids: dict[str, str], zipf_adapters: int = ZIPF_ADAPTERS) -> list[Workload]:
+def tail_workloads(
+    base: str, ids: dict[str, str], zipf_adapters: int = ZIPF_ADAPTERS, requests: int = 64, concurrency: int = 32
+) -> list[Workload]:
     """The workloads, with `ids` the model id of each adapter name (`a000`.., `r00`..)."""
     zipf = [ids[f"a{i:03d}"] for i in range(zipf_adapters)]
     rare = tuple(ids[f"r{i:02d}"] for i in range(RARE_ADAPTERS))
-    common = {"num_requests": 64, "concurrency": 32, "max_tokens": 64}
+    common = {"num_requests": requests, "concurrency": concurrency, "max_tokens": 64}
     return [
         Workload("base", (base,), popularity="single", **common),
         Workload("zipf64", tuple(zipf[:64]), popularity="zipf", **common),
@@ -78,7 +83,7 @@ def figures_of(report: Report, workload: Workload) -> Figures:
 def measure(system: str, setup: Setup, chosen: list[Workload]) -> dict[str, Figures]:
     """Starts `system`, runs every workload against it, stops it; a failure is recorded, not raised."""
     starter = STARTERS["loraplex" if system.startswith("loraplex") else system]
-    if system == "loraplex-fcfs":
+    if system != "loraplex":  # first come, first served within max_loras
         setup = replace(setup, engine=setup.engine.model_copy(update={"slot_wait_s": None}))
     results: dict[str, Figures] = {}
     try:
@@ -102,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workloads", nargs="+", default=["base", "zipf64", "zipf512", "rare"])
     parser.add_argument("--engine", action="append", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args(argv)
+    STOCK_VLLM.clear()  # the same ops in every system: see the module's docstring
 
     model_dir = build_default_model(args.assets / "models" / DEFAULT_MODEL_NAME)
     folders = adapter_folders(args.assets, model_dir)
