@@ -105,6 +105,7 @@ class AdapterRegistry(Composites, Rollouts):
         self._max_rank = max_rank
         self._max_bytes = max_bytes
         self._base_shapes = base_linear_shapes(base_model)
+        self._base_model = base_model
         self._base = BaseIdentity.of(base_id or base_model.name, base_model)
         state = store.load()
         self._records: dict[str, AdapterRecord] = state.records
@@ -252,7 +253,8 @@ class AdapterRegistry(Composites, Rollouts):
         try:
             exact = self._resolver.pin(source)
             self._resolver.fetch(exact, staging, self._max_bytes)
-            meta = validate_adapter(staging, self._base_shapes, max_rank=self._max_rank, max_bytes=self._max_bytes)
+            meta = validate_adapter(staging, self._base_shapes, max_rank=self._max_rank, max_bytes=self._max_bytes,
+                                    base_model=self._base_model)  # fmt: skip
             return exact, meta
         except SourceUnreachable as exc:
             return WireError(400, str(exc), exc.param, code=UNREACHABLE)
