@@ -113,6 +113,7 @@ class Composites:
                     name=INLINE_COMPOSITE_PREFIX + key[:24], source=source, version=1, content_hash=meta.content_hash,
                     rank=meta.rank, alpha=meta.alpha, target_modules=meta.target_modules, size_bytes=meta.size_bytes,
                     pinned=False, created=int(time.time()), warnings=meta.warnings, composition=resolved,
+                    options=meta.options,
                 )  # fmt: skip
                 if len(self._inline) >= INLINE_KEPT:
                     self._inline.pop(next(iter(self._inline)))

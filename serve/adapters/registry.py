@@ -275,14 +275,14 @@ class AdapterRegistry(Composites, Rollouts):
         previous = self._records.get(name)
         if previous is not None and previous.content_hash == meta.content_hash and previous.source == source:
             record = replace(previous, pinned=pinned, unusable=None, warnings=meta.warnings, composition=composition,
-                             tool_call_parser=tool_call_parser)  # fmt: skip
+                             tool_call_parser=tool_call_parser, options=meta.options)  # fmt: skip
         else:
             record = AdapterRecord(
                 name=name, source=source, version=(previous.version + 1) if previous else 1,
                 content_hash=meta.content_hash, rank=meta.rank, alpha=meta.alpha,
                 target_modules=meta.target_modules, size_bytes=meta.size_bytes, pinned=pinned,
                 created=int(time.time()), warnings=meta.warnings, composition=composition,
-                tool_call_parser=tool_call_parser,
+                tool_call_parser=tool_call_parser, options=meta.options,
             )  # fmt: skip
         if record == previous:
             return record
