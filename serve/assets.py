@@ -220,7 +220,7 @@ def check_adapters(model_dir: Path, adapters: dict[str, Path], stages: Stages = 
     shapes = base_linear_shapes(model_dir)
     for name, folder in adapters.items():
         with stages.stage(f"validating adapter {name}"):
-            validate_adapter(folder, shapes, max_rank=_MAX_RANK, max_bytes=_MAX_BYTES)
+            validate_adapter(folder, shapes, max_rank=_MAX_RANK, max_bytes=_MAX_BYTES, base_model=model_dir)
 
 
 _MAX_RANK, _MAX_BYTES = 1 << 16, 1 << 40

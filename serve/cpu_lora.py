@@ -8,10 +8,11 @@ base-only, and why the rank bound, not the adapters' ranks, set the cost.
 
 This wrapper does what the GPU kernels (sgmv) do instead: for each LoRA slot present in the batch, one
 matrix product over that slot's tokens, with the slot's weights read once. It also reads only the
-first `rank` rows/columns of the slot's buffers, `rank` being the adapter's own (recorded when vLLM
-activates it into the slot); the rest of the buffer is zero padding up to `max_lora_rank`. Base-model
-tokens (index -1) get no LoRA work at all. Same results as vLLM's ops up to float summation order
-(tests/unit/test_cpu_lora.py compares them; the integration tests compare served tokens with PEFT).
+first `rank` rows/columns of the slot's buffers, `rank` being the widest of the adapter's own ranks
+(recorded when vLLM activates it into the slot; with PEFT's rank_pattern its modules' ranks differ);
+the rest of the buffer is zero padding up to `max_lora_rank`. Base-model tokens (index -1) get no
+LoRA work at all. Same results as vLLM's ops up to float summation order (tests/unit/test_cpu_lora.py
+compares them; the integration tests compare served tokens with PEFT).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from serve.vllm_patches import written_rank
 
 logger = logging.getLogger("vllm.loraplex")  # under vLLM's logger: printed by its handler in every process
 INSTALLED_MESSAGE = "loraplex CPU LoRA ops in use: per adapter slot, cut to each adapter's rank"
@@ -89,16 +92,29 @@ def batch_of(groups: Groups, n_rows: int) -> Batch | None:
     )  # fmt: skip
 
 
+def adapter_rank(model: Any) -> int | None:
+    """The widest rank any layer of vLLM's LoRAModel `model` writes into a slot, read from its weights' shapes; None
+    when a layer's weights are not matrices (a 3-D MoE layer), so the slot's whole buffer is used.
+
+    Not vLLM's `rank` attributes: with PEFT's rank_pattern the modules of one adapter have different ranks, and
+    a packed layer (q, k, v; gate, up) takes its first slice's (`PackedLoRALayerWeights.pack`), so an adapter whose
+    v_proj has a higher rank than its q_proj would be cut short."""
+    ranks = [written_rank(layer.lora_a, layer.lora_b) for layer in model.loras.values()]
+    return None if None in ranks else max((rank for rank in ranks if rank is not None), default=0)
+
+
 def record_slot_rank(manager: Any, lora_id: int) -> None:
     """Called after vLLM's LoRAModelManager put adapter `lora_id` in a slot: remember that slot's rank."""
     slot = manager.lora_index_to_id.index(lora_id)
-    model = manager._registered_adapters[lora_id]
-    rank = max([int(model.rank or 0)] + [int(getattr(w, "rank", 0) or 0) for w in model.loras.values()])
+    rank = adapter_rank(manager._registered_adapters[lora_id])
     wrappers = list(getattr(manager, "punica_wrapper_mapping", {}).values())
     wrappers.append(getattr(manager, "punica_wrapper", None))
     for wrapper in wrappers:
         if isinstance(wrapper, GroupedPunicaWrapperCPU):
-            wrapper.slot_ranks[slot] = rank
+            if rank is None:
+                wrapper.slot_ranks.pop(slot, None)
+            else:
+                wrapper.slot_ranks[slot] = rank
             wrapper.forget_weights()  # the slot's buffers now hold another adapter
 
 

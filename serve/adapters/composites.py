@@ -35,6 +35,7 @@ class Composites:
     _max_rank: int
     _max_bytes: int
     _base_shapes: dict[str, list[int]]
+    _base_model: Path
     _composites: CompositeStore | None
     _composer: Composer
     builds: int
@@ -112,6 +113,7 @@ class Composites:
                     name=INLINE_COMPOSITE_PREFIX + key[:24], source=source, version=1, content_hash=meta.content_hash,
                     rank=meta.rank, alpha=meta.alpha, target_modules=meta.target_modules, size_bytes=meta.size_bytes,
                     pinned=False, created=int(time.time()), warnings=meta.warnings, composition=resolved,
+                    options=meta.options,
                 )  # fmt: skip
                 if len(self._inline) >= INLINE_KEPT:
                     self._inline.pop(next(iter(self._inline)))
@@ -198,7 +200,8 @@ class Composites:
             source = store.url(key)
             check = staging / "check"
             self._resolver.fetch(source, check, self._max_bytes)  # as a node's cache will read it
-            meta = validate_adapter(check, self._base_shapes, max_rank=self._max_rank, max_bytes=self._max_bytes)
+            meta = validate_adapter(check, self._base_shapes, max_rank=self._max_rank, max_bytes=self._max_bytes,
+                                    base_model=self._base_model)  # fmt: skip
             return source, meta, resolved, built
         finally:
             shutil.rmtree(staging, ignore_errors=True)

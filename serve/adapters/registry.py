@@ -105,6 +105,7 @@ class AdapterRegistry(Composites, Rollouts):
         self._max_rank = max_rank
         self._max_bytes = max_bytes
         self._base_shapes = base_linear_shapes(base_model)
+        self._base_model = base_model
         self._base = BaseIdentity.of(base_id or base_model.name, base_model)
         state = store.load()
         self._records: dict[str, AdapterRecord] = state.records
@@ -252,7 +253,8 @@ class AdapterRegistry(Composites, Rollouts):
         try:
             exact = self._resolver.pin(source)
             self._resolver.fetch(exact, staging, self._max_bytes)
-            meta = validate_adapter(staging, self._base_shapes, max_rank=self._max_rank, max_bytes=self._max_bytes)
+            meta = validate_adapter(staging, self._base_shapes, max_rank=self._max_rank, max_bytes=self._max_bytes,
+                                    base_model=self._base_model)  # fmt: skip
             return exact, meta
         except SourceUnreachable as exc:
             return WireError(400, str(exc), exc.param, code=UNREACHABLE)
@@ -273,14 +275,14 @@ class AdapterRegistry(Composites, Rollouts):
         previous = self._records.get(name)
         if previous is not None and previous.content_hash == meta.content_hash and previous.source == source:
             record = replace(previous, pinned=pinned, unusable=None, warnings=meta.warnings, composition=composition,
-                             tool_call_parser=tool_call_parser)  # fmt: skip
+                             tool_call_parser=tool_call_parser, options=meta.options)  # fmt: skip
         else:
             record = AdapterRecord(
                 name=name, source=source, version=(previous.version + 1) if previous else 1,
                 content_hash=meta.content_hash, rank=meta.rank, alpha=meta.alpha,
                 target_modules=meta.target_modules, size_bytes=meta.size_bytes, pinned=pinned,
                 created=int(time.time()), warnings=meta.warnings, composition=composition,
-                tool_call_parser=tool_call_parser,
+                tool_call_parser=tool_call_parser, options=meta.options,
             )  # fmt: skip
         if record == previous:
             return record

@@ -51,7 +51,7 @@ class Rollouts:
                 name=name, source=source, version=current.version + 1, content_hash=checked.content_hash,
                 rank=checked.rank, alpha=checked.alpha, target_modules=checked.target_modules,
                 size_bytes=checked.size_bytes, pinned=current.pinned, created=int(time.time()),
-                warnings=checked.warnings, tool_call_parser=current.tool_call_parser,
+                warnings=checked.warnings, tool_call_parser=current.tool_call_parser, options=checked.options,
             )  # fmt: skip
             record = replace(current, canary=canary, canary_percent=percent)
             return self._write(name, current, record) or record

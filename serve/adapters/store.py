@@ -99,6 +99,7 @@ def record_of(item: dict[str, Any]) -> AdapterRecord:
         **item,
         "target_modules": tuple(item["target_modules"]),
         "warnings": tuple(item.get("warnings", ())),
+        "options": tuple(item.get("options", ())),
         "composition": composition,
         "canary": None if item.get("canary") is None else record_of(item["canary"]),
     })  # fmt: skip

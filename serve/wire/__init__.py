@@ -177,9 +177,9 @@ class AdapterRecord:
     """One registered adapter at its current version.
 
     The registry and every router and engine replica hold one per adapter, 100,000s of them: slots, and its
-    repeated values (`source`, `target_modules`, `alpha`, `size_bytes`, `canary_percent`, `tool_call_parser`, and
-    `created` within one second) shared between records however a record was made (constructed, decoded from a
-    store, unpickled after a Ray call), keep it at about 0.4 KB.
+    repeated values (`source`, `target_modules`, `options`, `alpha`, `size_bytes`, `canary_percent`,
+    `tool_call_parser`, and `created` within one second) shared between records however a record was made
+    (constructed, decoded from a store, unpickled after a Ray call), keep it at about 0.4 KB.
     Whatever holds records by name keys them by the record's own `name` (`keyed`), not by an equal string.
     """
 
@@ -206,11 +206,14 @@ class AdapterRecord:
     tool_call_parser: str | None = None
     """vLLM's tool-call parser for this adapter's chat format, when it differs from the server's
     (`engine.tool_call_parser`); one of the parsers the server loads (`EngineConfig.tool_parsers`)."""
+    options: tuple[str, ...] = ()
+    """The PEFT options beyond plain LoRA it carries, each with how it is served (`rank_pattern: per-module rank`)."""
 
     def __post_init__(self) -> None:
         share = object.__setattr__  # frozen: these replace values by equal, shared ones
         share(self, "source", sys.intern(self.source))
         share(self, "target_modules", _shared(self.target_modules))
+        share(self, "options", _shared(self.options))
         share(self, "alpha", _shared(self.alpha))
         share(self, "size_bytes", _shared(self.size_bytes))  # adapters of one recipe (rank, targets) are one size
         share(self, "canary_percent", _shared(self.canary_percent))  # a float unpickled is a new object each time

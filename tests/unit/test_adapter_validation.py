@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from serve.adapters.validation import NO_OP_WARNING, AdapterInvalid, base_linear_shapes, validate_adapter
+from serve.adapters.validation import (
+    NO_OP_WARNING,
+    AdapterInvalid,
+    AdapterMetadata,
+    base_linear_shapes,
+    validate_adapter,
+)
 from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 
 ASSETS = Path(__file__).resolve().parents[2] / ".loraplex"
@@ -116,3 +126,181 @@ def test_an_adapter_whose_lora_b_is_zero_is_registered_with_a_warning(
             f"{LAYER}.q_proj.lora_A.weight": a, f"{LAYER}.q_proj.lora_B.weight": b.to(dtype)})  # fmt: skip
         meta = validate_adapter(folder, shapes, max_rank=64, max_bytes=10**9)
         assert meta.warnings == expected, (dtype, b.sum())
+
+
+# Adapters as PEFT writes them, on the demo model: per-module rank and scale, LoRA on the input embedding.
+
+PEFT_ADAPTERS = {
+    # name: (LoraConfig settings, the rank recorded (the widest module's), the options recorded)
+    "rank-pattern": (
+        {"r": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
+         "rank_pattern": {"down_proj": 16, "model.layers.0.self_attn.q_proj": 4}},
+        16, ("rank_pattern: per-module rank",),
+    ),
+    "alpha-pattern": (
+        {"r": 8, "target_modules": ["q_proj", "v_proj"], "alpha_pattern": {"v_proj": 4}},
+        8, ("alpha_pattern: per-module scale",),
+    ),
+    "both-patterns-rslora": (
+        {"r": 4, "target_modules": ["q_proj", "v_proj", "up_proj"], "rank_pattern": {"v_proj": 12, "up_proj": 2},
+         "alpha_pattern": {"q_proj": 2}, "use_rslora": True},
+        12, ("rank_pattern: per-module rank", "alpha_pattern: per-module scale", "use_rslora: scale alpha/sqrt(rank)"),
+    ),
+    "embed-tokens": (
+        {"r": 8, "target_modules": ["embed_tokens", "q_proj"]},
+        8, ("embed_tokens: LoRA",),
+    ),
+    "embed-tokens-rank-pattern": (
+        {"r": 8, "target_modules": ["embed_tokens", "v_proj"], "rank_pattern": {"embed_tokens": 4}},
+        8, ("rank_pattern: per-module rank", "embed_tokens: LoRA"),
+    ),
+    # PEFT's ensure_weight_tying adds a LoRA to the lm_head that SmolLM2 ties to its embedding: refused below.
+    "embed-tokens-tied": ({"r": 8, "target_modules": ["embed_tokens", "q_proj"], "ensure_weight_tying": True}, 0, ()),
+    "lm-head": ({"r": 8, "target_modules": ["lm_head", "q_proj"]}, 0, ()),
+}  # fmt: skip
+ACCEPTED = [name for name, (_, rank, _) in PEFT_ADAPTERS.items() if rank]
+
+
+@dataclass(frozen=True)
+class Made:
+    """A PEFT adapter's folder, and the rank and scale PEFT itself gives each of its modules."""
+
+    folder: Path
+    peft: dict[str, tuple[int, float]]
+
+
+@pytest.fixture(scope="module")
+def peft_made(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Made]:
+    """Each of `PEFT_ADAPTERS` made by PEFT on the demo model (seeded, init_lora_weights=False: B is not zero)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("peft")
+    made = {}
+    for name, (settings, _, _) in PEFT_ADAPTERS.items():
+        torch.manual_seed(sum(name.encode()))
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        config = LoraConfig(lora_alpha=16, init_lora_weights=False, task_type="CAUSAL_LM", **settings)  # type: ignore[arg-type]
+        with warnings.catch_warnings():  # about tied embeddings, and saving the embedding with its LoRA
+            warnings.simplefilter("ignore", UserWarning)
+            model = get_peft_model(base, config)
+            model.save_pretrained(root / name)
+        peft = {
+            module.removeprefix("base_model.model."): (layer.r["default"], layer.scaling["default"])
+            for module, layer in model.named_modules()
+            if isinstance(layer, LoraLayer) and "default" in layer.r
+        }
+        made[name] = Made(root / name, peft)
+    return made
+
+
+def check_peft(folder: Path, shapes: dict[str, list[int]], model_dir: Path) -> AdapterMetadata:
+    return validate_adapter(folder, shapes, max_rank=64, max_bytes=10**9, base_model=model_dir)
+
+
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_peft_adapters_with_per_module_rank_and_scale_or_embedding_lora_are_accepted(
+    name: str, peft_made: dict[str, Made], shapes: dict[str, list[int]], model_dir: Path
+) -> None:
+    settings, rank, options = PEFT_ADAPTERS[name]
+    meta = check_peft(peft_made[name].folder, shapes, model_dir)
+    targets = {m if m != "model.layers.0.self_attn.q_proj" else "q_proj" for m in settings["target_modules"]}  # type: ignore[union-attr]
+    assert (meta.rank, meta.target_modules, meta.options) == (rank, tuple(sorted(targets)), options)
+    assert meta.warnings == ()
+
+
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_vllm_ranks_and_scales_each_module_as_peft_does(name: str, peft_made: dict[str, Made]) -> None:
+    """What makes rank_pattern, alpha_pattern and use_rslora servable: vLLM 0.32's reading of the config
+    (`PEFTHelper.get_rank_and_scaling`, per checkpoint module) equals PEFT's own, module by module."""
+    from vllm.lora.peft_helper import PEFTHelper
+
+    made = peft_made[name]
+    helper = PEFTHelper.from_local_dir(str(made.folder), max_position_embeddings=None)
+    assert len(made.peft) >= 30  # every layer's modules at least
+    for module, (rank, scaling) in made.peft.items():
+        assert helper.get_rank_and_scaling(module) == pytest.approx((rank, scaling)), module
+
+
+def edit_config(folder: Path, **changes: object) -> None:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def edit_tensors(folder: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    tensors = load_file(folder / "adapter_model.safetensors")
+    change(tensors)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+
+
+EMBED = "base_model.model.model.embed_tokens"
+
+
+def as_linear_lora(tensors: dict[str, torch.Tensor]) -> None:
+    """The embedding's LoRA under a linear layer's names, (hidden, rank) as A and (rank, vocabulary) as B."""
+    tensors[f"{EMBED}.lora_A.weight"] = tensors.pop(f"{EMBED}.lora_embedding_B").T.contiguous()
+    tensors[f"{EMBED}.lora_B.weight"] = tensors.pop(f"{EMBED}.lora_embedding_A").T.contiguous()
+
+
+REFUSED_PEFT = [
+    # (case, adapter, change, the field named in `param`, the reason)
+    ("rank_pattern dropped", "rank-pattern", lambda f: edit_config(f, rank_pattern={}),
+     "r", r"down_proj.lora_A.weight has rank 16, but adapter_config.json gives \S+.mlp.down_proj rank 8 \(r\)"),
+    ("rank_pattern wrong", "rank-pattern", lambda f: edit_config(f, rank_pattern={"down_proj": 32}),
+     "rank_pattern", r"has rank 16, but .* rank 32 \(rank_pattern\['down_proj'\]\)"),
+    ("rank_pattern above the bound", "rank-pattern", lambda f: edit_config(f, rank_pattern={"nothing": 65}),
+     "rank_pattern", "'nothing' rank 65, which exceeds this server's max_lora_rank 64"),
+    ("rank_pattern not a rank", "rank-pattern", lambda f: edit_config(f, rank_pattern={"down_proj": 1.5}),
+     "rank_pattern", "must be a positive integer"),
+    ("rank_pattern not a map", "rank-pattern", lambda f: edit_config(f, rank_pattern=[16]),
+     "rank_pattern", "must map module names"),
+    ("rank_pattern bad key", "rank-pattern", lambda f: edit_config(f, rank_pattern={"down_proj(": 16}),
+     "rank_pattern", "not a regular expression"),
+    ("alpha_pattern negative", "alpha-pattern", lambda f: edit_config(f, alpha_pattern={"v_proj": -4}),
+     "alpha_pattern", "must be a positive number"),
+    ("use_rslora not a flag", "both-patterns-rslora", lambda f: edit_config(f, use_rslora="yes"),
+     "use_rslora", "true or false"),
+    ("embedding weights trained", "embed-tokens",
+     lambda f: edit_tensors(f, lambda t: t[f"{EMBED}.base_layer.weight"][5].add_(1.0)),
+     "target_modules", "differ from the base model's; PEFT would load them"),
+    ("vocabulary resized", "embed-tokens",
+     lambda f: edit_tensors(f, lambda t: t.update({f"{EMBED}.lora_embedding_A": torch.zeros(8, 49153)})),
+     "source", r"lora_embedding_A has shape \[8, 49153\], the base model needs \[8, 49152\]"),
+    ("half an embedding LoRA", "embed-tokens", lambda f: edit_tensors(f, lambda t: t.pop(f"{EMBED}.lora_embedding_B")),
+     "source", "model.embed_tokens has lora_embedding_A but no lora_embedding_B"),
+    ("linear LoRA on the embedding", "embed-tokens",
+     lambda f: edit_tensors(f, as_linear_lora),
+     "source", "is an embedding .* so vLLM would misread"),
+    ("tied lm_head LoRA", "embed-tokens-tied", lambda f: None,
+     "ensure_weight_tying", "a LoRA on lm_head, which this base model ties to its embedding"),
+    ("lm_head LoRA", "lm-head", lambda f: None, "target_modules", "ties to its embedding"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "name", "change", "param", "reason"), REFUSED_PEFT, ids=[c[0] for c in REFUSED_PEFT])
+def test_malformed_peft_options_are_refused_naming_the_field(
+    tmp_path: Path, peft_made: dict[str, Made], shapes: dict[str, list[int]], model_dir: Path,
+    case: str, name: str, change: Callable[[Path], None], param: str, reason: str,
+) -> None:  # fmt: skip
+    folder = Path(shutil.copytree(peft_made[name].folder, tmp_path / name))
+    change(folder)
+    with pytest.raises(AdapterInvalid, match=reason) as refused:
+        check_peft(folder, shapes, model_dir)
+    assert refused.value.param == param
+
+
+def test_saved_embedding_weights_are_refused_when_no_base_model_folder_is_given_to_compare_them(
+    peft_made: dict[str, Made], shapes: dict[str, list[int]]
+) -> None:
+    with pytest.raises(AdapterInvalid, match="no base model folder to compare it with"):
+        validate_adapter(peft_made["embed-tokens"].folder, shapes, max_rank=64, max_bytes=10**9)
+
+
+def test_an_embedding_lora_whose_b_is_zero_is_registered_with_a_warning(
+    tmp_path: Path, peft_made: dict[str, Made], shapes: dict[str, list[int]], model_dir: Path
+) -> None:
+    folder = Path(shutil.copytree(peft_made["embed-tokens"].folder, tmp_path / "zero"))
+    edit_tensors(folder, lambda t: [t[k].zero_() for k in t if k.endswith((".lora_B.weight", ".lora_embedding_B"))])
+    assert check_peft(folder, shapes, model_dir).warnings == (NO_OP_WARNING,)

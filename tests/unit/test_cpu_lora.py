@@ -137,13 +137,61 @@ def test_logits_get_each_rows_adapter_and_base_rows_nothing() -> None:
 
 def test_slot_ranks_are_recorded_when_an_adapter_is_activated() -> None:
     punica = GroupedPunicaWrapperCPU(64, 8, "cpu")
-    layers = {"q_proj": SimpleNamespace(rank=8), "down_proj": SimpleNamespace(rank=12)}  # a rank_pattern
+    layers = {name: SimpleNamespace(lora_a=torch.zeros(rank, HIDDEN), lora_b=torch.zeros(HIDDEN, rank))
+              for name, rank in (("q_proj", 8), ("down_proj", 12))}  # a rank_pattern  # fmt: skip
     manager = SimpleNamespace(
         lora_index_to_id=[None, 7, None], _registered_adapters={7: SimpleNamespace(rank=8, loras=layers)},
         punica_wrapper_mapping={"language_model": punica},
     )  # fmt: skip
     record_slot_rank(manager, 7)
     assert punica.slot_ranks == {1: 12}
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+PACKED_RANKS = [
+    # (r, rank_pattern, the widest rank any slice of the packed q/k/v layer holds)
+    (8, {}, 8),
+    (8, {"v_proj": 16}, 16),  # vLLM's packed layer says rank 8: its first slice's (q_proj)
+    (8, {"q_proj": 4, "k_proj": 4}, 8),
+    (16, {"q_proj": 2, "k_proj": 4, "v_proj": 6}, 6),  # no module has r itself: cut to 6, not 16
+]
+
+
+@pytest.mark.parametrize(("r", "rank_pattern", "widest"), PACKED_RANKS)
+def test_a_slot_is_cut_to_the_widest_rank_of_any_slice_of_its_adapter(
+    r: int, rank_pattern: dict[str, int], widest: int
+) -> None:
+    """With rank_pattern, the slices of one packed layer have different ranks: cutting the slot to vLLM's
+    `rank` of the packed layer (the first slice's) would drop the others' extra rank silently."""
+    from vllm.lora.lora_weights import LoRALayerWeights, PackedLoRALayerWeights
+    from vllm.lora.peft_helper import PEFTHelper
+
+    helper = PEFTHelper.from_dict({"r": r, "lora_alpha": 16, "target_modules": list(QKV), "rank_pattern": rank_pattern})
+    slices = []
+    for name in QKV:
+        layer = LoRALayerWeights.from_config(f"model.layers.0.self_attn.{name}", helper)
+        layer.lora_a, layer.lora_b = torch.randn(layer.rank, HIDDEN), torch.randn(8, layer.rank)
+        slices.append(layer)
+    packed = PackedLoRALayerWeights.pack(slices)  # what vLLM's LoRAModelManager does with q, k and v
+    punica = GroupedPunicaWrapperCPU(64, 8, "cpu")
+    manager = SimpleNamespace(
+        lora_index_to_id=[7], _registered_adapters={7: SimpleNamespace(rank=r, loras={"qkv_proj": packed})},
+        punica_wrapper_mapping={"language_model": punica},
+    )  # fmt: skip
+    record_slot_rank(manager, 7)
+    assert punica.slot_ranks == {0: widest}
+
+
+def test_a_slot_whose_weights_are_not_matrices_uses_its_whole_buffer() -> None:
+    punica = GroupedPunicaWrapperCPU(64, 8, "cpu")
+    punica.slot_ranks[0] = 4  # an adapter that was there before
+    experts = SimpleNamespace(lora_a=torch.zeros(2, 8, HIDDEN), lora_b=torch.zeros(2, 8, 8))  # a 3-D MoE layer
+    manager = SimpleNamespace(
+        lora_index_to_id=[7], _registered_adapters={7: SimpleNamespace(rank=8, loras={"experts": experts})},
+        punica_wrapper_mapping={"language_model": punica},
+    )  # fmt: skip
+    record_slot_rank(manager, 7)
+    assert punica.slot_ranks == {}
 
 
 def test_slot_groups() -> None:

@@ -169,6 +169,21 @@ def test_a_malformed_adapter_registers_as_400_not_500(tmp_path: Path, open_regis
         assert isinstance(refused, WireError) and refused.status == 400, refused
 
 
+def test_the_peft_options_an_adapter_carries_are_recorded_and_a_malformed_one_records_nothing(
+    tmp_path: Path, open_registry: Opener
+) -> None:
+    registry = open_registry()
+    folder = write_adapter(tmp_path / "adapters" / "p", rank_pattern={"q_proj": 4}, alpha_pattern={"q_proj": 2})
+    record = asyncio.run(registry.register("p", str(folder)))
+    assert isinstance(record, AdapterRecord), record
+    assert record.options == ("rank_pattern: per-module rank", "alpha_pattern: per-module scale")
+    assert asyncio.run(open_registry().snapshot()).records["p"] == record  # the store keeps them
+    bad = write_adapter(tmp_path / "adapters" / "bad", rank_pattern={"q_proj": 8})  # the weights have rank 4
+    refused = asyncio.run(registry.register("bad", str(bad)))
+    assert isinstance(refused, WireError) and (refused.status, refused.param) == (400, "rank_pattern"), refused
+    assert "bad" not in asyncio.run(open_registry().snapshot()).records
+
+
 def break_store(registry: AdapterRegistry) -> None:
     """Makes the registry's store refuse writes for real: a read-only SQLite connection, or a bucket gone."""
     store = registry._store

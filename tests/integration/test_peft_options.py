@@ -1,0 +1,177 @@
+"""PEFT options that vLLM 0.32 serves, on the real stack: per-module rank and scale (rank_pattern, alpha_pattern) and
+LoRA on embed_tokens, each served in one batch with the base model and a plain adapter and checked against
+transformers + PEFT under the project's top-5 rule; what it would not serve faithfully is a 400 naming the field."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import warnings
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from serve.reference import Greedy, Reference, assert_close, served_greedy
+from tests.integration.conftest import Stack
+
+MAX_TOKENS = 12
+PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.")
+GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 5}
+TOKEN_IDS = {"return_tokens_as_token_ids": True, "ignore_eos": True}
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PLAIN = "ext-qv"
+"""A plain adapter of the stack (tests/integration/conftest.py EXTERNAL_ADAPTERS)."""
+
+OPTIONS = {
+    # name: (LoraConfig settings, seed, the options its record lists)
+    # v_proj above q_proj's rank: the packed q/k/v layer of vLLM says rank 8 (serve/cpu_lora.py adapter_rank).
+    "opt-patterns": (
+        {"r": 8, "lora_alpha": 16, "target_modules": ALL_LINEAR, "rank_pattern": {"v_proj": 16, "down_proj": 4},
+         "alpha_pattern": {"v_proj": 8, "up_proj": 32}},
+        81, ["rank_pattern: per-module rank", "alpha_pattern: per-module scale"],
+    ),
+    "opt-embed": (
+        {"r": 8, "lora_alpha": 16, "target_modules": ["embed_tokens", "q_proj", "v_proj"]},
+        82, ["embed_tokens: LoRA"],
+    ),
+}  # fmt: skip
+
+
+def make_peft_adapter(model_dir: Path, dest: Path, seed: int, **settings: object) -> Path:
+    """A PEFT adapter with seeded weights that change the output: A ~ N(0, 1/in), B ~ N(0, 0.3²/rank); an
+    embedding's A (rank, vocabulary) ~ N(0, 1) and B ~ N(0, 0.02²/rank), a change of the size of the embedding's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with warnings.catch_warnings():  # about tied embeddings, and saving the embedding with its LoRA
+        warnings.simplefilter("ignore", UserWarning)
+        model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **settings))  # type: ignore[arg-type]
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                noise = torch.randn(param.shape, generator=generator)
+                if "lora_embedding_A" in name:
+                    param.copy_(noise)
+                elif "lora_embedding_B" in name:
+                    param.copy_(0.02 * noise / param.shape[1] ** 0.5)
+                elif "lora_A" in name:
+                    param.copy_(noise / param.shape[1] ** 0.5)
+                elif "lora_B" in name:
+                    param.copy_(0.3 * noise / param.shape[1] ** 0.5)
+        model.save_pretrained(dest)
+    return dest
+
+
+def register(stack: Stack, name: str, source: Path) -> httpx.Response:
+    return httpx.post(f"{stack.base_url}/v1/adapters", json={"name": name, "source": str(source)}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def option_adapters(stack: Stack) -> dict[str, Path]:
+    folders = {}
+    for name, (settings, seed, _) in OPTIONS.items():
+        folders[name] = make_peft_adapter(stack.model_dir, stack.uploads / name, seed, **settings)
+        created = register(stack, name, folders[name])
+        assert created.status_code == 201, created.text
+    return folders
+
+
+@pytest.fixture(scope="module")
+def option_reference(stack: Stack, option_adapters: dict[str, Path]) -> Reference:
+    return Reference(stack.model_dir, {PLAIN: stack.adapters[PLAIN], **option_adapters})
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_the_adapter_record_lists_its_peft_options_and_how_they_are_served(
+    stack: Stack, option_adapters: dict[str, Path], name: str
+) -> None:
+    record = httpx.get(f"{stack.base_url}/v1/adapters/{name}", timeout=30).json()
+    assert record["options"] == OPTIONS[name][2], record
+
+
+async def test_each_option_in_a_batch_with_base_and_a_plain_adapter_matches_peft(
+    async_client: openai.AsyncOpenAI, stack: Stack, option_reference: Reference
+) -> None:
+    targets: list[str | None] = [None, PLAIN, *OPTIONS]
+    jobs = [(adapter, option_reference.chat_prompt(text)) for adapter in targets for text in PROMPTS]
+
+    async def run(adapter: str | None, prompt: list[int]) -> Greedy:
+        model = stack.model_id if adapter is None else f"{stack.model_id}:{adapter}"
+        response = await async_client.completions.create(model=model, prompt=prompt, extra_body=TOKEN_IDS, **GREEDY)
+        return served_greedy(response.choices[0])
+
+    served = await asyncio.gather(*(run(adapter, prompt) for adapter, prompt in jobs))
+    for (adapter, prompt), got in zip(jobs, served, strict=True):
+        want = option_reference.greedy(adapter, prompt, MAX_TOKENS)
+        assert_close(want, got, f"{adapter or 'base'} in a batch with base, {PLAIN} and the PEFT options")
+
+
+def without(folder: Path, dest: Path, config: dict[str, object], drop: str = "") -> Path:
+    """A copy of adapter `folder` with `config` changed and the tensors whose names hold `drop` (if any) left out."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "adapter_config.json").write_bytes((folder / "adapter_config.json").read_bytes())
+    set_config(dest, **config)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({k: t for k, t in tensors.items() if not drop or drop not in k}, str(dest / "adapter_model.safetensors"))
+    return dest
+
+
+def test_what_the_options_change_shows_in_the_reference(
+    stack: Stack, option_adapters: dict[str, Path], option_reference: Reference, tmp_path: Path
+) -> None:
+    """Guards the batch test: a server that dropped the per-module scales or the embedding LoRA, or applied none of
+    the adapter, would answer differently from PEFT with the whole adapter."""
+    no_embedding = {"target_modules": ["q_proj", "v_proj"]}
+    stripped = Reference(stack.model_dir, {
+        "opt-patterns": without(option_adapters["opt-patterns"], tmp_path / "a", {"alpha_pattern": {}}),
+        "opt-embed": without(option_adapters["opt-embed"], tmp_path / "e", no_embedding, drop="embed_tokens"),
+    })  # fmt: skip
+    prompts = [option_reference.chat_prompt(text) for text in PROMPTS]
+    for name in OPTIONS:
+        full = [option_reference.greedy(name, prompt, MAX_TOKENS).tokens for prompt in prompts]
+        assert full != [stripped.greedy(name, prompt, MAX_TOKENS).tokens for prompt in prompts], name
+        assert full != [option_reference.greedy(None, prompt, MAX_TOKENS).tokens for prompt in prompts], name
+
+
+def set_config(folder: Path, **changes: object) -> None:
+    settings = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**settings, **changes}))
+
+
+def trained_embedding(folder: Path) -> None:
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors["base_model.model.model.embed_tokens.base_layer.weight"][7].add_(1.0)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+
+
+REFUSED = [
+    # (name, LoraConfig settings, a change to the saved files, the field named in `param`, the reason)
+    ("opt-tied-head", {"r": 8, "lora_alpha": 16, "target_modules": ["embed_tokens", "q_proj"],
+                       "ensure_weight_tying": True},
+     None, "ensure_weight_tying", "a LoRA on lm_head, which this base model ties to its embedding"),
+    ("opt-trained-embedding", {"r": 8, "lora_alpha": 16, "target_modules": ["embed_tokens"]},
+     trained_embedding, "target_modules", "differ from the base model's"),
+    ("opt-bad-pattern", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "rank_pattern": {"q_proj": 4}},
+     lambda f: set_config(f, rank_pattern={"q_proj": 8}), "rank_pattern", "has rank 4, but"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "settings", "change", "param", "reason"), REFUSED, ids=[c[0] for c in REFUSED])
+def test_what_vllm_would_not_serve_faithfully_is_refused_naming_the_field_and_recorded_nowhere(
+    client: openai.OpenAI, stack: Stack, name: str, settings: dict[str, object], change: object, param: str,
+    reason: str,
+) -> None:  # fmt: skip
+    folder = make_peft_adapter(stack.model_dir, stack.uploads / name, seed=90, **settings)
+    if change is not None:
+        change(folder)  # type: ignore[operator]
+    response = register(stack, name, folder)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and reason in error["message"], error
+    assert httpx.get(f"{stack.base_url}/v1/adapters/{name}", timeout=30).status_code == 404
+    assert not any(name in m.id for m in client.models.list())
