@@ -635,6 +635,30 @@ class RegistryConfig(_Strict):
             "otherwise."
         ),
     )
+    max_pending_builds: int = Field(
+        default=4,
+        ge=1,
+        description=(
+            "New inline composites (a request's `compose` no one asked for before) the registry makes or has waiting "
+            "at once, for every key together; one more is refused at once, 503 with `Retry-After`. Each waits on one "
+            "of the registry's request slots, so this keeps them for routers' reads and health checks."
+        ),
+    )
+    max_pending_builds_per_key: int = Field(
+        default=1,
+        ge=1,
+        description="New inline composites one key may have being made or waiting at once; past it 429 with "
+        "`Retry-After`.",
+    )
+    builds_per_key_per_minute: int | None = Field(
+        default=10,
+        ge=1,
+        description=(
+            "New inline composites one key may ask for in any minute (built with PEFT, or read back from the "
+            "composite store after a restart); past it 429 with `Retry-After`. Composites made before cost nothing. "
+            "None: no bound."
+        ),
+    )
     cache_dir: str = Field(
         default=".loraplex/adapter-cache", description="Per-node copies of adapters, one folder per content hash."
     )

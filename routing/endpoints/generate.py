@@ -171,7 +171,7 @@ async def _composite(context: RouterContext, key: Principal, model: str, spec: C
                              param="model")  # fmt: skip
     names = [context.catalog.name_of(component.name) or component.name for component in spec.adapters]
     _require_components(key, names)
-    target, built = await context.catalog.composite(spec.composition(names))
+    target, built = await context.catalog.composite(spec.composition(names), key.name)
     if built:
         context.metrics.composite_builds.inc()
     return target
