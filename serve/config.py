@@ -354,6 +354,14 @@ class ApiKeyConfig(_Strict):
         default=False,
         description="Whether this key may read `/metrics` (admin keys may too): the key to give Prometheus.",
     )
+    compose: bool = Field(
+        default=False,
+        description=(
+            "Whether this key may send a request's `compose` (an inline composite of adapters it may use; admin keys "
+            "may too). Each new composite costs the registry a PEFT build and a folder on every node, so it is off "
+            "unless granted; registered composites (`POST /v1/adapters` with `compose`) need admin."
+        ),
+    )
     rpm: int | None = Field(
         default=None, ge=1, description="Requests per minute (generation requests); None: no limit."
     )

@@ -178,7 +178,7 @@ Router = tuple[httpx.AsyncClient, FakeEngine, dict[str, str]]
 async def router(folders: dict[str, Path], tmp_path: Path) -> AsyncIterator[Router]:
     registry = await registered(folders, tmp_path)
     engine = FakeEngine()
-    key, entry = api_key("narrow", adapters=["alpha", "beta"])
+    key, entry = api_key("narrow", adapters=["alpha", "beta"], compose=True)
     mixer_key, mixer = api_key("mixer", adapters=["ab", "am", "alpha", "beta"])
     admin_key, admin = api_key("admin", admin=True, metrics=True, adapters=["*"], base=True)
     config = RouterConfig(auth=AuthConfig(keys=[entry, mixer, admin]))

@@ -188,7 +188,7 @@ def test_refused_builds_count_for_nothing() -> None:
 async def router(folders: dict[str, Path], tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
     """A router over the real registry, with a key that may compose `alpha`; the client reads /metrics as admin."""
     registry = await registered(folders, tmp_path)
-    key, entry = api_key("tenant", adapters=["alpha"], base=True)
+    key, entry = api_key("tenant", adapters=["alpha"], base=True, compose=True)
     admin_key, admin = api_key("ops", admin=True)
     config = RouterConfig(auth=AuthConfig(keys=[entry, admin]))
     app = create_app(engine_client(FakeEngine()), ModelCatalog("tiny-base", registry), config)
