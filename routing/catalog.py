@@ -113,8 +113,9 @@ class ModelCatalog:
             raise InvalidRequest(f"The model `{requested}` cannot be served: it {record.unusable}.", param="model")
         return ModelTarget(id=self.adapter_id(name), adapter=record)
 
-    async def composite(self, composition: Composition) -> tuple[ModelTarget, bool]:
-        """The inline composite `composition` of registered adapters, and whether asking for it built it now.
+    async def composite(self, composition: Composition, owner: str) -> tuple[ModelTarget, bool]:
+        """The inline composite `composition` of registered adapters that key `owner` asked for, and whether asking
+        for it built it now.
 
         Known by the hash of what it is made of (its components' current versions included), so a new version of a
         component makes a new composite; the registry builds each once, however many routers ask at once.
@@ -127,7 +128,7 @@ class ModelCatalog:
             if (known := self._composites.get(key)) is not None:
                 self._composites.move_to_end(key)
                 return ModelTarget(id=self.adapter_id(known.name), adapter=known), False
-        outcome = await self.registry.materialize(composition)
+        outcome = await self.registry.materialize(composition, owner)
         if isinstance(outcome, WireError):
             raise UpstreamError(outcome)
         record, built = outcome

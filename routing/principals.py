@@ -35,10 +35,12 @@ class Principal:
     tpm: int | None = None
     weight: float = 1.0
     metrics: bool = False
+    compose: bool = False
 
     @classmethod
     def of(cls, key: ApiKeyConfig) -> Principal:
-        return cls(key.name, tuple(key.adapters), key.base, key.admin, key.rpm, key.tpm, key.weight, key.metrics)
+        return cls(key.name, tuple(key.adapters), key.base, key.admin, key.rpm, key.tpm, key.weight, key.metrics,
+                   key.compose)  # fmt: skip
 
     def may_use(self, adapter: str | None) -> bool:
         """Whether this key may send requests to `adapter` (a bare name), or to the base model when None."""
@@ -59,12 +61,17 @@ class Principal:
         if not self.admin:
             raise PermissionDenied("Adapter writes need an API key with the admin scope.")
 
+    def require_compose(self) -> None:
+        """Refuses a request's `compose` to keys without the compose (or admin) scope, before anything is built."""
+        if not (self.compose or self.admin):
+            raise PermissionDenied("`compose` needs an API key with the compose (or admin) scope.", param="compose")
+
     def require_metrics(self) -> None:
         if not (self.metrics or self.admin):
             raise PermissionDenied("/metrics needs an API key with the metrics (or admin) scope.")
 
 
-ANONYMOUS = Principal(name="anonymous", adapters=("*",), base=True, admin=True)
+ANONYMOUS = Principal(name="anonymous", adapters=("*",), base=True, admin=True, compose=True)
 
 
 class KeyRing:

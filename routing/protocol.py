@@ -16,11 +16,19 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from routing.errors import InvalidRequest, validation_param
-from serve.wire import COMPOSE_METHODS, Composition, Endpoint
+from serve.wire import COMPOSE_METHODS, MAX_WEIGHT, WEIGHT_DECIMALS, Composition, Endpoint, canonical
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -66,7 +74,20 @@ class ComposeComponent(BaseModel):
     name: str = Field(
         min_length=1, max_length=MAX_MODEL_ID_CHARS, description="A registered adapter, `NAME` or `BASE:NAME`."
     )
-    weight: float = Field(ge=-16, le=16, description="Its weight in the combination (negative subtracts it).")
+    weight: float = Field(
+        ge=-MAX_WEIGHT,
+        le=MAX_WEIGHT,
+        description=(
+            f"Its weight in the combination (negative subtracts it), counted to {WEIGHT_DECIMALS} decimals; not 0."
+        ),
+    )
+
+    @field_validator("weight")
+    @classmethod
+    def _not_zero(cls, weight: float) -> float:
+        if round(weight, WEIGHT_DECIMALS) == 0:
+            raise ValueError(f"a weight of 0 at {WEIGHT_DECIMALS} decimals adds nothing: leave the adapter out")
+        return weight
 
 
 class ComposeSpec(BaseModel):
@@ -82,19 +103,30 @@ class ComposeSpec(BaseModel):
             "`ties`, `dare_linear`, `dare_ties` (components of one rank)."
         ),
     )
-    density: float | None = Field(default=None, gt=0, le=1, description="Share of weights kept: ties and dare only.")
+    density: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description=f"Share of weights kept: ties and dare only; counted to {WEIGHT_DECIMALS} decimals.",
+    )
     seed: int = Field(
-        default=0, ge=0, le=INT32_MAX, description="Seeds DARE's random pruning: the same seed, the same adapter."
+        default=0,
+        ge=0,
+        le=INT32_MAX,
+        description="Seeds DARE's random pruning (`dare_linear`, `dare_ties`): the same seed, the same adapter. Other "
+        "methods do not use it: their composite is one whatever the seed.",
     )
 
     def composition(self, names: list[str]) -> Composition:
-        """As the registry takes it, with the components' bare `names`."""
-        return Composition(
-            method=self.method,
-            adapters=tuple(names),
-            weights=tuple(component.weight for component in self.adapters),
-            density=self.density,
-            seed=self.seed,
+        """As the registry takes it, with the components' bare `names`: canonical (`serve.wire.canonical`)."""
+        return canonical(
+            Composition(
+                method=self.method,
+                adapters=tuple(names),
+                weights=tuple(component.weight for component in self.adapters),
+                density=self.density,
+                seed=self.seed,
+            )
         )
 
 

@@ -20,7 +20,10 @@ class RegistryClient(Protocol):
     async def compose(
         self, name: str, composition: Composition, pinned: bool, tool_call_parser: str | None = None
     ) -> AdapterRecord | WireError: ...
-    async def materialize(self, composition: Composition) -> tuple[AdapterRecord, bool] | WireError: ...
+    async def materialize(self, composition: Composition, owner: str) -> tuple[AdapterRecord, bool] | WireError:
+        """The inline composite `composition` a request of key `owner` asked for (`owner`'s build bounds apply)."""
+        ...
+
     async def rollout(self, name: str, source: str, percent: float) -> AdapterRecord | WireError: ...
     async def split(self, name: str, percent: float) -> AdapterRecord | WireError: ...
     async def promote(self, name: str) -> AdapterRecord | WireError: ...
@@ -69,8 +72,8 @@ class ServeRegistryClient:
         )
         return outcome
 
-    async def materialize(self, composition: Composition) -> tuple[AdapterRecord, bool] | WireError:
-        outcome: tuple[AdapterRecord, bool] | WireError = await self._writes.materialize.remote(composition)
+    async def materialize(self, composition: Composition, owner: str) -> tuple[AdapterRecord, bool] | WireError:
+        outcome: tuple[AdapterRecord, bool] | WireError = await self._writes.materialize.remote(composition, owner)
         return outcome
 
     async def rollout(self, name: str, source: str, percent: float) -> AdapterRecord | WireError:

@@ -391,6 +391,14 @@ class ApiKeyConfig(_Strict):
         default=False,
         description="Whether this key may read `/metrics` (admin keys may too): the key to give Prometheus.",
     )
+    compose: bool = Field(
+        default=False,
+        description=(
+            "Whether this key may send a request's `compose` (an inline composite of adapters it may use; admin keys "
+            "may too). Each new composite costs the registry a PEFT build and a folder on every node, so it is off "
+            "unless granted; registered composites (`POST /v1/adapters` with `compose`) need admin."
+        ),
+    )
     rpm: int | None = Field(
         default=None, ge=1, description="Requests per minute (generation requests); None: no limit."
     )
@@ -670,6 +678,30 @@ class RegistryConfig(_Strict):
             "of what it was made from): a folder every node can read, or `s3://BUCKET/PREFIX`. None: beside the "
             "store, `s3://BUCKET/PREFIX-composites` for an S3 store, the `composites` folder beside `state_file` "
             "otherwise."
+        ),
+    )
+    max_pending_builds: int = Field(
+        default=4,
+        ge=1,
+        description=(
+            "New inline composites (a request's `compose` no one asked for before) the registry makes or has waiting "
+            "at once, for every key together; one more is refused at once, 503 with `Retry-After`. Each waits on one "
+            "of the registry's request slots, so this keeps them for routers' reads and health checks."
+        ),
+    )
+    max_pending_builds_per_key: int = Field(
+        default=1,
+        ge=1,
+        description="New inline composites one key may have being made or waiting at once; past it 429 with "
+        "`Retry-After`.",
+    )
+    builds_per_key_per_minute: int | None = Field(
+        default=10,
+        ge=1,
+        description=(
+            "New inline composites one key may ask for in any minute (built with PEFT, or read back from the "
+            "composite store after a restart); past it 429 with `Retry-After`. Composites made before cost nothing. "
+            "None: no bound."
         ),
     )
     cache_dir: str = Field(

@@ -179,6 +179,7 @@ def keys_create(
     base: Annotated[bool, typer.Option(help="The key may use the base model.")] = False,
     admin: Annotated[bool, typer.Option(help="The key may register and remove adapters.")] = False,
     metrics: Annotated[bool, typer.Option(help="The key may read /metrics (give it to Prometheus).")] = False,
+    compose: Annotated[bool, typer.Option(help="The key may send inline composites (`compose`).")] = False,
     rpm: Annotated[int | None, typer.Option(help="Requests per minute.")] = None,
     tpm: Annotated[int | None, typer.Option(help="Tokens (prompt + completion) per minute.")] = None,
     weight: Annotated[float, typer.Option(help="Fair-share weight under load.")] = 1.0,
@@ -193,7 +194,7 @@ def keys_create(
     try:
         entry = ApiKeyConfig(
             name=name, sha256=hash_api_key(key), adapters=adapter or [], base=base, admin=admin,
-            metrics=metrics, rpm=rpm, tpm=tpm, weight=weight,
+            metrics=metrics, compose=compose, rpm=rpm, tpm=tpm, weight=weight,
         )  # fmt: skip
         append_key(file, entry)
     except (ValidationError, ValueError) as exc:
@@ -209,7 +210,7 @@ def keys_list(file: KeysFileOption) -> None:
 
     for key in read_keys_file(file).keys:
         scopes = [*key.adapters, *(["<base>"] if key.base else []), *(["<admin>"] if key.admin else []),
-                  *(["<metrics>"] if key.metrics else [])]  # fmt: skip
+                  *(["<metrics>"] if key.metrics else []), *(["<compose>"] if key.compose else [])]  # fmt: skip
         typer.echo(
             f"{key.name}\t{','.join(scopes) or '-'}\trpm={key.rpm or '-'}\ttpm={key.tpm or '-'}\tw={key.weight:g}"
         )

@@ -1,7 +1,8 @@
 """The routes that reach an engine: `POST /v1/completions`, `/v1/chat/completions`, `/v1/responses`, `/v1/messages`,
 `/tokenize` and `/detokenize`. Each validates, checks scope, resolves the model (an adapter, the version a rollout
 gives this request, or an inline composite), admits (rate limits, fair share), relays the engine, then settles the
-request's real token usage.
+request's real token usage. An inline composite (`compose`, with the compose scope) is admitted before the registry
+is asked for it: a request refused by its key's limits builds nothing.
 
 A request no engine replica started goes to another (`routing.engine_client`); one whose replica was lost
 while running it is not sent again; a client that leaves cancels the engine's work too."""
@@ -48,7 +49,7 @@ from routing.protocol import (
 )
 from routing.rollout import choose_version
 from routing.tracing import describe_request, record_usage
-from serve.wire import Usage, WireError
+from serve.wire import Composition, Usage, WireError
 from serve.wire.channel import ReplicaFailed
 from serve.wire.tracing import traceparent_of
 
@@ -114,29 +115,18 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
         )
         compose = body.pop("compose", None)
         if compose is None:
-            key.require_use(context.catalog.name_of(body["model"]), body["model"])
-            target = await context.catalog.resolve(body["model"])
-            timer.label = context.metrics.label(target.id, target.adapter is not None)
-            timer.model = target.id  # the adapter, whichever version of it serves the request
-            if target.adapter is not None and target.adapter.composition is not None:
-                _require_components(key, target.adapter.composition.adapters, param="model")
-            if target.adapter is not None and target.adapter.canary is not None:
-                user = body.get("user")
-                chosen = choose_version(target.adapter, user if isinstance(user, str) else None)
-                timer.version = str(chosen.version)
-                target = ModelTarget(id=context.catalog.adapter_id(chosen.name), adapter=chosen)
+            target = await _named_target(context, key, body, timer)
+            admission = await _admit(context, key, endpoint, body)
         else:
-            target = await _composite(context, key, body["model"], ComposeSpec.model_validate(compose))
+            composition = _composition(context, key, body["model"], ComposeSpec.model_validate(compose))
             timer.label = context.metrics.label(context.catalog.adapter_id(INLINE_COMPOSITE_LABEL), True)
+            admission = await _admit(context, key, endpoint, body)  # first: a request refused here builds nothing
+            target = await _composite(context, key, composition)
         body["model"] = target.id
         trace: str | None = None  # the `traceparent` the replica continues: only for a recorded request
-        if context.tracer is None:
-            admission = await context.admitter.admit(key, endpoint, body)
-        else:
+        if context.tracer is not None:
             describe_request(key, endpoint, target.id, target.adapter.name if target.adapter is not None else None)
             trace = traceparent_of(get_current_span())
-            with context.tracer.start_as_current_span("router.admission"):
-                admission = await context.admitter.admit(key, endpoint, body)
         first, items = await context.engine.start(endpoint, body, target.adapter, context.draining, trace)
         if isinstance(first, WireError):
             raise UpstreamError(first)
@@ -164,14 +154,48 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
         raise
 
 
-async def _composite(context: RouterContext, key: Principal, model: str, spec: ComposeSpec) -> ModelTarget:
-    """The inline composite a request's `compose` asks for: on the base model, of adapters the key may all use."""
+async def _named_target(
+    context: RouterContext, key: Principal, body: dict[str, Any], timer: RequestTimer
+) -> ModelTarget:
+    """The model a request names, if the key may use it: the base, an adapter (the version a rollout gives this
+    request) or a registered composite."""
+    key.require_use(context.catalog.name_of(body["model"]), body["model"])
+    target = await context.catalog.resolve(body["model"])
+    timer.label = context.metrics.label(target.id, target.adapter is not None)
+    timer.model = target.id  # the adapter, whichever version of it serves the request
+    if target.adapter is not None and target.adapter.composition is not None:
+        _require_components(key, target.adapter.composition.adapters, param="model")
+    if target.adapter is not None and target.adapter.canary is not None:
+        user = body.get("user")
+        chosen = choose_version(target.adapter, user if isinstance(user, str) else None)
+        timer.version = str(chosen.version)
+        target = ModelTarget(id=context.catalog.adapter_id(chosen.name), adapter=chosen)
+    return target
+
+
+async def _admit(context: RouterContext, key: Principal, endpoint: Endpoint, body: dict[str, Any]) -> Admission:
+    """The key's rate limits and fair share (`routing.admission`), in a span of its own when traced."""
+    if context.tracer is None:
+        return await context.admitter.admit(key, endpoint, body)
+    with context.tracer.start_as_current_span("router.admission"):
+        return await context.admitter.admit(key, endpoint, body)
+
+
+def _composition(context: RouterContext, key: Principal, model: str, spec: ComposeSpec) -> Composition:
+    """What a request's `compose` asks for, if the key may compose and use every component: checked here, before
+    anything reaches the registry."""
+    key.require_compose()
     if context.catalog.name_of(model) is not None:
         raise InvalidRequest(f"compose combines adapters of the base model: set model to `{context.catalog.base_id}`",
                              param="model")  # fmt: skip
     names = [context.catalog.name_of(component.name) or component.name for component in spec.adapters]
     _require_components(key, names)
-    target, built = await context.catalog.composite(spec.composition(names))
+    return spec.composition(names)
+
+
+async def _composite(context: RouterContext, key: Principal, composition: Composition) -> ModelTarget:
+    """The inline composite `composition`, made by the registry if it is new (within the key's build bounds)."""
+    target, built = await context.catalog.composite(composition, key.name)
     if built:
         context.metrics.composite_builds.inc()
     return target

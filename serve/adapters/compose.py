@@ -1,14 +1,15 @@
 """Composite adapters: weighted combinations of registered adapters, made by PEFT's `add_weighted_adapter`.
 
-The registry builds a composite once per (method, components' content hashes, weights, density, seed), stores
-its files where every node can read them (`CompositeStore`), and records it like any adapter, so node caches,
-engines and routing treat it as one. PEFT does the maths; only the base model's architecture is needed, not its
-weights: the model is built on the meta device and given uninitialised CPU storage that is never touched (a
-7B base costs no resident memory), since combining LoRA weights reads no base weight.
+The registry builds a composite once per canonical (method, components' content hashes, weights, density, seed)
+(`serve.wire.canonical`), stores its files where every node can read them (`CompositeStore`), and records it like
+any adapter, so node caches, engines and routing treat it as one. PEFT does the maths; only the base model's
+architecture is needed, not its weights: the model is built on the meta device and given uninitialised CPU storage
+that is never touched (a 7B base costs no resident memory), since combining LoRA weights reads no base weight.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import threading
@@ -19,7 +20,7 @@ from urllib.parse import urlparse
 
 from serve.adapters.sources import S3Source
 from serve.adapters.validation import AdapterInvalid
-from serve.wire import DENSITY_METHODS, Composition
+from serve.wire import DENSITY_METHODS, MAX_WEIGHT, WEIGHT_DECIMALS, Composition
 
 SAME_RANK_METHODS = frozenset({"linear", "ties", "dare_linear", "dare_ties"})
 """PEFT combines these element-wise, so every component must have the same rank."""
@@ -42,11 +43,18 @@ def composite_rank(method: str, ranks: dict[str, int], max_rank: int) -> int:
 
 
 def check_arguments(composition: Composition) -> None:
-    """What PEFT would refuse, refused first with the field to blame."""
+    """What PEFT would refuse, or would build to no purpose, refused first with the field to blame; `composition`
+    is canonical (`serve.wire.canonical`)."""
     if len(composition.adapters) != len(set(composition.adapters)):
         raise AdapterInvalid("a composite lists each adapter once", "compose.adapters")
+    if len(composition.weights) != len(composition.adapters):
+        raise AdapterInvalid("a composite gives one weight per adapter", "compose.adapters")
+    for i, weight in enumerate(composition.weights):
+        if not (math.isfinite(weight) and 0 < abs(weight) <= MAX_WEIGHT):
+            raise AdapterInvalid(f"a weight is a number from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} that is not 0 at "
+                                 f"{WEIGHT_DECIMALS} decimals: {weight!r}", f"compose.adapters.{i}.weight")  # fmt: skip
     if composition.method in DENSITY_METHODS:
-        if composition.density is None:
+        if composition.density is None or not 0 < composition.density <= 1:
             raise AdapterInvalid(f"method {composition.method!r} needs a density (0 < density <= 1)", "compose.density")
     elif composition.density is not None:
         raise AdapterInvalid(f"method {composition.method!r} takes no density", "compose.density")

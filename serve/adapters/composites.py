@@ -11,15 +11,24 @@ import logging
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from serve.adapters.builds import BuildBudget
 from serve.adapters.compose import Composer, CompositeStore, check_arguments, composite_rank
 from serve.adapters.sources import UNREACHABLE, SourceResolver, SourceUnreachable
 from serve.adapters.validation import AdapterInvalid, AdapterMetadata, content_hash, validate_adapter
 from serve.config import ADAPTER_NAME_PATTERN, is_adapter_name
-from serve.wire import INLINE_COMPOSITE_PREFIX, AdapterRecord, Composition, WireError, composition_key
+from serve.wire import (
+    INLINE_COMPOSITE_PREFIX,
+    AdapterRecord,
+    Composition,
+    WireError,
+    canonical,
+    composition_key,
+)
 
 logger = logging.getLogger("loraplex.registry")
 INLINE_KEPT = 4096
@@ -38,6 +47,9 @@ class Composites:
     _base_model: Path
     _composites: CompositeStore | None
     _composer: Composer
+    _build_pool: ThreadPoolExecutor
+    """One thread: PEFT builds one composite at a time (`Composer`), here rather than in the default pool."""
+    _budget: BuildBudget
     builds: int
     """Composites PEFT built in this process (the others were found in the composite store)."""
     _inline: dict[str, AdapterRecord]
@@ -85,11 +97,13 @@ class Composites:
         async with self._lock:
             return self._record(name, source, pinned, meta, resolved, tool_call_parser)
 
-    async def materialize(self, composition: Composition) -> tuple[AdapterRecord, bool] | WireError:
-        """The composite a request asked for inline (not registered), and whether this call built it with PEFT.
+    async def materialize(self, composition: Composition, owner: str) -> tuple[AdapterRecord, bool] | WireError:
+        """The composite a request of key `owner` asked for inline (not registered), and whether this call built it
+        with PEFT.
 
-        Built once per (method, components' versions, weights, density, seed): concurrent requests for the same one
-        wait for one build; later ones get the record remembered, or re-read from the composite store.
+        Built once per canonical (method, components' versions, weights, density, seed): concurrent requests for the
+        same one wait for one build; later ones get the record remembered, or re-read from the composite store. A new
+        one counts against `owner`'s and everyone's bounds (`serve.adapters.builds`): past them, 429 or 503 at once.
         """
         try:
             resolved = self._resolve(composition)
@@ -101,6 +115,8 @@ class Composites:
         if (pending := self._building.get(key)) is not None:
             outcome = await asyncio.shield(pending)
             return outcome if isinstance(outcome, WireError) else (outcome[0], False)
+        if (refused := self._budget.take(owner)) is not None:
+            return refused
         future: asyncio.Future[tuple[AdapterRecord, bool] | WireError] = asyncio.get_running_loop().create_future()
         self._building[key] = future
         try:
@@ -127,6 +143,7 @@ class Composites:
             raise
         finally:
             del self._building[key]
+            self._budget.give_back(owner)
 
     def _composites_of(self, name: str) -> list[str]:
         """The registered composites that have `name` as a component."""
@@ -144,7 +161,9 @@ class Composites:
                     users.discard(old.name)
 
     def _resolve(self, composition: Composition) -> Composition:
-        """`composition` with its components' current versions, or `AdapterInvalid` naming the field at fault."""
+        """`composition`, canonical, with its components' current versions, or `AdapterInvalid` naming the field at
+        fault."""
+        composition = canonical(composition)
         check_arguments(composition)
         hashes = []
         for i, component in enumerate(composition.adapters):
@@ -171,8 +190,9 @@ class Composites:
         except AdapterInvalid as exc:
             return WireError(400, str(exc), exc.param)
         sources = [self._records[c].source for c in resolved.adapters]
-        try:
-            return await asyncio.to_thread(self._build_files, self._composites, resolved, sources)
+        loop = asyncio.get_running_loop()
+        try:  # in the build pool: registrations' downloads (the default pool) never queue behind builds
+            return await loop.run_in_executor(self._build_pool, self._build_files, self._composites, resolved, sources)
         except SourceUnreachable as exc:
             return WireError(400, f"a component could not be read: {exc}", "compose.adapters", code=UNREACHABLE)
         except AdapterInvalid as exc:

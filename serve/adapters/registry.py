@@ -17,10 +17,12 @@ import shutil
 import tempfile
 import time
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 from routing.policy import rendezvous_order
+from serve.adapters.builds import BuildBudget, BuildLimits
 from serve.adapters.compose import Composer, CompositeStore
 from serve.adapters.composites import Composites
 from serve.adapters.resolver import make_resolver, s3_connection
@@ -89,6 +91,8 @@ class AdapterRegistry(Composites, Rollouts):
         composites: CompositeStore | None = None,
         max_pinned: int | None = None,
         tool_parsers: tuple[str, ...] = (),
+        build_limits: BuildLimits | None = None,
+        composer: Composer | None = None,
     ) -> None:
         self._store = store
         self._tool_parsers = tool_parsers
@@ -96,7 +100,9 @@ class AdapterRegistry(Composites, Rollouts):
         self._max_pinned = max_pinned
         """Engine entries pinned adapters may take (`engine.max_pinned_loras`); None: no bound."""
         self._composites = composites
-        self._composer = Composer(base_model)
+        self._composer = composer or Composer(base_model)
+        self._build_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-compose")
+        self._budget = BuildBudget(build_limits or BuildLimits())
         self.builds = 0
         """Composites PEFT built in this process (the others were found in the composite store)."""
         self._inline: dict[str, AdapterRecord] = {}
@@ -416,4 +422,9 @@ class RegistryDeployment(AdapterRegistry):
             composites=CompositeStore(config.registry.composites_url, s3_connection(config)),
             max_pinned=config.engine.max_pinned_loras,
             tool_parsers=config.engine.tool_parsers(),
+            build_limits=BuildLimits(
+                pending=config.registry.max_pending_builds,
+                pending_per_key=config.registry.max_pending_builds_per_key,
+                per_key_per_minute=config.registry.builds_per_key_per_minute,
+            ),
         )

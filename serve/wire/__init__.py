@@ -18,7 +18,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 Endpoint = Literal["completions", "chat", "responses", "messages", "tokenize", "detokenize"]
@@ -117,6 +117,14 @@ COMPOSE_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 """PEFT's `add_weighted_adapter` combination types a composite may use."""
 DENSITY_METHODS = frozenset({"ties", "dare_linear", "dare_ties"})
 """The methods that prune, and so take a `density`."""
+SEEDED_METHODS = frozenset({"dare_linear", "dare_ties"})
+"""The methods whose result depends on `seed`: DARE prunes at random. TIES prunes by magnitude, the others do not
+prune, so their composite is the same whatever the seed, and their identity holds none (`canonical`)."""
+WEIGHT_DECIMALS = 4
+"""Composite weights and densities count to this many decimals (steps of 1e-4): 0.70004 and 0.7 are one composite,
+built once."""
+MAX_WEIGHT = 16.0
+"""The largest weight, either sign, a component of a composite may have."""
 INLINE_COMPOSITE_PREFIX = "~compose-"
 """Names of composites built for one request's `compose` field: `~` is not allowed in a registered name."""
 
@@ -135,8 +143,22 @@ class Composition:
     """Content hashes of the components' versions it was built from, in `adapters` order (empty until built)."""
 
 
+def canonical(composition: Composition) -> Composition:
+    """`composition` as it is identified and built: weights and density rounded to `WEIGHT_DECIMALS`, the seed 0
+    unless the method prunes at random (`SEEDED_METHODS`). Requests that differ only below that precision, or by a
+    seed their method ignores, ask for one composite."""
+    return replace(
+        composition,
+        weights=tuple(round(weight, WEIGHT_DECIMALS) + 0.0 for weight in composition.weights),  # + 0.0: no -0.0
+        density=None if composition.density is None else round(composition.density, WEIGHT_DECIMALS),
+        seed=composition.seed if composition.method in SEEDED_METHODS else 0,
+    )
+
+
 def composition_key(composition: Composition) -> str:
-    """The hash of what a composite is made of: its name in the composite store and its identity in caches."""
+    """The hash of what a composite is made of (`canonical`): its name in the composite store and its identity in
+    caches."""
+    composition = canonical(composition)
     made_of = {
         "method": composition.method,
         "components": list(composition.built_from),

@@ -47,9 +47,9 @@ def tenancy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tenancy]:
     keys_file = work / "keys.yaml"
     keys = {
         "acme": create_key(keys_file, "acme", "--base", "--adapter", "alpha", "--rpm", "3"),
-        "beta-co": create_key(keys_file, "beta-co", "--adapter", "be*", "--tpm", "100"),
+        "beta-co": create_key(keys_file, "beta-co", "--adapter", "be*", "--tpm", "100", "--compose"),
         "ops": create_key(keys_file, "ops", "--admin"),
-        "full": create_key(keys_file, "full", "--base", "--adapter", "*"),
+        "full": create_key(keys_file, "full", "--base", "--adapter", "*", "--compose"),
         "prometheus": create_key(keys_file, "prometheus", "--metrics"),
     }
     assert all(key not in keys_file.read_text() for key in keys.values())  # only hashes are stored
@@ -138,7 +138,8 @@ def test_adapter_writes_need_the_admin_scope_and_are_audited(tenancy: Tenancy) -
 
 
 def test_a_composite_serves_only_keys_that_may_use_every_component(tenancy: Tenancy) -> None:
-    """beta-co's `be*` covers the name `be-mix` and its component beta, not its component alpha."""
+    """beta-co's `be*` covers the name `be-mix` and its component beta, not its component alpha; composing inline
+    needs the compose scope too."""
     spec = {"method": "cat", "adapters": [{"name": "alpha", "weight": 0.5}, {"name": "beta", "weight": 0.5}]}
     created = httpx.post(f"{tenancy.base_url}/v1/adapters", json={"name": "be-mix", "compose": spec}, timeout=300,
                          headers={"Authorization": f"Bearer {tenancy.keys['ops']}"})  # fmt: skip
@@ -150,6 +151,13 @@ def test_a_composite_serves_only_keys_that_may_use_every_component(tenancy: Tena
         assert "`alpha`" in caught.value.body["message"]  # type: ignore[index]
         answer = full.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], max_tokens=2, **asked)
         assert answer.choices[0].message.content
+    # acme may use alpha but not compose: an inline composite of alpha alone is refused before any build.
+    alone = {"adapters": [{"name": "alpha", "weight": 0.5}]}
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        sdk(tenancy, tenancy.keys["acme"]).chat.completions.create(
+            model=BASE, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, extra_body={"compose": alone}
+        )
+    assert refused.value.body["param"] == "compose"  # type: ignore[index]
 
 
 def test_the_newer_apis_keep_scopes(tenancy: Tenancy) -> None:

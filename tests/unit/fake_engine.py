@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
 from routing.engine_client import ServeEngineClient
 from serve.wire import (
+    INLINE_COMPOSITE_PREFIX,
     AdapterRecord,
     Changes,
     Composition,
@@ -20,6 +21,7 @@ from serve.wire import (
     Snapshot,
     Usage,
     WireError,
+    composition_key,
 )
 
 Script = Callable[[Endpoint, dict[str, Any]], list[ReplicaItem | Exception]]
@@ -139,6 +141,8 @@ class FakeRegistry:
     records: dict[str, AdapterRecord] = field(default_factory=dict)
     generation_: int = 1
     reports: list[ReplicaReport] = field(default_factory=list)
+    materialized: list[Composition] = field(default_factory=list)
+    """Every inline composite asked of it, in order."""
 
     async def replica_reports(self) -> list[ReplicaReport]:
         return self.reports
@@ -171,14 +175,22 @@ class FakeRegistry:
         self.generation_ += 1
         return self.records.pop(name)
 
-    # Composites and rollouts need adapter files: tests of them use the real registry (test_compose, test_rollout).
+    # Registered composites and rollouts need adapter files: tests of them use the real registry (test_compose,
+    # test_rollout).
     async def compose(
         self, name: str, composition: Composition, pinned: bool, tool_call_parser: str | None = None
     ) -> AdapterRecord | WireError:
         return WireError(400, "the fake registry builds no composites", "compose")
 
-    async def materialize(self, composition: Composition) -> tuple[AdapterRecord, bool] | WireError:
-        return WireError(400, "the fake registry builds no composites", "compose")
+    async def materialize(self, composition: Composition, owner: str) -> tuple[AdapterRecord, bool] | WireError:
+        """A stand-in composite (no files), recorded in `materialized`; a new one counts as built."""
+        if any(name not in self.records for name in composition.adapters):
+            return WireError(400, "a component is not registered", "compose.adapters")
+        built = composition not in self.materialized
+        self.materialized.append(composition)
+        resolved = replace(composition, built_from=tuple(self.records[n].content_hash for n in composition.adapters))
+        made = record(INLINE_COMPOSITE_PREFIX + composition_key(resolved)[:24])
+        return replace(made, composition=resolved), built
 
     async def rollout(self, name: str, source: str, percent: float) -> AdapterRecord | WireError:
         return WireError(409, "the fake registry rolls nothing out", "name")

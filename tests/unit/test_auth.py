@@ -246,8 +246,8 @@ def test_keys_file_changes_are_followed(tmp_path: Path) -> None:
 @pytest.mark.parametrize("file_name", ["keys.yaml", "keys.json"])
 def test_keys_create_prints_the_key_once_and_stores_only_its_hash(tmp_path: Path, file_name: str) -> None:
     file = tmp_path / file_name
-    args = ["keys", "create", "--name", "ci", "--adapter", "team-*", "--base", "--rpm", "5", "--tpm", "900"]
-    result = CliRunner().invoke(cli, [*args, "--weight", "2", "--file", str(file)])
+    args = ["keys", "create", "--name", "ci", "--adapter", "team-*", "--base", "--compose", "--rpm", "5"]
+    result = CliRunner().invoke(cli, [*args, "--tpm", "900", "--weight", "2", "--file", str(file)])
     assert result.exit_code == 0, result.output
     key = result.stdout.strip()
     assert key.startswith("lpx-") and len(key) > 40
@@ -255,16 +255,17 @@ def test_keys_create_prints_the_key_once_and_stores_only_its_hash(tmp_path: Path
     assert key not in text and key[4:] not in text and hash_api_key(key) in text
     assert oct(file.stat().st_mode & 0o777) == "0o600"
     (entry,) = read_keys_file(file).keys
-    assert (entry.adapters, entry.base, entry.admin, entry.rpm, entry.tpm, entry.weight) == (
-        ["team-*"], True, False, 5, 900, 2.0,
+    assert (entry.adapters, entry.base, entry.admin, entry.compose, entry.rpm, entry.tpm, entry.weight) == (
+        ["team-*"], True, False, True, 5, 900, 2.0,
     )  # fmt: skip
     principal = KeyRing(RouterConfig(auth=AuthConfig(keys_file=str(file))).auth).authenticate(f"Bearer {key}")
     assert principal.name == "ci" and principal.may_use("team-x") and not principal.may_use("a1")
+    principal.require_compose()  # granted: no PermissionDenied
 
     again = CliRunner().invoke(cli, ["keys", "create", "--name", "ci", "--file", str(file)])
     assert again.exit_code != 0 and "unique" in again.output
     listing = CliRunner().invoke(cli, ["keys", "list", "--file", str(file)])
-    assert listing.stdout.startswith("ci\tteam-*,<base>\trpm=5") and key not in listing.stdout
+    assert listing.stdout.startswith("ci\tteam-*,<base>,<compose>\trpm=5") and key not in listing.stdout
 
 
 def test_adapters_cli_sends_the_api_key_as_bearer(monkeypatch: pytest.MonkeyPatch) -> None:

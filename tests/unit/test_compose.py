@@ -22,17 +22,14 @@ from routing.catalog import ModelCatalog
 from serve.adapters.compose import CompositeStore
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
-from serve.adapters.store import S3Store, SqliteStore
-from serve.assets import DEMO_ADAPTERS, DemoAdapter, build_adapters, build_default_model
+from serve.adapters.store import S3Store
 from serve.config import AuthConfig, RouterConfig
 from serve.wire import AdapterRecord, Composition, WireError
 from tests.conftest import S3_KEYS
+from tests.unit.composing import ASSETS, component_folders, make_registry, registered
 from tests.unit.fake_engine import FakeEngine, engine_client
 from tests.unit.tenancy import api_key, bearer
 
-ASSETS = Path(__file__).resolve().parents[2] / ".loraplex"
-MATE = DemoAdapter(name="mate", rank=8, alpha=8, seed=7, scale=0.3)
-"""A second rank-8 adapter on every target, for the methods that need components of one rank."""
 METHODS = [
     ("cat", ("alpha", "beta"), (0.7, 0.4), None, 8 + 16),
     ("svd", ("alpha", "beta"), (1.0, -0.5), None, 16),
@@ -45,25 +42,7 @@ METHODS = [
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    model = build_default_model(ASSETS / "models" / "SmolLM2-135M-Instruct")
-    demo = build_adapters(model, list(DEMO_ADAPTERS), ASSETS / "adapters")
-    mate = build_adapters(model, [MATE], tmp_path_factory.mktemp("mate"))
-    return {"model": model, **demo, **mate}
-
-
-def make_registry(folders: dict[str, Path], work: Path, max_rank: int = 64) -> AdapterRegistry:
-    resolver = SourceResolver(local=LocalSource((ASSETS.resolve(), work.resolve(), folders["mate"].parent.resolve())))
-    return AdapterRegistry(
-        SqliteStore(work / "registry.db"), folders["model"], resolver, max_rank=max_rank, max_bytes=10**9,
-        composites=CompositeStore(str(work / "composites"), S3Source()),
-    )  # fmt: skip
-
-
-async def registered(folders: dict[str, Path], work: Path, max_rank: int = 64) -> AdapterRegistry:
-    registry = make_registry(folders, work, max_rank)
-    for name in ("alpha", "beta", "mate"):
-        assert isinstance(await registry.register(name, str(folders[name])), AdapterRecord)
-    return registry
+    return component_folders(tmp_path_factory)
 
 
 def peft_composite(folders: dict[str, Path], composition: Composition) -> dict[str, torch.Tensor]:
@@ -106,13 +85,13 @@ async def test_an_inline_composite_is_built_once_however_many_ask_at_once(
 ) -> None:
     registry = await registered(folders, tmp_path)
     composition = Composition("cat", ("alpha", "beta"), (0.5, 0.5))
-    outcomes = await asyncio.gather(*(registry.materialize(composition) for _ in range(6)))
+    outcomes = await asyncio.gather(*(registry.materialize(composition, "k") for _ in range(6)))
     records = {o[0] for o in outcomes if not isinstance(o, WireError)}
     assert len(records) == 1 and [o[1] for o in outcomes if not isinstance(o, WireError)].count(True) == 1
     assert registry.builds == 1 and next(iter(records)).name.startswith("~compose-")
     # Another registry (a restart) finds the built files in the composite store: no second build.
     again = make_registry(folders, tmp_path)
-    outcome = await again.materialize(composition)
+    outcome = await again.materialize(composition, "k")
     assert not isinstance(outcome, WireError) and again.builds == 0 and outcome[1] is False
     first = next(iter(records))  # the same record but for its creation second, which the restart may pass
     assert dataclasses.replace(outcome[0], created=first.created) == first
@@ -167,7 +146,7 @@ async def test_bad_compositions_are_refused_naming_the_field(
     folders: dict[str, Path], tmp_path: Path, composition: Composition, param: str, message: str
 ) -> None:
     registry = await registered(folders, tmp_path, max_rank=16)
-    for outcome in (await registry.compose("mix", composition), await registry.materialize(composition)):
+    for outcome in (await registry.compose("mix", composition), await registry.materialize(composition, "k")):
         assert isinstance(outcome, WireError) and outcome.status == 400
         assert (outcome.param, message in outcome.message) == (param, True), outcome
     assert "mix" not in (await registry.snapshot()).records and registry.builds == 0
@@ -199,7 +178,7 @@ Router = tuple[httpx.AsyncClient, FakeEngine, dict[str, str]]
 async def router(folders: dict[str, Path], tmp_path: Path) -> AsyncIterator[Router]:
     registry = await registered(folders, tmp_path)
     engine = FakeEngine()
-    key, entry = api_key("narrow", adapters=["alpha", "beta"])
+    key, entry = api_key("narrow", adapters=["alpha", "beta"], compose=True)
     mixer_key, mixer = api_key("mixer", adapters=["ab", "am", "alpha", "beta"])
     admin_key, admin = api_key("admin", admin=True, metrics=True, adapters=["*"], base=True)
     config = RouterConfig(auth=AuthConfig(keys=[entry, mixer, admin]))
