@@ -7,8 +7,7 @@ after its slot was taken processes its prompt and output again), and a load for 
 adapter cache (`max_cpu_loras`) does not hold. `cpu` is fitted to this project's 2-core VM running the demo
 model (docs/benchmarks/same-ops); `gpu` is a 20 ms step. Fast enough to sweep the policy's settings:
 
-    python -m loadtests.slot_sim --sweep            # docs/sim/slots.md
-    python -m loadtests.slot_sim --costs gpu --adapters 10000
+    python -m loadtests.slot_sim    # docs/sim/slots.md: a sweep on the CPU model; a GPU at 10,000 adapters
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loadtests.loadgen import Workload, quantile
@@ -152,48 +151,90 @@ def simulate(workload: Workload, engine: Engine, costs: Costs, base: str = "base
     return outcome
 
 
-def workloads(adapters: int) -> list[Workload]:
-    """The real bench's workloads (loadtests/tail_bench.py), the Zipf ones over `adapters` adapters at the most."""
+def workloads(adapters: int, requests: int = 64, concurrency: int = 32) -> list[Workload]:
+    """The real bench's workloads (loadtests/tail_bench.py), the Zipf ones over `adapters` adapters."""
     names = [f"a{i:03d}" for i in range(adapters)] + [f"r{i:02d}" for i in range(RARE_ADAPTERS)]
-    return tail_workloads("base", {name: name for name in names}, zipf_adapters=adapters)
+    return tail_workloads("base", {n: n for n in names}, zipf_adapters=adapters, requests=requests,
+                          concurrency=concurrency)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Case:
+    """A machine to simulate: its costs, its engine, and the size of the load."""
+
+    costs: str
+    engine: Engine
+    adapters: int
+    requests: int
+    concurrency: int
+    policies: tuple[SlotPolicy, ...]
+
+
+SWEEP = tuple(SlotPolicy(w, h) for w in (0.5, 1.0, 2.0, 4.0) for h in (0.5, 1.0, 2.0))
+CASES = {
+    # This VM: the real bench's engine and load (loadtests/tail_bench.py).
+    "cpu": Case("cpu", Engine(), adapters=512, requests=64, concurrency=32, policies=SWEEP),
+    # A GPU: 20 ms steps, 16 slots (64 cached adapters), 10,000 adapters, 1,000 requests over 64 streams.
+    "gpu": Case(
+        "gpu",
+        Engine(max_loras=16, max_cpu_loras=64, max_num_seqs=256),
+        adapters=10_000,
+        requests=1000,
+        concurrency=64,
+        policies=(SlotPolicy(), SlotPolicy(0.5, 0.25), SlotPolicy(0.25, 0.1)),
+    ),
+}
+
+
+def run_case(case: Case) -> list[tuple[str, str, dict[str, float]]]:
+    rows = []
+    for workload in workloads(case.adapters, case.requests, case.concurrency):
+        for policy in (None, *case.policies):
+            summary = simulate(workload, replace(case.engine, policy=policy), COSTS[case.costs]).summary()
+            label = "fcfs" if policy is None else f"wait {policy.wait_s:g} s, hold {policy.hold_s:g} s"
+            rows.append((workload.name, label, summary))
+            print(case.costs, workload.name, label, summary, flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--costs", choices=sorted(COSTS), default="cpu")
-    parser.add_argument("--adapters", type=int, default=512, help="adapters the Zipf workloads draw from")
-    parser.add_argument("--sweep", action="store_true", help="sweep wait_s and hold_s; write docs/sim/slots.md")
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES))
     parser.add_argument("--out", type=Path, default=Path("docs/sim/slots.md"))
     args = parser.parse_args(argv)
-    costs = COSTS[args.costs]
-    policies: list[SlotPolicy | None] = [None, SlotPolicy()]
-    if args.sweep:
-        policies += [SlotPolicy(w, h) for w in (0.5, 1.0, 2.0, 4.0) for h in (0.5, 1.0, 2.0) if (w, h) != (2.0, 1.0)]
-    rows = []
-    for workload in workloads(args.adapters):
-        for policy in policies:
-            summary = simulate(workload, Engine(policy=policy), costs).summary()
-            label = "fcfs" if policy is None else f"wait {policy.wait_s:g} s, hold {policy.hold_s:g} s"
-            rows.append((workload.name, label, summary))
-            print(workload.name, label, summary, flush=True)
-    if args.sweep:
-        write_table(args.out, args.costs, rows)
+    sections = [section(CASES[name], run_case(CASES[name])) for name in args.cases]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(HEADER + "\n".join(sections))
 
 
-def write_table(out: Path, costs: str, rows: list[tuple[str, str, dict[str, float]]]) -> None:
+HEADER = """# The adapter slot policy on the simulated engine
+
+`python -m loadtests.slot_sim` (a few seconds): the simulated engine's scheduler (vLLM's admission rules and the
+slot policy of serve/slots.py, the code vLLM's scheduler runs) on a virtual clock, with a step's duration from a
+cost model (loadtests/slot_sim.py: fitted to docs/benchmarks/same-ops for the CPU; a 20 ms step for the GPU).
+Deterministic. `p99/base` is the workload's TTFT p99 over the base-only p99 of the same engine.
+
+"""
+
+
+def section(case: Case, rows: list[tuple[str, str, dict[str, float]]]) -> str:
+    engine = case.engine
     base_p99 = statistics.median(s["ttft_p99_ms"] for n, _, s in rows if n == "base")
     lines = [
-        f"# Adapter slot policy on the simulated engine ({costs} costs)\n",
-        f"`python -m loadtests.slot_sim --sweep --costs {costs}`: virtual time, deterministic; base-only TTFT p99 "
-        f"{base_p99:.0f} ms. Engine: 16 slots, 64 cached adapters, 64 sequences; 64-token requests, 32 streams.\n",
-        "| workload | policy | tok/s | TTFT p50 ms | TTFT p99 ms | p99 / base p99 | worst TTFT ms | preempted |",
-        "|---|---|---|---|---|---|---|---|",
+        f"## {case.costs}: {case.adapters} adapters, {case.requests} requests of 64 tokens, "
+        f"{case.concurrency} streams\n",
+        f"Engine: {engine.max_loras} slots, {engine.max_cpu_loras} cached adapters, {engine.max_num_seqs} sequences; "
+        f"base-only TTFT p99 {base_p99:.0f} ms.\n",
+        "| workload | policy | tok/s | tok/s vs fcfs | TTFT p50 ms | TTFT p99 ms | p99/base | worst TTFT ms "
+        "| preempted |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    fcfs = {n: s["tok_per_s"] for n, label, s in rows if label == "fcfs"}
     for name, label, s in rows:
-        lines.append(f"| {name} | {label} | {s['tok_per_s']} | {s['ttft_p50_ms']} | {s['ttft_p99_ms']} | "
-                     f"{s['ttft_p99_ms'] / base_p99:.2f} | {s['ttft_max_ms']} | {s['preempted']} |")  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+        versus = s["tok_per_s"] / fcfs[name] if fcfs.get(name) else float("nan")
+        lines.append(f"| {name} | {label} | {s['tok_per_s']} | {versus:.2f} | {s['ttft_p50_ms']} | {s['ttft_p99_ms']} "
+                     f"| {s['ttft_p99_ms'] / base_p99:.2f} | {s['ttft_max_ms']} | {s['preempted']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
