@@ -2,9 +2,9 @@
 
 It runs the simulated engine's scheduler (`serve.engines.sim_scheduler`, the same `serve.slots` policy vLLM's
 scheduler gets) step by step, with a step's duration taken from a cost model instead of a model's forward pass:
-a fixed part, a part per running sequence and per adapter in the step, prompt processing (a request resumed
-after its slot was taken processes its prompt and output again), and a load for an adapter the engine's LRU
-adapter cache (`max_cpu_loras`) does not hold. `cpu` is fitted to this project's 2-core VM running the demo
+a fixed part, a part per running sequence and per adapter in the step, prompt processing of the requests
+admitted (a paused request resumes with its KV cache, nothing recomputed), and a load for an adapter the
+engine's LRU adapter cache (`max_cpu_loras`) does not hold. `cpu` is fitted to this project's 2-core VM running the demo
 model (docs/benchmarks/same-ops); `gpu` is a 20 ms step. Fast enough to sweep the policy's settings:
 
     python -m loadtests.slot_sim    # docs/sim/slots.md: a sweep on the CPU model; a GPU at 10,000 adapters
@@ -34,16 +34,6 @@ class Costs:
     per_prompt_token_s: float
     load_s: float
     prompt_tokens: int = 16
-    block_tokens: int | None = 16
-    """The KV cache's block size when prefix caching is on (vLLM's default): a resumed request then processes only
-    the tokens past its last full block again, since its full blocks are still cached. None: all of them."""
-
-    def prompt_work(self, produced: int, resumed: bool) -> int:
-        """Tokens a request admitted this step processes before its next token."""
-        if not resumed:
-            return self.prompt_tokens
-        tokens = self.prompt_tokens + produced
-        return tokens if self.block_tokens is None else tokens % self.block_tokens + 1
 
 
 COSTS = {
@@ -83,7 +73,7 @@ class Outcome:
 
     jobs: list[Job] = field(default_factory=list)
     duration_s: float = 0.0
-    preempted: int = 0
+    paused: int = 0
 
     def ttfts(self) -> list[float]:
         return [j.ttft for j in self.jobs if j.ttft is not None]
@@ -96,7 +86,7 @@ class Outcome:
             "ttft_p50_ms": round(1000 * quantile(ttfts, 0.5), 1),
             "ttft_p99_ms": round(1000 * quantile(ttfts, 0.99), 1),
             "ttft_max_ms": round(1000 * max(ttfts, default=0.0), 1),
-            "preempted": self.preempted,
+            "paused": self.paused,
         }
 
 
@@ -126,7 +116,7 @@ def simulate(workload: Workload, engine: Engine, costs: Costs, base: str = "base
             now = timed[0][0] if timed else now + costs.step_s
             continue
         adapters = {j.adapter for j in running if j.adapter is not None}
-        prompt_work = sum(costs.prompt_work(j.produced, j.preemptions > 0) for j in running if j.admitted_at == now)
+        prompt_work = costs.prompt_tokens * sum(1 for j in running if j.admitted_at == now)
         loads = 0
         for adapter in adapters:
             if str(adapter) in cache:
@@ -147,7 +137,7 @@ def simulate(workload: Workload, engine: Engine, costs: Costs, base: str = "base
                 scheduler.remove(job)
                 free_clients += job.closed_loop
     outcome.duration_s = now
-    outcome.preempted = scheduler.keeper.preempted if scheduler.keeper is not None else 0
+    outcome.paused = scheduler.keeper.paused if scheduler.keeper is not None else 0
     return outcome
 
 
@@ -225,15 +215,14 @@ def section(case: Case, rows: list[tuple[str, str, dict[str, float]]]) -> str:
         f"{case.concurrency} streams\n",
         f"Engine: {engine.max_loras} slots, {engine.max_cpu_loras} cached adapters, {engine.max_num_seqs} sequences; "
         f"base-only TTFT p99 {base_p99:.0f} ms.\n",
-        "| workload | policy | tok/s | tok/s vs fcfs | TTFT p50 ms | TTFT p99 ms | p99/base | worst TTFT ms "
-        "| preempted |",
+        "| workload | policy | tok/s | tok/s vs fcfs | TTFT p50 ms | TTFT p99 ms | p99/base | worst TTFT ms | paused |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     fcfs = {n: s["tok_per_s"] for n, label, s in rows if label == "fcfs"}
     for name, label, s in rows:
         versus = s["tok_per_s"] / fcfs[name] if fcfs.get(name) else float("nan")
         lines.append(f"| {name} | {label} | {s['tok_per_s']} | {versus:.2f} | {s['ttft_p50_ms']} | {s['ttft_p99_ms']} "
-                     f"| {s['ttft_p99_ms'] / base_p99:.2f} | {s['ttft_max_ms']} | {s['preempted']} |")  # fmt: skip
+                     f"| {s['ttft_p99_ms'] / base_p99:.2f} | {s['ttft_max_ms']} | {s['paused']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -8,9 +8,10 @@ generation. This policy bounds that wait, in two moves made before each step:
 - **Aging.** Requests of an adapter that has waited `wait_s` for a slot (since its oldest request arrived, or
   since the adapter lost its slot) go to the front of the waiting queue, oldest first, ahead of newer requests
   of other adapters, so the next slot that opens is theirs.
-- **Preemption.** If no slot is free, a holder gives its slot up: the one with the fewest running requests
-  (the fewest streams paused), the longest-held on a tie. Its running requests go back to the waiting queue
-  and resume once it has a slot again (their computed tokens stay in the engine's prefix cache). An adapter
+- **Pausing.** If no slot is free, a holder gives its slot up: the one with the fewest running requests
+  (the fewest streams paused), the longest-held on a tie. Its running requests pause: they keep their KV cache
+  and their place, and are left out of the engine's steps until the adapter has a slot again (into a slot that
+  comes free, or when it is overdue in turn), so they resume where they stopped with nothing computed twice. An adapter
   keeps a slot it gained for at least `hold_s`, so slots are not handed back and forth every step; and a
   holder with more streams than the waiting adapter brings is passed over while one with no more will be
   free to go within `hold_s`, so a swap does not shrink the batch when it need not.
@@ -114,11 +115,12 @@ class SlotKeeper(Generic[R]):
         self._arrived_of = arrived_of
         self._held_since: dict[Hashable, float] = {}
         self._lost_at: dict[Hashable, float] = {}
-        self.preempted = 0
-        """Requests whose slot was taken so far (the engines count them as they preempt)."""
+        self.paused = 0
+        """Running requests paused so far to free their adapter's slot (the engines count them as they pause)."""
 
     def plan(self, running: Iterable[R], waiting: Iterable[R], now: float) -> Plan:
-        """The plan for the next step, given the engine's running and waiting requests."""
+        """The plan for the next step, given the engine's running requests (not paused ones) and the requests that
+        wait for a slot (paused and queued)."""
         counts: dict[Hashable, int] = {}
         for request in running:
             if (adapter := self.adapter_of(request)) is not None:
@@ -148,3 +150,29 @@ class SlotKeeper(Generic[R]):
         rank = {adapter: place for place, adapter in enumerate(plan.first)}
         ahead = [r for r in waiting if self.adapter_of(r) in rank]
         return sorted(ahead, key=lambda r: rank[self.adapter_of(r)])  # stable: each adapter's in queue order
+
+    def resume(self, plan: Plan, running: Iterable[R], paused: Iterable[R], queued: Iterable[R]) -> set[Hashable]:
+        """The paused adapters whose requests run again this step: those with a slot anyway (a request of theirs
+        runs), then, into the slots free once the plan's holders gave theirs up, the plan's overdue adapters in its
+        order (a queued one takes its slot through the engine's own admission, being first in the queue), then
+        the other paused adapters, the longest-paused first."""
+        evicted = set(plan.evict)
+        holding = {a for r in running if (a := self.adapter_of(r)) is not None} - evicted
+        waiting = {a for r in paused if (a := self.adapter_of(r)) is not None}
+        resume = waiting & holding
+        queued_adapters = {self.adapter_of(r) for r in queued}
+        free = self.slots - len(holding)
+        for adapter in plan.first:
+            if free <= 0:
+                break
+            if adapter in waiting and adapter not in resume:
+                resume.add(adapter)
+                free -= 1
+            elif adapter in queued_adapters:
+                free -= 1
+        for adapter in sorted(waiting - resume - evicted, key=lambda a: self._lost_at.get(a, float("-inf"))):
+            if free <= 0:
+                break
+            resume.add(adapter)
+            free -= 1
+        return resume

@@ -1,10 +1,16 @@
 """The slot policy (`serve.slots`) inside vLLM 0.32's scheduler: each step applies the policy's plan first.
 
 vLLM's `Scheduler.schedule` schedules every running request, then admits waiting ones in queue order, skipping
-those whose adapter would exceed `max_loras` (`vllm/v1/core/sched/scheduler.py`). Before it runs, the plan's
-holders are preempted as vLLM preempts on a full KV cache (`_preempt_request`: blocks freed, the request back at
-the front of the waiting queue, resumed later from the prefix cache), and the overdue adapters' requests are put
-in front of them. The scheduler runs in vLLM's engine core on every device: a GPU server gets the same policy.
+those whose adapter would exceed `max_loras` (`vllm/v1/core/sched/scheduler.py`). Before it runs:
+- the running requests of the holders the plan names are paused: their `next_decode_eligible_step` is set out
+  of reach, so the running loop skips them (vLLM's own skip for pipeline cadence) and their adapter is not in the
+  step's LoRA set. They keep their KV blocks and their state in the worker (an unscheduled running request is
+  kept, as when a step's token budget runs out): resuming recomputes nothing. (Preempting them instead, as vLLM
+  does on a full KV cache, recomputes their whole prefix on a CPU, whose KV blocks are 128 tokens.)
+- paused adapters the keeper resumes get their requests scheduled again (into a free slot only, so a step never
+  holds more than `max_loras` adapters);
+- the overdue adapters' queued requests go to the front of the waiting queue.
+The scheduler runs in vLLM's engine core on every device: a GPU server gets the same policy, async scheduling too.
 
 On only when the engine was started with `additional_config={"loraplex_slots": {"wait_s": .., "hold_s": ..}}`
 (`EngineConfig.slot_policy_config`) and vLLM's first-come-first-served policy: a priority queue has its own order.
@@ -19,7 +25,7 @@ from typing import Any
 
 from serve.slots import SlotKeeper, SlotPolicy
 
-logger = logging.getLogger("loraplex.slots")
+logger = logging.getLogger("vllm.loraplex.slots")  # under vLLM's logger: printed by its handler in the engine core
 CONFIG_KEY = "loraplex_slots"
 """The key of the policy's settings in vLLM's `additional_config`."""
 
@@ -41,26 +47,36 @@ def keeper_for(scheduler: Any) -> SlotKeeper[Any] | None:
     return SlotKeeper(policy, int(lora.max_loras), adapter_of=_adapter, arrived_of=lambda r: r.arrival_time)
 
 
+PAUSED = 1 << 62
+"""`Request.next_decode_eligible_step` of a paused request: a step the scheduler never reaches."""
+
+
 def before_step(keeper: SlotKeeper[Any], scheduler: Any) -> None:
-    """Applies the keeper's plan to `scheduler`: preempts the evicted holders' requests, reorders waiting."""
+    """Applies the keeper's plan to `scheduler`: pauses the evicted holders' requests, resumes the adapters the keeper
+    resumes, and puts the overdue adapters' queued requests first."""
     waiting = scheduler.waiting
-    plan = keeper.plan(scheduler.running, waiting, time.time())
-    if not plan.first:
+    for request in waiting:
+        if request.next_decode_eligible_step == PAUSED:
+            request.next_decode_eligible_step = 0  # preempted by vLLM (a full KV cache) while paused: admitted anew
+    running = [r for r in scheduler.running if r.next_decode_eligible_step != PAUSED]
+    paused = [r for r in scheduler.running if r.next_decode_eligible_step == PAUSED]
+    if not paused and not waiting:
+        keeper.plan(running, (), time.time())  # tenures only
         return
-    if plan.evict:
-        evicted = set(plan.evict)
-        victims = [r for r in scheduler.running if _adapter(r) in evicted]
-        scheduler.running = [r for r in scheduler.running if _adapter(r) not in evicted]
-        now = time.monotonic()
-        for request in reversed(victims):  # each is prepended: they keep their order
-            # As `reset_prefix_cache` does: a request preempted and resumed in one step is new to the worker, and
-            # output still in flight (async scheduling) is dropped, not delivered out of order.
-            scheduler._preempt_request(request, now, drop_stale_output=True)
-            scheduler.prev_step_scheduled_req_ids.discard(request.request_id)
-        keeper.preempted += len(victims)
-    ahead = keeper.ordered(plan, waiting)
-    waiting.remove_requests(ahead)
-    waiting.prepend_requests(reversed(ahead))  # extendleft reverses the order it is given
+    plan = keeper.plan(running, [*paused, *waiting], time.time())
+    resume = keeper.resume(plan, running, paused, waiting)
+    evicted = set(plan.evict)
+    for request in running:
+        if _adapter(request) in evicted:
+            request.next_decode_eligible_step = PAUSED
+            keeper.paused += 1
+    for request in paused:
+        if _adapter(request) in resume:
+            request.next_decode_eligible_step = 0
+    if plan.first:
+        ahead = keeper.ordered(plan, waiting)
+        waiting.remove_requests(ahead)
+        waiting.prepend_requests(reversed(ahead))  # extendleft reverses the order it is given
 
 
 def _adapter(request: Any) -> Hashable | None:

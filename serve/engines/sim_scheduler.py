@@ -3,8 +3,9 @@
 Each step every running request keeps going; waiting ones are admitted in queue order while the step has room
 for their sequences (`max_num_seqs`), skipping any whose adapter would make more than `max_loras` adapters in
 the step (vLLM's rule; None: no slot limit). With a `SlotPolicy` the plan of `serve.slots` is applied first, as
-`serve.vllm_slots` applies it in vLLM: the evicted holders' requests go back to the front of the waiting queue
-and the overdue adapters' requests before them. The simulated engine runs it in real time; the slot simulator
+`serve.vllm_slots` applies it in vLLM: the evicted holders' requests pause (kept, not run), the adapters the
+keeper resumes run again, and the overdue adapters' queued requests go first. The simulated engine runs it in
+real time; the slot simulator
 (`loadtests/slot_sim.py`) on a virtual clock.
 """
 
@@ -25,8 +26,8 @@ class Queued:
     choices: int
     arrived: float
     admitted_at: float | None = None
-    """When it last entered the running set (its prompt is processed from then on); None while it waits."""
-    preemptions: int = 0
+    """When it entered the running set (its prompt is processed from then on); None while it waits."""
+    pauses: int = 0
 
 
 class SimScheduler:
@@ -36,6 +37,8 @@ class SimScheduler:
         self.max_num_seqs = max_num_seqs
         self.max_loras = max_loras
         self.running: list[Queued] = []
+        self.paused: list[Queued] = []
+        """Running requests left out of the steps until their adapter has a slot again."""
         self.waiting: deque[Queued] = deque()
         self.keeper: SlotKeeper[Queued] | None = None
         if policy is not None and max_loras is not None:
@@ -46,10 +49,10 @@ class SimScheduler:
 
     def remove(self, request: Queued) -> None:
         """Drops a finished or aborted request, running or waiting."""
-        if request in self.waiting:
-            self.waiting.remove(request)
-        elif request in self.running:
-            self.running.remove(request)
+        for place in (self.waiting, self.running, self.paused):
+            if request in place:
+                place.remove(request)
+                return
 
     def schedule(self, now: float) -> list[Queued]:
         """The running requests of this step, after applying the slot plan and admitting what fits."""
@@ -76,17 +79,17 @@ class SimScheduler:
         return list(self.running)
 
     def _apply_plan(self, keeper: SlotKeeper[Queued], now: float) -> None:
-        plan = keeper.plan(self.running, self.waiting, now)
-        if not plan.first:
-            return
+        plan = keeper.plan(self.running, [*self.paused, *self.waiting], now)
+        resume = keeper.resume(plan, self.running, self.paused, self.waiting)
         evicted = set(plan.evict)
         victims = [r for r in self.running if r.adapter in evicted]
-        self.running = [r for r in self.running if r.adapter not in evicted]
+        resumed = [r for r in self.paused if r.adapter in resume]
+        self.running = [r for r in self.running if r.adapter not in evicted] + resumed
+        self.paused = [r for r in self.paused if r.adapter not in resume] + victims
         for request in victims:
-            request.admitted_at = None
-            request.preemptions += 1
-        keeper.preempted += len(victims)
-        self.waiting.extendleft(reversed(victims))
-        ahead = keeper.ordered(plan, self.waiting)
-        first = set(ahead)
-        self.waiting = deque([*ahead, *(r for r in self.waiting if r not in first)])
+            request.pauses += 1
+        keeper.paused += len(victims)
+        if plan.first:
+            ahead = keeper.ordered(plan, self.waiting)
+            first = set(ahead)
+            self.waiting = deque([*ahead, *(r for r in self.waiting if r not in first)])

@@ -25,7 +25,7 @@ POLICY = SlotPolicy(wait_s=2.0, hold_s=1.0)
 PLANS = [
     # (holders, waiters, slots, now, plan): holders (adapter, since, running), waiters (adapter, since, waiting)
     pytest.param([("a", 0, 3)], [("b", 9, 1)], 1, 10, Plan(), id="nothing-overdue-nothing-done"),
-    pytest.param([("a", 0, 3)], [("b", 7, 1)], 2, 10, Plan(first=("b",)), id="a-free-slot-needs-no-preemption"),
+    pytest.param([("a", 0, 3)], [("b", 7, 1)], 2, 10, Plan(first=("b",)), id="a-free-slot-needs-no-pause"),
     pytest.param([("a", 0, 3), ("c", 0, 1)], [("b", 7, 1)], 2, 10, Plan(("b",), ("c",)), id="fewest-streams-yield"),
     pytest.param([("a", 0, 1), ("c", 5, 1)], [("b", 7, 1)], 2, 10, Plan(("b",), ("a",)), id="longest-held-on-a-tie"),
     pytest.param([("a", 0, 1), ("c", 9.5, 1)], [("b", 7, 1)], 2, 10, Plan(("b",), ("a",)), id="young-slot-kept"),
@@ -101,9 +101,10 @@ def test_with_the_policy_a_rare_adapter_runs_after_the_bound_and_the_others_resu
     assert POLICY.wait_s <= admitted_at <= POLICY.wait_s + 0.5  # the bound, within a step
     running = sim.schedule(now=admitted_at + 0.5)
     assert "b" not in {r.adapter for r in running}  # b had fewer streams than a: b gave its slot up
-    assert popular[2].preemptions == 1 and popular[2] in sim.waiting
+    assert popular[2].pauses == 1 and popular[2] in sim.paused  # paused, not sent back: nothing to recompute
     sim.remove(rare)  # the rare request ends: b gets its slot back
     assert popular[2] in sim.schedule(now=admitted_at + 1.0)
+    assert popular[2].admitted_at == 0.0  # resumed where it stopped, not admitted anew
 
 
 def test_the_bound_holds_on_random_traffic() -> None:
@@ -122,14 +123,14 @@ def test_the_bound_holds_on_random_traffic() -> None:
             left[id(request)] = rng.randint(4, 60)
             sim.add(request)
         for request in sim.schedule(now):
-            if request.preemptions == 0 and left[id(request)] >= 0 and request.admitted_at == now:
+            if request.pauses == 0 and request.admitted_at == now:
                 waited.append(now - request.arrived)
             left[id(request)] -= 1
             if left[id(request)] <= 0:
                 sim.remove(request)
     assert len(waited) > 400
     assert max(waited) <= POLICY.wait_s + POLICY.hold_s + step_s
-    assert sim.keeper is not None and sim.keeper.preempted > 0
+    assert sim.keeper is not None and sim.keeper.paused > 0
 
 
 @pytest.mark.parametrize("name", ["zipf64", "zipf512", "rare"])
@@ -164,7 +165,7 @@ async def test_the_simulated_engine_serves_a_rare_adapter_within_the_bound_while
         popular = [asyncio.create_task(first_token("pop", 0.0)) for _ in range(2)]
         rare = await first_token("rare", 0.05)  # pop holds the one slot for 3 s
         assert 0.3 <= rare < 1.0
-        assert sim.scheduler.keeper is not None and sim.scheduler.keeper.preempted >= 2  # then they take turns
+        assert sim.scheduler.keeper is not None and sim.scheduler.keeper.paused >= 2  # then they take turns
         assert all(await asyncio.gather(*popular))
     finally:
         sim.shutdown()
