@@ -28,9 +28,9 @@ from routing.errors import (
     OpenAIError,
     Overloaded,
     PermissionDenied,
-    UpstreamError,
     error_response,
     sse_error,
+    upstream,
 )
 from routing.metrics import RequestTimer
 from routing.openapi import json_body
@@ -139,7 +139,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
                 admission = await context.admitter.admit(key, endpoint, body)
         first, items = await context.engine.start(endpoint, body, target.adapter, context.draining, trace)
         if isinstance(first, WireError):
-            raise UpstreamError(first)
+            raise upstream(first)
         if isinstance(first, dict):
             usage = _usage_of(first)
             timer.tokens(*usage)
@@ -157,7 +157,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
         timer.finish(exc.status)
         if admission is not None:
             admission.finish(0)  # the engine served nothing
-        return error_response(exc, anthropic=endpoint == "messages")
+        return error_response(exc.shown_to(key.admin), anthropic=endpoint == "messages")
     except BaseException:  # cancelled (the client left) or a bug: free the slot, keep the estimate charged
         if admission is not None:
             admission.finish(None)

@@ -43,6 +43,9 @@ class WireError:
     """Seconds a client should wait before sending it again (a 503's `Retry-After`)."""
     replica: str | None = None
     """The engine replica that answered, set with `NOT_STARTED` (the router then avoids it); never sent on."""
+    detail: str | None = None
+    """Why, when the reason may name what a tenant must not see (a host path, a bucket, the S3 endpoint): the router
+    tells it only to admin keys and its log, and other keys get `message` with a request id to quote."""
 
     def __post_init__(self) -> None:
         if not self.type:
