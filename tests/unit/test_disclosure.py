@@ -77,7 +77,7 @@ async def test_an_unusable_adapter_reaches_a_tenant_as_unavailable_and_its_reaso
     assert SECRET not in tenant.text and REQUEST_ID.search(tenant.json()["error"]["message"])
     assert tenant.json()["error"]["param"] == "model"
     assert SECRET in admin.json()["error"]["message"]
-    assert [a["unusable"] for a in tenant_list] == [[r["unusable"] for r in tenant_rows][0]]
+    assert [a["unusable"] for a in tenant_list] == [r["unusable"] for r in tenant_rows]
     assert tenant_list[0]["unusable"] and SECRET not in tenant_list[0]["unusable"]
     assert admin_list[0]["unusable"] == reason
 
