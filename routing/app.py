@@ -17,6 +17,7 @@ from routing.endpoints import adapters, console, generate, models, ops
 from routing.engine_client import EngineClient
 from routing.errors import install_error_handlers
 from routing.fairness import FairGate
+from routing.hosts import HostCheck
 from routing.metrics import RouterMetrics
 from routing.openapi import ERROR_RESPONSES
 from routing.principals import KeyRing
@@ -77,7 +78,9 @@ def create_app(
         read_timeout_s=config.body_read_timeout_s,
     )
     if tracer is not None:
-        app.add_middleware(TraceRequests, tracer=tracer)  # added last: outermost, so its span holds the others
+        app.add_middleware(TraceRequests, tracer=tracer)  # outside the body limit: its span holds the others
+    if config.auth.is_open:
+        app.add_middleware(HostCheck, allowed=config.allowed_hosts)  # added last: outermost
     for endpoints in (generate, models, adapters, console, ops):
         app.include_router(endpoints.router)
     if config.console:

@@ -115,6 +115,12 @@ class PermissionDenied(OpenAIError):
     type = "permission_error"
 
 
+class HostNotAllowed(PermissionDenied):
+    """An open server asked for by a name it does not answer to (`routing.hosts`)."""
+
+    code = "host_not_allowed"
+
+
 class RetryLater(OpenAIError):
     """An error the client should retry after `retry_after` seconds (sent as `Retry-After`)."""
 

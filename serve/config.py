@@ -533,6 +533,15 @@ class RouterConfig(_Strict):
         ),
     )
     port: int = Field(default=8000, ge=1, le=65535, description="Port the router listens on with `ingress: direct`.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Names an open server (no keys) answers in the `Host` header besides `localhost`, `*.localhost` and IP "
+            "addresses: an exact name, `*.example.com` for its subdomains, or `*` for any name (no check). Other "
+            "names get 403, so a web page whose domain is rebound to this address cannot use the server from the "
+            "browser. A server with keys checks no `Host`."
+        ),
+    )
     num_replicas: int = Field(default=1, ge=1, description="Router replicas (they share one port per node).")
     max_ongoing_requests: int = Field(default=256, ge=1, description="Requests one router replica accepts at once.")
     max_adapter_labels: int = Field(
@@ -635,6 +644,20 @@ class RouterConfig(_Strict):
         ),
     )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and the audit log.")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, names: list[str]) -> list[str]:
+        normalized = []
+        for given in names:
+            name = given.strip().lower()
+            if name != "*":
+                name = name.rstrip(".")
+                wildcard = name.removeprefix("*.")
+                if not wildcard or any(c in wildcard for c in "*/:[] "):
+                    raise ValueError(f"allowed_hosts: {given!r} is not a host name, `*.NAME` or `*`")
+            normalized.append(name)
+        return normalized
 
     @model_validator(mode="after")
     def _fair_queue_fits_in_the_replica(self) -> RouterConfig:

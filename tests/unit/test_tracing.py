@@ -93,10 +93,10 @@ def openai_client(app: Any, key: str) -> openai.AsyncOpenAI:
     transport = httpx2.ASGITransport(app=app)
     return openai.AsyncOpenAI(
         api_key=key,
-        base_url="http://router/v1",
+        base_url="http://router.localhost/v1",
         max_retries=0,
         default_headers={"traceparent": TRACEPARENT},
-        http_client=httpx2.AsyncClient(transport=transport, base_url="http://router"),
+        http_client=httpx2.AsyncClient(transport=transport, base_url="http://router.localhost"),
     )
 
 
