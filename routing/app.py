@@ -46,7 +46,12 @@ def create_app(
     `facts`: the engines' settings and deployment, which the console's Server view shows (None: unknown).
     """
     app = FastAPI(
-        title="loraplex", description="OpenAI-compatible multi-LoRA inference router.", responses=ERROR_RESPONSES
+        title="loraplex",
+        description="OpenAI-compatible multi-LoRA inference router.",
+        responses=ERROR_RESPONSES,
+        # No Swagger UI or ReDoc: they load scripts from a CDN into the console's origin, where its key is kept.
+        docs_url=None,
+        redoc_url=None,
     )
     gate = FairGate(config.max_inflight, config.max_waiting, config.fair_share_reserve)
     window = RequestWindow(config.console_window_s)
