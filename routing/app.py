@@ -74,16 +74,14 @@ def create_app(
     install_error_handlers(app)
     context = app.state.context
     authenticate = None if config.auth.is_open else context.keys.authenticate
-    if authenticate is not None and tracer is not None:
-        authenticate = traced_authentication(tracer, authenticate)
     app.add_middleware(
         BodyLimit,
         max_bytes=config.max_body_bytes,
-        authenticate=authenticate,
+        authenticate=traced_authentication(tracer, authenticate) if authenticate and tracer else authenticate,
         read_timeout_s=config.body_read_timeout_s,
     )
-    if tracer is not None:
-        app.add_middleware(TraceRequests, tracer=tracer)  # outside the body limit: its span holds the others
+    if tracer is not None:  # outside the body limit: its span holds the others
+        app.add_middleware(TraceRequests, tracer=tracer, authenticate=authenticate)
     if config.auth.is_open:
         app.add_middleware(HostCheck, allowed=config.allowed_hosts)  # added last: outermost
     for endpoints in (generate, models, adapters, console, ops):

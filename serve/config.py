@@ -771,9 +771,10 @@ class RegistryConfig(_Strict):
 class TracingConfig(_Strict):
     """OpenTelemetry traces of generation requests, in the router and the engine replicas, sent to an OTLP collector.
 
-    Off without `otlp_endpoint`: no tracer is built and requests do no tracing work. On, each request gets spans per
-    phase (auth, admission, replica choice, adapter load, queue, the whole generation), never per token, continuing
-    the trace of a client's W3C `traceparent` header.
+    Off without `otlp_endpoint`: no tracer is built and requests do no tracing work. On, each authenticated request
+    gets spans per phase (auth, admission, replica choice, adapter load, queue, the whole generation), never per
+    token, in the trace of the client's W3C `traceparent` header when it sends one; the router alone decides which
+    requests are traced (`sample_ratio`), and a request without a valid key gets no span.
     """
 
     otlp_endpoint: str | None = Field(
@@ -796,8 +797,9 @@ class TracingConfig(_Strict):
         ge=0,
         le=1,
         description=(
-            "Fraction of the traces the router starts that are recorded. A request with a client's `traceparent` "
-            "follows the client's choice (its sampled flag) instead."
+            "Fraction of authenticated generation requests that are traced, by the router's own random draw: a "
+            "client's `traceparent` sampled flag and trace id do not change it (its trace id is kept, so the spans "
+            "join the client's trace)."
         ),
     )
 
