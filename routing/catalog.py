@@ -110,7 +110,7 @@ class ModelCatalog:
         if record is None:
             raise ModelNotFound(f"The model `{requested}` does not exist.", param="model")
         if record.unusable:
-            raise AdapterUnavailable(f"The model `{requested}` cannot be served", f"it {record.unusable}", status=400)
+            raise AdapterUnavailable(f"The model `{requested}` is unavailable", f"it {record.unusable}", status=400)
         return ModelTarget(id=self.adapter_id(name), adapter=record)
 
     async def composite(self, composition: Composition) -> tuple[ModelTarget, bool]:
