@@ -17,6 +17,7 @@ from routing.endpoints import adapters, console, generate, models, ops
 from routing.engine_client import EngineClient
 from routing.errors import install_error_handlers
 from routing.fairness import FairGate
+from routing.hosts import HostCheck
 from routing.metrics import RouterMetrics
 from routing.openapi import ERROR_RESPONSES
 from routing.principals import KeyRing
@@ -45,7 +46,12 @@ def create_app(
     `facts`: the engines' settings and deployment, which the console's Server view shows (None: unknown).
     """
     app = FastAPI(
-        title="loraplex", description="OpenAI-compatible multi-LoRA inference router.", responses=ERROR_RESPONSES
+        title="loraplex",
+        description="OpenAI-compatible multi-LoRA inference router.",
+        responses=ERROR_RESPONSES,
+        # No Swagger UI or ReDoc: they load scripts from a CDN into the console's origin, where its key is kept.
+        docs_url=None,
+        redoc_url=None,
     )
     gate = FairGate(config.max_inflight, config.max_waiting, config.fair_share_reserve)
     window = RequestWindow(config.console_window_s)
@@ -68,16 +74,16 @@ def create_app(
     install_error_handlers(app)
     context = app.state.context
     authenticate = None if config.auth.is_open else context.keys.authenticate
-    if authenticate is not None and tracer is not None:
-        authenticate = traced_authentication(tracer, authenticate)
     app.add_middleware(
         BodyLimit,
         max_bytes=config.max_body_bytes,
-        authenticate=authenticate,
+        authenticate=traced_authentication(tracer, authenticate) if authenticate and tracer else authenticate,
         read_timeout_s=config.body_read_timeout_s,
     )
-    if tracer is not None:
-        app.add_middleware(TraceRequests, tracer=tracer)  # added last: outermost, so its span holds the others
+    if tracer is not None:  # outside the body limit: its span holds the others
+        app.add_middleware(TraceRequests, tracer=tracer, authenticate=authenticate)
+    if config.auth.is_open:
+        app.add_middleware(HostCheck, allowed=config.allowed_hosts)  # added last: outermost
     for endpoints in (generate, models, adapters, console, ops):
         app.include_router(endpoints.router)
     if config.console:

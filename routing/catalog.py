@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from routing.errors import InvalidRequest, ModelNotFound, NotReady, UpstreamError
+from routing.errors import AdapterUnavailable, ModelNotFound, NotReady, UpstreamError
 from routing.registry_client import RegistryClient
 from serve.wire import (
     ADAPTER_ID_SEPARATOR,
@@ -110,7 +110,7 @@ class ModelCatalog:
         if record is None:
             raise ModelNotFound(f"The model `{requested}` does not exist.", param="model")
         if record.unusable:
-            raise InvalidRequest(f"The model `{requested}` cannot be served: it {record.unusable}.", param="model")
+            raise AdapterUnavailable(f"The model `{requested}` is unavailable", f"it {record.unusable}", status=400)
         return ModelTarget(id=self.adapter_id(name), adapter=record)
 
     async def composite(self, composition: Composition, owner: str) -> tuple[ModelTarget, bool]:

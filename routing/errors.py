@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -55,6 +56,10 @@ class OpenAIError(Exception):
 
     def headers(self) -> dict[str, str]:
         return {}
+
+    def shown_to(self, admin: bool) -> OpenAIError:
+        """This error as a caller sees it: with the admin scope (or on an open server) or without."""
+        return self
 
 
 class InvalidRequest(OpenAIError):
@@ -108,6 +113,12 @@ class PermissionDenied(OpenAIError):
 
     status = 403
     type = "permission_error"
+
+
+class HostNotAllowed(PermissionDenied):
+    """An open server asked for by a name it does not answer to (`routing.hosts`)."""
+
+    code = "host_not_allowed"
 
 
 class RetryLater(OpenAIError):
@@ -166,6 +177,52 @@ class UpstreamError(OpenAIError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+def new_request_id() -> str:
+    """An id for one failed request: the client quotes it, the log holds what went wrong under it."""
+    return f"req_{secrets.token_hex(12)}"
+
+
+class AdapterUnavailable(OpenAIError):
+    """An adapter that cannot be served, for a reason that may name a host path, a bucket or the S3 endpoint.
+
+    The client gets `message` and a request id; the log gets the reason under that id, and so do admin keys
+    (`shown_to`), which manage the adapter and may see where it comes from.
+    """
+
+    code = "adapter_unavailable"
+
+    def __init__(
+        self, message: str, reason: str, *, status: int, param: str | None = "model", retry_after: int | None = None
+    ) -> None:
+        self.request_id = new_request_id()
+        super().__init__(f"{message} (request id {self.request_id}).", param=param)
+        self.status = status
+        self.type = error_type(status)
+        self.retry_after = retry_after
+        self.summary = message
+        self.reason = reason
+        logger.warning("request %s: %s: %s", self.request_id, message, reason)
+
+    @classmethod
+    def from_wire(cls, error: WireError) -> AdapterUnavailable:
+        return cls(error.message, error.detail or "", status=error.status, param=error.param,
+                   retry_after=error.retry_after)  # fmt: skip
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+    def shown_to(self, admin: bool) -> OpenAIError:
+        if admin:
+            self.message = f"{self.summary}: {self.reason} (request id {self.request_id})."
+        return self
+
+
+def upstream(error: WireError) -> OpenAIError:
+    """The router's error for one answered across the wire: as it was answered, or, when it carries a `detail`
+    only admins may read, an `AdapterUnavailable`."""
+    return UpstreamError(error) if error.detail is None else AdapterUnavailable.from_wire(error)
 
 
 class _ErrorJSONResponse(JSONResponse):

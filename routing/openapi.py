@@ -11,7 +11,8 @@ from routing.errors import ErrorResponse
 _ERRORS = {
     400: "Invalid request: malformed JSON, a wrong Content-Type, or an invalid field (named in `param`).",
     401: "Missing or invalid API key.",
-    403: "The API key may not use this route or model.",
+    403: "The API key may not use this route or model; or a server without keys was asked for by a `Host` name it "
+    "does not answer to (`host_not_allowed`).",
     404: "Unknown model, adapter or route.",
     405: "Method not allowed on this route.",
     413: "Request body over the size limit.",

@@ -2,23 +2,17 @@
 
 A request that names a `user` gets the same version every time (sticky: the user's point on [0, 100) is a hash
 of the adapter, the new version and the user, so raising the percentage only moves users onto the new version);
-one without is drawn at random. The percentage and the versions live in the registry's record.
+one without is drawn at random. The percentage and the versions live in the registry's record; the user's point is
+`serve.wire.user_point`, which `loraplex verify` uses too.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable
 from dataclasses import replace
 
-from serve.wire import AdapterRecord, versioned_name
-
-
-def user_point(name: str, version: int, user: str) -> float:
-    """Where `user` falls on [0, 100) for the rollout of `version` of adapter `name`."""
-    digest = hashlib.sha256(f"{name}\0{version}\0{user}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 * 100
+from serve.wire import AdapterRecord, user_point, versioned_name
 
 
 def choose_version(record: AdapterRecord, user: str | None, draw: Callable[[], float] = random.random) -> AdapterRecord:

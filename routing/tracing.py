@@ -26,6 +26,7 @@ from opentelemetry.trace import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from routing.errors import OpenAIError
 from routing.principals import Principal
 from serve.wire.tracing import TRACE_KWARG, TRACEPARENT, TRACESTATE, continued
 
@@ -37,21 +38,34 @@ _TRACE_HEADERS = (TRACEPARENT.encode(), TRACESTATE.encode())
 
 
 class TraceRequests:
-    """ASGI middleware, outermost: a server span around each generation request, current while it is served.
+    """ASGI middleware, outside the body limit: a server span around each authenticated generation request, current
+    while it is served.
 
-    The span continues the trace of the client's `traceparent` header (a new trace without one), is current while
-    the route runs (so phases become its children) and ends once the response is sent, a stream's last event
-    included. It records the HTTP status; a 5xx is an error, a 4xx is the client's.
+    A request without a valid key gets no span (`authenticate` raises; None: an open server, where every request is
+    its anonymous principal's). The span continues the trace of the client's `traceparent` header (a new trace without
+    one), but whether it is recorded is the router's draw (`serve.wire.sampling`), never the client's flag. It is
+    current while the route runs (so phases become its children) and ends once the response is sent, a stream's last
+    event included. It records the HTTP status; a 5xx is an error, a 4xx is the client's.
     """
 
-    def __init__(self, app: ASGIApp, tracer: Tracer) -> None:
+    def __init__(
+        self, app: ASGIApp, tracer: Tracer, authenticate: Callable[[str | None, str | None], Any] | None = None
+    ) -> None:
         self.app = app
         self.tracer = tracer
+        self.authenticate = authenticate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in GENERATION_ROUTES:
             await self.app(scope, receive, send)
             return
+        headers = dict(scope["headers"])
+        if self.authenticate is not None:
+            try:
+                self.authenticate(_text(headers.get(b"authorization")), _text(headers.get(b"x-api-key")))
+            except OpenAIError:  # the body limit answers it, untraced
+                await self.app(scope, receive, send)
+                return
         carrier = {name.decode(): value.decode("latin-1") for name, value in scope["headers"] if name in _TRACE_HEADERS}
         route = scope["path"]
         span = self.tracer.start_span(
@@ -80,6 +94,10 @@ class TraceRequests:
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
 
 
 def traced_authentication(

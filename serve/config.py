@@ -541,6 +541,15 @@ class RouterConfig(_Strict):
         ),
     )
     port: int = Field(default=8000, ge=1, le=65535, description="Port the router listens on with `ingress: direct`.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Names an open server (no keys) answers in the `Host` header besides `localhost`, `*.localhost` and IP "
+            "addresses: an exact name, `*.example.com` for its subdomains, or `*` for any name (no check). Other "
+            "names get 403, so a web page whose domain is rebound to this address cannot use the server from the "
+            "browser. A server with keys checks no `Host`."
+        ),
+    )
     num_replicas: int = Field(default=1, ge=1, description="Router replicas (they share one port per node).")
     max_ongoing_requests: int = Field(default=256, ge=1, description="Requests one router replica accepts at once.")
     max_adapter_labels: int = Field(
@@ -643,6 +652,20 @@ class RouterConfig(_Strict):
         ),
     )
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and the audit log.")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, names: list[str]) -> list[str]:
+        normalized = []
+        for given in names:
+            name = given.strip().lower()
+            if name != "*":
+                name = name.rstrip(".")
+                wildcard = name.removeprefix("*.")
+                if not wildcard or any(c in wildcard for c in "*/:[] "):
+                    raise ValueError(f"allowed_hosts: {given!r} is not a host name, `*.NAME` or `*`")
+            normalized.append(name)
+        return normalized
 
     @model_validator(mode="after")
     def _fair_queue_fits_in_the_replica(self) -> RouterConfig:
@@ -780,9 +803,10 @@ class RegistryConfig(_Strict):
 class TracingConfig(_Strict):
     """OpenTelemetry traces of generation requests, in the router and the engine replicas, sent to an OTLP collector.
 
-    Off without `otlp_endpoint`: no tracer is built and requests do no tracing work. On, each request gets spans per
-    phase (auth, admission, replica choice, adapter load, queue, the whole generation), never per token, continuing
-    the trace of a client's W3C `traceparent` header.
+    Off without `otlp_endpoint`: no tracer is built and requests do no tracing work. On, each authenticated request
+    gets spans per phase (auth, admission, replica choice, adapter load, queue, the whole generation), never per
+    token, in the trace of the client's W3C `traceparent` header when it sends one; the router alone decides which
+    requests are traced (`sample_ratio`), and a request without a valid key gets no span.
     """
 
     otlp_endpoint: str | None = Field(
@@ -805,8 +829,9 @@ class TracingConfig(_Strict):
         ge=0,
         le=1,
         description=(
-            "Fraction of the traces the router starts that are recorded. A request with a client's `traceparent` "
-            "follows the client's choice (its sampled flag) instead."
+            "Fraction of authenticated generation requests that are traced, by the router's own random draw: a "
+            "client's `traceparent` sampled flag and trace id do not change it (its trace id is kept, so the spans "
+            "join the client's trace)."
         ),
     )
 

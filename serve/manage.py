@@ -223,7 +223,12 @@ def verify(
         typer.Option(help="The base model's folder here (default: .loraplex/models/BASE, as `make serve` builds it)."),
     ] = None,
     adapter: Annotated[
-        Path | None, typer.Option(help="The adapter's folder here (default: its registered source, admins only).")
+        Path | None,
+        typer.Option(help="The adapter's folder here (default: its registered s3:// or hf:// source, admins only)."),
+    ] = None,
+    version: Annotated[
+        int | None,
+        typer.Option(min=1, help="The version to verify while a new one is rolled out (default: the current one)."),
     ] = None,
     prompts: Annotated[
         Path | None, typer.Option(help="Prompts to compare, one per line or a JSON list (default: four built in).")
@@ -239,19 +244,14 @@ def verify(
     from serve.verify import verify as run
 
     try:
-        base = model or DEFAULT_ASSETS / "models" / _base_id(url, name, api_key)
-        if not (base / "config.json").is_file():
-            raise VerifyError(f"no model folder at {base}: pass --model FOLDER")
-        verdict = run(url, name, base, adapter_dir=adapter, prompts=read_prompts(prompts), tokens=tokens,
-                      api_key=api_key, s3=S3Source(endpoint_url=s3_endpoint_url),
+        if model is not None and not (model / "config.json").is_file():
+            raise VerifyError(f"no model folder at {model}: pass --model FOLDER")
+        verdict = run(url, name, model, assets=DEFAULT_ASSETS, adapter_dir=adapter, version=version,
+                      prompts=read_prompts(prompts), tokens=tokens, api_key=api_key,
+                      s3=S3Source(endpoint_url=s3_endpoint_url),
                       progress=lambda line: typer.echo(line, err=True))  # fmt: skip
     except VerifyError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(verdict.report())
     raise typer.Exit(0 if verdict.ok else 1)
-
-
-def _base_id(url: str, name: str, api_key: str | None) -> str:
-    card = _call("GET", f"{url}/v1/adapters/{name}", api_key)
-    return str(card["id"]).rsplit(":", 1)[0]

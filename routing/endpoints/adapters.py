@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from routing.audit import AuditAction
 from routing.auth import KeyDep, RegisterAdmin, UnregisterAdmin
 from routing.context import ContextDep, RouterContext
+from routing.disclosure import seen_by
 from routing.errors import InvalidRequest, OpenAIError, PermissionDenied, UpstreamError
 from routing.openapi import TEXT_ROUTE_ERRORS
 from routing.principals import Principal
@@ -108,11 +109,11 @@ class UnloadLoraAdapter(BaseModel):
     lora_name: str = Field(min_length=1)
 
 
-def card(context: RouterContext, record: AdapterRecord, *, with_source: bool = True) -> dict[str, Any]:
-    """An adapter as the API shows it; `source` (buckets, prefixes, host paths) only to admins, its rolled-out
-    version's too."""
-    fields = asdict(record)
-    if not with_source:
+def card(context: RouterContext, record: AdapterRecord, key: Principal) -> dict[str, Any]:
+    """An adapter as the API shows it to `key` (`routing.disclosure.seen_by`); `source` (buckets, prefixes, host
+    paths) only to admins, its rolled-out version's too."""
+    fields = asdict(seen_by(record, key))
+    if not key.admin:
         del fields["source"]
         if fields["canary"] is not None:
             del fields["canary"]["source"]
@@ -183,7 +184,7 @@ async def list_adapters(
     """The adapters this key may see, ordered by name, a page at a time as OpenAI's list endpoints page:
     `has_more` says whether to ask again with `after` = this page's `last_id`."""
     page, has_more = await visible_page(context, key, after, limit)
-    data = [card(context, r, with_source=key.admin) for r in page]
+    data = [card(context, r, key) for r in page]
     return {
         "object": "list",
         "data": data,
@@ -217,7 +218,7 @@ async def get_adapter(name: str, context: ContextDep, key: KeyDep) -> dict[str, 
         for r in reports
         if target.adapter.name in r.adapters
     ]
-    return {**card(context, target.adapter, with_source=key.admin), "replicas": placement}
+    return {**card(context, target.adapter, key), "replicas": placement}
 
 
 @router.post("/v1/adapters", status_code=201)
@@ -228,7 +229,7 @@ async def register_adapter(
     if source is None:  # the model's validator refuses this already
         raise InvalidRequest("give a source or compose (one of them)", param="source")
     record = await _register(context, request, key, body.name, source, body.pinned, 201, body.tool_call_parser)
-    return JSONResponse(card(context, record), status_code=201)
+    return JSONResponse(card(context, record, key), status_code=201)
 
 
 @router.delete("/v1/adapters/{name}")
@@ -260,7 +261,7 @@ async def _rollout_step(
     context.audit.record(key.name, action, request, adapter=name, version=outcome.version, split=split_of(outcome),
                          source=outcome.canary.source if outcome.canary else None)  # fmt: skip
     await context.catalog.refresh(force=True)
-    return card(context, outcome)
+    return card(context, outcome, key)
 
 
 @router.post("/v1/adapters/{name}/rollout", status_code=201)

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Query
 from routing.auth import KeyDep
 from routing.console.summary import settings
 from routing.context import ContextDep, RouterContext
+from routing.disclosure import seen_by
 from routing.endpoints.adapters import split_of, visible_page
 from routing.errors import NotReady
 from routing.principals import Principal
@@ -67,7 +68,10 @@ def _rollout(record: AdapterRecord) -> dict[str, Any] | None:
 def adapter_row(
     context: RouterContext, record: AdapterRecord, key: Principal, placed: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """One adapter as the console shows it; its source (buckets, prefixes, host paths) only to admins."""
+    """One adapter as the console shows it to `key` (`routing.disclosure.seen_by`); its source (buckets, prefixes,
+    host paths) only to admins."""
+    source = record.source
+    record = seen_by(record, key)
     model_id = context.catalog.adapter_id(record.name)
     row: dict[str, Any] = {
         "id": model_id,
@@ -86,7 +90,7 @@ def adapter_row(
         "stats": context.metrics.window.stats(model_id).as_json(),
     }
     if key.admin:
-        row["source"] = record.source
+        row["source"] = source
     return row
 
 

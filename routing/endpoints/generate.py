@@ -29,9 +29,9 @@ from routing.errors import (
     OpenAIError,
     Overloaded,
     PermissionDenied,
-    UpstreamError,
     error_response,
     sse_error,
+    upstream,
 )
 from routing.metrics import RequestTimer
 from routing.openapi import json_body
@@ -129,7 +129,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
             trace = traceparent_of(get_current_span())
         first, items = await context.engine.start(endpoint, body, target.adapter, context.draining, trace)
         if isinstance(first, WireError):
-            raise UpstreamError(first)
+            raise upstream(first)
         if isinstance(first, dict):
             usage = _usage_of(first)
             timer.tokens(*usage)
@@ -147,7 +147,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
         timer.finish(exc.status)
         if admission is not None:
             admission.finish(0)  # the engine served nothing
-        return error_response(exc, anthropic=endpoint == "messages")
+        return error_response(exc.shown_to(key.admin), anthropic=endpoint == "messages")
     except BaseException:  # cancelled (the client left) or a bug: free the slot, keep the estimate charged
         if admission is not None:
             admission.finish(None)

@@ -14,10 +14,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from serve.adapters.cache import Hold, NodeCache
+from serve.adapters.cache import FAILURE_TTL_S, CacheUnavailable, Hold, NodeCache
 from serve.adapters.validation import AdapterInvalid
 from serve.tracing import phase
-from serve.wire import AdapterRecord, LoaderStats, adapter_model_id
+from serve.wire import AdapterRecord, LoaderStats, WireError, adapter_model_id
 
 logger = logging.getLogger(__name__)
 
@@ -150,3 +150,17 @@ class AdapterLoader:
             # Requests already running hold `previous` and finish on it; new ones get `request`.
             await self._engine.remove_lora(previous.lora_int_id)
             self._pinned.discard(previous.lora_int_id)
+
+
+def install_failure(record: AdapterRecord, exc: Exception) -> WireError:
+    """What a request for `record` is answered when `ensure` raised `exc`: a message naming only the adapter, the
+    reason (it may name a host path, a bucket, the S3 endpoint) in `detail`, for admin keys and the logs."""
+    message = f"adapter {record.name!r} is unavailable"
+    if isinstance(exc, AdapterInvalid):
+        logger.warning("adapter %s cannot be served: %s", record.name, exc)
+        return WireError(status=422, message=message, param="model", code="adapter_unavailable", detail=str(exc))
+    if isinstance(exc, CacheUnavailable):  # the node's cache logged it
+        return WireError(status=503, message=f"{message} on this replica now", code="adapter_unavailable",
+                         retry_after=int(FAILURE_TTL_S), detail=str(exc))  # fmt: skip
+    logger.error("loading adapter %s failed", record.name, exc_info=exc)
+    return WireError(status=500, message=message, code="adapter_unavailable", detail=f"{type(exc).__name__}: {exc}")

@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from serve.adapters.cache import FAILURE_TTL_S, CacheUnavailable, NodeCache
-from serve.adapters.loader import AdapterLoader
+from serve.adapters.cache import NodeCache
+from serve.adapters.loader import AdapterLoader, install_failure
 from serve.adapters.resolver import make_resolver
-from serve.adapters.validation import AdapterInvalid
 from serve.config import AdapterConfig, AppConfig, EngineConfig
 from serve.engines.vllm_routes import Route, StreamUsage, build_routes, sse, with_tool_parser
 from serve.prompt_limit import request_models
@@ -237,14 +236,8 @@ class VLLMEngine:
         """Loads `adapter` unless held; the error to answer when it cannot be loaded."""
         try:
             await self._adapters.ensure(adapter)
-        except AdapterInvalid as exc:
-            return WireError(status=422, message=str(exc), param="model")
-        except CacheUnavailable as exc:
-            message = f"adapter {adapter.name!r} cannot be loaded on this replica now: {exc}"
-            return WireError(status=503, message=message, retry_after=int(FAILURE_TTL_S))
-        except Exception as exc:  # the detail (paths of this node) goes to the log, not to the client
-            logger.exception("loading adapter %s failed", adapter.name)
-            return WireError(status=500, message=f"loading adapter {adapter.name!r} failed ({type(exc).__name__})")
+        except Exception as exc:
+            return install_failure(adapter, exc)
         return None
 
     async def check_health(self) -> None:

@@ -43,6 +43,9 @@ class WireError:
     """Seconds a client should wait before sending it again (a 503's `Retry-After`)."""
     replica: str | None = None
     """The engine replica that answered, set with `NOT_STARTED` (the router then avoids it); never sent on."""
+    detail: str | None = None
+    """Why, when the reason may name what a tenant must not see (a host path, a bucket, the S3 endpoint): the router
+    tells it only to admin keys and its log, and other keys get `message` with a request id to quote."""
 
     def __post_init__(self) -> None:
         if not self.type:
@@ -261,6 +264,14 @@ def versioned_name(name: str, version: int) -> str:
     """The engine's name for version `version` of adapter `name` while it is rolled out beside another (`NAME@vN`):
     both versions are installed in an engine at once, each under its own name."""
     return f"{name}{VERSION_SEPARATOR}{version}"
+
+
+def user_point(name: str, version: int, user: str) -> float:
+    """Where `user` falls on [0, 100) for the rollout of `version` of adapter `name`: a request naming `user` gets
+    that version while the point is under the rollout's percentage (`routing.rollout`), and `loraplex verify` picks
+    a `user` so to get the version it checks."""
+    digest = hashlib.sha256(f"{name}\0{version}\0{user}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * 100
 
 
 def unversioned(name: str) -> str:

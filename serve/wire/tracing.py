@@ -43,10 +43,15 @@ def build_tracer(config: TracingConfig, component: Component, exporter: SpanExpo
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+
+    from serve.wire.sampling import ServerDecides
 
     resource = Resource.create({"service.name": f"{config.service_name}-{component}"})
-    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)))
+    # The router decides; an engine replica follows the router's `traceparent`, its only parent.
+    ratio = config.sample_ratio
+    sampler: Sampler = ServerDecides(ratio) if component == "router" else ParentBased(TraceIdRatioBased(ratio))
+    provider = TracerProvider(resource=resource, sampler=sampler)
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     else:

@@ -94,9 +94,11 @@ def test_loraplex_verify_passes_on_the_served_version_and_fails_on_another(stack
     assert register(stack, "checked", str(first)).status_code == 201
     loraplex = str(Path(sys.executable).parent / "loraplex")
     command = [loraplex, "verify", "checked", "--model", str(stack.model_dir), "--url", stack.base_url, "--tokens", "8"]
-    passed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    from_source = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert from_source.returncode == 2 and "pass --adapter FOLDER" in from_source.stderr  # the server's path: not read
+    passed = subprocess.run([*command, "--adapter", str(first)], capture_output=True, text=True, timeout=600)
     assert passed.returncode == 0, passed.stdout + passed.stderr
-    assert "PASS: 4/4 prompts" in passed.stdout and "version 1" in passed.stdout  # files from its source
+    assert "PASS: 4/4 prompts" in passed.stdout and "version 1" in passed.stdout
 
     assert register(stack, "checked", str(second)).json()["version"] == 2
     failed = subprocess.run([*command, "--adapter", str(first)], capture_output=True, text=True, timeout=600)

@@ -45,7 +45,7 @@ def make_app(
 
 
 def client_for(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost")
 
 
 def context_of(app: FastAPI) -> RouterContext:

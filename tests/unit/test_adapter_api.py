@@ -26,7 +26,7 @@ BASE = "tiny-base"
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(engine_client(), ModelCatalog(BASE, FakeRegistry()), RouterConfig())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost") as client:
         yield client
 
 
@@ -56,7 +56,7 @@ async def test_an_adapter_that_no_longer_fits_the_base_is_listed_with_the_reason
     registry = FakeRegistry({"old": replace(record("old"), unusable=reason), "ok": record("ok")})
     engine = FakeEngine()
     app = create_app(engine_client(engine), ModelCatalog(BASE, registry), RouterConfig())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost") as client:
         assert await model_ids(client) == [BASE, f"{BASE}:ok"]
         listed = {a["name"]: a["unusable"] for a in (await client.get("/v1/adapters")).json()["data"]}
         assert listed == {"old": reason, "ok": None}
@@ -98,7 +98,7 @@ async def test_refused_writes_record_nothing(
 async def test_adapter_card_shows_where_it_is_installed_and_resident() -> None:
     registry = FakeRegistry()
     app = create_app(engine_client(), ModelCatalog(BASE, registry), RouterConfig())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost") as client:
         await client.post("/v1/adapters", json={"name": "hot", "source": "/a/hot"})
         registry.reports = [
             ReplicaReport(replica="r1", adapters=("hot",), engine_loras=1, stats=LoaderStats(), resident=("hot",)),
@@ -170,7 +170,7 @@ def test_concurrent_fetches_of_the_same_content_share_one_cached_copy(tmp_path: 
 async def test_the_adapter_list_pages_in_name_order_as_openai_lists_do() -> None:
     registry = FakeRegistry({name: record(name) for name in ("c", "a", "e", "b", "d")})
     app = create_app(engine_client(), ModelCatalog(BASE, registry), RouterConfig())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost") as client:
         whole = (await client.get("/v1/adapters")).json()
         assert [a["name"] for a in whole["data"]] == ["a", "b", "c", "d", "e"] and whole["has_more"] is False
         pages, params = [], {"limit": "2"}
@@ -209,7 +209,7 @@ def test_the_cli_lists_every_page(monkeypatch: pytest.MonkeyPatch) -> None:
 
         async def get() -> object:
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://router.localhost") as client:
                 return (await client.get("/v1/adapters", params={**params, "limit": "10"})).json()
 
         return asyncio.run(get())
@@ -235,7 +235,7 @@ async def test_a_router_takes_in_its_own_write_without_a_round_trip_and_syncs_at
     registry = CountingRegistry({"old": record("old")})
     catalog = ModelCatalog(BASE, registry)
     app = create_app(engine_client(), catalog, RouterConfig())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost") as client:
         assert await model_ids(client) == [BASE, f"{BASE}:old"]
         asked = registry.asked
         assert (await client.post("/v1/adapters", json={"name": "new", "source": "/a/new"})).status_code == 201

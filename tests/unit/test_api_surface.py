@@ -50,7 +50,7 @@ async def router() -> AsyncIterator[Router]:
     config = RouterConfig(auth=AuthConfig(keys=[entry for _, entry in keys.values()]), max_tokens=512)
     registry = FakeRegistry({name: record(name) for name in ("alpha", "beta")})
     app = create_app(engine_client(engine), ModelCatalog(BASE, registry), config)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost") as client:
         yield client, engine, {name: key for name, (key, _) in keys.items()}
 
 

@@ -176,7 +176,7 @@ def registry() -> FakeRegistry:
 @pytest.fixture
 async def client(engine: FakeEngine, registry: FakeRegistry) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(engine_client(engine), ModelCatalog(BASE, registry), RouterConfig())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost") as client:
         yield client
 
 
@@ -378,7 +378,7 @@ async def test_client_gone_mid_body_gets_no_answer() -> None:
 async def test_roles_a_chat_template_needs_can_be_allowed_in_config(registry: FakeRegistry) -> None:
     app = create_app(engine_client(), ModelCatalog(BASE, registry), RouterConfig(extra_chat_roles=("ipython",)))
     body = {"model": BASE, "messages": [{"role": "ipython", "content": "42"}]}
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost") as client:
         assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
         body["messages"][0]["role"] = "wizard"
         assert_openai_error(await client.post("/v1/chat/completions", json=body), 400, "messages.0.role")

@@ -184,7 +184,7 @@ async def router(folders: dict[str, Path], tmp_path: Path) -> AsyncIterator[Rout
     config = RouterConfig(auth=AuthConfig(keys=[entry, mixer, admin]))
     app = create_app(engine_client(engine), ModelCatalog("tiny-base", registry), config)
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://router", headers=bearer(admin_key)
+        transport=httpx.ASGITransport(app=app), base_url="http://router.localhost", headers=bearer(admin_key)
     ) as client:
         yield client, engine, {"narrow": key, "mixer": mixer_key}
 

@@ -378,7 +378,7 @@ async def scrape_router() -> dict[str, set[str]]:
     registry = FakeRegistry({"a1": record("a1")})
     registry.reports = [ReplicaReport(replica="r1", adapters=("a1",), engine_loras=1, stats=stats)]
     app = create_app(engine_client(), ModelCatalog("base", registry), RouterConfig())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost") as client:
         for model, stream in [("base", False), ("a1", True), ("base:a1", False), ("nope", False)]:
             await client.post("/v1/completions", json={"model": model, "prompt": "x", "stream": stream})
         chat = {"model": "a1", "messages": [{"role": "user", "content": "hi"}], "stream": True}

@@ -71,7 +71,7 @@ async def test_a_request_no_replica_started_goes_to_another_which_is_preferred(
 ) -> None:
     engine = FakeEngine(not_started_first(REPLICA_RETRIES))
     app = router_app(engine)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost") as client:
         response = await client.post("/v1/completions", json={**COMPLETION, "stream": stream})
         metrics = (await client.get("/metrics")).text
     assert response.status_code == 200
@@ -95,7 +95,7 @@ async def test_a_request_whose_replica_was_lost_while_running_it_is_not_replayed
     """Serve's handle resends what a replica never took; once one took it, it may be what killed the replica."""
     engine = FakeEngine(lambda *_: [error])
     app = router_app(engine)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost") as client:
         response = await client.post("/v1/completions", json={**COMPLETION, "stream": stream})
         metrics = (await client.get("/metrics")).text
     assert_openai_error(response, 500)
@@ -108,7 +108,7 @@ async def test_a_request_whose_replica_was_lost_while_running_it_is_not_replayed
 async def test_retries_are_bounded_and_the_request_fails_cleanly() -> None:
     engine = FakeEngine(not_started_first(REPLICA_RETRIES + 1))
     app = router_app(engine)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost") as client:
         response = await client.post("/v1/completions", json=COMPLETION)
         metrics = (await client.get("/metrics")).text
     assert_openai_error(response, 503)
@@ -122,7 +122,7 @@ async def test_retries_are_bounded_and_the_request_fails_cleanly() -> None:
 async def test_other_engine_failures_are_not_sent_again() -> None:
     engine = FakeEngine(lambda *_: [RuntimeError("bug in the replica")])
     app = router_app(engine)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost") as client:
         assert_openai_error(await client.post("/v1/completions", json=COMPLETION), 500)
     assert len(engine.requests) == 1
 
@@ -131,7 +131,7 @@ async def test_a_stream_that_already_started_ends_with_an_error_event_and_is_not
     first = f"data: {json.dumps({'model': BASE, 'choices': [{'index': 0, 'text': 'a'}]})}\n\n"
     engine = FakeEngine(lambda *_: [first, ActorDiedError()])
     app = router_app(engine)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost") as client:
         response = await client.post("/v1/completions", json={**COMPLETION, "stream": True})
     events = [line for line in response.text.splitlines() if line.startswith("data: ")]
     assert events[0] == first.strip()
@@ -208,7 +208,7 @@ async def test_a_client_leaving_before_the_answer_cancels_the_engine_call_and_fr
 async def test_a_draining_router_answers_503_to_waiting_and_new_requests() -> None:
     engine = busy_engine([])  # the engines are draining: no replica takes the request
     app = router_app(engine)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost") as client:
         waiting = asyncio.create_task(client.post("/v1/completions", json=COMPLETION))
         async with asyncio.timeout(5):
             while not engine.calls:

@@ -23,8 +23,10 @@ schemathesis = pytest.importorskip(
 
 BASE = "tiny-base"
 SERVED = (BASE, "a1", f"{BASE}:a2")
-APP = create_app(
-    engine_client(), ModelCatalog(BASE, FakeRegistry({n: record(n) for n in ("a1", "a2")})), RouterConfig()
+APP = create_app(  # an open server: schemathesis calls it as `testserver`
+    engine_client(),
+    ModelCatalog(BASE, FakeRegistry({n: record(n) for n in ("a1", "a2")})),
+    RouterConfig(allowed_hosts=["testserver"]),
 )
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.routing import APIRoute
 
@@ -77,3 +78,18 @@ def test_error_model_matches_the_bodies_we_send(schema: dict[str, Any]) -> None:
     detail = schema["components"]["schemas"]["ErrorDetail"]
     assert set(detail["required"]) == {"message", "type", "param", "code"}
     ErrorResponse.model_validate(Overloaded("busy").body())
+
+
+async def test_no_page_of_this_origin_loads_a_script_from_elsewhere(app: Any) -> None:
+    """The console keeps its key in this origin's session storage: any HTML page here is under its CSP (FastAPI's
+    `/docs` and `/redoc` load Swagger UI and ReDoc from a CDN, so they are off; `/openapi.json` stays)."""
+    pages = [r.path for r in app.routes if "GET" in getattr(r, "methods", ()) and "{" not in r.path]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as client:
+        for path in {*pages, "/docs", "/redoc", "/docs/oauth2-redirect"}:
+            response = await client.get(path, follow_redirects=True)
+            if response.headers.get("content-type", "").startswith("text/html"):
+                assert "script-src 'self';" in response.headers.get("content-security-policy", ""), path
+                assert "cdn" not in response.text.lower(), path
+        assert (await client.get("/docs")).status_code == 404
+        assert (await client.get("/redoc")).status_code == 404
+        assert (await client.get("/openapi.json")).status_code == 200

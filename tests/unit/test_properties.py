@@ -253,7 +253,8 @@ def app() -> FastAPI:
 
 
 async def post(path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app()), base_url="http://router") as client:
+    transport = httpx.ASGITransport(app=app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://router.localhost") as client:
         return await client.post(path, content=content, headers=headers)
 
 

@@ -115,7 +115,7 @@ async def router(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, FakeE
     app = create_app(engine_client(engine), ModelCatalog("tiny-base", registry),
                      RouterConfig(auth=AuthConfig(keys=[admin], audit_file=str(audit))))  # fmt: skip
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://router", headers=bearer(key)
+        transport=httpx.ASGITransport(app=app), base_url="http://router.localhost", headers=bearer(key)
     ) as client:
         yield client, engine, files, audit
 

@@ -23,7 +23,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 def make_client(engine: FakeEngine, registry: FakeRegistry | None = None, **config: Any) -> httpx.AsyncClient:
     registry = registry or FakeRegistry({name: record(name) for name in ("a1", "a2")})
     app = create_app(engine_client(engine), ModelCatalog(BASE, registry), RouterConfig(**config))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router.localhost")
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import openai
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import SpanKind, StatusCode
 
 from routing import request_router
@@ -23,7 +24,8 @@ from serve.config import ApiKeyConfig, AuthConfig, EngineConfig, RouterConfig, T
 from serve.engines.simulated import SimulatedEngine
 from serve.replica import Replica
 from serve.wire import AdapterRecord, Endpoint
-from serve.wire.tracing import TRACE_KWARG, build_tracer, process_tracer, traces_url
+from serve.wire.sampling import ServerDecides
+from serve.wire.tracing import TRACE_KWARG, build_tracer, continued, process_tracer, traces_url
 from tests.unit.fake_engine import FakeHandle, FakeRegistry, StreamCall, engine_client, record
 from tests.unit.tenancy import api_key, context_of
 from tests.unit.test_request_router import FakeReplica, make_router, pending
@@ -78,9 +80,15 @@ async def replica(spans: InMemorySpanExporter) -> AsyncIterator[Replica]:
     replica.__del__()
 
 
-def router_app(replica: Replica, spans: InMemorySpanExporter | None, keys: list[ApiKeyConfig], **config: Any) -> Any:
+def router_app(
+    replica: Replica,
+    spans: InMemorySpanExporter | None,
+    keys: list[ApiKeyConfig],
+    tracing: TracingConfig = ON,
+    **config: Any,
+) -> Any:
     handle = ReplicaHandle(replica)
-    tracer = build_tracer(ON, "router", spans) if spans is not None else None
+    tracer = build_tracer(tracing, "router", spans) if spans is not None else None
     registry = FakeRegistry({"sql": record("sql")})
     router_config = RouterConfig(auth=AuthConfig(keys=keys), **config)
     app = create_app(engine_client(handle), ModelCatalog(BASE, registry), router_config, tracer=tracer)  # type: ignore[arg-type]
@@ -93,10 +101,10 @@ def openai_client(app: Any, key: str) -> openai.AsyncOpenAI:
     transport = httpx2.ASGITransport(app=app)
     return openai.AsyncOpenAI(
         api_key=key,
-        base_url="http://router/v1",
+        base_url="http://router.localhost/v1",
         max_retries=0,
         default_headers={"traceparent": TRACEPARENT},
-        http_client=httpx2.AsyncClient(transport=transport, base_url="http://router"),
+        http_client=httpx2.AsyncClient(transport=transport, base_url="http://router.localhost"),
     )
 
 
@@ -163,21 +171,20 @@ async def test_a_request_is_one_trace_from_the_clients_traceparent_to_the_engine
     assert named["engine.queue"].end_time <= generate.end_time <= server.end_time  # type: ignore[operator]
 
 
-async def test_a_refused_key_is_a_traced_401_with_no_engine_spans(
-    replica: Replica, spans: InMemorySpanExporter
-) -> None:
+async def test_a_request_without_a_valid_key_makes_no_span(replica: Replica, spans: InMemorySpanExporter) -> None:
     _, entry = api_key("team", adapters=["sql"])
-    async with openai_client(router_app(replica, spans, [entry]), "lpx-wrong") as client:
+    app = router_app(replica, spans, [entry])
+    async with openai_client(app, "lpx-wrong") as client:
         with pytest.raises(openai.AuthenticationError):
             await client.chat.completions.create(model="sql", **CHAT)  # type: ignore[call-overload]
-    named = by_name(spans)
-    assert set(named) == {"POST /v1/chat/completions", "router.auth"}
-    server, auth = named["POST /v1/chat/completions"], named["router.auth"]
-    assert {trace_id(server), trace_id(auth)} == {TRACE_ID}
-    assert parent_of(auth) == server.context.span_id
-    assert auth.status.status_code == StatusCode.ERROR
-    assert server.attributes is not None and server.attributes["http.response.status_code"] == 401
-    assert server.status.status_code == StatusCode.UNSET  # the client's mistake, not the server's
+        with pytest.raises(openai.AuthenticationError):
+            await client.models.list()
+    transport = httpx2.ASGITransport(app=app)
+    async with httpx2.AsyncClient(transport=transport, base_url="http://router.localhost") as keyless:
+        answer = await keyless.post("/v1/completions", json={"model": BASE}, headers={"traceparent": TRACEPARENT})
+        assert answer.status_code == 401
+    assert spans.get_finished_spans() == ()  # not even `router.auth`: nothing written into the client's trace
+    assert app.state.handle.traces == []
 
 
 async def test_a_rate_limited_request_is_a_traced_429_that_failed_in_admission(
@@ -209,17 +216,39 @@ async def test_the_replica_continues_the_router_span_it_was_sent(replica: Replic
     assert app.state.handle.traces == [f"00-{TRACE_ID}-{server.context.span_id:016x}-01"]
 
 
-async def test_an_unsampled_client_trace_records_nothing_and_sends_no_trace_to_the_replica(
-    replica: Replica, spans: InMemorySpanExporter
+@pytest.mark.parametrize(("ratio", "flag", "traced"), [(1.0, "00", True), (0.0, "01", False)])
+async def test_the_router_decides_sampling_whatever_the_clients_flag_says(
+    replica: Replica, spans: InMemorySpanExporter, ratio: float, flag: str, traced: bool
 ) -> None:
     key, entry = api_key("team", base=True)
-    app = router_app(replica, spans, [entry])
+    tracing = TracingConfig(otlp_endpoint="http://127.0.0.1:4318", sample_ratio=ratio)
+    app = router_app(replica, spans, [entry], tracing)
     async with openai_client(app, key) as client:
         await client.completions.create(
-            model=BASE, prompt="x", max_tokens=2, extra_headers={"traceparent": TRACEPARENT[:-2] + "00"}
+            model=BASE, prompt="x", max_tokens=2, extra_headers={"traceparent": TRACEPARENT[:-2] + flag}
         )
-    assert spans.get_finished_spans() == ()
-    assert app.state.handle.traces == [None]
+    if not traced:
+        assert spans.get_finished_spans() == ()
+        assert app.state.handle.traces == [None]
+        return
+    named = by_name(spans)
+    assert {trace_id(span) for span in named.values()} == {TRACE_ID}  # an authenticated client's trace, joined
+    assert "engine.generate" in named and app.state.handle.traces[0] is not None
+
+
+@pytest.mark.parametrize(
+    ("kind", "parent_flag", "draw", "sampled"),
+    [(SpanKind.SERVER, "01", 0.7, False), (SpanKind.SERVER, "00", 0.3, True), (SpanKind.SERVER, None, 0.7, False),
+     (SpanKind.INTERNAL, None, 0.0, False), (SpanKind.INTERNAL, "01", 0.9, True),
+     (SpanKind.INTERNAL, "00", 0.0, False)],
+)  # fmt: skip
+def test_the_routers_sampler_draws_for_server_spans_and_children_follow(
+    kind: SpanKind, parent_flag: str | None, draw: float, sampled: bool
+) -> None:
+    sampler = ServerDecides(0.5, draw=lambda: draw)
+    parent = continued({"traceparent": f"00-{'0' * 31}1-{CLIENT_SPAN}-{parent_flag}"}) if parent_flag else None
+    result = sampler.should_sample(parent, trace_id=1, name="span", kind=kind)  # trace id 1: under any ratio
+    assert (result.decision == Decision.RECORD_AND_SAMPLE) == sampled
 
 
 async def test_with_tracing_off_no_tracer_middleware_or_trace_exists(replica: Replica) -> None:
