@@ -76,6 +76,26 @@ def test_an_adapter_that_lost_its_slot_waits_from_then_not_from_its_arrival() ->
     assert keeper.plan([rare], [popular], now=4.7) == Plan(first=("pop",), evict=("rare",))
 
 
+RESUMES = [
+    # (running adapters, paused adapters, queued adapters, plan, slots, resumed)
+    pytest.param(["a"], ["a", "b"], [], Plan(), 2, {"a", "b"}, id="own-slot-then-a-free-one"),
+    pytest.param(["a", "c"], ["b"], [], Plan(), 2, set(), id="no-free-slot-stays-paused"),
+    pytest.param(["a", "c"], ["b"], [], Plan(first=("b",), evict=("c",)), 2, {"b"}, id="overdue-takes-the-freed-slot"),
+    pytest.param(["a"], ["b"], ["q"], Plan(first=("q", "b")), 2, set(), id="an-older-queued-adapter-goes-first"),
+    pytest.param(["a"], ["b", "d"], [], Plan(first=("d",)), 2, {"d"}, id="overdue-before-the-others"),
+    pytest.param(["a", "c"], ["c"], [], Plan(first=("b",), evict=("c",)), 2, set(), id="just-evicted-stays-paused"),
+]
+
+
+@pytest.mark.parametrize(("running", "paused", "queued", "plan", "slots", "resumed"), RESUMES)
+def test_which_paused_adapters_run_again(
+    running: list[str], paused: list[str], queued: list[str], plan: Plan, slots: int, resumed: set[str]
+) -> None:
+    keeper: SlotKeeper[Queued] = SlotKeeper(POLICY, slots, adapter_of=lambda q: q.adapter, arrived_of=lambda q: 0.0)
+    requests = [[Queued(a, 1, arrived=0.0) for a in adapters] for adapters in (running, paused, queued)]
+    assert keeper.resume(plan, *requests) == resumed
+
+
 def scheduler(slots: int = 2, policy: SlotPolicy | None = POLICY, max_num_seqs: int = 8) -> SimScheduler:
     return SimScheduler(max_num_seqs, slots, policy)
 
