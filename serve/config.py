@@ -139,8 +139,8 @@ class EngineConfig(_Strict):
         description=(
             "Bound on an adapter's wait for one of the engine's max_loras slots, in seconds: past it, its requests "
             "go first and, when no slot is free, the holder with the fewest running requests gives its slot up "
-            "(those requests pause and resume from the prefix cache; serve/slots.py). A request then waits at most "
-            "slot_wait_s + slot_hold_s while fewer adapters are overdue than there are slots. None: vLLM's own "
+            "(those requests pause, keeping their KV cache, and go on later; serve/slots.py). A request then waits "
+            "at most slot_wait_s + slot_hold_s while fewer adapters are overdue than there are slots. None: vLLM's own "
             "rule (first come, first served; a running request keeps its slot until it ends)."
         ),
     )
