@@ -586,8 +586,9 @@ class RouterConfig(_Strict):
         default=None,
         ge=1,
         description=(
-            "Most tokens a prompt may have (chat: after the chat template), counted by the engine's tokenizer; "
-            "longer prompts get 400 (param prompt or messages). None: only the engine's max_model_len bounds them."
+            "Most tokens a prompt may have (chat and Messages: after the chat template, tools included), counted by the "
+            "engine's tokenizer on every route (completions, chat, Responses, Messages, /tokenize); longer prompts get "
+            "400 (param prompt, messages or input). None: only the engine's max_model_len bounds them."
         ),
     )
     extra_chat_roles: tuple[str, ...] = Field(

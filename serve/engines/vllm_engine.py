@@ -166,9 +166,9 @@ class VLLMEngine:
         pin_room = self._config.max_pinned_loras + 1 if self._config.max_pinned_loras else 0
         self._loader = AdapterLoader(engine, models, cache, self._config.model_id, pin_room)
         request_types = request_models(self._app.router.max_prompt_tokens)
-        self._routes = build_routes(state, *request_types)
+        self._routes = build_routes(state, request_types)
         self._parser_routes = {
-            parser: build_routes(with_tool_parser(state, parser, args), *request_types)
+            parser: build_routes(with_tool_parser(state, parser, args), request_types)
             for parser in self._config.tool_parsers()
             if parser != self._config.tool_call_parser
         }
