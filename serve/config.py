@@ -591,6 +591,25 @@ class RouterConfig(_Strict):
             "400 (param prompt, messages or input). None: only the engine's max_model_len bounds them."
         ),
     )
+    max_schema_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        description=(
+            "Most bytes of JSON a request's grammar inputs may take together: `response_format`, "
+            "`structured_outputs`, Responses' `text`, Messages' `output_config`, `tools` and `tool_choice`, which "
+            "vLLM may compile into a grammar in the engine's process (400 naming the field beyond it)."
+        ),
+    )
+    max_schema_repetition: int = Field(
+        default=10_000,
+        ge=1,
+        description=(
+            "Most times a grammar input may repeat a part once nested counted repetitions are multiplied: regex "
+            "`{m,n}` inside another (`(a{1,1000}){1,1000}` is 1,000,000), `minItems`/`maxItems` over an item schema, "
+            "`maxLength` (400 naming the field beyond it). `*`, `+` and `?` count once. Bounds the grammar compile's "
+            "time and memory in the engine replica."
+        ),
+    )
     extra_chat_roles: tuple[str, ...] = Field(
         default=(),
         description="Chat roles accepted besides OpenAI's (system, developer, user, assistant, tool, function), "

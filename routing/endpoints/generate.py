@@ -32,6 +32,7 @@ from routing.errors import (
     error_response,
     sse_error,
 )
+from routing.grammar_limits import check_grammar_inputs
 from routing.metrics import RequestTimer
 from routing.openapi import json_body
 from routing.principals import Principal
@@ -48,7 +49,7 @@ from routing.protocol import (
 )
 from routing.rollout import choose_version
 from routing.tracing import describe_request, record_usage
-from serve.wire import Usage, WireError
+from serve.wire import GENERATING, Usage, WireError
 from serve.wire.channel import ReplicaFailed
 from serve.wire.tracing import traceparent_of
 
@@ -119,6 +120,8 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
             extra_chat_roles=config.extra_chat_roles,
             max_sequences=config.max_sequences,
         )
+        if endpoint in GENERATING:
+            check_grammar_inputs(body, max_bytes=config.max_schema_bytes, max_repetition=config.max_schema_repetition)
         compose = body.pop("compose", None)
         if compose is None:
             key.require_use(context.catalog.name_of(body["model"]), body["model"])
