@@ -586,9 +586,9 @@ class RouterConfig(_Strict):
         default=None,
         ge=1,
         description=(
-            "Most tokens a prompt may have (chat and Messages: after the chat template, tools included), counted by the "
-            "engine's tokenizer on every route (completions, chat, Responses, Messages, /tokenize); longer prompts get "
-            "400 (param prompt, messages or input). None: only the engine's max_model_len bounds them."
+            "Most tokens a prompt may have (chat and Messages: after the chat template, tools included), counted by "
+            "the engine's tokenizer on every route (completions, chat, Responses, Messages, /tokenize); longer "
+            "prompts get 400 (param prompt, messages or input). None: only the engine's max_model_len bounds them."
         ),
     )
     max_schema_bytes: int = Field(
@@ -608,6 +608,15 @@ class RouterConfig(_Strict):
             "`{m,n}` inside another (`(a{1,1000}){1,1000}` is 1,000,000), `minItems`/`maxItems` over an item schema, "
             "`maxLength` (400 naming the field beyond it). `*`, `+` and `?` count once. Bounds the grammar compile's "
             "time and memory in the engine replica."
+        ),
+    )
+    allowed_media_domains: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Hosts (exact names, e.g. `images.example.com`) whose http(s) media URLs a prompt may hold: chat "
+            "`image_url`/`audio_url`/`video_url` parts, Responses `input_image`/`input_file`, Anthropic `source.url`. "
+            "vLLM fetches them from the engine replica's network, so by default none are (400 naming the part): "
+            "media come inline as `data:` URLs. Also given to vLLM as `--allowed-media-domains`."
         ),
     )
     extra_chat_roles: tuple[str, ...] = Field(

@@ -33,6 +33,7 @@ from routing.errors import (
     sse_error,
 )
 from routing.grammar_limits import check_grammar_inputs
+from routing.media import check_media_urls
 from routing.metrics import RequestTimer
 from routing.openapi import json_body
 from routing.principals import Principal
@@ -122,6 +123,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
         )
         if endpoint in GENERATING:
             check_grammar_inputs(body, max_bytes=config.max_schema_bytes, max_repetition=config.max_schema_repetition)
+        check_media_urls(body, config.allowed_media_domains)
         compose = body.pop("compose", None)
         if compose is None:
             key.require_use(context.catalog.name_of(body["model"]), body["model"])
