@@ -174,6 +174,15 @@ class Admitter:
             raise
         return Admission(self, key, prompt, estimate, slots)
 
+    async def admit_read(self, key: Principal) -> None:
+        """One request against the key's `rpm` that generates nothing (listings, the console, `/metrics`); raises
+        `RateLimited` (429) past it. Read routes take no fair-share slot: they never reach an engine."""
+        if key.rpm is None:
+            return
+        decision = await self.limiter.admit(key.name, key.rpm, None, 0, 1)
+        if not decision.admitted:
+            raise _rate_limited(key, decision, 0)
+
     def charge_later(self, key_id: str, tokens: int) -> None:
         """Settles tokens with the limiter in the background, off the response's path."""
         try:
