@@ -16,6 +16,8 @@ import dataclasses
 from functools import cache
 from typing import Any
 
+from pydantic import BaseModel
+
 
 @cache
 def _capped_params_class() -> type:
@@ -50,9 +52,9 @@ def _capped(params: Any, limit: int, prompt_param: str) -> Any:
 class RequestModels:
     """vLLM's request models of each route, perhaps capped, and how the Messages route gets its capped chat model."""
 
-    completion: type
-    chat: type
-    responses: type
+    completion: type[BaseModel]
+    chat: type[BaseModel]
+    responses: type[BaseModel]
     tokenize: Any
     """The union of vLLM's two tokenizer request models (a prompt, or chat messages)."""
     capped: bool = False
