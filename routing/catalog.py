@@ -17,6 +17,7 @@ from serve.wire import (
     ADAPTER_ID_SEPARATOR,
     AdapterRecord,
     Composition,
+    ReplicaReport,
     Snapshot,
     WireError,
     adapter_model_id,
@@ -29,6 +30,8 @@ REGISTRY_TIMEOUT_S = 5.0
 REFRESH_S = 1.0
 INLINE_KEPT = 1024
 """Inline composites a router remembers by what they are made of (a forgotten one is asked of the registry again)."""
+REPORTS_S = 1.0
+"""Read routes share the engine replicas' reports for this long instead of asking the registry once each."""
 VISIBLE_KEPT = 64
 """Scopes (verb and key) whose visible adapters a router keeps for the current listing; the least recent go."""
 
@@ -56,6 +59,8 @@ class ModelCatalog:
         self._checked = 0.0
         self._created = int(time.time())
         self._composites: OrderedDict[str, AdapterRecord] = OrderedDict()
+        self._reports: tuple[float, list[ReplicaReport]] | None = None
+        self._reports_call: asyncio.Future[list[ReplicaReport]] | None = None
         self._listing = 0
         """Counts the sorted name lists built: a visible list computed from an older one is stale."""
         self._visible: OrderedDict[Hashable, tuple[int, list[str]]] = OrderedDict()
@@ -159,6 +164,21 @@ class ModelCatalog:
             self._ordered = (self._snapshot.generation, names)
             self._listing += 1
         return names
+
+    async def replica_reports(self) -> list[ReplicaReport]:
+        """The engine replicas' latest reports, asked of the registry at most every `REPORTS_S`, one call shared by
+        the requests that want them meanwhile (the console, `/metrics`, an adapter's card): not one registry call per
+        request. A caller that leaves does not cancel the shared call."""
+        if self._reports is not None and time.monotonic() - self._reports[0] < REPORTS_S:
+            return self._reports[1]
+        if self._reports_call is None or self._reports_call.done():
+            self._reports_call = asyncio.ensure_future(self._ask_reports())
+        return await asyncio.shield(self._reports_call)
+
+    async def _ask_reports(self) -> list[ReplicaReport]:
+        reports = await self.registry.replica_reports()
+        self._reports = (time.monotonic(), reports)
+        return reports
 
     async def visible(self, scope: Hashable, shows: Callable[[str], bool]) -> list[str]:
         """The adapters' names for which `shows` holds, in order (do not modify it). Computed once per registry

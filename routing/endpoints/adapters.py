@@ -210,7 +210,7 @@ async def get_adapter(name: str, context: ContextDep, key: ReadKeyDep) -> dict[s
     target = await context.catalog.resolve(name)
     if target.adapter is None:
         raise UpstreamError(WireError(404, f"{name!r} is the base model, not an adapter", "name"))
-    reports = await context.catalog.registry.replica_reports()
+    reports = await context.catalog.replica_reports()
     placement = [
         {"replica": r.replica, "resident": target.adapter.name in r.resident}
         for r in reports

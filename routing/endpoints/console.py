@@ -30,7 +30,7 @@ REPORTS_TIMEOUT_S = 5.0
 async def _reports(context: RouterContext) -> list[ReplicaReport]:
     """The engine replicas' latest reports, as the registry holds them; 503 when it does not answer in time."""
     try:
-        return await asyncio.wait_for(context.catalog.registry.replica_reports(), REPORTS_TIMEOUT_S)
+        return await asyncio.wait_for(context.catalog.replica_reports(), REPORTS_TIMEOUT_S)
     except TimeoutError:
         raise NotReady("the adapter registry did not answer; retry shortly") from None
 

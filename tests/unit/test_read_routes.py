@@ -10,6 +10,7 @@ import pytest
 
 from routing import principals
 from routing.ratelimit import LocalRateLimiter
+from serve.wire import ReplicaReport
 from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
 from tests.unit.tenancy import BASE, api_key, bearer, client_for, make_app
 
@@ -78,3 +79,23 @@ async def test_what_a_key_may_see_is_matched_once_per_registry_generation(monkey
         assert registered.status_code == 201, registered.text
         listing = (await client.get("/v1/console/server", headers=bearer(key))).json()
     assert listing["adapters"] == 11, "a new generation is matched again"
+
+
+class CountingRegistry(FakeRegistry):
+    """Counts the replica-report calls the router makes."""
+
+    calls: int = 0
+
+    async def replica_reports(self) -> list[ReplicaReport]:
+        self.calls += 1
+        return await super().replica_reports()
+
+
+async def test_read_routes_share_the_replica_reports_instead_of_one_registry_call_each() -> None:
+    registry = CountingRegistry({"a1": record("a1")})
+    key, conf = api_key("ops", admin=True, metrics=True, adapters=["*"], base=True)
+    async with client_for(make_app([conf], FakeEngine(), registry)) as client:
+        for _ in range(5):
+            for path in ("/v1/console/server", "/v1/console/adapters", "/metrics", "/v1/adapters/a1"):
+                assert (await client.get(path, headers=bearer(key))).status_code == 200, path
+    assert registry.calls == 1, "20 reads within a second: one registry call"
