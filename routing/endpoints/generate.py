@@ -108,6 +108,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
     config = context.config
     timer = context.metrics.track(context.metrics.label(None, False), endpoint)
     admission: Admission | None = None
+    refused = False  # the engine rendered the request and refused it (the prompt is charged)
     try:
         if context.draining.is_set():
             raise Overloaded(SHUTTING_DOWN)
@@ -151,6 +152,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
                 admission = await context.admitter.admit(key, endpoint, body)
         first, items = await context.engine.start(endpoint, body, target.adapter, context.draining, trace)
         if isinstance(first, WireError):
+            refused = _engine_refused(first)
             raise UpstreamError(first)
         if isinstance(first, dict):
             usage = _usage_of(first)
@@ -168,7 +170,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
     except OpenAIError as exc:
         timer.finish(exc.status)
         if admission is not None:  # the engine generated nothing; a refusal still cost it the prompt's rendering
-            admission.finish(admission.prompt_estimate if _engine_refused(exc) else 0)
+            admission.finish(admission.prompt_estimate if refused else 0)
         return error_response(exc, anthropic=endpoint == "messages")
     except BaseException:  # cancelled (the client left) or a bug: free the slot, keep the estimate charged
         if admission is not None:
@@ -264,10 +266,10 @@ async def _relay(
         admission.finish(used, relayed_tokens=relayed)
 
 
-def _engine_refused(exc: OpenAIError) -> bool:
+def _engine_refused(error: WireError) -> bool:
     """An engine's 4xx answer: it rendered and tokenized the request (tools, schemas and all) before refusing it, so
     the prompt is charged; capacity answers (429, 503) and failures cost the engine nothing and are refunded."""
-    return isinstance(exc, UpstreamError) and 400 <= exc.status < 500 and exc.status != 429
+    return 400 <= error.status < 500 and error.status != 429
 
 
 def _usage_of(response: dict[str, Any]) -> tuple[int, int]:

@@ -388,7 +388,7 @@ async def test_an_engine_refusal_is_charged_the_prompt_it_rendered() -> None:
     key, conf = api_key("k", base=True, tpm=1_000_000)
     limiter = LocalRateLimiter(Clock())
     answers = iter([WireError(400, "bad tool", "tools"), WireError(503, "busy", retry_after=1)])
-    app = make_app([conf], FakeEngine(lambda *_: [next(answers)]), limiter=limiter)
+    app = make_app([conf], FakeEngine(lambda *_: [next(answers)]), limiter=limiter, max_schema_bytes=1_000_000)
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"description": "y" * 400_000}}}]
     body = {"model": BASE, "messages": [{"role": "user", "content": "x"}], "tools": tools, "max_tokens": 10}
     async with client_for(app) as client:
