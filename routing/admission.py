@@ -31,24 +31,48 @@ DEFAULT_COMPLETION_TOKENS = 256
 (when `router.max_tokens` is set, the router sends it as the request's `max_tokens`)."""
 VLLM_COMPLETIONS_MAX_TOKENS = 16
 """vLLM's `max_tokens` for a `/v1/completions` request that gives none."""
+OUTPUT_FIELDS: dict[Endpoint, tuple[str, ...]] = {
+    "completions": ("max_tokens",),  # vLLM's completions ignore max_completion_tokens
+    "chat": ("max_completion_tokens", "max_tokens"),  # the first one set wins, as in vLLM's ChatCompletionRequest
+    "responses": ("max_output_tokens",),  # vLLM's ResponsesRequest reads no other field
+    "messages": ("max_tokens",),  # vLLM's Messages serving sends it as both chat fields
+}
+"""The fields that bound a generation, as each API's vLLM request model reads them."""
+RENDERED_FIELDS: dict[Endpoint, tuple[str, ...]] = {
+    "completions": ("response_format", "structured_outputs"),
+    "chat": ("tools", "functions", "tool_choice", "response_format", "structured_outputs"),
+    "responses": ("tools", "tool_choice", "text", "structured_outputs"),
+    "messages": ("tools", "tool_choice", "output_config"),
+    "tokenize": ("tools",),
+}
+"""Fields besides the prompt that the engine renders into the prompt or compiles into a grammar, counted by size."""
 
 
 def estimate_prompt_tokens(endpoint: Endpoint, body: dict[str, Any]) -> int:
-    """Prompt tokens of a checked request body, estimated from its characters (token ids are counted)."""
+    """Prompt tokens of a checked request body, estimated from its characters (token ids are counted): the text the
+    engine renders, tool definitions, tool calls and output schemas included (the chat template renders tools into
+    the prompt; the grammar compiler reads schemas)."""
+    rendered = sum(_text_tokens(body.get(name)) for name in RENDERED_FIELDS.get(endpoint, ()))
     if endpoint in ("chat", "messages") or (endpoint == "tokenize" and body.get("messages")):
         messages = body.get("messages") or []
         system = _text_tokens(body.get("system")) if endpoint == "messages" else 0
-        return system + sum(MESSAGE_OVERHEAD_TOKENS + _text_tokens(message.get("content")) for message in messages)
+        return rendered + system + sum(_message_tokens(message) for message in messages)
     if endpoint == "responses":
-        return _text_tokens(body.get("instructions")) + _text_tokens(body.get("input"))
+        return rendered + _text_tokens(body.get("instructions")) + _text_tokens(body.get("input"))
     if endpoint == "detokenize":
         return len(body.get("tokens") or ())
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        return len(prompt)
+        return rendered + len(prompt)
     if isinstance(prompt, list):
-        return sum(len(p) if isinstance(p, list) else _text_tokens(p) for p in prompt)
-    return _text_tokens(prompt)
+        return rendered + sum(len(p) if isinstance(p, list) else _text_tokens(p) for p in prompt)
+    return rendered + _text_tokens(prompt)
+
+
+def _message_tokens(message: dict[str, Any]) -> int:
+    """A chat message: its content, and the tool calls an assistant message carries, which the template renders."""
+    calls = message.get("tool_calls") or message.get("function_call")
+    return MESSAGE_OVERHEAD_TOKENS + _text_tokens(message.get("content")) + _text_tokens(calls)
 
 
 def sequences(endpoint: Endpoint, body: dict[str, Any]) -> int:
@@ -62,18 +86,16 @@ def estimate_completion_tokens(
     endpoint: Endpoint, body: dict[str, Any], max_model_len: int | None = None, prompt_tokens: int = 0
 ) -> int:
     """The most completion tokens a request may produce, read as vLLM reads the body: for each choice of each
-    prompt, `max_tokens` on completions (vLLM ignores `max_completion_tokens` there; its default is 16), and
-    `max_completion_tokens` or `max_tokens` on chat (`max_output_tokens` on Responses, the required `max_tokens`
-    on Messages), where vLLM's default is the rest of the context (`max_model_len` minus the prompt). The router
-    has checked they are positive integers. Tokenizer requests generate nothing."""
+    prompt, from the field its engine reads (`OUTPUT_FIELDS`): other fields of the body are decoys vLLM ignores.
+    Without one, vLLM's completions generate 16 tokens and the other APIs the rest of the context (`max_model_len`
+    minus the prompt). The router has checked they are positive integers. Tokenizer requests generate nothing."""
     if endpoint not in GENERATING:
         return 0
-    if endpoint == "completions":
-        limit = body.get("max_tokens") or VLLM_COMPLETIONS_MAX_TOKENS
-    else:
-        context_left = DEFAULT_COMPLETION_TOKENS if max_model_len is None else max(1, max_model_len - prompt_tokens)
-        limit = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
-        limit = limit or context_left
+    limit = next((body[name] for name in OUTPUT_FIELDS[endpoint] if body.get(name) is not None), None)
+    if limit is None and endpoint == "completions":
+        limit = VLLM_COMPLETIONS_MAX_TOKENS
+    elif limit is None:
+        limit = DEFAULT_COMPLETION_TOKENS if max_model_len is None else max(1, max_model_len - prompt_tokens)
     return int(limit) * sequences(endpoint, body)
 
 
@@ -151,6 +173,15 @@ class Admitter:
                 self.charge_later(key.name, -estimate)
             raise
         return Admission(self, key, prompt, estimate, slots)
+
+    async def admit_read(self, key: Principal) -> None:
+        """One request against the key's `rpm` that generates nothing (listings, the console, `/metrics`); raises
+        `RateLimited` (429) past it. Read routes take no fair-share slot: they never reach an engine."""
+        if key.rpm is None:
+            return
+        decision = await self.limiter.admit(key.name, key.rpm, None, 0, 1)
+        if not decision.admitted:
+            raise _rate_limited(key, decision, 0)
 
     def charge_later(self, key_id: str, tokens: int) -> None:
         """Settles tokens with the limiter in the background, off the response's path."""

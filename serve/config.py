@@ -603,8 +603,37 @@ class RouterConfig(_Strict):
         default=None,
         ge=1,
         description=(
-            "Most tokens a prompt may have (chat: after the chat template), counted by the engine's tokenizer; "
-            "longer prompts get 400 (param prompt or messages). None: only the engine's max_model_len bounds them."
+            "Most tokens a prompt may have (chat and Messages: after the chat template, tools included), counted by "
+            "the engine's tokenizer on every route (completions, chat, Responses, Messages, /tokenize); longer "
+            "prompts get 400 (param prompt, messages or input). None: only the engine's max_model_len bounds them."
+        ),
+    )
+    max_schema_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        description=(
+            "Most bytes of JSON a request's grammar inputs may take together: `response_format`, "
+            "`structured_outputs`, Responses' `text`, Messages' `output_config`, `tools` and `tool_choice`, which "
+            "vLLM may compile into a grammar in the engine's process (400 naming the field beyond it)."
+        ),
+    )
+    max_schema_repetition: int = Field(
+        default=10_000,
+        ge=1,
+        description=(
+            "Most times a grammar input may repeat a part once nested counted repetitions are multiplied: regex "
+            "`{m,n}` inside another (`(a{1,1000}){1,1000}` is 1,000,000), `minItems`/`maxItems` over an item schema, "
+            "`maxLength` (400 naming the field beyond it). `*`, `+` and `?` count once. Bounds the grammar compile's "
+            "time and memory in the engine replica."
+        ),
+    )
+    allowed_media_domains: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Hosts (exact names, e.g. `images.example.com`) whose http(s) media URLs a prompt may hold: chat "
+            "`image_url`/`audio_url`/`video_url` parts, Responses `input_image`/`input_file`, Anthropic `source.url`. "
+            "vLLM fetches them from the engine replica's network, so by default none are (400 naming the part): "
+            "media come inline as `data:` URLs. Also given to vLLM as `--allowed-media-domains`."
         ),
     )
     extra_chat_roles: tuple[str, ...] = Field(

@@ -1,21 +1,22 @@
-"""`router.max_prompt_tokens`: prompts longer than the operator allows are refused, counted exactly.
+"""`router.max_prompt_tokens`: prompts longer than the operator allows are refused, counted exactly, on every route.
 
 Only the engine replica holds the tokenizer and the chat template, so the limit is checked there, at
-the point where vLLM itself checks a prompt against the context length: vLLM's request models build
-the `TokenizeParams` that validate every tokenized prompt, and the request models here build ones
-with one more check. The refusal is vLLM's own validation error (400, `param: prompt`), so it takes
-the same path to the client as every other invalid request, before anything reaches the scheduler.
+the point where vLLM itself checks a prompt against the context length: every vLLM request model
+builds the `TokenizeParams` that validate its tokenized prompt (`build_tok_params`), and the request
+models here build ones with one more check. The refusal is vLLM's own validation error (400, `param`
+naming the API's prompt field), so it takes the same path to the client as every other invalid request,
+before anything reaches the scheduler. Anthropic's Messages are served by converting them to a chat
+request inside vLLM's Messages serving object; its copy here converts them to the capped chat model.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from pydantic import BaseModel
 
 
 @cache
@@ -47,15 +48,54 @@ def _capped(params: Any, limit: int, prompt_param: str) -> Any:
     return _capped_params_class()(**fields, max_prompt_tokens=limit, prompt_param=prompt_param)
 
 
+@dataclasses.dataclass(frozen=True)
+class RequestModels:
+    """vLLM's request models of each route, perhaps capped, and how the Messages route gets its capped chat model."""
+
+    completion: type[BaseModel]
+    chat: type[BaseModel]
+    responses: type[BaseModel]
+    tokenize: Any
+    """The union of vLLM's two tokenizer request models (a prompt, or chat messages)."""
+    capped: bool = False
+
+    def messages_serving(self, serving: Any) -> Any:
+        """vLLM's Messages serving object, or, with a limit, a copy whose converted chat requests are capped."""
+        if not self.capped:
+            return serving
+        capped = copy.copy(serving)
+        convert = serving.to_chat_completion_request
+        chat = self.chat
+
+        def to_capped_chat(request: Any, **options: Any) -> Any:
+            converted = convert(request, **options)  # validated already: its values are copied as they are
+            capped_request = chat.model_construct(_fields_set=converted.model_fields_set, **dict(converted))
+            if converted.__pydantic_private__:
+                capped_request.__pydantic_private__ = dict(converted.__pydantic_private__)
+            return capped_request
+
+        capped.to_chat_completion_request = to_capped_chat
+        return capped
+
+
 @cache
-def request_models(limit: int | None) -> tuple[type[CompletionRequest], type[ChatCompletionRequest]]:
-    """vLLM's completion and chat request models, refusing prompts over `limit` tokens (None: vLLM's own)."""
+def request_models(limit: int | None) -> RequestModels:
+    """vLLM's request models of every route, refusing prompts over `limit` tokens (None: vLLM's own)."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.serve.tokenize.protocol import TokenizeRequest
 
     if limit is None:
-        return CompletionRequest, ChatCompletionRequest
-    cap: int = limit
+        return RequestModels(CompletionRequest, ChatCompletionRequest, ResponsesRequest, TokenizeRequest)
+    return _capped_models(limit)
+
+
+def _capped_models(cap: int) -> RequestModels:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest, TokenizeCompletionRequest
 
     class CappedCompletionRequest(CompletionRequest):
         def build_tok_params(self, model_config: Any) -> Any:
@@ -65,4 +105,22 @@ def request_models(limit: int | None) -> tuple[type[CompletionRequest], type[Cha
         def build_tok_params(self, model_config: Any) -> Any:
             return _capped(super().build_tok_params(model_config), cap, "messages")
 
-    return CappedCompletionRequest, CappedChatCompletionRequest
+    class CappedResponsesRequest(ResponsesRequest):
+        def build_tok_params(self, model_config: Any) -> Any:
+            return _capped(super().build_tok_params(model_config), cap, "input")
+
+    class CappedTokenizeCompletionRequest(TokenizeCompletionRequest):
+        def build_tok_params(self, model_config: Any) -> Any:
+            return _capped(super().build_tok_params(model_config), cap, "prompt")
+
+    class CappedTokenizeChatRequest(TokenizeChatRequest):
+        def build_tok_params(self, model_config: Any) -> Any:
+            return _capped(super().build_tok_params(model_config), cap, "messages")
+
+    return RequestModels(
+        CappedCompletionRequest,
+        CappedChatCompletionRequest,
+        CappedResponsesRequest,
+        CappedTokenizeCompletionRequest | CappedTokenizeChatRequest,
+        capped=True,
+    )

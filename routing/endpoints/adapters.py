@@ -7,7 +7,6 @@ Reads list only the adapters the key may use (admins: all).
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict
 from typing import Annotated, Any
 
@@ -16,13 +15,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from routing.audit import AuditAction
-from routing.auth import KeyDep, RegisterAdmin, UnregisterAdmin
+from routing.auth import RegisterAdmin, UnregisterAdmin
 from routing.context import ContextDep, RouterContext
 from routing.disclosure import seen_by
 from routing.errors import InvalidRequest, OpenAIError, PermissionDenied, UpstreamError
 from routing.openapi import TEXT_ROUTE_ERRORS
 from routing.principals import Principal
 from routing.protocol import ComposeSpec, JSONRoute
+from routing.read_access import ReadKeyDep
 from serve.wire import AdapterRecord, WireError
 
 router = APIRouter(route_class=JSONRoute)
@@ -177,7 +177,7 @@ def _bare(context: RouterContext, name: str) -> str:
 @router.get("/v1/adapters")
 async def list_adapters(
     context: ContextDep,
-    key: KeyDep,
+    key: ReadKeyDep,
     limit: int = Query(LIST_LIMIT, ge=1, le=LIST_MAX, description="Adapters on this page."),
     after: str | None = Query(None, description="An adapter id (or name) from an earlier page: start after it."),
 ) -> dict[str, Any]:
@@ -199,20 +199,19 @@ async def visible_page(
 ) -> tuple[list[AdapterRecord], bool]:
     """Up to `limit` adapters `key` may see, in name order, after the adapter `after` (an id or a name; None: from
     the first), and whether more follow."""
-    following = await context.catalog.records_after(None if after is None else _bare(context, after))
-    page = list(itertools.islice((r for r in following if key.may_see(r.name)), limit + 1))
-    return page[:limit], len(page) > limit
+    start = None if after is None else _bare(context, after)
+    return await context.catalog.visible_after(("see", key), key.may_see, start, limit)
 
 
 @router.get("/v1/adapters/{name}")
-async def get_adapter(name: str, context: ContextDep, key: KeyDep) -> dict[str, Any]:
+async def get_adapter(name: str, context: ContextDep, key: ReadKeyDep) -> dict[str, Any]:
     adapter = context.catalog.name_of(name)
     if adapter is not None and not key.may_see(adapter):
         raise PermissionDenied(f"This API key may not use the adapter `{name}`.", param="name")
     target = await context.catalog.resolve(name)
     if target.adapter is None:
         raise UpstreamError(WireError(404, f"{name!r} is the base model, not an adapter", "name"))
-    reports = await context.catalog.registry.replica_reports()
+    reports = await context.catalog.replica_reports()
     placement = [
         {"replica": r.replica, "resident": target.adapter.name in r.resident}
         for r in reports

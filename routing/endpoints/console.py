@@ -14,13 +14,13 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 
-from routing.auth import KeyDep
 from routing.console.summary import settings
 from routing.context import ContextDep, RouterContext
 from routing.disclosure import seen_by
 from routing.endpoints.adapters import split_of, visible_page
 from routing.errors import NotReady
 from routing.principals import Principal
+from routing.read_access import ReadKeyDep
 from serve.wire import AdapterRecord, ReplicaReport, unversioned
 
 router = APIRouter()
@@ -31,7 +31,7 @@ REPORTS_TIMEOUT_S = 5.0
 async def _reports(context: RouterContext) -> list[ReplicaReport]:
     """The engine replicas' latest reports, as the registry holds them; 503 when it does not answer in time."""
     try:
-        return await asyncio.wait_for(context.catalog.registry.replica_reports(), REPORTS_TIMEOUT_S)
+        return await asyncio.wait_for(context.catalog.replica_reports(), REPORTS_TIMEOUT_S)
     except TimeoutError:
         raise NotReady("the adapter registry did not answer; retry shortly") from None
 
@@ -97,7 +97,7 @@ def adapter_row(
 @router.get("/v1/console/adapters")
 async def console_adapters(
     context: ContextDep,
-    key: KeyDep,
+    key: ReadKeyDep,
     limit: int = Query(PAGE, ge=1, le=PAGE_MAX, description="Adapters on this page."),
     after: str | None = Query(None, description="An adapter name from an earlier page: start after it."),
 ) -> dict[str, Any]:
@@ -148,16 +148,16 @@ def _whoami(context: RouterContext, key: Principal) -> dict[str, Any]:
 
 
 @router.get("/v1/console/server")
-async def console_server(context: ContextDep, key: KeyDep) -> dict[str, Any]:
+async def console_server(context: ContextDep, key: ReadKeyDep) -> dict[str, Any]:
     """Who the key is, the base model, the engine replicas and their load, this router replica's fair-share gate,
     and a summary of the configuration and build (settings only: no secrets, no host paths)."""
     gate = context.admitter.gate
-    records = await context.catalog.records()
+    visible = await context.catalog.visible(("see", key), key.may_see)
     return {
         "object": "console.server",
         "key": _whoami(context, key),
         "base_model": context.catalog.base_id,
-        "adapters": sum(1 for record in records if key.may_see(record.name)),
+        "adapters": len(visible),
         "replicas": [_replica(report) for report in await _reports(context)],
         "gate": {
             "inflight": gate.inflight,

@@ -33,6 +33,8 @@ from routing.errors import (
     sse_error,
     upstream,
 )
+from routing.grammar_limits import check_grammar_inputs
+from routing.media import check_media_urls
 from routing.metrics import RequestTimer
 from routing.openapi import json_body
 from routing.principals import Principal
@@ -49,13 +51,20 @@ from routing.protocol import (
 )
 from routing.rollout import choose_version
 from routing.tracing import describe_request, record_usage
-from serve.wire import Composition, Usage, WireError
+from serve.wire import GENERATING, Composition, Usage, WireError
 from serve.wire.channel import ReplicaFailed
 from serve.wire.tracing import traceparent_of
 
 logger = logging.getLogger("loraplex.router")
-TOKEN_EVENT = '"index":'
-"""Marks a choice in a streamed chunk: each carries about one token (the floor charged when a client leaves)."""
+TOKEN_EVENTS: dict[Endpoint, str] = {
+    "completions": '"index":',  # a choice in an OpenAI chunk
+    "chat": '"index":',
+    "responses": ".delta\ndata:",  # `event: response.output_text.delta` (reasoning and tool-argument deltas too)
+    "messages": "_delta\ndata:",  # `event: content_block_delta` (and the closing `message_delta`)
+}
+"""Marks a streamed event that carries about one generated token, in each API's server-sent events (the event
+line is written before its data, so no generated text can fake it): what a stream is charged at least when
+its usage never comes (the client left)."""
 INLINE_COMPOSITE_LABEL = "~compose"
 """The one metrics label of every inline composite (their names come from request bodies: unbounded)."""
 router = APIRouter()
@@ -100,6 +109,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
     config = context.config
     timer = context.metrics.track(context.metrics.label(None, False), endpoint)
     admission: Admission | None = None
+    refused = False  # the engine rendered the request and refused it (the prompt is charged)
     try:
         if context.draining.is_set():
             raise Overloaded(SHUTTING_DOWN)
@@ -113,6 +123,9 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
             extra_chat_roles=config.extra_chat_roles,
             max_sequences=config.max_sequences,
         )
+        if endpoint in GENERATING:
+            check_grammar_inputs(body, max_bytes=config.max_schema_bytes, max_repetition=config.max_schema_repetition)
+        check_media_urls(body, config.allowed_media_domains)
         compose = body.pop("compose", None)
         if compose is None:
             target = await _named_target(context, key, body, timer)
@@ -129,6 +142,7 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
             trace = traceparent_of(get_current_span())
         first, items = await context.engine.start(endpoint, body, target.adapter, context.draining, trace)
         if isinstance(first, WireError):
+            refused = _engine_refused(first)
             raise upstream(first)
         if isinstance(first, dict):
             usage = _usage_of(first)
@@ -140,13 +154,13 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
             return JSONResponse(first)
         if isinstance(first, str):
             timer.first_token_seen()
-            relay = _relay(first, items, timer, admission, anthropic=endpoint == "messages", traced=trace is not None)
+            relay = _relay(first, items, timer, admission, endpoint, traced=trace is not None)
             return AdmittedStream(relay, items, admission)
         raise EngineFailure(f"engine answered with an unexpected {type(first).__name__}")
     except OpenAIError as exc:
         timer.finish(exc.status)
-        if admission is not None:
-            admission.finish(0)  # the engine served nothing
+        if admission is not None:  # the engine generated nothing; a refusal still cost it the prompt's rendering
+            admission.finish(admission.prompt_estimate if refused else 0)
         return error_response(exc.shown_to(key.admin), anthropic=endpoint == "messages")
     except BaseException:  # cancelled (the client left) or a bug: free the slot, keep the estimate charged
         if admission is not None:
@@ -238,21 +252,23 @@ async def _relay(
     items: EngineCall,
     timer: RequestTimer,
     admission: Admission,
+    endpoint: Endpoint,
     *,
-    anthropic: bool = False,
     traced: bool = False,
 ) -> AsyncGenerator[str, None]:
     """Streams the engine's events to the client; a failure mid-stream ends it with an error event. `traced`: the
     request's server span is recorded, and gets the usage."""
     status = 200
     used: int | None = None
-    relayed = first.count(TOKEN_EVENT)
+    anthropic = endpoint == "messages"
+    token_event = TOKEN_EVENTS.get(endpoint, TOKEN_EVENTS["completions"])
+    relayed = first.count(token_event)
     ended = False
     try:
         yield first
         async for item in items:
             if isinstance(item, str):
-                relayed += item.count(TOKEN_EVENT)
+                relayed += item.count(token_event)
                 yield item
             elif isinstance(item, Usage):
                 timer.tokens(item.prompt_tokens, item.completion_tokens)
@@ -272,6 +288,12 @@ async def _relay(
             items.cancel()
         timer.finish(status)
         admission.finish(used, relayed_tokens=relayed)
+
+
+def _engine_refused(error: WireError) -> bool:
+    """An engine's 4xx answer: it rendered and tokenized the request (tools, schemas and all) before refusing it, so
+    the prompt is charged; capacity answers (429, 503) and failures cost the engine nothing and are refunded."""
+    return 400 <= error.status < 500 and error.status != 429
 
 
 def _usage_of(response: dict[str, Any]) -> tuple[int, int]:

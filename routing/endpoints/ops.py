@@ -71,7 +71,9 @@ async def livez() -> dict[str, str]:
 async def metrics(request: Request, context: ContextDep) -> Response:
     if not context.config.public_metrics:
         headers = request.headers
-        context.keys.authenticate(headers.get("authorization"), headers.get("x-api-key")).require_metrics()
-    reports = await context.catalog.registry.replica_reports()
+        key = context.keys.authenticate(headers.get("authorization"), headers.get("x-api-key"))
+        key.require_metrics()
+        await context.admitter.admit_read(key)
+    reports = await context.catalog.replica_reports()
     context.metrics.replicas.update(reports, registry_size=await context.catalog.count())
     return Response(context.metrics.render(), media_type=CONTENT_TYPE_LATEST)

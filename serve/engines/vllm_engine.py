@@ -71,8 +71,11 @@ def _on_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
-def vllm_cli_args(config: EngineConfig, adapters: list[AdapterConfig]) -> list[str]:
-    """The `vllm serve` flags equivalent to `config`; the reference server takes the same list."""
+def vllm_cli_args(
+    config: EngineConfig, adapters: list[AdapterConfig], allowed_media_domains: tuple[str, ...] = ()
+) -> list[str]:
+    """The `vllm serve` flags equivalent to `config`; the reference server takes the same list. `allowed_media_domains`:
+    the router's (`router.allowed_media_domains`), which vLLM checks again when it fetches media."""
     args = [
         "--model", config.model,
         "--served-model-name", config.model_id,
@@ -93,6 +96,8 @@ def vllm_cli_args(config: EngineConfig, adapters: list[AdapterConfig]) -> list[s
         args += ["--additional-config", json.dumps(slot_policy)]
     if config.tool_call_parser is not None:
         args += ["--enable-auto-tool-choice", "--tool-call-parser", config.tool_call_parser]
+    if allowed_media_domains:
+        args += ["--allowed-media-domains", *allowed_media_domains]
     if adapters:
         args.append("--lora-modules")
         args.extend(f"{adapter_model_id(config.model_id, a.name)}={a.path}" for a in adapters)
@@ -140,7 +145,9 @@ class VLLMEngine:
 
         os.environ.update(engine_env(self._config))
         # Adapters are not given to vLLM up front: the loader installs registered ones on first use.
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(self._config, []))
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+            vllm_cli_args(self._config, [], self._app.router.allowed_media_domains)
+        )
         validate_parsed_serve_args(args)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
@@ -165,9 +172,9 @@ class VLLMEngine:
         pin_room = self._config.max_pinned_loras + 1 if self._config.max_pinned_loras else 0
         self._loader = AdapterLoader(engine, models, cache, self._config.model_id, pin_room)
         request_types = request_models(self._app.router.max_prompt_tokens)
-        self._routes = build_routes(state, *request_types)
+        self._routes = build_routes(state, request_types)
         self._parser_routes = {
-            parser: build_routes(with_tool_parser(state, parser, args), *request_types)
+            parser: build_routes(with_tool_parser(state, parser, args), request_types)
             for parser in self._config.tool_parsers()
             if parser != self._config.tool_call_parser
         }

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
 
+from serve.prompt_limit import RequestModels
 from serve.wire import Endpoint, Usage
 
 
@@ -32,27 +33,26 @@ class Route:
     """Where a stream's usage is: `openai` (a closing chunk with `usage`), `responses` or `messages`."""
 
 
-def build_routes(state: Any, completion_model: type[BaseModel], chat_model: type[BaseModel]) -> dict[Endpoint, Route]:
-    """The routes of the serving objects in `state` (vLLM's app state); `completion_model`, `chat_model`: vLLM's
-    request models, perhaps capped (`serve.prompt_limit`)."""
+def build_routes(state: Any, models: RequestModels) -> dict[Endpoint, Route]:
+    """The routes of the serving objects in `state` (vLLM's app state); `models`: vLLM's request models, perhaps
+    capped (`serve.prompt_limit`)."""
     from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
-    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
-    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
+    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest
 
     completion, chat = state.openai_serving_completion, state.openai_serving_chat
     responses, messages, tokens = (
         state.openai_serving_responses,
-        state.anthropic_serving_messages,
+        models.messages_serving(state.anthropic_serving_messages),
         state.serving_tokenization,
     )
-    tokenize_request: TypeAdapter[Any] = TypeAdapter(TokenizeRequest)
+    tokenize_request: TypeAdapter[Any] = TypeAdapter(models.tokenize)
     return {
         "completions": Route(
-            completion_model.model_validate, completion.create_completion, completion.create_error_response
+            models.completion.model_validate, completion.create_completion, completion.create_error_response
         ),
-        "chat": Route(chat_model.model_validate, chat.create_chat_completion, chat.create_error_response),
+        "chat": Route(models.chat.model_validate, chat.create_chat_completion, chat.create_error_response),
         "responses": Route(
-            ResponsesRequest.model_validate, responses.create_responses, responses.create_error_response,
+            models.responses.model_validate, responses.create_responses, responses.create_error_response,
             dump=lambda answer: answer.model_dump(mode="json", by_alias=True), usage_api="responses",
         ),
         "messages": Route(

@@ -21,12 +21,13 @@ from routing.catalog import ModelCatalog
 from serve.config import RouterConfig
 from serve.wire import Endpoint, ReplicaItem, ReplicaReport, Usage
 from tests.console_browser import PHONE, ServedApp, chromium, watch, wide_page
-from tests.unit.fake_engine import FakeEngine, FakeRegistry, engine_client, record
+from tests.unit.fake_engine import FakeEngine, FakeRegistry, echo_script, engine_client, record
 from tests.unit.tenancy import ADAPTERS, BASE, api_key, make_app
 
 pytestmark = pytest.mark.browser
 USER, USER_CONF = api_key("user", adapters=["a1"], base=True)
-LIMITED, LIMITED_CONF = api_key("limited", adapters=["*"], base=True, rpm=1)
+LIMITED, LIMITED_CONF = api_key("limited", adapters=["*"], base=True, tpm=50)
+"""One playground request (about 6 prompt + 32 completion tokens, all used: see `costly_script`) fits its minute."""
 ADMIN, ADMIN_CONF = api_key("ops", admin=True)
 KEYS = [USER_CONF, LIMITED_CONF, ADMIN_CONF]
 
@@ -156,14 +157,22 @@ def test_an_unreachable_registry_is_a_503_message_not_a_broken_page(page: Page, 
         expect(page.get_by_role("tab", name="Adapters")).to_be_visible()
 
 
-def test_a_rate_limited_column_says_so(page: Page, keyed_server: ServedApp) -> None:
-    sign_in(page, keyed_server, LIMITED)
-    page.get_by_role("tab", name="Playground").click()
-    expect(page.locator("#play-models input:checked")).to_have_count(3)
-    page.get_by_role("button", name="Run").click()
-    expect(page.locator(".column[data-state=done]")).to_have_count(1)
-    expect(page.locator(".column[data-state=error]")).to_have_count(2)
-    expect(page.locator(".column[data-state=error]").first).to_contain_text("Rate limited (429)")
+def costly_script(endpoint: Endpoint, body: dict[str, Any]) -> list[ReplicaItem | Exception]:
+    """The fake engine's answer, reporting every token it was admitted for as used: nothing is refunded."""
+    spent = Usage(prompt_tokens=6, completion_tokens=body.get("max_tokens") or 32)
+    return [spent if isinstance(item, Usage) else item for item in echo_script(endpoint, body)]
+
+
+def test_a_rate_limited_column_says_so(page: Page) -> None:
+    """The console reads with its key too (the key's rpm counts reads): a tokens-per-minute limit leaves them free."""
+    with ServedApp(make_app(KEYS, FakeEngine(script=costly_script))) as served:
+        sign_in(page, served, LIMITED)
+        page.get_by_role("tab", name="Playground").click()
+        expect(page.locator("#play-models input:checked")).to_have_count(3)
+        page.get_by_role("button", name="Run").click()
+        expect(page.locator(".column[data-state=done]")).to_have_count(1)
+        expect(page.locator(".column[data-state=error]")).to_have_count(2)
+        expect(page.locator(".column[data-state=error]").first).to_contain_text("Rate limited (429)")
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 from routing import ratelimit
 from routing.admission import estimate_completion_tokens, estimate_prompt_tokens
 from routing.ratelimit import ADMITTED, LocalRateLimiter, ServeRateLimiter, SharedRateLimiter, TokenBuckets
-from serve.wire import Usage
+from serve.wire import Usage, WireError
 from tests.unit.fake_engine import FakeEngine
 from tests.unit.tenancy import BASE, api_key, bearer, client_for, context_of, make_app
 
@@ -195,10 +195,51 @@ async def test_keys_without_limits_never_ask_the_limiter() -> None:
         ("completions", {"prompt": "x", "max_tokens": 200, "max_completion_tokens": 1}, 1, 200),
         ("chat", {"messages": [{"role": "user", "content": "x" * 8}], "max_completion_tokens": 5}, 6, 5),
         ("chat", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, 4 + 1, 256),
+        # Each API's estimate reads the field its vLLM request model reads; the others are decoys.
+        ("responses", {"input": "x", "max_output_tokens": 1000, "max_tokens": 1}, 1, 1000),
+        ("responses", {"input": "x", "max_tokens": 1}, 1, 256),  # vLLM: the rest of the context
+        (
+            "messages",
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000, "max_completion_tokens": 1},
+            5,
+            1000,
+        ),
+        (
+            "chat",
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000, "max_completion_tokens": 3},
+            5,
+            3,
+        ),
     ],
 )
 def test_token_estimates(endpoint: Any, body: dict[str, Any], prompt: int, completion: int) -> None:
     assert (estimate_prompt_tokens(endpoint, body), estimate_completion_tokens(endpoint, body)) == (prompt, completion)
+
+
+RENDERED = [
+    ("chat", {"messages": [{"role": "user", "content": "x"}]},
+     {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"d": "y" * 4000}}}]}),
+    ("chat", {"messages": [{"role": "user", "content": "x"}]},
+     {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"d": "y" * 4000}}}}),
+    ("chat", {"messages": [{"role": "user", "content": "x"}]},
+     {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "y" * 4000}]}]}),
+    ("messages", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
+     {"tools": [{"name": "y" * 4000, "input_schema": {}}]}),
+    ("responses", {"input": "x"}, {"text": {"format": {"type": "json_schema", "schema": {"d": "y" * 4000}}}}),
+    ("responses", {"input": "x"}, {"tools": [{"type": "function", "name": "f", "parameters": {"d": "y" * 4000}}]}),
+    ("tokenize", {"messages": [{"role": "user", "content": "x"}]},
+     {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"d": "y" * 4000}}}]}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("endpoint", "body", "extra"), RENDERED)
+def test_tools_tool_calls_and_schemas_count_as_prompt(
+    endpoint: Any, body: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    """The chat template renders tools and tool calls into the prompt, and the grammar compiler reads schemas: 4,000
+    characters of them are about 1,000 tokens of the estimate."""
+    added = estimate_prompt_tokens(endpoint, {**body, **extra}) - estimate_prompt_tokens(endpoint, body)
+    assert 1000 <= added <= 1020, added
 
 
 def test_a_chat_without_max_tokens_is_estimated_at_the_rest_of_the_engines_context() -> None:
@@ -300,3 +341,62 @@ async def test_a_chat_without_max_tokens_is_charged_as_the_engine_may_generate()
     assert open_ended.status_code == 429, "up to 2,042 tokens: more than the key's whole minute"
     assert "lower max_tokens" in open_ended.json()["error"]["message"]
     assert bounded.status_code == 200
+
+
+async def test_a_decoy_token_field_does_not_hide_a_responses_generation_from_tpm() -> None:
+    """vLLM's Responses read only `max_output_tokens`: a `max_tokens` of 1 beside it changes nothing the engine does,
+    so it changes nothing the key is charged (issue 34)."""
+    key, conf = api_key("k", base=True, tpm=300)
+    app = make_app([conf], limiter=LocalRateLimiter(Clock()))
+    decoy = {"model": BASE, "input": "Hi", "max_output_tokens": 1000, "max_tokens": 1}
+    async with client_for(app) as client:
+        refused = await client.post("/v1/responses", json=decoy, headers=bearer(key))
+        honest = await client.post("/v1/responses", json={**decoy, "max_output_tokens": 100}, headers=bearer(key))
+    assert refused.status_code == 429, refused.text
+    assert "lower max_tokens" in refused.json()["error"]["message"]
+    assert honest.status_code == 200
+
+
+STREAMED_TOKENS = [
+    ("/v1/responses", {"input": "hi"},
+     'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","output_index":0,"delta":"t"}\n\n'),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+     'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"t"}}\n\n'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "body", "event"), STREAMED_TOKENS)
+async def test_every_apis_streamed_tokens_are_counted_as_they_are_relayed(
+    path: str, body: dict[str, Any], event: str
+) -> None:
+    """A Responses or Messages stream that ends without its usage (the client left) is charged at least the tokens
+    it was sent, as a chat stream is: each API's delta events are counted."""
+    key, conf = api_key("k", base=True, tpm=100_000)
+    limiter = LocalRateLimiter(Clock())
+    app = make_app([conf], FakeEngine(lambda *_: [event] * 400), limiter=limiter)
+    async with client_for(app) as client:
+        response = await client.post(path, json={"model": BASE, "stream": True, **body}, headers=bearer(key))
+        assert response.text.count("data: ") == 400
+        await context_of(app).admitter.settled()
+    spent = 100_000 - limiter._buckets._buckets[("k", "tokens")].level
+    assert spent >= 400, "the tokens it was sent, not just the prompt and the estimate it was admitted on"
+
+
+async def test_an_engine_refusal_is_charged_the_prompt_it_rendered() -> None:
+    """A body the engine renders and tokenizes (tools, schemas: megabytes) and then refuses costs its prompt; only
+    the completion it never generated is refunded. A capacity answer (503) is refunded whole."""
+    key, conf = api_key("k", base=True, tpm=1_000_000)
+    limiter = LocalRateLimiter(Clock())
+    answers = iter([WireError(400, "bad tool", "tools"), WireError(503, "busy", retry_after=1)])
+    app = make_app([conf], FakeEngine(lambda *_: [next(answers)]), limiter=limiter, max_schema_bytes=1_000_000)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"description": "y" * 400_000}}}]
+    body = {"model": BASE, "messages": [{"role": "user", "content": "x"}], "tools": tools, "max_tokens": 10}
+    async with client_for(app) as client:
+        refused = await client.post("/v1/chat/completions", json=body, headers=bearer(key))
+        await context_of(app).admitter.settled()
+        spent = 1_000_000 - limiter._buckets._buckets[("k", "tokens")].level
+        busy = await client.post("/v1/chat/completions", json=body, headers=bearer(key))
+        await context_of(app).admitter.settled()
+    assert (refused.status_code, busy.status_code) == (400, 503)
+    assert 100_000 <= spent < 110_000, spent
+    assert 1_000_000 - limiter._buckets._buckets[("k", "tokens")].level == pytest.approx(spent, abs=1)
