@@ -33,14 +33,21 @@ class Costs:
     per_adapter_s: float
     per_prompt_token_s: float
     load_s: float
+    activate_s: float
+    """Copying an adapter's weights into a LoRA slot (vLLM's activate_adapter), when the step needs it and no slot
+    holds it: the engine's slots are an LRU of `max_loras` adapters."""
     prompt_tokens: int = 16
 
 
 COSTS = {
     # Fitted to docs/benchmarks/same-ops (AMD EPYC, 2 cores): 127 ms per token alone, 370 ms at 32 base streams,
     # 450 ms at 32 streams over 8 adapters; a rank-8 adapter's load ~80 ms (docs/benchmarks/adapters.md).
-    "cpu": Costs(step_s=0.12, per_seq_s=0.0078, per_adapter_s=0.01, per_prompt_token_s=0.002, load_s=0.08),
-    "gpu": Costs(step_s=0.02, per_seq_s=0.0001, per_adapter_s=0.0005, per_prompt_token_s=0.00002, load_s=0.05),
+    "cpu": Costs(
+        step_s=0.12, per_seq_s=0.0078, per_adapter_s=0.01, per_prompt_token_s=0.002, load_s=0.08, activate_s=0.03
+    ),
+    "gpu": Costs(
+        step_s=0.02, per_seq_s=0.0001, per_adapter_s=0.0005, per_prompt_token_s=0.00002, load_s=0.05, activate_s=0.002
+    ),
 }
 
 
@@ -96,6 +103,7 @@ def simulate(workload: Workload, engine: Engine, costs: Costs, base: str = "base
     closed = deque(planned.model for planned in workload.schedule())
     timed = deque(((i + 1) * workload.rare_every_s, model) for i, model in enumerate(workload.rare))
     cache: OrderedDict[str, None] = OrderedDict()
+    slotted: OrderedDict[str, None] = OrderedDict()
     outcome = Outcome()
     now, free_clients = 0.0, workload.concurrency
 
@@ -105,7 +113,7 @@ def simulate(workload: Workload, engine: Engine, costs: Costs, base: str = "base
         outcome.jobs.append(job)
         scheduler.add(job)
 
-    while closed or timed or scheduler.running or scheduler.waiting:
+    while closed or timed or scheduler.running or scheduler.paused or scheduler.waiting:
         while closed and free_clients:
             submit(closed.popleft(), closed_loop=True)
             free_clients -= 1
@@ -117,17 +125,11 @@ def simulate(workload: Workload, engine: Engine, costs: Costs, base: str = "base
             continue
         adapters = {j.adapter for j in running if j.adapter is not None}
         prompt_work = costs.prompt_tokens * sum(1 for j in running if j.admitted_at == now)
-        loads = 0
-        for adapter in adapters:
-            if str(adapter) in cache:
-                cache.move_to_end(str(adapter))
-            else:
-                loads += 1
-                cache[str(adapter)] = None
-                while len(cache) > engine.max_cpu_loras:
-                    cache.popitem(last=False)
+        loads = sum(_touch(cache, str(a), engine.max_cpu_loras) for a in adapters)
+        activations = sum(_touch(slotted, str(a), engine.max_loras) for a in adapters)
         now += (costs.step_s + costs.per_seq_s * len(running) + costs.per_adapter_s * len(adapters)
-                + costs.per_prompt_token_s * prompt_work + costs.load_s * loads)  # fmt: skip
+                + costs.per_prompt_token_s * prompt_work + costs.load_s * loads
+                + costs.activate_s * activations)  # fmt: skip
         for job in running:
             job.produced += 1
             if job.ttft is None:
@@ -139,6 +141,17 @@ def simulate(workload: Workload, engine: Engine, costs: Costs, base: str = "base
     outcome.duration_s = now
     outcome.paused = scheduler.keeper.paused if scheduler.keeper is not None else 0
     return outcome
+
+
+def _touch(lru: OrderedDict[str, None], key: str, size: int) -> bool:
+    """Marks `key` used in an LRU of `size`; True when it was not there (it is now, the least recent out)."""
+    if key in lru:
+        lru.move_to_end(key)
+        return False
+    lru[key] = None
+    while len(lru) > size:
+        lru.popitem(last=False)
+    return True
 
 
 def workloads(adapters: int, requests: int = 64, concurrency: int = 32) -> list[Workload]:
@@ -179,7 +192,7 @@ CASES = {
 def run_case(case: Case) -> list[tuple[str, str, dict[str, float]]]:
     rows = []
     for workload in workloads(case.adapters, case.requests, case.concurrency):
-        for policy in (None, *case.policies):
+        for policy in (None, *case.policies) if workload.name != "base" else (None,):  # base has no adapters
             summary = simulate(workload, replace(case.engine, policy=policy), COSTS[case.costs]).summary()
             label = "fcfs" if policy is None else f"wait {policy.wait_s:g} s, hold {policy.hold_s:g} s"
             rows.append((workload.name, label, summary))
