@@ -4,7 +4,9 @@ Every refusal is an `AdapterInvalid` naming what is wrong; nothing is executed (
 weights are refused; safetensors headers and `adapter_config.json` are read, and the few tensors a check needs).
 Every tensor of the checkpoint must be one vLLM 0.32 applies, as PEFT would: LoRA A/B of a linear layer at the
 rank `r` or `rank_pattern` gives its module, LoRA on the input embedding (`lora_embedding_A/B`), and the
-embedding's own weights PEFT saves beside it when they equal the base model's (vLLM skips them; PEFT loads them).
+embedding's own weights PEFT saves beside it when they equal the base model's (vLLM skips them; PEFT loads them),
+each under the module name vLLM looks it up by (`tensor_names`). Options PEFT writes that are not served yet are
+refused by their own field (`unserved`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from serve.adapters.tensor_names import PEFT_PREFIX, misplaced_message, relocated, split
+from serve.adapters.unserved import unserved
 
 SUPPORTED_PEFT_TYPES = ("LORA",)
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -163,6 +166,8 @@ def validate_adapter(
     if size > max_bytes:
         raise AdapterInvalid(f"adapter is {size} bytes; the limit is {max_bytes}")
     tensors = tensor_shapes(weights)
+    if (refusal := unserved(config, tensors, base_shapes)) is not None:
+        raise AdapterInvalid(*refusal)
     checked = _check_shapes(tensors, base_shapes, options, config)
     for name in checked.saved_embeddings:
         _check_saved_embedding(weights, name, base_model)

@@ -159,7 +159,15 @@ PEFT_ADAPTERS = {
     # PEFT's ensure_weight_tying adds a LoRA to the lm_head that SmolLM2 ties to its embedding: refused below.
     "embed-tokens-tied": ({"r": 8, "target_modules": ["embed_tokens", "q_proj"], "ensure_weight_tying": True}, 0, ()),
     "lm-head": ({"r": 8, "target_modules": ["lm_head", "q_proj"]}, 0, ()),
+    # Options loraplex does not serve yet: refused by name (`NOT_SERVED_YET`).
+    "dora": ({"r": 8, "target_modules": ["q_proj", "v_proj"], "use_dora": True}, 0, ()),
+    "lora-bias": ({"r": 8, "target_modules": ["q_proj", "v_proj"], "lora_bias": True}, 0, ()),
+    "modules-to-save": ({"r": 8, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, 0, ()),
+    "trainable-tokens": ({"r": 8, "target_modules": ["q_proj"], "trainable_token_indices": [0, 5]}, 0, ()),
+    "added-tokens": ({"r": 8, "target_modules": ["q_proj"]}, 0, ()),  # on a base given 8 more tokens (`ADDED_TOKENS`)
 }  # fmt: skip
+ADDED_TOKENS = {"added-tokens": 8}
+"""Tokens added to the tokenizer before training: the base model's embedding is resized by this many rows."""
 ACCEPTED = [name for name, (_, rank, _) in PEFT_ADAPTERS.items() if rank]
 
 
@@ -183,6 +191,8 @@ def peft_made(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     for name, (settings, _, _) in PEFT_ADAPTERS.items():
         torch.manual_seed(sum(name.encode()))
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if name in ADDED_TOKENS:
+            base.resize_token_embeddings(base.config.vocab_size + ADDED_TOKENS[name])
         config = LoraConfig(lora_alpha=16, init_lora_weights=False, task_type="CAUSAL_LM", **settings)  # type: ignore[arg-type]
         with warnings.catch_warnings():  # about tied embeddings, and saving the embedding with its LoRA
             warnings.simplefilter("ignore", UserWarning)
@@ -269,7 +279,8 @@ REFUSED_PEFT = [
      "target_modules", "differ from the base model's; PEFT would load them"),
     ("vocabulary resized", "embed-tokens",
      lambda f: edit_tensors(f, lambda t: t.update({f"{EMBED}.lora_embedding_A": torch.zeros(8, 49153)})),
-     "source", r"lora_embedding_A has shape \[8, 49153\], the base model needs \[8, 49152\]"),
+     "vocab_size", r"lora_embedding_A is sized for a vocabulary of 49153 tokens, the base model's has 49152: the "
+     "adapter's tokenizer added tokens .* not served yet"),
     ("half an embedding LoRA", "embed-tokens", lambda f: edit_tensors(f, lambda t: t.pop(f"{EMBED}.lora_embedding_B")),
      "source", "model.embed_tokens has lora_embedding_A but no lora_embedding_B"),
     ("linear LoRA on the embedding", "embed-tokens",
@@ -306,6 +317,45 @@ def test_an_embedding_lora_whose_b_is_zero_is_registered_with_a_warning(
     folder = Path(shutil.copytree(peft_made["embed-tokens"].folder, tmp_path / "zero"))
     edit_tensors(folder, lambda t: [t[k].zero_() for k in t if k.endswith((".lora_B.weight", ".lora_embedding_B"))])
     assert check_peft(folder, shapes, model_dir).warnings == (NO_OP_WARNING,)
+
+
+# Options PEFT writes that loraplex does not serve yet: each refused by the name of its field, made by PEFT itself.
+
+NOT_SERVED_YET = [
+    # (adapter, change, the field named in `param`, words of the message)
+    ("dora", lambda f: None, "use_dora", r"use_dora: DoRA .* is not served yet \(adapter_config.json has "
+     r"use_dora=true; tensors such as '\S+lora_magnitude_vector'\)"),
+    ("dora", lambda f: edit_config(f, use_dora=False), "use_dora", "DoRA .* not served yet .*lora_magnitude_vector"),
+    ("lora-bias", lambda f: None, "lora_bias", r"lora_bias: a bias on LoRA's B .* not served yet .*lora_B.bias"),
+    ("lora-bias", lambda f: edit_config(f, lora_bias=False), "lora_bias", r"not served yet .*lora_B.bias"),
+    ("modules-to-save", lambda f: None, "modules_to_save",
+     r"modules_to_save: whole modules .* not served yet \(adapter_config.json has modules_to_save=\[\"lm_head\"\]"),
+    ("modules-to-save", lambda f: edit_tensors(f, lambda t: t.update({
+        "base_model.model.lm_head.modules_to_save.default.weight": t.pop("base_model.model.lm_head.weight")})),
+     "modules_to_save", r"not served yet .*modules_to_save.default.weight"),  # an older PEFT's names
+    ("trainable-tokens", lambda f: None, "trainable_token_indices",
+     r"trainable_token_indices: trained rows of the embedding .* not served yet .*trainable_tokens_delta"),
+    ("added-tokens", lambda f: None, "vocab_size",
+     r"vocab_size: \S+ is sized for a vocabulary of 49160 tokens, the base model's has 49152: the adapter's "
+     r"tokenizer added tokens \(a resized vocabulary\), which is not served yet"),
+    ("rank-pattern", lambda f: edit_config(f, layer_replication=[[0, 20], [10, 30]]), "layer_replication",
+     "layer_replication: layers repeated .* not served yet"),
+    ("rank-pattern", lambda f: edit_config(f, alora_invocation_tokens=[1, 2]), "alora_invocation_tokens",
+     "alora_invocation_tokens: activated LoRA .* not served yet"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "change", "param", "words"), NOT_SERVED_YET,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(NOT_SERVED_YET)])  # fmt: skip
+def test_options_not_served_yet_are_refused_by_name(
+    tmp_path: Path, peft_made: dict[str, Made], shapes: dict[str, list[int]], model_dir: Path,
+    name: str, change: Callable[[Path], None], param: str, words: str,
+) -> None:  # fmt: skip
+    folder = Path(shutil.copytree(peft_made[name].folder, tmp_path / name))
+    change(folder)
+    with pytest.raises(AdapterInvalid, match=words) as refused:
+        check_peft(folder, shapes, model_dir)
+    assert refused.value.param == param
 
 
 # Tensor names under the prefixes PEFT and other trainers write: each must land on a module vLLM applies it to.
