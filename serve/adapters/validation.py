@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve.adapters.tensor_names import PEFT_PREFIX, misplaced_message, relocated, split
+from serve.adapters.tensor_names import PEFT_PREFIX, engine_name, misplaced_message, relocated, split
 from serve.adapters.unserved import unserved
 
 SUPPORTED_PEFT_TYPES = ("LORA",)
@@ -373,7 +373,7 @@ def _check_saved_embedding(weights: Path, name: str, base_model: Path | None) ->
     import torch
     from safetensors import safe_open
 
-    module = name.removeprefix("base_model.model.").removesuffix(".base_layer.weight")
+    module = engine_name(name).removesuffix(".base_layer.weight")
     base = None
     for file in sorted(base_model.glob("*.safetensors")) if base_model is not None else ():
         with safe_open(file, framework="pt") as handle:
