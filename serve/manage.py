@@ -1,4 +1,4 @@
-"""The `loraplex` commands that manage a running server and its keys: `adapters list|add|rm`, `keys create|list`,
+"""The `loraplex` commands that manage a running server and its keys: `adapters list|show|add|rm`, `keys create|list`,
 and `verify` (what the server serves, against transformers + PEFT here). `serve.cli` adds them to the command."""
 
 from __future__ import annotations
@@ -46,6 +46,25 @@ def adapters_list(url: UrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOptio
         if not page.get("has_more") or not page["data"]:
             return
         params = {"after": page["last_id"]}
+
+
+@adapters_app.command("show")
+def adapters_show(name: str, url: UrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
+    """Show NAME: its version, rank, targets, the PEFT options it carries and how each is served, its warnings."""
+    item = _call("GET", f"{url}/v1/adapters/{name}", api_key)
+    made = item.get("composition")
+    source = item.get("source", "-") if made is None else _composition(made)
+    pinned = " pinned" if item["pinned"] else ""
+    typer.echo(f"{item['id']}\tv{item['version']}\tr={item['rank']}\talpha={item['alpha']:g}\t{source}{pinned}")
+    typer.echo(f"  targets: {', '.join(item['target_modules'])}")
+    for option in item.get("options") or ():
+        typer.echo(f"  option: {option}")
+    for warning in item.get("warnings") or ():
+        typer.echo(f"  warning: {warning}")
+    if item.get("unusable"):
+        typer.echo(f"  unusable: {item['unusable']}")
+    if item.get("canary"):
+        typer.echo(f"  rollout: {_split(item)}")
 
 
 def _composition(made: dict[str, Any]) -> str:

@@ -4,7 +4,9 @@ Every refusal is an `AdapterInvalid` naming what is wrong; nothing is executed (
 weights are refused; safetensors headers and `adapter_config.json` are read, and the few tensors a check needs).
 Every tensor of the checkpoint must be one vLLM 0.32 applies, as PEFT would: LoRA A/B of a linear layer at the
 rank `r` or `rank_pattern` gives its module, LoRA on the input embedding (`lora_embedding_A/B`), and the
-embedding's own weights PEFT saves beside it when they equal the base model's (vLLM skips them; PEFT loads them).
+embedding's own weights PEFT saves beside it when they equal the base model's (vLLM skips them; PEFT loads them),
+each under the module name vLLM looks it up by (`tensor_names`). Options PEFT writes that are not served yet are
+refused by their own field (`unserved`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from serve.adapters.tensor_names import PEFT_PREFIX, engine_name, misplaced_message, relocated, split
+from serve.adapters.unserved import unserved
 
 SUPPORTED_PEFT_TYPES = ("LORA",)
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -50,9 +55,6 @@ class AdapterMetadata:
 
 EMBEDDINGS = ("embed_tokens",)
 """Input embeddings vLLM wraps with its embedding LoRA (the models' `embedding_modules`)."""
-SAVED_EMBEDDING_WEIGHTS = (".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight")
-"""The base weights PEFT saves beside an embedding's LoRA, which vLLM skips (`vllm/lora/utils.py`
-`is_base_embedding_weights`) and PEFT loads over the base model's."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,10 @@ def validate_adapter(
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     if size > max_bytes:
         raise AdapterInvalid(f"adapter is {size} bytes; the limit is {max_bytes}")
-    checked = _check_shapes(tensor_shapes(weights), base_shapes, options, config)
+    tensors = tensor_shapes(weights)
+    if (refusal := unserved(config, tensors, base_shapes)) is not None:
+        raise AdapterInvalid(*refusal)
+    checked = _check_shapes(tensors, base_shapes, options, config)
     for name in checked.saved_embeddings:
         _check_saved_embedding(weights, name, base_model)
     warnings = (NO_OP_WARNING,) if lora_b_all_zero(weights) else ()
@@ -284,22 +289,32 @@ def _check_shapes(
     tensors: dict[str, list[int]], base: dict[str, list[int]], options: LoraOptions, config: dict[str, Any]
 ) -> Checked:
     """Each LoRA pair must fit a linear layer (or the input embedding) of the base model at the rank the config gives
-    its module; any other tensor is refused, since vLLM would drop it or fail on it."""
+    its module, under the name vLLM looks it up by (`tensor_names.split`); any other tensor is refused, since vLLM
+    would drop it or fail on it."""
     if not tensors:
         raise AdapterInvalid("adapter_model.safetensors holds no tensors")
     parts: dict[str, set[str]] = {}
     ranks = [0]
     saved = []
+    held: dict[tuple[str, str], str] = {}
+    misplaced: list[tuple[str, str, str, str]] = []
     for name, shape in tensors.items():
-        module, part = _split(name)
+        module, part = split(name)
         if module is None:
             raise AdapterInvalid(f"unsupported tensor {name!r}: only LoRA A/B weights of linear layers and of the "
                                  "input embedding are served")  # fmt: skip
+        if (other := held.setdefault((module, part), name)) != name:
+            raise AdapterInvalid(f"{other!r} and {name!r} are both {part} of {module} as vLLM 0.32 reads tensor "
+                                 f"names (without {PEFT_PREFIX!r}): it would apply one and drop the other")  # fmt: skip
         leaf = module.rsplit(".", 1)[-1]
+        if module not in base and (target := relocated(module, base)) is not None:
+            misplaced.append((name, module, target, part))
+            continue
         if leaf == "lm_head" and module not in base:
             _refuse_tied_head(name, config)
         if module not in base:
-            raise AdapterInvalid(f"adapter targets {module!r}, which the base model does not have (wrong base model?)")
+            raise AdapterInvalid(f"{name!r} targets {module!r}, which the base model does not have (wrong base "
+                                 "model?)")  # fmt: skip
         if part == "base_layer":
             saved.append(name)
             continue
@@ -308,9 +323,11 @@ def _check_shapes(
             raise AdapterInvalid(f"{name}: {module} is {kind} in the base model, so vLLM would misread this LoRA")
         ranks.append(_check_pair_shape(name, shape, part, module, base[module], options))
         parts.setdefault(module, set()).add(part)
-    for module, held in parts.items():
-        if len(held) == 1:
-            (half,) = held
+    if misplaced:
+        raise AdapterInvalid(misplaced_message(misplaced))
+    for module, pair in parts.items():
+        if len(pair) == 1:
+            (half,) = pair
             other = half[:-1] + ("B" if half.endswith("A") else "A")
             raise AdapterInvalid(f"{module} has {half} but no {other}: vLLM cannot apply half a LoRA")
     targets = tuple(sorted({module.rsplit(".", 1)[-1] for module in parts}))
@@ -356,7 +373,7 @@ def _check_saved_embedding(weights: Path, name: str, base_model: Path | None) ->
     import torch
     from safetensors import safe_open
 
-    module = name.removeprefix("base_model.model.").removesuffix(".base_layer.weight")
+    module = engine_name(name).removesuffix(".base_layer.weight")
     base = None
     for file in sorted(base_model.glob("*.safetensors")) if base_model is not None else ():
         with safe_open(file, framework="pt") as handle:
@@ -375,20 +392,3 @@ def _check_saved_embedding(weights: Path, name: str, base_model: Path | None) ->
             "them over the base model's, vLLM 0.32 ignores them (a resized or trained vocabulary is not served)",
             "target_modules",
         )
-
-
-def _split(name: str) -> tuple[str | None, str]:
-    """`base_model.model.<module>.lora_A.weight` → (`<module>`, `lora_A`), `...embed_tokens.lora_embedding_B` →
-    (`...embed_tokens`, `lora_embedding_B`), `...embed_tokens.base_layer.weight` → (`...embed_tokens`, `base_layer`);
-    (None, "") for other tensors."""
-    for part, suffix in (
-        ("lora_A", ".lora_A.weight"),
-        ("lora_B", ".lora_B.weight"),
-        ("lora_embedding_A", ".lora_embedding_A"),
-        ("lora_embedding_B", ".lora_embedding_B"),
-    ):
-        if name.endswith(suffix):
-            return name.removesuffix(suffix).removeprefix("base_model.model."), part
-    if name.endswith(SAVED_EMBEDDING_WEIGHTS):
-        return name.removesuffix(".base_layer.weight").removeprefix("base_model.model."), "base_layer"
-    return None, ""

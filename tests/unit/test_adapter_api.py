@@ -221,6 +221,38 @@ def test_the_cli_lists_every_page(monkeypatch: pytest.MonkeyPatch) -> None:
     assert asked == [{}, {"after": f"{BASE}:a09"}, {"after": f"{BASE}:a19"}]
 
 
+def test_the_cli_shows_an_adapters_options_and_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import serve.cli
+    import serve.manage
+
+    options = ("rank_pattern: per-module rank", "embed_tokens: LoRA")
+    shown = replace(record("sql"), options=options, warnings=("every lora_B weight is zero",), alpha=8.0)
+    app = create_app(engine_client(), ModelCatalog(BASE, FakeRegistry({"sql": shown})), RouterConfig())
+
+    def call(method: str, url: str, api_key: str | None) -> object:
+        import asyncio
+
+        async def get() -> object:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://router.localhost") as client:
+                return (await client.request(method, url.removeprefix("http://127.0.0.1:8000"))).json()
+
+        return asyncio.run(get())
+
+    monkeypatch.setattr(serve.manage, "_call", call)
+    result = CliRunner().invoke(serve.cli.app, ["adapters", "show", "sql"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        f"{BASE}:sql\tv1\tr=8\talpha=8\t/adapters/x",
+        "  targets: q_proj",
+        "  option: rank_pattern: per-module rank",
+        "  option: embed_tokens: LoRA",
+        "  warning: every lora_B weight is zero",
+    ]
+
+
 class CountingRegistry(FakeRegistry):
     """Counts the router's `changes` round trips."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import warnings
@@ -14,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from serve.adapters.tensor_names import split
 from serve.adapters.validation import (
     NO_OP_WARNING,
     AdapterInvalid,
@@ -157,7 +159,15 @@ PEFT_ADAPTERS = {
     # PEFT's ensure_weight_tying adds a LoRA to the lm_head that SmolLM2 ties to its embedding: refused below.
     "embed-tokens-tied": ({"r": 8, "target_modules": ["embed_tokens", "q_proj"], "ensure_weight_tying": True}, 0, ()),
     "lm-head": ({"r": 8, "target_modules": ["lm_head", "q_proj"]}, 0, ()),
+    # Options loraplex does not serve yet: refused by name (`NOT_SERVED_YET`).
+    "dora": ({"r": 8, "target_modules": ["q_proj", "v_proj"], "use_dora": True}, 0, ()),
+    "lora-bias": ({"r": 8, "target_modules": ["q_proj", "v_proj"], "lora_bias": True}, 0, ()),
+    "modules-to-save": ({"r": 8, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, 0, ()),
+    "trainable-tokens": ({"r": 8, "target_modules": ["q_proj"], "trainable_token_indices": [0, 5]}, 0, ()),
+    "added-tokens": ({"r": 8, "target_modules": ["q_proj"]}, 0, ()),  # on a base given 8 more tokens (`ADDED_TOKENS`)
 }  # fmt: skip
+ADDED_TOKENS = {"added-tokens": 8}
+"""Tokens added to the tokenizer before training: the base model's embedding is resized by this many rows."""
 ACCEPTED = [name for name, (_, rank, _) in PEFT_ADAPTERS.items() if rank]
 
 
@@ -181,6 +191,8 @@ def peft_made(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     for name, (settings, _, _) in PEFT_ADAPTERS.items():
         torch.manual_seed(sum(name.encode()))
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if name in ADDED_TOKENS:
+            base.resize_token_embeddings(base.config.vocab_size + ADDED_TOKENS[name])
         config = LoraConfig(lora_alpha=16, init_lora_weights=False, task_type="CAUSAL_LM", **settings)  # type: ignore[arg-type]
         with warnings.catch_warnings():  # about tied embeddings, and saving the embedding with its LoRA
             warnings.simplefilter("ignore", UserWarning)
@@ -267,7 +279,8 @@ REFUSED_PEFT = [
      "target_modules", "differ from the base model's; PEFT would load them"),
     ("vocabulary resized", "embed-tokens",
      lambda f: edit_tensors(f, lambda t: t.update({f"{EMBED}.lora_embedding_A": torch.zeros(8, 49153)})),
-     "source", r"lora_embedding_A has shape \[8, 49153\], the base model needs \[8, 49152\]"),
+     "vocab_size", r"lora_embedding_A is sized for a vocabulary of 49153 tokens, the base model's has 49152: the "
+     "adapter's tokenizer added tokens .* not served yet"),
     ("half an embedding LoRA", "embed-tokens", lambda f: edit_tensors(f, lambda t: t.pop(f"{EMBED}.lora_embedding_B")),
      "source", "model.embed_tokens has lora_embedding_A but no lora_embedding_B"),
     ("linear LoRA on the embedding", "embed-tokens",
@@ -304,3 +317,125 @@ def test_an_embedding_lora_whose_b_is_zero_is_registered_with_a_warning(
     folder = Path(shutil.copytree(peft_made["embed-tokens"].folder, tmp_path / "zero"))
     edit_tensors(folder, lambda t: [t[k].zero_() for k in t if k.endswith((".lora_B.weight", ".lora_embedding_B"))])
     assert check_peft(folder, shapes, model_dir).warnings == (NO_OP_WARNING,)
+
+
+# Options PEFT writes that loraplex does not serve yet: each refused by the name of its field, made by PEFT itself.
+
+NOT_SERVED_YET = [
+    # (adapter, change, the field named in `param`, words of the message)
+    ("dora", lambda f: None, "use_dora", r"use_dora: DoRA .* is not served yet \(adapter_config.json has "
+     r"use_dora=true; tensors such as '\S+lora_magnitude_vector'\)"),
+    ("dora", lambda f: edit_config(f, use_dora=False), "use_dora", "DoRA .* not served yet .*lora_magnitude_vector"),
+    ("lora-bias", lambda f: None, "lora_bias", r"lora_bias: a bias on LoRA's B .* not served yet .*lora_B.bias"),
+    ("lora-bias", lambda f: edit_config(f, lora_bias=False), "lora_bias", r"not served yet .*lora_B.bias"),
+    ("modules-to-save", lambda f: None, "modules_to_save",
+     r"modules_to_save: whole modules .* not served yet \(adapter_config.json has modules_to_save=\[\"lm_head\"\]"),
+    ("modules-to-save", lambda f: edit_tensors(f, lambda t: t.update({
+        "base_model.model.lm_head.modules_to_save.default.weight": t.pop("base_model.model.lm_head.weight")})),
+     "modules_to_save", r"not served yet .*modules_to_save.default.weight"),  # an older PEFT's names
+    ("trainable-tokens", lambda f: None, "trainable_token_indices",
+     r"trainable_token_indices: trained rows of the embedding .* not served yet .*trainable_tokens_delta"),
+    ("added-tokens", lambda f: None, "vocab_size",
+     r"vocab_size: \S+ is sized for a vocabulary of 49160 tokens, the base model's has 49152: the adapter's "
+     r"tokenizer added tokens \(a resized vocabulary\), which is not served yet"),
+    ("rank-pattern", lambda f: edit_config(f, layer_replication=[[0, 20], [10, 30]]), "layer_replication",
+     "layer_replication: layers repeated .* not served yet"),
+    ("rank-pattern", lambda f: edit_config(f, alora_invocation_tokens=[1, 2]), "alora_invocation_tokens",
+     "alora_invocation_tokens: activated LoRA .* not served yet"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "change", "param", "words"), NOT_SERVED_YET,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(NOT_SERVED_YET)])  # fmt: skip
+def test_options_not_served_yet_are_refused_by_name(
+    tmp_path: Path, peft_made: dict[str, Made], shapes: dict[str, list[int]], model_dir: Path,
+    name: str, change: Callable[[Path], None], param: str, words: str,
+) -> None:  # fmt: skip
+    folder = Path(shutil.copytree(peft_made[name].folder, tmp_path / name))
+    change(folder)
+    with pytest.raises(AdapterInvalid, match=words) as refused:
+        check_peft(folder, shapes, model_dir)
+    assert refused.value.param == param
+
+
+# Tensor names under the prefixes PEFT and other trainers write: each must land on a module vLLM applies it to.
+
+
+def pair(module: str, rank: int = 4) -> dict[str, torch.Tensor]:
+    """A LoRA pair on q_proj (576 → 576) under the module name `module`, B not zero."""
+    return {f"{module}.lora_A.weight": torch.ones(rank, 576), f"{module}.lora_B.weight": torch.ones(576, rank)}
+
+
+Q = "model.layers.0.self_attn.q_proj"
+SERVED_NAMES = [
+    # (layout, the module name the tensors are saved under)
+    ("PEFT", f"base_model.model.{Q}"),
+    ("without PEFT's prefix", Q),
+    ("PEFT's prefix twice (vLLM drops both)", f"base_model.model.base_model.model.{Q}"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("layout", "module"), SERVED_NAMES, ids=[c[0] for c in SERVED_NAMES])
+def test_tensor_names_vllm_applies_to_the_base_models_modules_are_accepted(
+    tmp_path: Path, shapes: dict[str, list[int]], layout: str, module: str
+) -> None:
+    meta = check(write_adapter(tmp_path / "a", tensors=pair(module)), shapes)
+    assert (meta.target_modules, meta.options, meta.warnings) == (("q_proj",), (), ())  # type: ignore[attr-defined]
+
+
+MISPLACED_NAMES = [
+    # (layout, the tensors, the first tensor the refusal names, how many it counts)
+    ("PEFT's prefix on the inner model", pair("base_model.model.layers.0.self_attn.q_proj"),
+     "base_model.model.layers.0.self_attn.q_proj.lora_A.weight", 2),
+    ("the inner model's names", pair("layers.0.self_attn.q_proj"), "layers.0.self_attn.q_proj.lora_A.weight", 2),
+    ("a wrapper's language_model.", pair(f"language_model.{Q}"), f"language_model.{Q}.lora_A.weight", 2),
+    ("PEFT over a wrapper", pair(f"base_model.model.language_model.{Q}"),
+     f"base_model.model.language_model.{Q}.lora_A.weight", 2),
+    ("model. twice", pair(f"base_model.model.model.{Q}"), f"base_model.model.model.{Q}.lora_A.weight", 2),
+    ("some layers only", {**pair(f"base_model.model.{Q}"), **pair("language_model.model.layers.1.self_attn.q_proj"),
+                          **pair("language_model.model.layers.2.self_attn.q_proj")},
+     "language_model.model.layers.1.self_attn.q_proj.lora_A.weight", 4),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("layout", "tensors", "first", "count"), MISPLACED_NAMES, ids=[c[0] for c in MISPLACED_NAMES])
+def test_tensors_vllm_would_load_and_apply_to_no_module_are_refused_naming_them(
+    tmp_path: Path, shapes: dict[str, list[int]], layout: str, tensors: dict[str, torch.Tensor], first: str, count: int
+) -> None:
+    """vLLM 0.32 checks only a tensor name's last segment at load and looks the LoRA up by whole module name when it
+    runs: these would load and change nothing (vLLM issues #34186, #48019, #55193)."""
+    with pytest.raises(AdapterInvalid) as refused:
+        check(write_adapter(tmp_path / "a", tensors=tensors), shapes)
+    message = str(refused.value)
+    assert message.startswith(f"{count} tensors are named under a prefix vLLM 0.32 does not map onto this base model")
+    assert f"{first!r} is read as module" in message and "apply them to no module" in message
+    target = re.search(r"the base model's is '([^']+)'", message)
+    assert target is not None and target.group(1) in shapes
+    assert f"PEFT's layout names 'base_model.model.{target.group(1)}.lora_A.weight'" in message
+    listed = message.split("(the tensors: ")[1]
+    assert first in listed and f"'base_model.model.{Q}." not in listed  # the well-named ones stay out
+    assert refused.value.param == "source"
+
+
+def test_two_tensors_vllm_reads_as_one_are_refused_naming_both(tmp_path: Path, shapes: dict[str, list[int]]) -> None:
+    """vLLM keeps the last of two tensors it reads under one name: the other would be dropped without a word."""
+    tensors = {**pair(f"base_model.model.{Q}"), f"{Q}.lora_B.weight": torch.full((576, 4), 2.0)}
+    with pytest.raises(AdapterInvalid, match=rf"'base_model.model.{Q}.lora_B.weight' and '{Q}.lora_B.weight' are both "
+                                             rf"lora_B of {Q} .* apply one and drop the other") as refused:  # fmt: skip
+        check(write_adapter(tmp_path / "a", tensors=tensors), shapes)
+    assert refused.value.param == "source"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [f"base_model.model.{Q}.lora_A.weight", f"{Q}.lora_B.weight",
+     f"base_model.model.base_model.model.{Q}.lora_A.weight", f"language_model.{Q}.lora_B.weight",
+     f"base_model.model.language_model.{Q}.lora_A.weight", f"base_model.model.{Q}.base_model.model.lora_A.weight",
+     "base_model.model.model.embed_tokens.lora_embedding_A", "model.embed_tokens.lora_embedding_B"],
+)  # fmt: skip
+def test_loraplex_reads_tensor_names_as_vllm_does(name: str) -> None:
+    from vllm.lora.utils import parse_fine_tuned_lora_name
+
+    module, is_lora_a = parse_fine_tuned_lora_name(name)
+    assert split(name) == (module, ("lora_embedding_A" if "embedding" in name else "lora_A") if is_lora_a else
+                           ("lora_embedding_B" if "embedding" in name else "lora_B"))  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import re
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -182,6 +183,33 @@ def test_the_peft_options_an_adapter_carries_are_recorded_and_a_malformed_one_re
     refused = asyncio.run(registry.register("bad", str(bad)))
     assert isinstance(refused, WireError) and (refused.status, refused.param) == (400, "rank_pattern"), refused
     assert "bad" not in asyncio.run(open_registry().snapshot()).records
+
+
+NOT_RECORDED = [
+    # (case, the adapter's tensors (None: a plain LoRA on q_proj) and config, status, param, words of the message)
+    ("DoRA", None, {"use_dora": True}, 400, "use_dora", "use_dora: DoRA .* not served yet"),
+    ("LoRA bias", {f"{LAYER}.q_proj.lora_A.weight": torch.ones(4, 576), f"{LAYER}.q_proj.lora_B.weight":
+                   torch.ones(576, 4), f"{LAYER}.q_proj.lora_B.bias": torch.ones(576)}, {}, 400, "lora_bias",
+     "lora_bias: .* not served yet .*lora_B.bias"),
+    ("modules_to_save", None, {"modules_to_save": ["lm_head"]}, 400, "modules_to_save", "not served yet"),
+    ("a wrapper's prefix", {"language_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 576),
+                            "language_model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(576, 4)}, {},
+     400, "source", "would load them and apply them to no module"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "tensors", "config", "status", "param", "words"), NOT_RECORDED,
+                         ids=[c[0] for c in NOT_RECORDED])  # fmt: skip
+def test_an_adapter_vllm_would_not_serve_as_trained_is_refused_naming_why_and_records_nothing(
+    tmp_path: Path, open_registry: Opener, case: str, tensors: dict[str, torch.Tensor] | None,
+    config: dict[str, object], status: int, param: str, words: str,
+) -> None:  # fmt: skip
+    registry = open_registry()
+    folder = write_adapter(tmp_path / "adapters" / "a", tensors=tensors, **config)
+    refused = asyncio.run(registry.register("a", str(folder)))
+    assert isinstance(refused, WireError) and (refused.status, refused.param) == (status, param), refused
+    assert re.search(words, refused.message), refused.message
+    assert "a" not in asyncio.run(open_registry().snapshot()).records
 
 
 def break_store(registry: AdapterRegistry) -> None:
