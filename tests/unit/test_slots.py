@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from typing import Any
 
 import pytest
 
@@ -193,11 +194,17 @@ async def test_the_simulated_engine_serves_a_rare_adapter_within_the_bound_while
         sim.shutdown()
 
 
-async def test_a_replica_reports_the_adapters_in_flight_and_its_slots_for_the_request_router() -> None:
-    settings = {"kind": "simulated", "model": "/m", "max_loras": 3, "simulated": {"step_ms": 5, "lora_slots": True}}
-    engine = SimulatedEngine(EngineConfig.model_validate(settings))
+async def replica_with_slots(slots: int, **settings: Any) -> tuple[Replica, SimulatedEngine]:
+    """A replica over a started simulated engine with `slots` LoRA slots (no registry: nothing here asks it)."""
+    simulated = {"step_ms": 5, "lora_slots": True, **settings.pop("simulated", {})}
+    config = {"kind": "simulated", "model": "/m", "max_loras": slots, "simulated": simulated, **settings}
+    engine = SimulatedEngine(EngineConfig.model_validate(config))
     await engine.start()
-    replica = Replica(engine, registry=None, stream_batch_s=0.0, replica_id="r")
+    return Replica(engine, registry=None, stream_batch_s=0.0, replica_id="r"), engine
+
+
+async def test_a_replica_reports_the_adapters_in_flight_and_its_slots_for_the_request_router() -> None:
+    replica, engine = await replica_with_slots(3)
     body = {"model": "m", "prompt": "x", "max_tokens": 50, "stream": True}
     try:
         stream = replica.generate("completions", body, adapter=record("sql"))
@@ -211,11 +218,7 @@ async def test_a_replica_reports_the_adapters_in_flight_and_its_slots_for_the_re
 
 
 async def test_a_request_that_will_wait_for_a_slot_has_its_adapter_loaded_while_it_waits() -> None:
-    settings = {"kind": "simulated", "model": "/m", "max_loras": 1, "slot_wait_s": 5.0,
-                "simulated": {"step_ms": 5, "lora_slots": True, "adapter_load_ms": 20}}  # fmt: skip
-    engine = SimulatedEngine(EngineConfig.model_validate(settings))
-    await engine.start()
-    replica = Replica(engine, registry=None, stream_batch_s=0.0, replica_id="r")
+    replica, engine = await replica_with_slots(1, slot_wait_s=5.0, simulated={"adapter_load_ms": 20})
     body = {"model": "m", "prompt": "x", "max_tokens": 400, "stream": True}
     try:
         popular = replica.generate("completions", body, adapter=record("pop"))
