@@ -187,17 +187,16 @@ def run(config: AppConfig, infra_cpus: str = "auto") -> None:
             # the GCS for every node's resources each time); 0.5 s still notices a dead replica long before a
             # health check.
             os.environ.setdefault(CONTROL_LOOP_ENV, CONTROL_LOOP_INTERVAL_S)
-            with processes.ray_daemons_in_their_own_groups():
-                ray.init(
-                    address="local",
-                    num_cpus=max(8, 4 * (os.cpu_count() or 1)),
-                    include_dashboard=False,
-                    # Each worker in its own process group, killed whole when the worker dies: a replica that is
-                    # killed or crashes takes its vLLM engine core process with it instead of leaking it. No pool
-                    # of idle Ray workers kept for tasks: the app is long-lived actors, each started in a worker of
-                    # its own, and every idle worker costs ~1 % of a core (its core worker's periodic loop).
-                    _system_config={"process_group_cleanup_enabled": True, "num_workers_soft_limit": 0},
-                )
+            ray.init(
+                address="local",
+                num_cpus=max(8, 4 * (os.cpu_count() or 1)),
+                include_dashboard=False,
+                # Each worker in its own process group, killed whole when the worker dies: a replica that is
+                # killed or crashes takes its vLLM engine core process with it instead of leaking it. No pool
+                # of idle Ray workers kept for tasks: the app is long-lived actors, each started in a worker of
+                # its own, and every idle worker costs ~1 % of a core (its core worker's periodic loop).
+                _system_config={"process_group_cleanup_enabled": True, "num_workers_soft_limit": 0},
+            )
             ray_up = processes.node_processes_alive(processes.descendants())
         take_signals()  # ray.init installed Ray's own SIGTERM handler, which would end us before clean-up
         if config.router.auth.is_open:

@@ -2,11 +2,9 @@
 
 A local server is a tree: the CLI starts Ray's node processes (GCS, raylet, ...), the raylet starts the
 Serve actors' workers, an engine replica starts vLLM's engine core, which starts its worker. A signal to the
-CLI's whole process group (systemd's default stop, a supervisor's) would kill the GCS and raylet at once, cutting
-every stream in flight: so they start in process groups of their own (`ray_daemons_in_their_own_groups`) and
-the CLI drains first. Should they die anyway, the workers and engines below them lose the parents that would
-have cleaned them up and live on with parent 1, holding gigabytes. So the CLI makes itself a *child subreaper*
-(Linux `prctl`): orphans among its
+CLI's whole process group (systemd's default stop, a supervisor's) kills the GCS and raylet at once; the
+workers and engines below them then lose the parents that would have cleaned them up and live on with
+parent 1, holding gigabytes. So the CLI makes itself a *child subreaper* (Linux `prctl`): orphans among its
 descendants are re-parented to it, not to init, and `sweep` ends every descendant that is still there when
 the CLI stops. Processes whose own parent died while the CLI was killed outright (SIGKILL of the group)
 end through `die_with_parent`, which the replicas and the engine processes call on themselves.
@@ -19,12 +17,10 @@ import ctypes
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 logger = logging.getLogger("loraplex")
 PR_SET_PDEATHSIG = 1
@@ -33,34 +29,6 @@ KILL_ROUNDS_S = 10.0
 DIE_WITH_PARENT_ENV = "LORAPLEX_DIE_WITH_PARENT"
 """Set (to 1) in the deployments' environment, which their vLLM processes inherit: each asks to die with its
 parent (`die_with_parent_if_asked`). Not a default of the functions, so tests and libraries are not affected."""
-
-
-class _OwnGroupPopen(subprocess.Popen):
-    """A child started in a process group of its own (Python's `process_group=0`): a signal to its parent's group
-    does not reach it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("process_group", 0)
-        super().__init__(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def ray_daemons_in_their_own_groups() -> Iterator[None]:
-    """While a local Ray starts, each of its node processes (GCS, raylet, ...) starts in a process group of its own.
-
-    A supervisor's stop (systemd's `KillMode=control-group`, `kill -- -PGID`) signals the CLI's whole group: Ray's
-    daemons in it would die at once and cut every stream in flight, where the CLI's own handler drains them first.
-    They still die with the CLI: Ray asks the kernel to kill each when its parent dies, and the CLI's `sweep` ends
-    whatever is left. Ray starts them through `ray._private.services.ConsolePopen` (plain `Popen` on Linux).
-    """
-    from ray._private import services
-
-    original = services.ConsolePopen
-    services.ConsolePopen = _OwnGroupPopen  # type: ignore[misc,assignment]
-    try:
-        yield
-    finally:
-        services.ConsolePopen = original  # type: ignore[misc]
 
 
 def _prctl(option: int, value: int) -> bool:

@@ -9,7 +9,6 @@ Ray's own processes can die under the CLI. (SIGTERM to the CLI alone is how ever
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
@@ -19,7 +18,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pytest
 
 from serve.assets import prepare
@@ -92,23 +90,12 @@ def stopped_with_nothing_left(process: subprocess.Popen[bytes], log: Path) -> No
     assert_nothing_left_behind(process.pid)
 
 
-def test_sigterm_to_the_whole_process_group_drains_like_a_single_one(tmp_path: Path) -> None:
-    """What systemd does on stop (`KillMode=control-group`), and `kill -- -PGID`: Ray's daemons are in process
-    groups of their own, so the signal reaches the CLI alone, which drains: a stream in flight ends whole."""
+def test_sigterm_to_the_whole_process_group_stops_everything(tmp_path: Path) -> None:
+    """What systemd does on stop: the GCS and raylet die at once, the CLI must not hang in its drain."""
     process, url, log = start(tmp_path)
     wait_until_ready(process, url, log)
     assert engine_processes(process.pid), "the engine's processes run before the stop"
-    assert all(os.getpgid(pid) != process.pid for pid in session_processes(process.pid) if is_gcs(pid))
-    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Tell me a story.", "max_tokens": 120, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    events: list[str] = []
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
-        lines = response.iter_lines()
-        events += [line for line in itertools.islice(lines, 4) if line.startswith("data: ")]
-        os.killpg(process.pid, signal.SIGTERM)
-        events += [line for line in lines if line.startswith("data: ")]
-    assert events[-1] == "data: [DONE]", events[-3:]
-    assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 120, "the stream was cut"
+    os.killpg(process.pid, signal.SIGTERM)
     stopped_with_nothing_left(process, log)
 
 
