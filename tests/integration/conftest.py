@@ -125,6 +125,9 @@ def stack_server(work: Path, s3_url: str, hf_hub: StandInHub, store: str) -> Ite
                     "model": str(model_dir),
                     "dtype": "checkpoint",
                     "max_loras": 4,
+                    # 4 unpinned cache entries (the default is 4 x max_loras with the slot policy on): test_adapters
+                    # churns the cache with a handful of adapters.
+                    "max_cpu_loras": 4,
                     # No tool-call parser of its own; `hermes` for adapters registered with it (test_api_surface).
                     "tool_call_parsers": ["hermes"],
                 },
