@@ -101,7 +101,7 @@ async def test_a_registered_composite_follows_its_components_and_survives_a_rest
     folders: dict[str, Path], tmp_path: Path
 ) -> None:
     registry = await registered(folders, tmp_path)
-    first = await registry.compose("mix", Composition("svd", ("alpha", "beta"), (1.0, 1.0)))
+    first = await registry.compose("mix", Composition("cat", ("alpha", "beta"), (1.0, 1.0)))
     assert isinstance(first, AdapterRecord)
     # beta gets a new version: the composite is rebuilt from it, as a new version.
     assert isinstance(await registry.register("beta", str(folders["mate"])), AdapterRecord)
@@ -228,7 +228,7 @@ async def test_an_inline_composite_is_served_once_built_and_only_to_keys_that_ma
 ) -> None:
     client, engine, keys = router
     narrow = keys["narrow"]
-    compose = {"adapters": [{"name": "alpha", "weight": 1.0}, {"name": "beta", "weight": 0.5}], "method": "svd"}
+    compose = {"adapters": [{"name": "alpha", "weight": 1.0}, {"name": "beta", "weight": 0.5}], "method": "cat"}
     asked = [client.post("/v1/completions", json={"model": "tiny-base", "prompt": "x", "compose": compose},
                          headers=bearer(narrow)) for _ in range(4)]  # fmt: skip
     answers = await asyncio.gather(*asked)
