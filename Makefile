@@ -30,11 +30,16 @@ assets: install
 serve: assets
 	$(BIN)/loraplex serve --model $(MODEL) $(DEMO_ADAPTERS) --host $(HOST) --port $(PORT)
 
+# The unit tests on both cores, then the integration tests against their shared servers, one at a time; both run
+# whatever the first gives, and `make test` fails if either failed.
 test: assets
-	$(BIN)/pytest -q -ra --durations=25
+	status=0; \
+	$(BIN)/pytest -q -ra --durations=10 -m "not integration" -n 2 || status=$$?; \
+	$(BIN)/pytest -q -ra --durations=25 -m integration || status=$$?; \
+	exit $$status
 
 test-unit: install
-	$(BIN)/pytest -q -m "not integration"
+	$(BIN)/pytest -q -m "not integration" -n 2
 
 bench: assets
 	$(BIN)/python -m loadtests.bench

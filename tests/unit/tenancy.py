@@ -19,9 +19,15 @@ BASE = "tiny-base"
 ADAPTERS = ("a1", "a2", "team-x", "team-y")
 
 
+KEY_NAMES: dict[str, str] = {}
+"""Each fresh key's name: a parametrized test's id names the key, not its random value (tests/unit/conftest.py), so
+that pytest-xdist's workers, each importing the tests anew, collect the same ids."""
+
+
 def api_key(name: str, **scope: Any) -> tuple[str, ApiKeyConfig]:
     """A fresh key and its configuration entry (which holds only the hash)."""
     key = new_api_key()
+    KEY_NAMES[key] = name
     return key, ApiKeyConfig(name=name, sha256=hash_api_key(key), **scope)
 
 
