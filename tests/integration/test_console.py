@@ -1,7 +1,7 @@
 """The web console on the real stack, in a headless Chromium: the adapters it serves, a registration through the API
 showing up, and the playground's greedy columns (base + two adapters) equal to what the API answers.
 
-Writes a screenshot of each view, at 1280x800 and at a phone's width, to docs/ui/ (README shows them).
+Writes a screenshot of each view, at 1280x800 and at a phone's width, to docs/ui/ (docs/console.md shows them).
 """
 
 from __future__ import annotations
