@@ -134,7 +134,7 @@ class EngineConfig(_Strict):
         ),
     )
     slot_wait_s: float | None = Field(
-        default=2.0,
+        default=1.0,
         gt=0,
         description=(
             "Bound on an adapter's wait for one of the engine's max_loras slots, in seconds: past it, its requests "

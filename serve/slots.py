@@ -6,8 +6,10 @@ load a rare adapter's request waits until a gap happens to open: tens of seconds
 generation. This policy bounds that wait, in two moves made before each step:
 
 - **Aging.** Requests of an adapter that has waited `wait_s` for a slot (since its oldest request arrived, or
-  since the adapter lost its slot) go to the front of the waiting queue, oldest first, ahead of newer requests
-  of other adapters, so the next slot that opens is theirs.
+  since the adapter lost its slot) go to the front of the waiting queue, ahead of newer requests of other
+  adapters, so the next slot that opens is theirs: first the adapters with a request waiting for its first
+  token, then those whose requests were paused (they have streamed already; a pause delays their next token,
+  not their first), the longest-waiting first in each.
 - **Pausing.** If no slot is free, a holder gives its slot up: the one with the fewest running requests
   (the fewest streams paused), the longest-held on a tie. Its running requests pause: they keep their KV cache
   and their place, and are left out of the engine's steps until the adapter has a slot again (into a slot that
@@ -44,11 +46,13 @@ class Holder:
 
 @dataclass(frozen=True)
 class Waiter:
-    """An adapter without a slot whose requests wait: since when, and how many of them."""
+    """An adapter without a slot whose requests wait: since when, how many of them, and whether one of them waits
+    for its first token (`fresh`: queued, not yet run) rather than to go on (paused)."""
 
     adapter: Hashable
     since: float
     waiting: int = 1
+    fresh: bool = True
 
 
 @dataclass(frozen=True)
@@ -63,12 +67,13 @@ class Plan:
 class SlotPolicy:
     """A bound of `wait_s` on an adapter's wait for a slot; `hold_s`, the least time a gained slot is kept."""
 
-    wait_s: float = 2.0
+    wait_s: float = 1.0
     hold_s: float = 1.0
 
     def overdue(self, waiters: Sequence[Waiter], now: float) -> list[Waiter]:
-        """Waiting adapters past the bound, the longest-waiting first."""
-        return sorted((w for w in waiters if now - w.since >= self.wait_s), key=lambda w: w.since)
+        """Waiting adapters past the bound: those with a request waiting for its first token first, then those whose
+        requests were paused; the longest-waiting first in each."""
+        return sorted((w for w in waiters if now - w.since >= self.wait_s), key=lambda w: (not w.fresh, w.since))
 
     def plan(self, holders: Sequence[Holder], waiters: Sequence[Waiter], slots: int, now: float) -> Plan:
         """The plan for the next step of an engine with `slots` LoRA slots."""
@@ -114,31 +119,38 @@ class SlotKeeper(Generic[R]):
         self.adapter_of = adapter_of
         self._arrived_of = arrived_of
         self._held_since: dict[Hashable, float] = {}
+        self._last_plan: float | None = None
+        """When the last plan was made: an adapter first seen running now gained its slot in the step made then."""
         self._lost_at: dict[Hashable, float] = {}
         self.paused = 0
         """Running requests paused so far to free their adapter's slot (the engines count them as they pause)."""
 
-    def plan(self, running: Iterable[R], waiting: Iterable[R], now: float) -> Plan:
-        """The plan for the next step, given the engine's running requests (not paused ones) and the requests that
-        wait for a slot (paused and queued)."""
+    def plan(self, running: Iterable[R], waiting: Iterable[R], now: float, paused: Iterable[R] = ()) -> Plan:
+        """The plan for the next step, given the engine's running requests (not paused ones), its queued requests
+        (`waiting`: none has run yet) and its paused ones."""
         counts: dict[Hashable, int] = {}
         for request in running:
             if (adapter := self.adapter_of(request)) is not None:
                 counts[adapter] = counts.get(adapter, 0) + 1
-        self._held_since = {a: self._held_since.get(a, now) for a in counts}
+        gained = now if self._last_plan is None else self._last_plan
+        self._last_plan = now
+        self._held_since = {a: self._held_since.get(a, gained) for a in counts}
         holders = [Holder(a, self._held_since[a], n) for a, n in counts.items()]
         waiting_since: dict[Hashable, float] = {}
         waiting_count: dict[Hashable, int] = {}
-        for request in waiting:
+        fresh: set[Hashable] = set()
+        for request, queued in [*((r, False) for r in paused), *((r, True) for r in waiting)]:
             adapter = self.adapter_of(request)
             if adapter is None or adapter in counts:
                 continue
             since = max(self._arrived_of(request), self._lost_at.get(adapter, float("-inf")))
             waiting_since[adapter] = min(since, waiting_since.get(adapter, since))
             waiting_count[adapter] = waiting_count.get(adapter, 0) + 1
+            if queued:
+                fresh.add(adapter)
         # Forgotten once it has its slot back or nothing of it waits any more.
         self._lost_at = {a: t for a, t in self._lost_at.items() if a in waiting_since}
-        waiters = [Waiter(a, t, waiting_count[a]) for a, t in waiting_since.items()]
+        waiters = [Waiter(a, t, waiting_count[a], a in fresh) for a, t in waiting_since.items()]
         plan = self.policy.plan(holders, waiters, self.slots, now)
         for adapter in plan.evict:
             self._lost_at[adapter] = now

@@ -63,7 +63,7 @@ def before_step(keeper: SlotKeeper[Any], scheduler: Any) -> None:
     if not paused and not waiting:
         keeper.plan(running, (), time.time())  # tenures only
         return
-    plan = keeper.plan(running, [*paused, *waiting], time.time())
+    plan = keeper.plan(running, waiting, time.time(), paused=paused)
     resume = keeper.resume(plan, running, paused, waiting)
     evicted = set(plan.evict)
     for request in running:

@@ -79,7 +79,7 @@ class SimScheduler:
         return list(self.running)
 
     def _apply_plan(self, keeper: SlotKeeper[Queued], now: float) -> None:
-        plan = keeper.plan(self.running, [*self.paused, *self.waiting], now)
+        plan = keeper.plan(self.running, self.waiting, now, paused=self.paused)
         resume = keeper.resume(plan, self.running, self.paused, self.waiting)
         evicted = set(plan.evict)
         victims = [r for r in self.running if r.adapter in evicted]

@@ -56,6 +56,8 @@ PLANS = [
         id="oldest-first-one-holder-each",
     ),
     pytest.param([("a", 0, 1)], [("b", 7, 1), ("d", 5, 1)], 2, 10, Plan(("d", "b"), ("a",)), id="a-free-slot-counts"),
+    # A request waiting for its first token goes before a paused one, though the paused one waits longer.
+    pytest.param([("a", 0, 1)], [("p", 5, 1, False), ("f", 7, 1)], 1, 10, Plan(("f", "p"), ("a",)), id="fresh-first"),
 ]
 
 
@@ -75,6 +77,15 @@ def test_an_adapter_that_lost_its_slot_waits_from_then_not_from_its_arrival() ->
     assert keeper.plan([rare], [popular], now=3.0) == Plan()
     assert keeper.plan([rare], [popular], now=4.5) == Plan()
     assert keeper.plan([rare], [popular], now=4.7) == Plan(first=("pop",), evict=("rare",))
+
+
+def test_a_slot_is_held_from_the_step_that_gave_it_not_from_when_the_keeper_first_sees_it() -> None:
+    keeper: SlotKeeper[Queued] = SlotKeeper(POLICY, 1, adapter_of=lambda q: q.adapter, arrived_of=lambda q: q.arrived)
+    first, late = Queued("first", 1, arrived=0.0), Queued("late", 1, arrived=0.0)
+    assert keeper.plan([], [first, late], now=0.0) == Plan()  # the step made now admits `first`
+    # A long first step (cold adapters, many prompts): `first` has held its slot since 0, past hold_s, so the
+    # overdue adapter takes it at once instead of one hold_s later.
+    assert keeper.plan([first], [late], now=2.5) == Plan(first=("late",), evict=("first",))
 
 
 RESUMES = [
