@@ -94,7 +94,7 @@ def write_report(
         "",
         "Each workload: streamed `/v1/completions`, `ignore_eos`, closed loop; see `loadtests/loadgen.py`. "
         f"{len(rounds)} round(s), systems in reverse order every other round; each figure is the median over the "
-        "rounds, `errors` the sum of failed requests. Where loraplex's overhead goes: [overhead.md](overhead.md).",
+        "rounds, `errors` the sum of failed requests. Where loraplex's overhead goes: [overhead.md](../overhead.md).",
         "",
         "| system | workload | " + " | ".join(COLUMNS) + " | tok/s vs vLLM | p50 TTFT vs vLLM |",
         "|---|---|" + "---|" * (len(COLUMNS) + 2),
