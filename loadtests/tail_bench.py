@@ -5,6 +5,9 @@ policy, in one run. Writes docs/benchmarks/tail-latency.{md,json,png} and ends w
 Workloads (streamed completions of 64 tokens, `ignore_eos`; loadtests/loadgen.py):
 - base: 64 requests to the base model, 32 streams;
 - zipf64 / zipf512: 64 requests over 64 adapters (Zipf 1.1) / 512 adapters (Zipf 1.0), 32 streams;
+- zipf64-warm: zipf64's requests again, right after it: the same adapters, now on the node and in the engine's
+  adapter cache. zipf64 opens with a burst of 32 requests over ~20 adapters none of which is loaded; this pass
+  tells the slot waits from that cold start;
 - rare: 64 requests over 4 adapters, 32 streams, and one request a second for each of 30 adapters never used before.
 Systems: `vllm` (vLLM's OpenAI server: first come, first served within `max_loras`), `loraplex-fcfs` (loraplex
 with `slot_wait_s: null`, today's rule) and `loraplex` (the slot policy, serve/slots.py), all with the same engine
@@ -67,6 +70,7 @@ def tail_workloads(
     return [
         Workload("base", (base,), popularity="single", **common),
         Workload("zipf64", tuple(zipf[:64]), popularity="zipf", **common),
+        Workload("zipf64-warm", tuple(zipf[:64]), popularity="zipf", **common),
         Workload(f"zipf{zipf_adapters}", tuple(zipf), popularity="zipf", zipf_s=1.0, **common),
         Workload("rare", tuple(zipf[:4]), popularity="uniform", rare=rare, **common),
     ]
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--assets", type=Path, default=Path(".loraplex"))
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
-    parser.add_argument("--workloads", nargs="+", default=["base", "zipf64", "zipf512", "rare"])
+    parser.add_argument("--workloads", nargs="+", default=["base", "zipf64", "zipf64-warm", "zipf512", "rare"])
     parser.add_argument("--engine", action="append", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args(argv)
     STOCK_VLLM.clear()  # the same ops in every system: see the module's docstring

@@ -72,6 +72,7 @@ def write(out: Path, results: Results, engine: EngineConfig, machine: str, comma
     lines += ["", "![TTFT by popularity rank](tail-latency.png)", ""]
     summary = (
         f"tail zipf64_p99_vs_base={p99_vs_base(results, 'loraplex', 'zipf64'):.2f} "
+        f"zipf64_warm_p99_vs_base={p99_vs_base(results, 'loraplex', 'zipf64-warm'):.2f} "
         f"zipf512_p99_vs_base={p99_vs_base(results, 'loraplex', 'zipf512'):.2f} "
         f"rare_worst_ms={_get(results, 'loraplex', 'rare', 'rare_ttft_max_ms'):.0f} "
         f"zipf64_tok_vs_fcfs={tok_vs(results, 'loraplex', 'loraplex-fcfs', 'zipf64'):.2f}"
