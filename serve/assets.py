@@ -9,8 +9,11 @@ to answer in a style (serve/demo_training.py).
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -148,13 +151,54 @@ def build_adapters(model_dir: Path, specs: list[DemoAdapter], root: Path, stages
     return {spec.name: root / spec.name for spec in specs}
 
 
+def default_training_cache() -> Path:
+    """Where trained demo adapters are kept for other checkouts on this machine: `$XDG_CACHE_HOME/loraplex` (by
+    default `~/.cache/loraplex`), as pip and Hugging Face keep theirs."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loraplex" / "trained-adapters"
+
+
+def training_key(model_dir: Path, name: str, recipe: Recipe) -> str:
+    """What a trained demo adapter is made from: the base model's files, the adapter's data, the recipe, the training
+    code and the versions of the libraries that run it. Equal keys, the same training (seeded)."""
+    from serve import demo_data, demo_training
+
+    digest = hashlib.sha256()
+    versions = [f"{p}=={importlib.metadata.version(p)}" for p in ("torch", "transformers", "peft")]
+    parts = [name, repr(recipe), repr(dataset(name)), *versions]
+    code = [Path(demo_training.__file__).read_bytes(), Path(demo_data.__file__).read_bytes()]
+    for part in [*(p.encode() for p in parts), *code]:
+        digest.update(part + b"\0")
+    for file in sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
+
+
 def build_trained_adapters(
-    model_dir: Path, names: Iterable[str], root: Path, stages: Stages = QUIET, recipe: Recipe | None = None
-) -> dict[str, Path]:
+    model_dir: Path, names: Iterable[str], root: Path, stages: Stages = QUIET, recipe: Recipe | None = None,
+    cache: Path | None = None,
+) -> dict[str, Path]:  # fmt: skip
     """Trains the demo adapter `root/NAME` (NAME one of `TRAINED_ADAPTERS`) for each name not built yet, and notes
-    its loss and its answer to a held-out prompt beside the base model's."""
+    its loss and its answer to a held-out prompt beside the base model's. With a `cache`, an adapter trained before
+    on this machine from the same model, data, recipe, code and library versions (`training_key`) is copied from
+    it instead of trained again, and one trained here is kept there."""
     names = list(names)
     todo = [name for name in names if not _is_complete(root / name)]
+    if todo and cache is not None:
+        from serve.demo_training import RECIPE
+
+        keys = {name: training_key(model_dir, name, recipe or RECIPE) for name in todo}
+        for name in list(todo):
+            if _is_complete(kept := cache / keys[name] / name):
+                with stages.stage(f"copying adapter {name} from the training cache"):
+                    root.mkdir(parents=True, exist_ok=True)
+                    tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=root))
+                    shutil.copytree(kept, tmp, dirs_exist_ok=True)
+                    _publish(tmp, root / name)
+                stages.note(f"{name}: trained earlier on this machine, copied from {kept}")
+                todo.remove(name)
     if todo:
         with stages.stage("loading the base model for training"):  # the imports too: seconds on a cold start
             from serve.demo_training import RECIPE, Trainer
@@ -164,11 +208,26 @@ def build_trained_adapters(
             before = trainer.answer(HELD_OUT[0])
         for name in todo:
             run, after = _train(trainer, name, root, stages)
+            if cache is not None:
+                _keep(root / name, cache / keys[name] / name)
             stages.note(
                 f"trained {name}: loss {run.losses[0]:.2f} -> {run.losses[-1]:.2f} in {len(run.losses)} steps "
                 f"({run.seconds:.0f} s)\n  {HELD_OUT[0]}\n    base: {before}\n    {name}: {after}"
             )
     return {name: root / name for name in names}
+
+
+def _keep(folder: Path, kept: Path) -> None:
+    """Copies a freshly trained adapter into the training cache; a cache that cannot be written is only skipped."""
+    tmp: Path | None = None
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=kept.parent))
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        _publish(tmp, kept)
+    except OSError:  # the next checkout trains it again
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _train(trainer: Trainer, name: str, root: Path, stages: Stages) -> tuple[Run, str]:
@@ -227,10 +286,12 @@ _MAX_RANK, _MAX_BYTES = 1 << 16, 1 << 40
 """No limits: those are the server's settings, checked when it registers an adapter."""
 
 
-def prepare(root: Path, stages: Stages = QUIET) -> tuple[Path, dict[str, Path]]:
-    """Builds (or finds) the default model and demo adapters under `root`, and checks the adapters; idempotent."""
+def prepare(root: Path, stages: Stages = QUIET, training_cache: Path | None = None) -> tuple[Path, dict[str, Path]]:
+    """Builds (or finds) the default model and demo adapters under `root`, and checks the adapters; idempotent.
+    Trained adapters come from `training_cache` when it holds them (None: `default_training_cache()`)."""
     model_dir = build_default_model(root / "models" / DEFAULT_MODEL_NAME, stages)
     adapters = build_adapters(model_dir, list(DEMO_ADAPTERS), root / "adapters", stages)
-    adapters |= build_trained_adapters(model_dir, TRAINED_ADAPTERS, root / "adapters", stages)
+    cache = training_cache or default_training_cache()
+    adapters |= build_trained_adapters(model_dir, TRAINED_ADAPTERS, root / "adapters", stages, cache=cache)
     check_adapters(model_dir, adapters, stages)
     return model_dir, adapters

