@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ from serve.assets import LORA_TARGETS, prepare
 from serve.reference import Reference
 from tests.conftest import S3_KEYS, free_port, tail
 from tests.hub_standin import StandInHub
+from tests.integration.otlp import Collector
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / ".loraplex"
@@ -37,6 +39,8 @@ MODEL_ID = "smol-copy"
 STARTUP_TIMEOUT_S = 420
 REGISTRY_BUCKET = "loraplex-registry"
 REGISTRY_REPLICA = "ServeReplica:loraplex:LoraplexRegistry"
+TRACING_SERVICE = "loraplex-it"
+"""The shared stack's `tracing.service_name`: it sends its spans to the session's `collector`."""
 
 
 @dataclass(frozen=True)
@@ -97,15 +101,34 @@ def hf_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandInHub]:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, s3_url: str, hf_hub: StandInHub) -> Iterator[Stack]:
-    """The shared stack keeps its registry in S3 (moto); test_adapters_sqlite runs the adapter tests again on SQLite."""
-    with stack_server(tmp_path_factory.mktemp("stack"), s3_url, hf_hub, store="s3") as running:
+def collector() -> Iterator[Collector]:
+    """An OTLP/HTTP collector on loopback that the shared stack sends its spans to (test_tracing reads them)."""
+    server = Collector()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="session")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, s3_url: str, hf_hub: StandInHub, collector: Collector
+) -> Iterator[Stack]:
+    """The shared stack keeps its registry in S3 (moto) and traces every request to `collector`; test_adapters_sqlite
+    runs the adapter tests again on SQLite."""
+    tracing = {"otlp_endpoint": collector.url, "service_name": TRACING_SERVICE}
+    with stack_server(tmp_path_factory.mktemp("stack"), s3_url, hf_hub, store="s3", tracing=tracing) as running:
         yield running
 
 
 @contextmanager
-def stack_server(work: Path, s3_url: str, hf_hub: StandInHub, store: str) -> Iterator[Stack]:
-    """The stack's server in `work`, its registry in `store` ("s3": a bucket on `s3_url`; "sqlite": a file)."""
+def stack_server(
+    work: Path, s3_url: str, hf_hub: StandInHub, store: str, tracing: dict[str, str] | None = None
+) -> Iterator[Stack]:
+    """The stack's server in `work`, its registry in `store` ("s3": a bucket on `s3_url`; "sqlite": a file), its
+    `tracing` settings (None: off)."""
     model_src, demo = prepare(ASSETS)
     model_dir = work / MODEL_ID
     shutil.copytree(model_src, model_dir)
@@ -141,6 +164,7 @@ def stack_server(work: Path, s3_url: str, hf_hub: StandInHub, store: str) -> Ite
                     "s3_secret_access_key": S3_KEYS["AWS_SECRET_ACCESS_KEY"],
                     "hf_endpoint": hf_hub.url,
                 },
+                **({"tracing": tracing} if tracing is not None else {}),
             }
         )
     )
