@@ -1,5 +1,6 @@
 """`make bench-tail`: time to first token with many adapters, vLLM's server and loraplex with and without its slot
-policy, in one run. Writes docs/benchmarks/tail-latency.{md,json,png} and ends with
+policy, in rounds (`--rounds`, 2: every system in each, the order reversed every other round; each figure the
+median over the rounds). Writes docs/benchmarks/tail-latency.{md,json,png} and ends with
 `tail zipf64_p99_vs_base=<ratio> zipf512_p99_vs_base=<ratio> rare_worst_ms=<ms> zipf64_tok_vs_fcfs=<ratio>`.
 
 Workloads (streamed completions of 64 tokens, `ignore_eos`; loadtests/loadgen.py):
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 from dataclasses import replace
@@ -103,6 +105,31 @@ def measure(system: str, setup: Setup, chosen: list[Workload]) -> dict[str, Figu
     return results
 
 
+def median_of(rounds: list[dict[str, dict[str, Figures]]], systems: list[str]) -> dict[str, dict[str, Figures]]:
+    """Each numeric figure's median over the rounds that measured it (errors: the sum; `rounds`: how many); a failure
+    in any round is kept."""
+    merged: dict[str, dict[str, Figures]] = {}
+    for system in systems:
+        passes = [one[system] for one in rounds if system in one]
+        merged[system] = {}
+        failures = [f"round {i + 1}: {p['failure']['error']}" for i, p in enumerate(passes) if "failure" in p]
+        if failures:
+            merged[system]["failure"] = {"error": "; ".join(failures)}
+        for workload in dict.fromkeys(w for p in passes for w in p if w != "failure"):
+            rows = [p[workload] for p in passes if workload in p]
+            figures: Figures = {"rounds": len(rows)}
+            for column in dict.fromkeys(c for row in rows for c in row):
+                values = [row[column] for row in rows if column in row]
+                if column == "errors":
+                    figures[column] = sum(int(v) for v in values)
+                elif all(isinstance(v, (int, float)) for v in values):
+                    figures[column] = round(statistics.median(float(v) for v in values), 1)
+                else:
+                    figures[column] = values[0]
+            merged[system][workload] = figures
+    return merged
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", type=Path, default=Path(".loraplex"))
@@ -110,6 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--workloads", nargs="+", default=["base", "zipf64", "zipf64-warm", "zipf512", "rare"])
     parser.add_argument("--engine", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="passes over all systems, the order reversed every other one; medians"
+    )
     args = parser.parse_args(argv)
     STOCK_VLLM.clear()  # the same ops in every system: see the module's docstring
 
@@ -124,11 +154,13 @@ def main(argv: list[str] | None = None) -> None:
     ids = {a.name: adapter_model_id(engine.model_id, a.name) for a in adapters}
     chosen = [w for w in tail_workloads(engine.model_id, ids) if w.name in args.workloads]
 
-    results: dict[str, dict[str, Figures]] = {}
+    rounds: list[dict[str, dict[str, Figures]]] = []
     with tempfile.TemporaryDirectory(prefix="loraplex-tail-") as tmp:
         setup = Setup(engine=engine, adapters=adapters, work=Path(tmp))
-        for system in args.systems:
-            results[system] = measure(system, setup, chosen)
+        for number in range(args.rounds):  # the VM drifts: no system always runs first or last
+            order = args.systems if number % 2 == 0 else list(reversed(args.systems))
+            rounds.append({system: measure(system, setup, chosen) for system in order})
+    results = median_of(rounds, args.systems)
 
     from loadtests.tail_report import write
 

@@ -36,7 +36,8 @@ def write(out: Path, results: Results, engine: EngineConfig, machine: str, comma
     lines = [
         "# Time to first token with many adapters\n",
         f"Machine: {machine}.  ",
-        f"Command: `{command}` (one run, systems one after the other).  ",
+        f"Command: `{command}` (every system in each round, the order reversed every other round; each figure the "
+        "median over the rounds).  ",
         f"Engine (every system): max_loras={slots}, max_cpu_loras={engine.unpinned_cache_entries(slots)}, "
         f"max_num_seqs={engine.max_num_seqs}, max_lora_rank={engine.max_lora_rank}, SmolLM2-135M-Instruct, rank-8 "
         f"adapters; loraplex's slot policy: slot_wait_s={engine.slot_wait_s}, slot_hold_s={engine.slot_hold_s}.\n",
