@@ -59,7 +59,7 @@ class Composites:
 
     if TYPE_CHECKING:
 
-        def _record(
+        async def _record(
             self,
             name: str,
             source: str,
@@ -69,7 +69,7 @@ class Composites:
             tool_call_parser: str | None = None,
         ) -> AdapterRecord | WireError: ...
         def _unknown_parser(self, tool_call_parser: str | None) -> WireError | None: ...
-        def _write(
+        async def _write(
             self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None
         ) -> WireError | None: ...
 
@@ -95,7 +95,7 @@ class Composites:
             return built
         source, meta, resolved, _ = built
         async with self._lock:
-            return self._record(name, source, pinned, meta, resolved, tool_call_parser)
+            return await self._record(name, source, pinned, meta, resolved, tool_call_parser)
 
     async def materialize(self, composition: Composition, owner: str) -> tuple[AdapterRecord, bool] | WireError:
         """The composite a request of key `owner` asked for inline (not registered), and whether this call built it
@@ -241,4 +241,4 @@ class Composites:
                     current = self._records.get(user)
                     if current is not None:
                         reason = f"could not be rebuilt after its component {name!r} changed: {outcome.message}"
-                        self._write(user, current, replace(current, unusable=reason))
+                        await self._write(user, current, replace(current, unusable=reason))

@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from routing.policy import rendezvous_order
@@ -62,6 +62,17 @@ LIVE_S = 10.0
 replaced must not keep its adapters' homes from its successor)."""
 CHANGE_LOG = 100_000
 """Changes the registry remembers, so followers catch up by what changed since their generation (`changes`)."""
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """How the store took a write: done; refused as a conflict (`reread`: with `current`, what it holds now); or
+    `failure`."""
+
+    conflict: bool = False
+    current: AdapterRecord | None = None
+    reread: bool = False
+    failure: StoreUnavailable | None = None
 
 
 def fresh_generation() -> int:
@@ -220,7 +231,7 @@ class AdapterRegistry(Composites, Rollouts):
             if previous is not None and previous.canary is not None:
                 return WireError(409, f"v{previous.canary.version} of {name!r} is being rolled out: promote it or "
                                       "roll it back first", "name")  # fmt: skip
-            outcome = self._record(name, source, pinned, meta, tool_call_parser=tool_call_parser)
+            outcome = await self._record(name, source, pinned, meta, tool_call_parser=tool_call_parser)
         if isinstance(outcome, AdapterRecord) and (previous is None or previous.content_hash != outcome.content_hash):
             await self._rebuild_composites_of(name)
         return outcome
@@ -233,15 +244,20 @@ class AdapterRegistry(Composites, Rollouts):
             if users := self._composites_of(name):
                 message = f"adapter {name!r} is a component of {', '.join(users)}: delete or recompose those first"
                 return WireError(409, message, "name")
-            return self._write(name, record, None) or record
+            return await self._write(name, record, None) or record
 
     def _validate_and_record(
         self, name: str, source: str, pinned: bool, tool_call_parser: str | None = None
     ) -> AdapterRecord | WireError:
+        """At start-up (no event loop serves yet): checks and records a configured adapter."""
         checked = self._fetch_and_check(name, source)
         if isinstance(checked, WireError):
             return checked
-        return self._record(name, checked[0], pinned, checked[1], tool_call_parser=tool_call_parser)
+        previous = self._records.get(name)
+        record = self._next(name, checked[0], pinned, checked[1], tool_call_parser=tool_call_parser)
+        if record == previous:
+            return record
+        return self._write_at_start(name, previous, record) or record
 
     def _unknown_parser(self, tool_call_parser: str | None) -> WireError | None:
         if tool_call_parser is None or tool_call_parser in self._tool_parsers:
@@ -269,7 +285,7 @@ class AdapterRegistry(Composites, Rollouts):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _record(
+    async def _record(
         self,
         name: str,
         source: str,
@@ -278,6 +294,23 @@ class AdapterRegistry(Composites, Rollouts):
         composition: Composition | None = None,
         tool_call_parser: str | None = None,
     ) -> AdapterRecord | WireError:
+        """Records `name` from checked files: a new version when its weights changed; under the registry's lock."""
+        previous = self._records.get(name)
+        record = self._next(name, source, pinned, meta, composition, tool_call_parser)
+        if record == previous:
+            return record
+        return await self._write(name, previous, record) or record
+
+    def _next(
+        self,
+        name: str,
+        source: str,
+        pinned: bool,
+        meta: AdapterMetadata,
+        composition: Composition | None = None,
+        tool_call_parser: str | None = None,
+    ) -> AdapterRecord:
+        """The record `name` gets from these checked files: its current one updated, or a new version."""
         previous = self._records.get(name)
         if previous is not None and previous.content_hash == meta.content_hash and previous.source == source:
             record = replace(previous, pinned=pinned, unusable=None, warnings=meta.warnings, composition=composition,
@@ -290,27 +323,54 @@ class AdapterRegistry(Composites, Rollouts):
                 created=int(time.time()), warnings=meta.warnings, composition=composition,
                 tool_call_parser=tool_call_parser, options=meta.options,
             )  # fmt: skip
-        if record == previous:
-            return record
-        return self._write(name, previous, record) or record
+        return record
 
-    def _write(self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None) -> WireError | None:
+    async def _write(self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None) -> WireError | None:
         """Stores `record` (None: deletes `name`), then makes it current: a write that fails changes nothing,
-        here or in the store. A record another registry changed meanwhile is re-read, and the write refused."""
+        here or in the store. A record another registry changed meanwhile is re-read, and the write refused.
+        Under the registry's lock; the store's I/O runs in a thread, so a slow store (S3) holds up other writes,
+        never the reads, reports and health checks the event loop answers meanwhile."""
         if (refused := self._pin_refused(previous, record)) is not None:
             return refused
+        return self._commit(name, previous, record, await asyncio.to_thread(self._store_write, name, previous, record))
+
+    def _write_at_start(
+        self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None
+    ) -> WireError | None:
+        """`_write` before the registry serves (its constructor): the store's I/O in this thread."""
+        if (refused := self._pin_refused(previous, record)) is not None:
+            return refused
+        return self._commit(name, previous, record, self._store_write(name, previous, record))
+
+    def _store_write(self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None) -> _Stored:
+        """The store's part of a write (blocking I/O): done, refused as a conflict (with the record the store holds
+        now), or failed."""
         try:
             if record is None:
                 assert previous is not None
                 self._store.delete(name, previous)
             else:
                 self._store.put(record, previous)
+            return _Stored()
         except StoreConflict:
-            self._reread(name)
-            return WireError(409, f"adapter {name!r} was changed by another registry meanwhile; retry", "name")
+            try:
+                return _Stored(conflict=True, current=self._store.get(name), reread=True)
+            except StoreUnavailable:
+                return _Stored(conflict=True)
         except StoreUnavailable as exc:
-            logger.error("could not save adapter %r in %s: %s", name, self._store, exc)
-            return WireError(500, f"the registry could not save its state ({exc}); nothing changed")
+            return _Stored(failure=exc)
+
+    def _commit(
+        self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None, stored: _Stored
+    ) -> WireError | None:
+        """The registry's part of a write, on its loop: the record made current once the store took it."""
+        if stored.conflict:
+            if stored.reread:
+                self._replace(name, stored.current)
+            return WireError(409, f"adapter {name!r} was changed by another registry meanwhile; retry", "name")
+        if stored.failure is not None:
+            logger.error("could not save adapter %r in %s: %s", name, self._store, stored.failure)
+            return WireError(500, f"the registry could not save its state ({stored.failure}); nothing changed")
         self._index_components(previous, record)
         if record is None:
             self._records.pop(name, None)
@@ -340,11 +400,8 @@ class AdapterRegistry(Composites, Rollouts):
             self._log_floor += len(self._log) - CHANGE_LOG
             del self._log[:-CHANGE_LOG]
 
-    def _reread(self, name: str) -> None:
-        try:
-            current = self._store.get(name)
-        except StoreUnavailable:
-            return
+    def _replace(self, name: str, current: AdapterRecord | None) -> None:
+        """Takes `current` (None: none) as `name`'s record: what the store holds, re-read after a conflict."""
         self._index_components(self._records.pop(name, None), current)
         if current is not None:
             self._records[current.name] = current
@@ -388,7 +445,7 @@ class AdapterRegistry(Composites, Rollouts):
             elif checked[1].content_hash != record.content_hash:
                 reason = "its source changed since it was registered; register it again"
             if reason != record.unusable:
-                failure = self._write(name, record, replace(record, unusable=reason))
+                failure = self._write_at_start(name, record, replace(record, unusable=reason))
                 if failure is not None:
                     raise StoreUnavailable(failure.message)
         if unchecked:

@@ -27,7 +27,7 @@ class Rollouts:
     if TYPE_CHECKING:
 
         def _fetch_and_check(self, name: str, source: str) -> tuple[str, AdapterMetadata] | WireError: ...
-        def _write(
+        async def _write(
             self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None
         ) -> WireError | None: ...
         async def _rebuild_composites_of(self, name: str) -> None: ...
@@ -54,7 +54,7 @@ class Rollouts:
                 warnings=checked.warnings, tool_call_parser=current.tool_call_parser, options=checked.options,
             )  # fmt: skip
             record = replace(current, canary=canary, canary_percent=percent)
-            return self._write(name, current, record) or record
+            return await self._write(name, current, record) or record
 
     async def split(self, name: str, percent: float) -> AdapterRecord | WireError:
         """Sends `percent` of `name`'s requests to the version being rolled out."""
@@ -63,7 +63,7 @@ class Rollouts:
                 return rolling
             current, _ = rolling
             record = replace(current, canary_percent=percent)
-            return self._write(name, current, record) or record
+            return await self._write(name, current, record) or record
 
     async def promote(self, name: str) -> AdapterRecord | WireError:
         """Makes the version being rolled out `name`'s only version."""
@@ -71,7 +71,7 @@ class Rollouts:
             if isinstance(rolling := self._rolling(name), WireError):
                 return rolling
             current, canary = rolling
-            if (failure := self._write(name, current, canary)) is not None:
+            if (failure := await self._write(name, current, canary)) is not None:
                 return failure
         await self._rebuild_composites_of(name)
         return canary
@@ -83,7 +83,7 @@ class Rollouts:
                 return rolling
             current, _ = rolling
             record = replace(current, canary=None, canary_percent=0.0)
-            return self._write(name, current, record) or record
+            return await self._write(name, current, record) or record
 
     def _settled(self, name: str) -> AdapterRecord | WireError:
         """`name`'s record, which no rollout is under way for; or why a rollout cannot start."""

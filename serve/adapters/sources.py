@@ -79,8 +79,9 @@ class S3Source:
     access_key_id: str | None = None
     secret_access_key: str | None = field(default=None, repr=False)  # never in a repr, log or traceback
 
-    def client(self) -> Any:
-        """A boto3 S3 client for this endpoint and these credentials (the adapter store's too)."""
+    def client(self, config: Any = None) -> Any:
+        """A boto3 S3 client for this endpoint and these credentials (the adapter store's too, with its own
+        `config`: a botocore `Config`; None: botocore's defaults)."""
         import boto3
 
         return boto3.client(
@@ -89,6 +90,7 @@ class S3Source:
             region_name=self.region,
             aws_access_key_id=self.access_key_id,
             aws_secret_access_key=self.secret_access_key,
+            config=config,
         )
 
     def fetch(self, uri: str, dest: Path, max_bytes: int | None = None) -> None:

@@ -224,6 +224,10 @@ SNAPSHOT_STALE = 100
 """Objects an S3 store's load may fetch one by one before it writes a fresh snapshot."""
 
 
+STORE_CONNECT_TIMEOUT_S, STORE_READ_TIMEOUT_S, STORE_ATTEMPTS = 3, 10, 2
+"""The S3 store's bounds on one request: a connection, a wait for the next bytes, attempts in all."""
+
+
 @dataclass
 class S3Store:
     """One object per adapter under `s3://bucket/prefix/adapters/NAME.json`, the base identity in `base.json`.
@@ -249,7 +253,13 @@ class S3Store:
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = self.connection.client()
+            from botocore.config import Config
+
+            # botocore's defaults (60 s a read, 5 attempts) would hold a write for minutes on an endpoint that does
+            # not answer; a write that fails changes nothing and is retried by its caller.
+            timeouts = Config(connect_timeout=STORE_CONNECT_TIMEOUT_S, read_timeout=STORE_READ_TIMEOUT_S,
+                              retries={"total_max_attempts": STORE_ATTEMPTS, "mode": "standard"})  # fmt: skip
+            self._client = self.connection.client(timeouts)
         return self._client
 
     def _key(self, name: str) -> str:

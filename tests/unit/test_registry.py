@@ -10,8 +10,10 @@ import asyncio
 import json
 import pickle
 import re
+import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from serve.adapters import registry as registry_module
+from serve.adapters import store as store_module
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.store import BaseIdentity, RegistryStore, S3Store, SqliteStore, StoreUnavailable, open_store
@@ -210,6 +213,76 @@ def test_an_adapter_vllm_would_not_serve_as_trained_is_refused_naming_why_and_re
     assert isinstance(refused, WireError) and (refused.status, refused.param) == (status, param), refused
     assert re.search(words, refused.message), refused.message
     assert "a" not in asyncio.run(open_registry().snapshot()).records
+
+
+def test_a_slow_store_write_holds_up_no_read_or_report(tmp_path: Path, open_registry: Opener) -> None:
+    """The store's I/O runs off the registry's event loop: while a write waits on a slow store (an S3 endpoint that
+    answers late), snapshots and the followers' changes are answered at once; the write lands when the store does."""
+    registry = open_registry()
+    asyncio.run(registry.register("other", str(write_adapter(tmp_path / "adapters" / "other"))))
+    store = registry._store
+    release, writing = threading.Event(), threading.Event()
+    delete = store.delete
+
+    def slow_delete(name: str, expected: AdapterRecord) -> None:
+        writing.set()
+        release.wait(3)  # past the assertion's bound below: today's loop would be blocked this long
+        delete(name, expected)
+
+    store.delete = slow_delete  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        generation = (await registry.snapshot()).generation
+        started = time.monotonic()
+        slow = asyncio.create_task(registry.unregister("other"))
+        await asyncio.sleep(0)  # the unregister starts and reaches the store
+        await asyncio.to_thread(writing.wait, 5)
+        during = await registry.snapshot()
+        await registry.changes(generation)
+        assert time.monotonic() - started < 1.0, "the registry's loop waited for the store"
+        assert "other" in during.records  # not current before the store took it
+        release.set()
+        assert isinstance(await slow, AdapterRecord)
+        assert "other" not in (await registry.snapshot()).records
+
+    asyncio.run(scenario())
+
+
+def test_an_s3_store_whose_endpoint_never_answers_fails_a_write_within_its_bounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A write to an S3 endpoint that accepts connections and never answers is a `StoreUnavailable` once the store's
+    bounds are spent (a connection, a read, attempts: seconds), not after botocore's minutes (60 s a read, 5
+    attempts). The bounds are shortened here so the test is quick; the shipped ones are what the client gets."""
+    monkeypatch.setattr(store_module, "STORE_READ_TIMEOUT_S", 1, raising=False)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # connections queue in the kernel; nothing ever reads or answers them
+    try:
+        connection = S3Source(endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}", access_key_id="k",
+                              secret_access_key="s")  # fmt: skip
+        store = S3Store(bucket="b", prefix="p", connection=connection)
+        outcome: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                store.put(make_record("a"), None)
+            except BaseException as exc:  # the outcome is what the test checks
+                outcome.append(exc)
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        writer.join(15)
+        assert not writer.is_alive(), "the write was still waiting after 15 s"
+        assert len(outcome) == 1 and isinstance(outcome[0], StoreUnavailable), outcome
+        config = store.client.meta.config
+        assert config.retries["total_max_attempts"] == store_module.STORE_ATTEMPTS
+        assert config.connect_timeout == store_module.STORE_CONNECT_TIMEOUT_S
+    finally:
+        silent.close()
+    shipped = S3Store(bucket="b", prefix="p", connection=S3Source(endpoint_url="http://127.0.0.1:9"))
+    monkeypatch.undo()
+    assert shipped.client.meta.config.read_timeout == store_module.STORE_READ_TIMEOUT_S == 10
 
 
 def break_store(registry: AdapterRegistry) -> None:
