@@ -60,6 +60,8 @@ HOT_WINDOW_S = 300.0
 LIVE_S = 10.0
 """A replica reported within this long counts as live for `warm_plan` (replicas report every 2 s; one that was
 replaced must not keep its adapters' homes from its successor)."""
+RESYNC_S = 30.0
+"""How often the registry re-reads its whole store for writes it did not make (`resync`)."""
 CHANGE_LOG = 100_000
 """Changes the registry remembers, so followers catch up by what changed since their generation (`changes`)."""
 
@@ -136,6 +138,7 @@ class AdapterRegistry(Composites, Rollouts):
         self._log_floor = self._generation
         """The oldest generation `changes` answers from the log; older ones (another run's too) get every record."""
         self._lock = asyncio.Lock()
+        self._resyncing: asyncio.Task[None] | None = None
         self._reports: dict[str, tuple[float, ReplicaReport]] = {}
         self._heat: deque[tuple[float, dict[str, int]]] = deque()
         """(when, requests per adapter) of each report within `HOT_WINDOW_S`, oldest first."""
@@ -167,8 +170,31 @@ class AdapterRegistry(Composites, Rollouts):
         names = set(self._log[since - self._log_floor :])
         return Changes(self._generation, {name: self._records.get(name) for name in names})
 
+    async def resync(self) -> int:
+        """Takes what the store holds as the truth for every record that differs from memory: the writes another
+        registry on the same store made (two registry replicas in a split brain, an operator's restore), which
+        its own routers and replicas then follow like any change. Under the write lock, so none of this registry's
+        own writes is overtaken by an older listing. Returns how many records changed."""
+        async with self._lock:
+            try:
+                state = await asyncio.to_thread(self._store.load)
+            except StoreUnavailable as exc:
+                logger.warning("could not re-read the registry store %s: %s", self._store, exc)
+                return 0
+            changed = [n for n in set(self._records) | set(state.records)
+                       if self._records.get(n) != state.records.get(n)]  # fmt: skip
+            for name in sorted(changed):
+                self._replace(name, state.records.get(name))
+        if changed:
+            logger.warning("the registry store held %d records this registry did not write: %s", len(changed),
+                           ", ".join(sorted(changed)[:10]))  # fmt: skip
+        return len(changed)
+
     async def report(self, report: ReplicaReport) -> int:
-        """An engine replica's periodic report; returns the generation so it knows whether to sync."""
+        """An engine replica's periodic report; returns the generation so it knows whether to sync. The first one
+        starts the store's periodic re-read (`RESYNC_S`; the replicas' reports come every 2 s while any serves)."""
+        if self._resyncing is None:
+            self._resyncing = asyncio.create_task(self._resync_every(RESYNC_S))
         now = time.monotonic()
         self._reports[report.replica] = (now, report)
         if report.requests:
@@ -399,6 +425,14 @@ class AdapterRegistry(Composites, Rollouts):
         if len(self._log) > 2 * CHANGE_LOG:  # trimmed now and then, not at every write
             self._log_floor += len(self._log) - CHANGE_LOG
             del self._log[:-CHANGE_LOG]
+
+    async def _resync_every(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await self.resync()
+            except Exception:  # a bad listing must not end the re-reads
+                logger.exception("re-reading the registry store failed")
 
     def _replace(self, name: str, current: AdapterRecord | None) -> None:
         """Takes `current` (None: none) as `name`'s record: what the store holds, re-read after a conflict."""

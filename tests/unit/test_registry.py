@@ -120,6 +120,26 @@ def test_two_registries_on_one_store_never_overwrite_each_other(tmp_path: Path, 
     assert asyncio.run(open_registry().snapshot()).records["shared"] == retried
 
 
+def test_a_registry_takes_the_writes_another_made_to_their_store_when_it_re_reads_it(
+    tmp_path: Path, open_registry: Opener
+) -> None:
+    """A split brain where the two registries write different names: each one's writes reach the other's routers and
+    replicas at its next re-read of the store (`resync`, every `RESYNC_S`), as changes since their generation."""
+    first, second = open_registry(), open_registry()
+    kept = asyncio.run(first.register("kept", str(write_adapter(tmp_path / "adapters" / "kept"))))
+    assert isinstance(kept, AdapterRecord)
+    assert asyncio.run(second.resync()) == 1  # `second` read the store before `kept` was written
+    since = asyncio.run(second.snapshot()).generation
+    made = asyncio.run(first.register("new", str(write_adapter(tmp_path / "adapters" / "new", rank=8))))
+    gone = asyncio.run(first.unregister("kept"))
+    assert isinstance(made, AdapterRecord) and isinstance(gone, AdapterRecord)
+    assert set(asyncio.run(second.snapshot()).records) == {"kept"}  # not seen yet
+    assert asyncio.run(second.resync()) == 2
+    assert asyncio.run(second.snapshot()).records == {"new": made}
+    assert asyncio.run(second.changes(since)).records == {"kept": None, "new": made}
+    assert asyncio.run(second.resync()) == 0  # nothing more to take
+
+
 def test_a_file_linked_from_outside_the_allowed_roots_is_refused(tmp_path: Path, open_registry: Opener) -> None:
     registry = open_registry()
     outside = write_adapter(tmp_path / "elsewhere" / "secret")  # not under tmp_path / "adapters"
