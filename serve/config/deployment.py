@@ -85,7 +85,12 @@ class EngineDeploymentConfig(_Strict):
     max_queued_requests: int = Field(
         default=256,
         ge=1,
-        description="Requests a router replica holds waiting for engine capacity; beyond that it answers 503.",
+        description=(
+            "Requests Ray Serve queues at each router replica, first come, first served, after the router's fair-share "
+            "gate let them through, while they wait for an engine replica below max_ongoing_requests: it fills when "
+            "the routers' gates (`router.max_inflight` each) let more through than the engine replicas take. One more "
+            "is refused at once (Serve's back-pressure) and the router answers it 503 with `Retry-After`."
+        ),
     )
     health_check_period_s: float = Field(default=10.0, gt=0, description="Seconds between engine health checks.")
     stream_batch_ms: float = Field(

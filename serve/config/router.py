@@ -198,7 +198,12 @@ class RouterConfig(_Strict):
     max_waiting: int = Field(
         default=192,
         ge=0,
-        description="Requests one router replica holds waiting for an engine slot; beyond that it answers 503.",
+        description=(
+            "Requests one router replica holds waiting for a slot of its fair-share gate (max_inflight), all keys' "
+            "queues together (routing/fairness.py). When they are full, a newcomer takes the place of the newest "
+            "request of the key with the most waiting per unit of weight, which gets 503 with `Retry-After`, if that "
+            "key would still have more waiting than the newcomer's; otherwise the newcomer gets that 503."
+        ),
     )
     graceful_shutdown_timeout_s: float = Field(
         default=30.0,
