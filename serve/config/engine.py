@@ -147,6 +147,16 @@ class EngineConfig(_Strict):
         default="auto",
         description="CPU cores of the engine's worker (VLLM_CPU_OMP_THREADS_BIND): `auto`, `nobind` or ids like `0-3`.",
     )
+    cpu_lora_ops: Literal["grouped", "vllm"] = Field(
+        default="grouped",
+        description=(
+            "LoRA work in the engine, through loraplex's vLLM plugin (serve/vllm_patches.py). `grouped`: on a CPU, "
+            "one product per adapter slot in the batch at the adapter's own rank (serve/cpu_lora.py), and on any "
+            "device, activating an adapter zeroes only what its slot's previous adapter wrote. `vllm`: vLLM's own "
+            "CPU ops and full slot resets. Same results either way; the fix of vLLM's CPU ops for base-model rows "
+            "applies to both (docs/cpu.md)."
+        ),
+    )
     spawn_cpus: list[int] | None = Field(
         default=None,
         description=(
