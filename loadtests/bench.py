@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         "--peers-with-loraplex-plugin",
         action="store_true",
         help="load loraplex's vLLM plugin into vLLM's server and Ray Serve LLM too (to measure "
-        "its CPU LoRA ops alone; LORAPLEX_CPU_LORA_OPS=vllm keeps only its base-row fix)",
+        "its CPU LoRA ops alone; --engine cpu_lora_ops=vllm keeps only its base-row fix)",
     )
     parser.add_argument(
         "--engine", action="append", default=[], metavar="FIELD=VALUE",

@@ -157,7 +157,7 @@ POLICIES: dict[str, Chooser] = {
     "random": choose_random,
     "pow2": choose_pow2,
     "ray-multiplexed": choose_ray_multiplexed,
-    # The settings loraplex ships (serve/config.py), so the simulator judges what is deployed.
+    # The settings loraplex ships (serve/config/deployment.py), so the simulator judges what is deployed.
     "loraplex": loraplex_chooser(
         AffinityPolicy(epsilon=_SHIPPED.affinity_epsilon, min_load=_SHIPPED.affinity_min_load)
     ),

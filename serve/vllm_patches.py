@@ -17,7 +17,8 @@ from serve.processes import die_with_parent_if_asked
 logger = logging.getLogger("loraplex.vllm_patches")
 _applied = False
 CPU_LORA_OPS_ENV = "LORAPLEX_CPU_LORA_OPS"
-"""`grouped` (default): loraplex's CPU LoRA ops and slot resets; `vllm`: vLLM's own (with the base-row fix only)."""
+"""How `EngineConfig.cpu_lora_ops` reaches every vLLM process (set by `engine_env`, inherited by vLLM's children):
+`grouped` (default): loraplex's CPU LoRA ops and slot resets; `vllm`: vLLM's own (with the base-row fix only)."""
 
 
 def register() -> None:

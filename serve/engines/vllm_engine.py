@@ -24,6 +24,7 @@ from serve.adapters.resolver import make_resolver
 from serve.config import AdapterConfig, AppConfig, EngineConfig
 from serve.engines.vllm_routes import Route, StreamUsage, build_routes, sse, with_tool_parser
 from serve.prompt_limit import request_models
+from serve.vllm_patches import CPU_LORA_OPS_ENV
 from serve.wire import AdapterRecord, Endpoint, ReplicaItem, ReplicaReport, Usage, WireError, adapter_model_id
 
 if TYPE_CHECKING:
@@ -105,10 +106,12 @@ def vllm_cli_args(
 
 
 def engine_env(config: EngineConfig) -> dict[str, str]:
-    """Environment that vLLM reads at engine start-up (it has no arguments for these)."""
+    """Environment that vLLM and loraplex's vLLM plugin read at engine start-up (they take no arguments for these;
+    the plugin runs in every vLLM process, which inherit it)."""
     return {
         "VLLM_CPU_KVCACHE_SPACE": f"{config.kv_cache_gib:g}",
         "VLLM_CPU_OMP_THREADS_BIND": config.cpu_threads_bind,
+        CPU_LORA_OPS_ENV: config.cpu_lora_ops,
     }
 
 

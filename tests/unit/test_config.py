@@ -178,6 +178,20 @@ def test_bookkeeping_deployments_keep_no_access_log(tmp_path: Path, monkeypatch:
         assert SERVING_PATH_ENV.items() <= deployment.ray_actor_options["runtime_env"]["env_vars"].items()
 
 
+@pytest.mark.parametrize(("engine", "ops"), [({}, "grouped"), ({"cpu_lora_ops": "vllm"}, "vllm")])
+def test_cpu_lora_ops_reach_the_engine_through_its_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: dict[str, str], ops: str
+) -> None:
+    """loraplex's vLLM plugin runs in every vLLM process, which inherit the engine replica's environment."""
+    from serve.app import build_app
+    from serve.vllm_patches import CPU_LORA_OPS_ENV
+
+    monkeypatch.chdir(tmp_path)
+    config = AppConfig.model_validate({"engine": {"model": str(tmp_path), **engine}})
+    bound, *_ = build_app(config)._bound_deployment.init_args
+    assert bound._bound_deployment.ray_actor_options["runtime_env"]["env_vars"][CPU_LORA_OPS_ENV] == ops
+
+
 @pytest.mark.parametrize("name", ["alpha\n", ".", "..", "a/b", ""])
 def test_adapter_names_must_match_whole_and_not_be_dot_names(name: str) -> None:
     with pytest.raises(ValueError):
