@@ -59,7 +59,8 @@ class Composites:
 
     if TYPE_CHECKING:
 
-        async def _record(
+        async def _record(self, record: AdapterRecord) -> AdapterRecord | WireError: ...
+        def _next(
             self,
             name: str,
             source: str,
@@ -67,7 +68,7 @@ class Composites:
             meta: AdapterMetadata,
             composition: Composition | None = None,
             tool_call_parser: str | None = None,
-        ) -> AdapterRecord | WireError: ...
+        ) -> AdapterRecord: ...
         def _unknown_parser(self, tool_call_parser: str | None) -> WireError | None: ...
         async def _write(
             self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None
@@ -95,7 +96,7 @@ class Composites:
             return built
         source, meta, resolved, _ = built
         async with self._lock:
-            return await self._record(name, source, pinned, meta, resolved, tool_call_parser)
+            return await self._record(self._next(name, source, pinned, meta, resolved, tool_call_parser))
 
     async def materialize(self, composition: Composition, owner: str) -> tuple[AdapterRecord, bool] | WireError:
         """The composite a request of key `owner` asked for inline (not registered), and whether this call built it

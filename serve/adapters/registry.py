@@ -257,7 +257,7 @@ class AdapterRegistry(Composites, Rollouts):
             if previous is not None and previous.canary is not None:
                 return WireError(409, f"v{previous.canary.version} of {name!r} is being rolled out: promote it or "
                                       "roll it back first", "name")  # fmt: skip
-            outcome = await self._record(name, source, pinned, meta, tool_call_parser=tool_call_parser)
+            outcome = await self._record(self._next(name, source, pinned, meta, tool_call_parser=tool_call_parser))
         if isinstance(outcome, AdapterRecord) and (previous is None or previous.content_hash != outcome.content_hash):
             await self._rebuild_composites_of(name)
         return outcome
@@ -311,21 +311,12 @@ class AdapterRegistry(Composites, Rollouts):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    async def _record(
-        self,
-        name: str,
-        source: str,
-        pinned: bool,
-        meta: AdapterMetadata,
-        composition: Composition | None = None,
-        tool_call_parser: str | None = None,
-    ) -> AdapterRecord | WireError:
-        """Records `name` from checked files: a new version when its weights changed; under the registry's lock."""
-        previous = self._records.get(name)
-        record = self._next(name, source, pinned, meta, composition, tool_call_parser)
+    async def _record(self, record: AdapterRecord) -> AdapterRecord | WireError:
+        """Makes `record` (from `_next`) current unless it already is; under the registry's lock."""
+        previous = self._records.get(record.name)
         if record == previous:
             return record
-        return await self._write(name, previous, record) or record
+        return await self._write(record.name, previous, record) or record
 
     def _next(
         self,
