@@ -9,6 +9,7 @@ to answer in a style (serve/demo_training.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -157,22 +158,18 @@ def default_training_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loraplex" / "trained-adapters"
 
 
-def training_key(model_dir: Path, name: str, recipe: Recipe) -> str:
-    """What a trained demo adapter is made from: the base model's files, the adapter's data, the recipe, the training
-    code and the versions of the libraries that run it. Equal keys, the same training (seeded)."""
+def training_key(model_hash: str, name: str, recipe: Recipe) -> str:
+    """What a trained demo adapter is made from: the base model's files (`model_hash`, their `content_hash`), the
+    adapter's data, the recipe, the training code and the versions of the libraries that run it. Equal keys, the
+    same training (seeded)."""
     from serve import demo_data, demo_training
 
-    digest = hashlib.sha256()
     versions = [f"{p}=={importlib.metadata.version(p)}" for p in ("torch", "transformers", "peft")]
-    parts = [name, repr(recipe), repr(dataset(name)), *versions]
+    parts = [model_hash, name, repr(recipe), repr(dataset(name)), *versions]
     code = [Path(demo_training.__file__).read_bytes(), Path(demo_data.__file__).read_bytes()]
+    digest = hashlib.sha256()
     for part in [*(p.encode() for p in parts), *code]:
         digest.update(part + b"\0")
-    for file in sorted(p for p in model_dir.iterdir() if p.is_file() and not p.name.startswith(".")):
-        digest.update(file.name.encode() + b"\0")
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
     return digest.hexdigest()[:32]
 
 
@@ -187,16 +184,15 @@ def build_trained_adapters(
     names = list(names)
     todo = [name for name in names if not _is_complete(root / name)]
     if todo and cache is not None:
+        from serve.adapters.validation import content_hash
         from serve.demo_training import RECIPE
 
-        keys = {name: training_key(model_dir, name, recipe or RECIPE) for name in todo}
+        model_hash = content_hash(model_dir)  # once: the model is the same for every adapter
+        keys = {name: training_key(model_hash, name, recipe or RECIPE) for name in todo}
         for name in list(todo):
             if _is_complete(kept := cache / keys[name] / name):
                 with stages.stage(f"copying adapter {name} from the training cache"):
-                    root.mkdir(parents=True, exist_ok=True)
-                    tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=root))
-                    shutil.copytree(kept, tmp, dirs_exist_ok=True)
-                    _publish(tmp, root / name)
+                    _copy_into(kept, root / name)
                 stages.note(f"{name}: trained earlier on this machine, copied from {kept}")
                 todo.remove(name)
     if todo:
@@ -217,17 +213,21 @@ def build_trained_adapters(
     return {name: root / name for name in names}
 
 
+def _copy_into(folder: Path, dest: Path) -> None:
+    """Copies `folder` to `dest` through a temporary folder beside it, published whole (`_publish`)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=dest.parent))
+    try:
+        shutil.copytree(folder, tmp, dirs_exist_ok=True)
+        _publish(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
+
+
 def _keep(folder: Path, kept: Path) -> None:
     """Copies a freshly trained adapter into the training cache; a cache that cannot be written is only skipped."""
-    tmp: Path | None = None
-    try:
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=kept.parent))
-        shutil.copytree(folder, tmp, dirs_exist_ok=True)
-        _publish(tmp, kept)
-    except OSError:  # the next checkout trains it again
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the next checkout trains it again
+        _copy_into(folder, kept)
 
 
 def _train(trainer: Trainer, name: str, root: Path, stages: Stages) -> tuple[Run, str]:

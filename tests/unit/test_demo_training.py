@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from serve import demo_training
+from serve.adapters.validation import content_hash
 from serve.assets import (
     DEFAULT_MODEL_NAME,
     build_default_model,
@@ -141,7 +142,7 @@ def test_an_adapter_trained_in_one_checkout_is_copied_into_the_next_from_the_tra
 ) -> None:
     cache, first, second = tmp_path / "cache", tmp_path / "one", tmp_path / "two"
     build_trained_adapters(model_dir, ["json"], first, Recorded(), TINY, cache=cache)
-    kept = cache / training_key(model_dir, "json", TINY) / "json"
+    kept = cache / training_key(content_hash(model_dir), "json", TINY) / "json"
     weights = "adapter_model.safetensors"
     assert (kept / weights).read_bytes() == (first / "json" / weights).read_bytes()
 
@@ -159,7 +160,8 @@ def test_an_adapter_trained_in_one_checkout_is_copied_into_the_next_from_the_tra
 
 
 def test_the_training_key_changes_with_what_the_training_is_made_of(model_dir: Path) -> None:
-    key = training_key(model_dir, "json", TINY)
-    assert key == training_key(model_dir, "json", TINY)
-    assert key != training_key(model_dir, "pirate", TINY)  # other data
-    assert key != training_key(model_dir, "json", dataclasses.replace(TINY, steps=5))  # another recipe
+    model = content_hash(model_dir)
+    key = training_key(model, "json", TINY)
+    assert key == training_key(model, "json", TINY)
+    assert key != training_key(model, "pirate", TINY)  # other data
+    assert key != training_key(model, "json", dataclasses.replace(TINY, steps=5))  # another recipe
