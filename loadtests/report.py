@@ -15,8 +15,9 @@ REFERENCE = "vllm"
 COLUMNS = ("tok_per_s", "req_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "errors")
 
 
-def median_of(rounds: list[Results]) -> Results:
-    """Each figure's median over the rounds that measured it (errors: the sum); a failure in any round is kept."""
+def median_of(rounds: list[Results], columns: tuple[str, ...] | None = COLUMNS, digits: int = 2) -> Results:
+    """Each figure's median over the rounds that measured it (`columns`; None: every numeric one, and the first value
+    of any other), `errors` the sum, `rounds` how many; a failure in any round is kept."""
     merged: Results = {}
     for system in dict.fromkeys(s for one in rounds for s in one):
         merged[system] = {}
@@ -26,12 +27,17 @@ def median_of(rounds: list[Results]) -> Results:
             merged[system]["failure"] = {"error": "; ".join(failures)}
         for workload in dict.fromkeys(w for one in rounds for w in one.get(system, {}) if w != "failure"):
             rows = [one[system][workload] for one in rounds if workload in one.get(system, {})]
-            merged[system][workload] = {
-                column: sum(int(r[column]) for r in rows) if column == "errors"
-                else round(statistics.median(float(r[column]) for r in rows), 2)
-                for column in COLUMNS
-            }  # fmt: skip
-            merged[system][workload]["rounds"] = len(rows)
+            figures: dict[str, float | int | str] = {}
+            for column in columns or tuple(dict.fromkeys(c for row in rows for c in row)):
+                values = [row[column] for row in rows if column in row]
+                if column == "errors":
+                    figures[column] = sum(int(v) for v in values)
+                elif all(isinstance(v, (int, float)) for v in values):
+                    figures[column] = round(statistics.median(float(v) for v in values), digits)
+                else:
+                    figures[column] = values[0]
+            figures["rounds"] = len(rows)
+            merged[system][workload] = figures
     return merged
 
 

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import tempfile
 from dataclasses import replace
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from loadtests.bench import LOGS, STARTERS, STOCK_VLLM, Setup, machine, warm_up
 from loadtests.loadgen import Report, Workload, run
+from loadtests.report import median_of
 from serve.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 from serve.config import AdapterConfig, EngineConfig
 from serve.wire import adapter_model_id
@@ -105,31 +105,6 @@ def measure(system: str, setup: Setup, chosen: list[Workload]) -> dict[str, Figu
     return results
 
 
-def median_of(rounds: list[dict[str, dict[str, Figures]]], systems: list[str]) -> dict[str, dict[str, Figures]]:
-    """Each numeric figure's median over the rounds that measured it (errors: the sum; `rounds`: how many); a failure
-    in any round is kept."""
-    merged: dict[str, dict[str, Figures]] = {}
-    for system in systems:
-        passes = [one[system] for one in rounds if system in one]
-        merged[system] = {}
-        failures = [f"round {i + 1}: {p['failure']['error']}" for i, p in enumerate(passes) if "failure" in p]
-        if failures:
-            merged[system]["failure"] = {"error": "; ".join(failures)}
-        for workload in dict.fromkeys(w for p in passes for w in p if w != "failure"):
-            rows = [p[workload] for p in passes if workload in p]
-            figures: Figures = {"rounds": len(rows)}
-            for column in dict.fromkeys(c for row in rows for c in row):
-                values = [row[column] for row in rows if column in row]
-                if column == "errors":
-                    figures[column] = sum(int(v) for v in values)
-                elif all(isinstance(v, (int, float)) for v in values):
-                    figures[column] = round(statistics.median(float(v) for v in values), 1)
-                else:
-                    figures[column] = values[0]
-            merged[system][workload] = figures
-    return merged
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", type=Path, default=Path(".loraplex"))
@@ -160,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         for number in range(args.rounds):  # the VM drifts: no system always runs first or last
             order = args.systems if number % 2 == 0 else list(reversed(args.systems))
             rounds.append({system: measure(system, setup, chosen) for system in order})
-    results = median_of(rounds, args.systems)
+    results = median_of(rounds, columns=None, digits=1)  # every figure, the rank bands and rare's too
 
     from loadtests.tail_report import write
 
