@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,10 +27,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("own_server") is None)
 
 
+RAY_WORKER_PORTS_END = 20000
+"""Ray gives its workers ports 10002-19999 (`max_worker_port`); a test server's port is chosen above them."""
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nobody listens on, for a server a test starts: outside the kernel's ephemeral range.
+
+    A port from bind(0) is free only until the next bind(0): Ray, started after it was chosen, binds dozens of its own
+    listeners that way, and once took the port a router was about to bind (CI, 2026-12-07: `Address already in use`
+    three times, ten errors). Nothing takes a port below the ephemeral range unless asked for it by number.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = [port for port in range(RAY_WORKER_PORTS_END, low) if port not in _given]
+    random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError(f"no free port in {RAY_WORKER_PORTS_END}-{low - 1}")
 
 
 def tail(log: Path, lines: int = 60) -> str:
