@@ -57,6 +57,11 @@ class ReplicaCollector(Collector):
             "Adapters a replica loaded ahead of any request for them when it joined (hot ones whose home it became).",
             labels=REPLICA,
         )
+        staged = CounterMetricFamily(
+            "loraplex_adapter_staged",
+            "Adapters a replica fetched into its node's cache ahead of any request for them (newest registered first).",
+            labels=REPLICA,
+        )
         cache_bytes = GaugeMetricFamily(
             "loraplex_adapter_cache_bytes", "Bytes in the node's adapter cache, as a replica last measured it.",
             labels=REPLICA,
@@ -81,6 +86,7 @@ class ReplicaCollector(Collector):
             unloads.add_metric(labels, report.stats.unloads)
             evictions.add_metric(labels, report.stats.evictions)
             warmed.add_metric(labels, report.stats.warmed)
+            staged.add_metric(labels, report.stats.staged)
             cache_bytes.add_metric(labels, report.stats.cache_bytes)
             cache_errors.add_metric(labels, report.stats.cache_errors)
             buckets = [
@@ -97,6 +103,7 @@ class ReplicaCollector(Collector):
             unloads,
             evictions,
             warmed,
+            staged,
             cache_bytes,
             cache_errors,
             loads,

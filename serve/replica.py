@@ -8,6 +8,7 @@ engine died.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import os
 import time
@@ -78,6 +79,11 @@ class Replica:
         self._prefetches: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._warmer: asyncio.Task[None] | None = None
+        self._to_stage: list[tuple[int, int, AdapterRecord]] = []
+        """Records to fetch to the node ahead of use, a heap: the newest registered first."""
+        self._queued: set[str] = set()
+        """Content hashes in `_to_stage` or staged already."""
+        self._stager: asyncio.Task[None] | None = None
         self._links = Links()
         self._unreachable: set[tuple[str, int]] = set()
 
@@ -128,8 +134,34 @@ class Replica:
                 for name in sorted(self._gone(changes, set(self._engine.held()))):
                     await self._engine.forget(name)
                 self._generation = changes.generation
+                self._stage_ahead(changes)
             except Exception:  # the registry restarting must not stop this replica from serving
                 logger.warning("could not reach the adapter registry", exc_info=True)
+
+    def _stage_ahead(self, changes: Changes) -> None:
+        """Queues the usable versions `changes` brings to be fetched to this node before any request asks for them
+        (`Engine.stage`), and starts the stager if it is idle."""
+        for record in changes.records.values():
+            for version in (record, record.canary if record is not None else None):
+                if version is not None and not version.unusable and version.content_hash not in self._queued:
+                    self._queued.add(version.content_hash)
+                    heapq.heappush(self._to_stage, (-version.created, len(self._queued), version))
+        if self._to_stage and (self._stager is None or self._stager.done()):
+            self._stager = asyncio.create_task(self._stage())
+
+    async def _stage(self) -> None:
+        """Fetches the queued versions to the node one at a time, the newest first, until the node's cache has taken
+        what it may ahead of use; then drops the rest (versions registered later are tried in turn)."""
+        while self._to_stage:
+            _, _, record = heapq.heappop(self._to_stage)
+            try:
+                if not await self._engine.stage(record):
+                    for _, _, left in self._to_stage:
+                        self._queued.discard(left.content_hash)
+                    self._to_stage.clear()
+                    return
+            except Exception as exc:  # its first request fetches it, and answers why it cannot
+                logger.info("could not fetch adapter %s ahead of use: %s", record.name, type(exc).__name__)
 
     @staticmethod
     def _gone(changes: Changes, held: set[str]) -> set[str]:
@@ -284,7 +316,7 @@ class Replica:
         links = getattr(self, "_links", None)
         if links is not None:
             links.close()
-        for task in (getattr(self, "_watcher", None), getattr(self, "_warmer", None)):
+        for task in (getattr(self, "_watcher", None), getattr(self, "_warmer", None), getattr(self, "_stager", None)):
             if task is not None:
                 task.cancel()
         engine = getattr(self, "_engine", None)

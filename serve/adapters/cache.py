@@ -13,6 +13,9 @@ replicas of a node, bounded in size.
 - **Failures remembered.** A copy that failed (missing object, too large, bad hash, full disk) answers the
   same error for `FAILURE_TTL_S` without fetching again: a huge or broken object is not downloaded on every
   request.
+- **Fetched ahead.** Engine replicas fetch registered adapters before any request asks for them (`stage`), the
+  newest first, while the cache is under `registry.cache_stage_bytes` and half its bound: a first request then
+  finds its copy checked and waiting, and staging never makes the pruner delete anything.
 - **Disk trouble is an answer, not a 500.** An `OSError` while copying (no space, read-only, quota) becomes
   `CacheUnavailable` (503, the error's reason without any path), counted in `CacheStats` and reported, so
   `/metrics` and `/health` show it.
@@ -30,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from serve.adapters.sources import SourceResolver
 from serve.adapters.validation import AdapterInvalid, content_hash
@@ -41,6 +45,10 @@ FAILURE_TTL_S = 30.0
 PRUNE_GRACE_S = 600.0
 STAGING_PREFIX = ".fetch-"
 TRASH_PREFIX = ".trash-"
+
+
+Staged = Literal["fetched", "here", "full"]
+"""What `NodeCache.stage` did: fetched the adapter, found it here, or left it (the cache holds its budget)."""
 
 
 class CacheUnavailable(Exception):
@@ -125,6 +133,22 @@ class NodeCache:
         except CacheUnavailable as exc:
             self._failed(exc)
             raise
+
+    def stage(self, record: AdapterRecord, budget: int) -> Staged:
+        """Fetches `record` into the cache ahead of use unless it is here already or the cache holds `budget` bytes
+        (counting `record`); errors are remembered as `acquire` remembers them. Blocking: call it off the event loop.
+        """
+        if self.stats.bytes == 0:
+            self.prune()  # measures what earlier runs left here
+        if (self.root / record.content_hash).is_dir():
+            return "here"
+        if self._max_bytes is not None:
+            budget = min(budget, self._max_bytes // 2)
+        if self.stats.bytes + record.size_bytes > budget:
+            return "full"
+        _, hold = self.acquire(record)
+        hold.release()
+        return "fetched"
 
     def _failed(self, exc: Exception) -> None:
         self.stats.errors += 1

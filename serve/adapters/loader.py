@@ -8,13 +8,18 @@ while requests already running keep the version they started with.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import os
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from serve.adapters.cache import FAILURE_TTL_S, CacheUnavailable, Hold, NodeCache
+from serve.adapters.cache import FAILURE_TTL_S, CacheUnavailable, Hold, NodeCache, Staged
 from serve.adapters.validation import AdapterInvalid
 from serve.tracing import phase
 from serve.wire import AdapterRecord, LoaderStats, WireError, adapter_model_id
@@ -104,6 +109,16 @@ class AdapterLoader:
         if request is not None:
             await self._engine.add_lora(request)
 
+    async def stage(self, record: AdapterRecord, budget: int) -> Staged:
+        """Fetches `record` into the node's cache ahead of any request (`NodeCache.stage`), in a thread of the lowest
+        CPU priority: staging takes the cores only when the engine and the requests leave them idle."""
+        if record.unusable:
+            return "here"  # never served: nothing to fetch
+        staged = await asyncio.get_running_loop().run_in_executor(_stager(), self.cache.stage, record, budget)
+        if staged == "fetched":
+            self.stats.staged += 1
+        return staged
+
     def observe_engine(self, engine_ids: set[int]) -> list[str]:
         """Names of installed adapters whose weights the engine holds (its `list_loras()`); counts evictions.
 
@@ -150,6 +165,17 @@ class AdapterLoader:
             # Requests already running hold `previous` and finish on it; new ones get `request`.
             await self._engine.remove_lora(previous.lora_int_id)
             self._pinned.discard(previous.lora_int_id)
+
+
+@functools.cache
+def _stager() -> ThreadPoolExecutor:
+    """One thread for the process's staging, at the lowest CPU priority (Linux sets a thread's own nice value)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="loraplex-stage", initializer=_lowest_priority)
+
+
+def _lowest_priority() -> None:
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def install_failure(record: AdapterRecord, exc: Exception) -> WireError:

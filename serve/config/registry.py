@@ -81,6 +81,15 @@ class RegistryConfig(_Strict):
             "replica on the node has installed are deleted beyond it. None: unbounded."
         ),
     )
+    cache_stage_bytes: int = Field(
+        default=4 * 1024**3,
+        ge=0,
+        description=(
+            "Each node fetches registered adapters into its cache ahead of any request for them, the newest first, "
+            "while the cache holds less than this (and less than half of `cache_max_bytes`), so a first request "
+            "does not wait for the copy and its hash check. 0 turns it off."
+        ),
+    )
     s3_endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint for `s3://` sources (MinIO, moto, ...); None means AWS."
     )

@@ -51,6 +51,11 @@ class Engine(Protocol):
         """Loads `adapter` and its weights into the engine's memory now: a request for it will wait for a LoRA
         slot, and when one opens the switch should cost only the copy into the slot."""
 
+    async def stage(self, adapter: AdapterRecord) -> bool:
+        """Fetches `adapter`'s files to this node ahead of any request for it (not into the engine's memory); False
+        when the node's cache holds what it may take ahead of use, or the engine has no node cache."""
+        ...
+
     async def forget(self, name: str) -> None:
         """Stops serving adapter `name` (it was unregistered)."""
 

@@ -249,6 +249,9 @@ class SimulatedEngine:
         if self._adapters.get(adapter.name) != adapter.content_hash:
             await self._load(adapter, ahead=True)
 
+    async def stage(self, adapter: AdapterRecord) -> bool:
+        return False  # no node cache: its load time models the whole cold path
+
     async def forget(self, name: str) -> None:
         if self._adapters.pop(name, None) is not None:
             self._stats.unloads += 1

@@ -279,6 +279,9 @@ class VLLMEngine:
         self._changes += 1
         await self._adapters.prefetch(adapter)
 
+    async def stage(self, adapter: AdapterRecord) -> bool:
+        return await self._adapters.stage(adapter, self._app.registry.cache_stage_bytes) != "full"
+
     async def forget(self, name: str) -> None:
         if self._loader is not None:
             self._changes += 1

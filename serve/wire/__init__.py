@@ -328,6 +328,8 @@ class LoaderStats:
     evictions: int = 0
     warmed: int = 0
     """Adapters loaded ahead of any request for them, when the replica joined (`serve.replica`, warming)."""
+    staged: int = 0
+    """Adapters this replica fetched into the node's cache ahead of any request (`registry.cache_stage_bytes`)."""
     cache_bytes: int = 0
     """Bytes in the node's adapter cache, as this replica last measured it."""
     cache_errors: int = 0

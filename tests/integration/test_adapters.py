@@ -263,6 +263,24 @@ async def test_concurrent_first_requests_load_once_and_metrics_show_it(
     assert replica_counter(stack, "loraplex_replica_adapters_loaded") >= 1
 
 
+def test_a_registered_adapter_reaches_the_nodes_cache_before_any_request_asks_for_it(
+    client: openai.OpenAI, stack: Stack
+) -> None:
+    """Its first request then finds the copy fetched and hash-checked (issue 33, item 2)."""
+    from serve.adapters.validation import content_hash
+
+    staged_before = replica_counter(stack, "loraplex_adapter_staged_total")
+    folder = new_adapter(stack, "ahead", seed=97)
+    assert register(stack, "ahead", str(folder)).status_code == 201
+    cached = stack.log.parent / "adapter-cache" / content_hash(folder)
+    deadline = time.monotonic() + 30
+    while not cached.is_dir() and time.monotonic() < deadline:
+        time.sleep(0.5)  # the replica sees the registration at its next registry poll (2 s)
+    assert cached.is_dir(), "fetched to the node with no request for it"
+    assert wait_for_reports(stack, "loraplex_adapter_staged_total", staged_before + 1) >= staged_before + 1
+    assert client.completions.create(model="ahead", prompt="Hi", max_tokens=2).choices[0].text
+
+
 def test_pinned_adapter_survives_eviction_churn(client: openai.OpenAI, stack: Stack) -> None:
     """The engine's adapter cache holds max_cpu_loras (4) unpinned adapters beside the pinned ones (room for 2, and a
     spare): 7 entries. Churning 8 others evicts all but the pinned one."""
