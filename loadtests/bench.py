@@ -114,7 +114,8 @@ def start_loraplex(setup: Setup) -> Iterator[str]:
     config = {
         "engine": setup.engine.model_dump(),
         "adapters": [a.model_dump() for a in setup.adapters],
-        "registry": {"state_file": str(setup.work / "registry.json"), "cache_dir": str(setup.work / "adapter-cache")},
+        # Every start a node of its own: a cache left by the system measured before would spare this one its fetches.
+        "registry": {"state_file": str(setup.work / "registry.json"), "cache_dir": str(setup.work / f"cache-{port}")},
     }
     config_file.write_text(yaml.safe_dump(config))
     command = [

@@ -134,6 +134,16 @@ class NodeCache:
             self._failed(exc)
             raise
 
+    def acquire_here(self, record: AdapterRecord) -> tuple[Path, Hold] | None:
+        """`acquire` when `record`'s folder is here already (staged, or fetched by an earlier request): no copy, only a
+        lock on a file, so callers may take it on the event loop; None when it must be fetched (call `acquire`)."""
+        folder = self.root / record.content_hash
+        if record.content_hash in self._failures or not folder.is_dir() or (hold := _hold(folder)) is None:
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(folder)  # most recently used
+        return folder, hold
+
     def stage(self, record: AdapterRecord, budget: int) -> Staged:
         """Fetches `record` into the cache ahead of use unless it is here already or the cache holds `budget` bytes
         (counting `record`); errors are remembered as `acquire` remembers them. Blocking: call it off the event loop.

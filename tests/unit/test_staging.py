@@ -40,6 +40,17 @@ def test_staging_fetches_once_and_a_later_acquire_finds_the_copy(tmp_path: Path)
     assert resolver.fetches == 1 and folder == tmp_path / "cache" / record.content_hash
 
 
+def test_a_staged_copy_is_taken_without_a_fetch_and_a_missing_one_is_left_to_acquire(tmp_path: Path) -> None:
+    sources = tmp_path / "sources"
+    staged, missing = (sized(adapter_folder(sources, name, SIZE)) for name in ("staged", "missing"))
+    cache, resolver = make_cache(tmp_path, sources, max_bytes=10**9)
+    assert cache.stage(staged, budget=10**6) == "fetched"
+    here = cache.acquire_here(staged)
+    assert here is not None and here[0] == tmp_path / "cache" / staged.content_hash
+    assert cache.acquire_here(missing) is None and resolver.fetches == 1
+    here[1].release()
+
+
 def test_staging_stops_at_its_budget_and_at_half_the_caches_bound_and_never_prunes(tmp_path: Path) -> None:
     sources = tmp_path / "sources"
     records = [sized(adapter_folder(sources, f"a{i}", SIZE)) for i in range(4)]
