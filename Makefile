@@ -7,7 +7,7 @@ ASSETS ?= .loraplex
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL := $(ASSETS)/models/SmolLM2-135M-Instruct
-# alpha and beta: seeded weights; pirate, french and json: trained by `loraplex prepare` (serve/demo_training.py).
+# alpha and beta: seeded weights; pirate, french and json: trained by `loraplex prepare` (serve/demo/training.py).
 DEMO_ADAPTERS := --adapter alpha=$(ASSETS)/adapters/alpha --adapter beta=$(ASSETS)/adapters/beta \
 	--adapter pirate=$(ASSETS)/adapters/pirate --adapter french=$(ASSETS)/adapters/french \
 	--adapter json=$(ASSETS)/adapters/json

@@ -33,8 +33,8 @@ import psutil
 import yaml
 
 from loadtests.bench import BUCKET, free_port, machine, process
-from serve.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 from serve.config import EngineConfig
+from serve.demo.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
 PROMPT = "Write a haiku about the sea."
@@ -216,7 +216,7 @@ def check_sample(server: Server, folders: dict[str, Path], model: Path, names: l
     """Greedy outputs of a few adapters, long evicted by the churn, against transformers+PEFT."""
     import openai
 
-    from serve.reference import Reference, assert_close, served_greedy
+    from serve.demo.reference import Reference, assert_close, served_greedy
 
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
     reference = Reference(model, {name: folders[name] for name in names})

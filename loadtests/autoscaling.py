@@ -283,8 +283,8 @@ def write(timeline: Timeline, out: Path, machine: str, command: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     from loadtests.adapters_bench import register, start
     from loadtests.bench import machine
-    from serve.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
     from serve.config import EngineConfig
+    from serve.demo.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--assets", type=Path, default=Path(".loraplex"))

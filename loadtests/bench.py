@@ -31,8 +31,8 @@ import yaml
 
 from loadtests.loadgen import Report, Workload, run
 from loadtests.report import Results
-from serve.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 from serve.config import AdapterConfig, EngineConfig
+from serve.demo.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 from serve.engines.vllm_engine import engine_env, serving_dtype, vllm_cli_args
 from serve.wire import adapter_model_id
 

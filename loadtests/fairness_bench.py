@@ -31,8 +31,8 @@ from loadtests.adapters_bench import start
 from loadtests.bench import machine
 from routing.fairness import FairGate
 from routing.keys import hash_api_key, new_api_key
-from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.config import EngineConfig
+from serve.demo.assets import DEFAULT_MODEL_NAME, build_default_model
 
 MAX_TOKENS = 32
 

@@ -33,8 +33,8 @@ from loadtests.bench import SESSIONS, Setup, free_port, machine, process, start_
 from loadtests.loadgen import Workload, run
 from loadtests.profile import label
 from loadtests.sse_client import run_streams
-from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.config import EngineConfig
+from serve.demo.assets import DEFAULT_MODEL_NAME, build_default_model
 
 TICKS = os.sysconf("SC_CLK_TCK")
 NOT_SERVING = ("raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent", "dashboard", "log_monitor",

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from loadtests.bench import Setup, start_loraplex, start_vllm
 from loadtests.loadgen import Report, Workload, run
-from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.config import EngineConfig
+from serve.demo.assets import DEFAULT_MODEL_NAME, build_default_model
 
 TICKS = os.sysconf("SC_CLK_TCK")
 PY_SPY = str(Path(sys.executable).parent / "py-spy")

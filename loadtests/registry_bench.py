@@ -32,7 +32,7 @@ from loadtests.bench import machine
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.store import BaseIdentity, RegistryStore, S3Store, SqliteStore
-from serve.assets import DEFAULT_MODEL_NAME, build_default_model
+from serve.demo.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.wire import AdapterRecord
 
 KEYS = {"access_key_id": "testing", "secret_access_key": "testing"}

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from loadtests.adapters_bench import start
 from loadtests.bench import machine
-from serve.assets import DEFAULT_MODEL_NAME, build_default_model
+from serve.demo.assets import DEFAULT_MODEL_NAME, build_default_model
 
 CONCURRENCY = 16
 VISIBILITY_WRITES = 20

@@ -24,8 +24,8 @@ import httpx
 from loadtests.adapters_bench import register, server_rss_bytes, start
 from loadtests.bench import machine
 from loadtests.loadgen import Workload, run
-from serve.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 from serve.config import EngineConfig
+from serve.demo.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 
 ADAPTERS = 8
 MAX_TOKENS = 32

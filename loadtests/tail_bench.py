@@ -33,8 +33,8 @@ from pathlib import Path
 from loadtests.bench import LOGS, STARTERS, STOCK_VLLM, Setup, machine, warm_up
 from loadtests.loadgen import Report, Workload, run
 from loadtests.report import median_of
-from serve.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 from serve.config import AdapterConfig, EngineConfig
+from serve.demo.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 from serve.wire import adapter_model_id
 
 SYSTEMS = ("vllm", "loraplex-fcfs", "loraplex")

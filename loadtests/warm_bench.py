@@ -29,8 +29,8 @@ from serve.adapters import registry as registry_module
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.resolver import make_resolver
 from serve.adapters.store import SqliteStore
-from serve.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 from serve.config import AppConfig
+from serve.demo.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters, build_default_model
 from serve.engines.vllm_engine import VLLMEngine
 from serve.replica import Replica
 from serve.wire import AdapterRecord, LoaderStats, ReplicaReport

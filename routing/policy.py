@@ -12,11 +12,13 @@ adapters last: there the request would wait for a slot (serve/slots.py), where e
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+
+from serve.wire.placement import rendezvous_order
+
+__all__ = ["AffinityPolicy", "ReplicaState", "rendezvous_order"]
 
 
 @dataclass(frozen=True)
@@ -35,16 +37,6 @@ class ReplicaState:
         if adapter in self.active:
             return 0
         return 1 if self.free_slots is None or self.free_slots > 0 else 2
-
-
-@lru_cache(maxsize=65536)
-def rendezvous_order(key: str, replica_ids: tuple[str, ...]) -> tuple[str, ...]:
-    """Replica ids by decreasing hash of (key, id): stable, and only 1/N keys move when a replica comes or goes."""
-
-    def weight(replica_id: str) -> bytes:
-        return hashlib.blake2b(f"{key}\0{replica_id}".encode(), digest_size=8).digest()
-
-    return tuple(sorted(replica_ids, key=weight, reverse=True))
 
 
 @dataclass(frozen=True)

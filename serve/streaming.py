@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, suppress
 
-from serve.wire import ReplicaItem
+from serve.wire import ReplicaItem, joined
 
 MAX_PENDING = 1024
 """Items gathered before the engine's stream waits for the router to take them."""
@@ -71,21 +71,3 @@ async def _drain_into(
                     await taken.wait()
     finally:
         arrived.set()  # the end, or what `items` raised, wakes the consumer
-
-
-def joined(pending: deque[ReplicaItem]) -> list[ReplicaItem]:
-    """Takes everything out of `pending`, consecutive strings joined into one."""
-    out: list[ReplicaItem] = []
-    events: list[str] = []
-    while pending:
-        item = pending.popleft()
-        if isinstance(item, str):
-            events.append(item)
-            continue
-        if events:
-            out.append("".join(events))
-            events = []
-        out.append(item)
-    if events:
-        out.append("".join(events))
-    return out

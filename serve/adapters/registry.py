@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from routing.policy import rendezvous_order
 from serve.adapters.builds import BuildBudget, BuildLimits
 from serve.adapters.compose import Composer, CompositeStore
 from serve.adapters.composites import Composites
@@ -52,6 +51,7 @@ from serve.wire import (
     Snapshot,
     WireError,
 )
+from serve.wire.placement import rendezvous_order
 
 logger = logging.getLogger("loraplex.registry")
 REPORT_TTL_S = 30.0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
@@ -362,3 +363,21 @@ class ReplicaReport:
     """Sequences in the replica's vLLM engine, running or waiting (one per prompt and choice); aborts free them."""
     requests: dict[str, int] = field(default_factory=dict)
     """Requests per adapter since the replica's previous report: the registry's measure of which adapters are hot."""
+
+
+def joined(pending: deque[ReplicaItem]) -> list[ReplicaItem]:
+    """Takes everything out of `pending`, consecutive strings joined into one."""
+    out: list[ReplicaItem] = []
+    events: list[str] = []
+    while pending:
+        item = pending.popleft()
+        if isinstance(item, str):
+            events.append(item)
+            continue
+        if events:
+            out.append("".join(events))
+            events = []
+        out.append(item)
+    if events:
+        out.append("".join(events))
+    return out

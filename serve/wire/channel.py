@@ -27,8 +27,7 @@ from typing import Any
 
 import msgspec
 
-from serve.streaming import joined
-from serve.wire import Relayed, ReplicaItem, ReplyTo, Usage, WireError
+from serve.wire import Relayed, ReplicaItem, ReplyTo, Usage, WireError, joined
 
 logger = logging.getLogger("loraplex.channel")
 MAGIC = b"loraplex-channel/1 "

@@ -27,8 +27,8 @@ import openai
 import pytest
 import torch
 
-from serve.assets import LORA_TARGETS, prepare
-from serve.reference import Reference
+from serve.demo.assets import LORA_TARGETS, prepare
+from serve.demo.reference import Reference
 from tests.conftest import S3_KEYS, free_port, tail
 from tests.hub_standin import StandInHub
 from tests.integration.otlp import Collector

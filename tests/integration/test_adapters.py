@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from serve.adapters.validation import NO_OP_WARNING
-from serve.reference import Greedy, Reference, assert_close, served_greedy
+from serve.demo.reference import Greedy, Reference, assert_close, served_greedy
 from tests.integration.conftest import (
     EXTERNAL_ADAPTERS,
     REGISTRY_BUCKET,

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from serve.reference import assert_close
+from serve.demo.reference import assert_close
 from tests.hub_standin import StandInHub
 from tests.integration.conftest import Stack, restart_the_registry_and_check_its_records, stack_server
 from tests.integration.test_adapters import (  # collected here too, with this module's `stack` and `client`

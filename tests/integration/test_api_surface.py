@@ -15,7 +15,7 @@ import httpx
 import jsonschema
 import openai
 
-from serve.reference import Reference
+from serve.demo.reference import Reference
 from tests.integration.conftest import Stack
 
 QUESTION = "Name a colour of the sea."

@@ -15,7 +15,7 @@ import pytest
 
 from loadtests.autoscaling import ENGINE_SETTINGS, SERVER_SETTINGS, Sample, engine_processes, scale_cycle
 from routing.policy import rendezvous_order
-from serve.assets import prepare
+from serve.demo.assets import prepare
 from tests.integration.conftest import ASSETS, running_server, session_of
 
 pytestmark = pytest.mark.own_server

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from serve.reference import Greedy, Reference, assert_close, served_greedy
+from serve.demo.reference import Greedy, Reference, assert_close, served_greedy
 from tests.integration.conftest import Stack
 from tests.integration.test_adapters import MAX_TOKENS, PROMPT, new_adapter, register
 

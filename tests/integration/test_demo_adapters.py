@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from serve.assets import prepare
-from serve.demo_data import HELD_OUT
+from serve.demo.assets import prepare
+from serve.demo.data import HELD_OUT
 
 ASSETS = Path(__file__).resolve().parents[2] / ".loraplex"
 FRENCH_WORDS = {"le", "la", "les", "l", "est", "de", "des", "du", "un", "une", "et", "je", "sont", "c"}

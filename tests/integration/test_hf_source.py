@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from serve.reference import assert_close
+from serve.demo.reference import assert_close
 from tests.hub_standin import StandInHub
 from tests.integration.conftest import Stack
 from tests.integration.test_adapters import expect, new_adapter, register, served

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from serve.reference import Greedy, Reference, assert_close, served_greedy
+from serve.demo.reference import Greedy, Reference, assert_close, served_greedy
 from tests.integration.conftest import Stack
 
 MAX_TOKENS = 12

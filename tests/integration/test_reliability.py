@@ -25,7 +25,7 @@ import httpx
 import openai
 import pytest
 
-from serve.assets import prepare
+from serve.demo.assets import prepare
 from tests.integration.conftest import (
     ASSETS,
     restart_the_registry_and_check_its_records,

@@ -14,7 +14,7 @@ import httpx
 import openai
 
 from routing.rollout import user_point
-from serve.reference import Greedy, Reference, assert_close, served_greedy
+from serve.demo.reference import Greedy, Reference, assert_close, served_greedy
 from tests.integration.conftest import Stack, restart_the_registry_and_check_its_records
 from tests.integration.test_adapters import MAX_TOKENS, PROMPT, new_adapter, register
 

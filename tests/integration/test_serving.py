@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from serve.reference import Greedy, Reference, assert_close, served_greedy
+from serve.demo.reference import Greedy, Reference, assert_close, served_greedy
 from tests.integration.conftest import Stack
 
 MAX_TOKENS = 12

@@ -12,7 +12,7 @@ import httpx
 import openai
 
 from serve.config import EngineConfig
-from serve.reference import Greedy, Reference, assert_close, served_greedy
+from serve.demo.reference import Greedy, Reference, assert_close, served_greedy
 from tests.integration.conftest import Stack
 
 POPULAR = tuple(f"slot-pop{i}" for i in range(4))  # the stack's 4 slots, each held by one of these

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.assets import prepare
+from serve.demo.assets import prepare
 from tests.integration.conftest import (
     ASSETS,
     assert_nothing_left_behind,

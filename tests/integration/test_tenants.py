@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from serve.assets import prepare
+from serve.demo.assets import prepare
 from tests.integration.conftest import ASSETS, running_server
 from tests.unit.tenancy import bearer
 

@@ -11,7 +11,7 @@ from serve.adapters.compose import CompositeStore
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.store import SqliteStore
-from serve.assets import DEMO_ADAPTERS, DemoAdapter, build_adapters, build_default_model
+from serve.demo.assets import DEMO_ADAPTERS, DemoAdapter, build_adapters, build_default_model
 from serve.wire import AdapterRecord
 
 ASSETS = Path(__file__).resolve().parents[2] / ".loraplex"

@@ -195,8 +195,8 @@ async def test_the_adapter_list_pages_in_name_order_as_openai_lists_do() -> None
 def test_the_cli_lists_every_page(monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    import serve.cli
-    import serve.manage
+    import serve.cli.main
+    import serve.cli.manage
 
     registry = FakeRegistry({f"a{i:02d}": record(f"a{i:02d}") for i in range(25)})
     app = create_app(engine_client(), ModelCatalog(BASE, registry), RouterConfig())
@@ -214,8 +214,8 @@ def test_the_cli_lists_every_page(monkeypatch: pytest.MonkeyPatch) -> None:
 
         return asyncio.run(get())
 
-    monkeypatch.setattr(serve.manage, "_call", call)
-    result = CliRunner().invoke(serve.cli.app, ["adapters", "list"])
+    monkeypatch.setattr(serve.cli.manage, "_call", call)
+    result = CliRunner().invoke(serve.cli.main.app, ["adapters", "list"])
     assert result.exit_code == 0, result.output
     assert [line.split("\t")[0] for line in result.output.splitlines()] == [f"{BASE}:a{i:02d}" for i in range(25)]
     assert asked == [{}, {"after": f"{BASE}:a09"}, {"after": f"{BASE}:a19"}]
@@ -224,8 +224,8 @@ def test_the_cli_lists_every_page(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_cli_shows_an_adapters_options_and_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    import serve.cli
-    import serve.manage
+    import serve.cli.main
+    import serve.cli.manage
 
     options = ("rank_pattern: per-module rank", "embed_tokens: LoRA")
     shown = replace(record("sql"), options=options, warnings=("every lora_B weight is zero",), alpha=8.0)
@@ -241,8 +241,8 @@ def test_the_cli_shows_an_adapters_options_and_warnings(monkeypatch: pytest.Monk
 
         return asyncio.run(get())
 
-    monkeypatch.setattr(serve.manage, "_call", call)
-    result = CliRunner().invoke(serve.cli.app, ["adapters", "show", "sql"])
+    monkeypatch.setattr(serve.cli.manage, "_call", call)
+    result = CliRunner().invoke(serve.cli.main.app, ["adapters", "show", "sql"])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
         f"{BASE}:sql\tv1\tr=8\talpha=8\t/adapters/x",

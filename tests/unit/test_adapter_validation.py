@@ -23,7 +23,7 @@ from serve.adapters.validation import (
     base_linear_shapes,
     validate_adapter,
 )
-from serve.assets import DEFAULT_MODEL_NAME, build_default_model
+from serve.demo.assets import DEFAULT_MODEL_NAME, build_default_model
 
 ASSETS = Path(__file__).resolve().parents[2] / ".loraplex"
 LAYER = "base_model.model.model.layers.0.self_attn"

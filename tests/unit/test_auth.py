@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from routing.keys import hash_api_key, read_keys_file
 from routing.principals import ANONYMOUS, KeyRing
-from serve.cli import app as cli
+from serve.cli.main import app as cli
 from serve.config import AuthConfig, RouterConfig
 from tests.unit.fake_engine import FakeEngine, FakeRegistry, record
 from tests.unit.tenancy import ADAPTERS, BASE, api_key, bearer, client_for, make_app

@@ -11,9 +11,9 @@ import typer
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from serve.assets import prepare
-from serve.cli import parse_adapter
+from serve.cli.main import parse_adapter
 from serve.config import AdapterConfig, ApiKeyConfig, AppConfig, EngineConfig, load_config, lora_slot_bytes
+from serve.demo.assets import prepare
 from serve.engines.vllm_engine import final_usage, vllm_cli_args
 from serve.engines.vllm_routes import StreamUsage
 from serve.wire import Usage

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from serve.cli import infrastructure_cpus
+from serve.cli.main import infrastructure_cpus
 from serve.config import AppConfig
 from serve.engines.vllm_engine import engine_cpus
 

@@ -16,17 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve import demo_training
 from serve.adapters.validation import content_hash
-from serve.assets import (
+from serve.demo import training as demo_training
+from serve.demo.assets import (
     DEFAULT_MODEL_NAME,
     build_default_model,
     build_trained_adapters,
     check_adapters,
     training_key,
 )
-from serve.demo_data import FACTS, HELD_OUT, TRAINED_ADAPTERS, as_json, dataset, pirate
-from serve.demo_training import Recipe, Trainer
+from serve.demo.data import FACTS, HELD_OUT, TRAINED_ADAPTERS, as_json, dataset, pirate
+from serve.demo.training import Recipe, Trainer
 
 ASSETS = Path(__file__).resolve().parents[2] / ".loraplex"
 FRENCH_WORDS = {"le", "la", "les", "l", "est", "de", "des", "du", "d", "un", "une", "et", "je", "il", "c"}

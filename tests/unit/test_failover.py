@@ -335,7 +335,7 @@ async def test_health_check_makes_a_round_trip_through_the_engine_core(replica: 
 def test_drain_deletes_the_app_and_waits_for_serve_to_finish(monkeypatch: pytest.MonkeyPatch) -> None:
     from ray import serve
 
-    from serve.cli import APP_NAME, drain
+    from serve.cli.main import APP_NAME, drain
 
     deleted: list[tuple[str, bool]] = []
     statuses = iter([{APP_NAME: "DELETING"}, {APP_NAME: "DELETING"}, {}])
@@ -350,7 +350,7 @@ def test_drain_deletes_the_app_and_waits_for_serve_to_finish(monkeypatch: pytest
 def test_a_second_signal_cuts_the_drain_short(monkeypatch: pytest.MonkeyPatch) -> None:
     from ray import serve
 
-    from serve.cli import APP_NAME, drain
+    from serve.cli.main import APP_NAME, drain
 
     monkeypatch.setattr(serve, "delete", lambda name, _blocking=True: None)
     monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={APP_NAME: "DELETING"}))

@@ -20,8 +20,8 @@ from serve.adapters.registry import AdapterRegistry
 from serve.adapters.resolver import make_resolver
 from serve.adapters.sources import UNREACHABLE, LocalSource, SourceResolver
 from serve.adapters.store import SqliteStore
-from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.config import AppConfig
+from serve.demo.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.wire import AdapterRecord, WireError
 from tests.conftest import free_port
 from tests.hub_standin import TOKEN, StandInHub

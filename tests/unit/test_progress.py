@@ -30,13 +30,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from serve.assets import DEFAULT_MODEL_NAME, prepare
-from serve.demo_data import TRAINED_ADAPTERS
-from serve.progress import Bars, Notes, local_size
+from serve.cli.progress import Bars, Notes, local_size
+from serve.demo.assets import DEFAULT_MODEL_NAME, prepare
+from serve.demo.data import TRAINED_ADAPTERS
 from serve.wire import AdapterRecord
 
 REPO = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "serve.cli"]
+CLI = [sys.executable, "-m", "serve.cli.main"]
 SERVER_DELAY_S = 1.0
 WARNING = "every lora_B weight is zero, so the adapter changes nothing"
 ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -29,8 +29,8 @@ from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.store import BaseIdentity, RegistryStore, S3Store, SqliteStore, StoreUnavailable, open_store
 from serve.adapters.validation import NO_OP_WARNING
-from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.config import RegistryConfig
+from serve.demo.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.wire import AdapterRecord, Changes, WireError
 from tests.conftest import S3_KEYS
 from tests.unit.test_adapter_validation import ASSETS, LAYER, header_of, write_adapter

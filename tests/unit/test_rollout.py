@@ -20,8 +20,8 @@ from routing.rollout import choose_version, user_point
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, SourceResolver
 from serve.adapters.store import SqliteStore
-from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.config import AuthConfig, RouterConfig
+from serve.demo.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.replica import Replica
 from serve.wire import AdapterRecord, Changes, WireError
 from tests.unit.fake_engine import FakeEngine, engine_client

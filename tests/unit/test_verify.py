@@ -10,10 +10,10 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 
-from serve import verify as verify_module
 from serve.adapters.validation import content_hash
-from serve.reference import Greedy
-from serve.verify import MAX_ANSWER_BYTES, VerifyError, verify
+from serve.cli import verify as verify_module
+from serve.cli.verify import MAX_ANSWER_BYTES, VerifyError, verify
+from serve.demo.reference import Greedy
 from serve.wire import user_point
 
 BASE = "tiny-base"

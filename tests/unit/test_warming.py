@@ -22,8 +22,8 @@ from serve.adapters import registry as registry_module
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, SourceResolver
 from serve.adapters.store import SqliteStore
-from serve.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.config import EngineConfig
+from serve.demo.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.engines.simulated import SimulatedEngine
 from serve.replica import Replica
 from serve.wire import AdapterRecord, LoaderStats, ReplicaReport

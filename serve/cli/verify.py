@@ -2,7 +2,7 @@
 
 The base model and the adapter's files are loaded with transformers + PEFT here; the same prompts go to the
 server (greedy, top-5 logprobs, as token ids so both sides see the same prompt); each answer is compared with
-the project's rule (`serve.reference`): tokens equal, or at the first divergence each side's token in the
+the project's rule (`serve.demo.reference`): tokens equal, or at the first divergence each side's token in the
 other's top-5. The adapter's files are first checked against the content hash of the version verified, so a
 version mismatch is named as such. During a rollout the requests carry a `user` that gets that version, and each
 answer must say it came from it. Nothing the server says becomes a local path, and its answers are read up to a
@@ -23,7 +23,7 @@ import httpx
 
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.validation import content_hash
-from serve.reference import Greedy, Reference, divergence, served_greedy
+from serve.demo.reference import Greedy, Reference, divergence, served_greedy
 from serve.wire import VERSION_SEPARATOR, user_point
 
 DEFAULT_PROMPTS = (

@@ -1,6 +1,6 @@
 """Trains the demo adapters that learn something visible (`pirate`, `french`, `json`) with PEFT, on the CPU.
 
-Each learns from its small dataset in `serve.demo_data`, rendered with the model's own chat template (its default
+Each learns from its small dataset in `serve.demo.data`, rendered with the model's own chat template (its default
 system prompt included, as the server renders a chat completion), the loss counting only the reply's tokens. The
 LoRA sits on the last layers only: backward then stops there, which keeps each adapter to well under a minute on
 two idle cores. Seeded: the same recipe on the same model trains the same adapter.
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from serve.demo_data import Example
+from serve.demo.data import Example
 
 _END = "<|im_end|>"
 """What ends a turn in the model's chat template: learnt too, so an adapter stops after its reply."""
