@@ -9,9 +9,7 @@ base model) before anything is recorded.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import secrets
 import shutil
 import tempfile
@@ -32,7 +30,6 @@ from serve.adapters.store import (
     RegistryStore,
     StoreConflict,
     StoreUnavailable,
-    decode,
     open_store,
 )
 from serve.adapters.validation import (
@@ -100,7 +97,6 @@ class AdapterRegistry(Composites, Rollouts):
         max_bytes: int,
         base_id: str | None = None,
         initial: dict[str, str] | None = None,
-        legacy_state: Path | None = None,
         composites: CompositeStore | None = None,
         max_pinned: int | None = None,
         tool_parsers: tuple[str, ...] = (),
@@ -142,8 +138,6 @@ class AdapterRegistry(Composites, Rollouts):
         self._reports: dict[str, tuple[float, ReplicaReport]] = {}
         self._heat: deque[tuple[float, dict[str, int]]] = deque()
         """(when, requests per adapter) of each report within `HOT_WINDOW_S`, oldest first."""
-        if not self._records and legacy_state is not None:
-            self._migrate(legacy_state)
         if state.base != self._base:
             self._recheck_for_this_base(state.base)
         for name, source in (initial or {}).items():
@@ -432,22 +426,6 @@ class AdapterRegistry(Composites, Rollouts):
             self._records[current.name] = current
         self._changed(name)
 
-    def _migrate(self, legacy: Path) -> None:
-        """Imports the JSON state file of earlier releases into an empty store, then renames it `.migrated`."""
-        if not legacy.is_file():
-            return
-        try:
-            items = json.loads(legacy.read_text())["adapters"]
-            records = [decode(json.dumps(item)) for item in items]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            logger.critical("registry state %s cannot be read (%s); not migrated, left in place", legacy, exc)
-            return
-        for record in records:
-            self._store.put(record, None)
-            self._records[record.name] = record
-        os.replace(legacy, legacy.with_name(legacy.name + ".migrated"))
-        logger.warning("migrated %d adapters from %s into the registry store", len(records), legacy)
-
     def _recheck_for_this_base(self, stored: BaseIdentity | None) -> None:
         """Records validated against another base model are checked again against this one: those that no longer
         fit are kept, marked unusable with the reason (never handed to an engine); those that fit again are usable.
@@ -500,7 +478,6 @@ class RegistryDeployment(AdapterRegistry):
             max_bytes=config.registry.max_adapter_bytes,
             base_id=config.engine.model_id,
             initial={adapter.name: adapter.path for adapter in config.adapters},
-            legacy_state=Path(config.registry.state_file),
             composites=CompositeStore(config.registry.composites_url, s3_connection(config)),
             max_pinned=config.engine.max_pinned_loras,
             tool_parsers=config.engine.tool_parsers(),

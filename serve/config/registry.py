@@ -25,8 +25,8 @@ class RegistryConfig(_Strict):
     state_file: str = Field(
         default=".loraplex/registry.json",
         description=(
-            "The JSON state of earlier releases: imported into an empty store on first start, then renamed "
-            "`.migrated`. With no `store`, its folder holds the SQLite database."
+            "Where the registry keeps its files when no `store` is given: the SQLite database (`registry.db`) and "
+            "the composites it builds go beside this path (the file itself is not written)."
         ),
     )
     composites: str | None = Field(

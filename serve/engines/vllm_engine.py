@@ -320,11 +320,6 @@ class VLLMEngine:
             self._engine.shutdown()
 
 
-def final_usage(event: str) -> Usage | None:
-    """The token counts carried by an OpenAI stream's closing usage event, or None for any other event."""
-    return StreamUsage("openai").read(event)
-
-
 def from_vllm_error(response: ErrorResponse) -> WireError:
     """vLLM's error (its `code` is the HTTP status) in the wire protocol's terms."""
     error = response.error

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from serve.cli.main import parse_adapter
 from serve.config import AdapterConfig, ApiKeyConfig, AppConfig, EngineConfig, load_config, lora_slot_bytes
 from serve.demo.assets import prepare
-from serve.engines.vllm_engine import final_usage, vllm_cli_args
+from serve.engines.vllm_engine import vllm_cli_args
 from serve.engines.vllm_routes import StreamUsage
 from serve.wire import Usage
 
@@ -136,8 +136,8 @@ def test_adapter_flag() -> None:
         ('data: {"choices":[{"text":"x"}],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n', None),
     ],
 )
-def test_final_usage_event_is_recognised(event: str, expected: tuple[int, int] | None) -> None:
-    usage = final_usage(event)
+def test_the_final_usage_event_of_an_openai_stream_is_recognised(event: str, expected: tuple[int, int] | None) -> None:
+    usage = StreamUsage("openai").read(event)
     assert (None if usage is None else (usage.prompt_tokens, usage.completion_tokens)) == expected
 
 

@@ -15,7 +15,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import boto3
@@ -330,32 +329,6 @@ def test_a_write_the_store_refuses_changes_nothing(tmp_path: Path, open_registry
     gone = asyncio.run(registry.unregister("kept"))
     assert isinstance(gone, WireError) and gone.status == 500
     assert asyncio.run(registry.snapshot()) == before  # memory unchanged, generation included
-
-
-def test_the_json_state_of_earlier_releases_is_migrated_once(
-    tmp_path: Path, open_registry: Opener, model_dir: Path
-) -> None:
-    source = write_adapter(tmp_path / "adapters" / "old")
-    record = asyncio.run(open_registry().register("old", str(source)))
-    assert isinstance(record, AdapterRecord)
-    asyncio.run(open_registry().unregister("old"))  # the store is empty again: the migration's precondition
-    item = {**asdict(record), "version": 3}
-    del item["unusable"]  # files written before the field existed lack it
-    legacy = tmp_path / "registry.json"
-    legacy.write_text(json.dumps({"adapters": [item]}))
-
-    migrated = open_registry(legacy_state=legacy)
-    assert asyncio.run(migrated.snapshot()).records["old"].version == 3
-    assert not legacy.exists() and (tmp_path / "registry.json.migrated").is_file()
-    assert asyncio.run(open_registry(legacy_state=legacy).snapshot()).records["old"].version == 3
-
-
-def test_a_damaged_legacy_state_file_is_left_in_place_and_not_migrated(tmp_path: Path, open_registry: Opener) -> None:
-    legacy = tmp_path / "registry.json"
-    legacy.write_text('{"adapters": [')
-    registry = open_registry(legacy_state=legacy)
-    assert asyncio.run(registry.snapshot()).records == {}
-    assert legacy.read_text() == '{"adapters": ['
 
 
 def other_base(folder: Path, model_dir: Path) -> Path:
