@@ -12,6 +12,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import Request, Response
@@ -242,6 +243,31 @@ TOKEN_FIELDS: dict[Endpoint, tuple[str, ...]] = {
 """The fields that bound a request's output, the first set to the router's cap when none is given."""
 
 
+@dataclass(frozen=True)
+class RoutedRequest:
+    """A checked request on its way to an engine, as `parse_body` gives it to its route: the JSON body the engine gets
+    (`compose` taken out) and the inline composite it asks for, if any. `model` is the name the client gave; the
+    engine gets the id the router resolved it to (`for_engine`)."""
+
+    endpoint: Endpoint
+    body: dict[str, Any]
+    compose: ComposeSpec | None = None
+
+    @property
+    def model(self) -> str:
+        return str(self.body["model"])
+
+    @property
+    def user(self) -> str | None:
+        """The client's `user`: which version of an adapter in a rollout it gets (`routing.rollout`)."""
+        user = self.body.get("user")
+        return user if isinstance(user, str) else None
+
+    def for_engine(self, model_id: str) -> dict[str, Any]:
+        """The body the engine gets: the client's, naming `model_id` (the adapter version or composite it resolved)."""
+        return {**self.body, "model": model_id}
+
+
 def parse_body(
     raw: bytes,
     endpoint: Endpoint,
@@ -251,8 +277,8 @@ def parse_body(
     content_type: str | None = "application/json",
     extra_chat_roles: tuple[str, ...] = (),
     max_sequences: int | None = None,
-) -> dict[str, Any]:
-    """Checks a raw request body (already within the size limit); returns it as a dict or raises `InvalidRequest`.
+) -> RoutedRequest:
+    """Checks a raw request body (already within the size limit); returns it routed or raises `InvalidRequest`.
 
     With a `max_tokens` cap, a larger `max_tokens` / `max_completion_tokens` is refused and a
     request giving neither is sent with `max_tokens` set to the cap.
@@ -279,7 +305,8 @@ def parse_body(
             if message.role not in CHAT_ROLES and message.role not in extra_chat_roles:
                 known = ", ".join(sorted(CHAT_ROLES | set(extra_chat_roles)))
                 raise InvalidRequest(f"messages[{i}].role must be one of {known}", param=f"messages.{i}.role")
-    return data
+    data.pop("compose", None)
+    return RoutedRequest(endpoint, data, body.compose)
 
 
 def _check_choices(body: _Body, max_n: int, max_sequences: int | None) -> None:

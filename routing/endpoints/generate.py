@@ -46,12 +46,13 @@ from routing.protocol import (
     Endpoint,
     MessagesBody,
     ResponsesBody,
+    RoutedRequest,
     TokenizeBody,
     parse_body,
 )
 from routing.rollout import choose_version
 from routing.tracing import describe_request, record_usage
-from serve.wire import GENERATING, Composition, Usage, WireError
+from serve.wire import GENERATING, AdapterRecord, Composition, Usage, WireError
 from serve.wire.channel import ReplicaFailed
 from serve.wire.tracing import traceparent_of
 
@@ -113,34 +114,32 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
     try:
         if context.draining.is_set():
             raise Overloaded(SHUTTING_DOWN)
-        content_type = request.headers.get("content-type")
-        body = parse_body(
+        routed = parse_body(
             await request.body(),
             endpoint,
             max_n=config.max_n,
             max_tokens=config.max_tokens,
-            content_type=content_type,
+            content_type=request.headers.get("content-type"),
             extra_chat_roles=config.extra_chat_roles,
             max_sequences=config.max_sequences,
         )
         if endpoint in GENERATING:
-            check_grammar_inputs(body, max_bytes=config.max_schema_bytes, max_repetition=config.max_schema_repetition)
-        check_media_urls(body, config.allowed_media_domains)
-        compose = body.pop("compose", None)
-        if compose is None:
-            target = await _named_target(context, key, body, timer)
-            admission = await _admit(context, key, endpoint, body)
+            check_grammar_inputs(
+                routed.body, max_bytes=config.max_schema_bytes, max_repetition=config.max_schema_repetition
+            )
+        check_media_urls(routed.body, config.allowed_media_domains)
+        if routed.compose is None:
+            target = await _named_target(context, key, routed, timer)
         else:
-            composition = _composition(context, key, body["model"], ComposeSpec.model_validate(compose))
+            composition = _composition(context, key, routed.model, routed.compose)
             timer.label = context.metrics.label(context.catalog.adapter_id(INLINE_COMPOSITE_LABEL), True)
-            admission = await _admit(context, key, endpoint, body)  # first: a request refused here builds nothing
+        admission = await _admit(context, key, endpoint, routed.body)  # first: a request refused builds nothing
+        if routed.compose is not None:
             target = await _composite(context, key, composition)
-        body["model"] = target.id
-        trace: str | None = None  # the `traceparent` the replica continues: only for a recorded request
-        if context.tracer is not None:
-            describe_request(key, endpoint, target.id, target.adapter.name if target.adapter is not None else None)
-            trace = traceparent_of(get_current_span())
-        first, items = await context.engine.start(endpoint, body, target.adapter, context.draining, trace)
+        trace = _traced(context, key, endpoint, target)
+        first, items = await context.engine.start(
+            endpoint, routed.for_engine(target.id), target.adapter, context.draining, trace
+        )
         if isinstance(first, WireError):
             refused = _engine_refused(first)
             raise upstream(first)
@@ -169,22 +168,36 @@ async def _generate(endpoint: Endpoint, request: Request, context: RouterContext
 
 
 async def _named_target(
-    context: RouterContext, key: Principal, body: dict[str, Any], timer: RequestTimer
+    context: RouterContext, key: Principal, routed: RoutedRequest, timer: RequestTimer
 ) -> ModelTarget:
     """The model a request names, if the key may use it: the base, an adapter (the version a rollout gives this
     request) or a registered composite."""
-    key.require_use(context.catalog.name_of(body["model"]), body["model"])
-    target = await context.catalog.resolve(body["model"])
+    key.require_use(context.catalog.name_of(routed.model), routed.model)
+    target = await context.catalog.resolve(routed.model)
     timer.label = context.metrics.label(target.id, target.adapter is not None)
     timer.model = target.id  # the adapter, whichever version of it serves the request
     if target.adapter is not None and target.adapter.composition is not None:
         _require_components(key, target.adapter.composition.adapters, param="model")
     if target.adapter is not None and target.adapter.canary is not None:
-        user = body.get("user")
-        chosen = choose_version(target.adapter, user if isinstance(user, str) else None)
-        timer.version = str(chosen.version)
-        target = ModelTarget(id=context.catalog.adapter_id(chosen.name), adapter=chosen)
+        target = _rollout_version(context, target.adapter, routed.user, timer)
     return target
+
+
+def _rollout_version(
+    context: RouterContext, adapter: AdapterRecord, user: str | None, timer: RequestTimer
+) -> ModelTarget:
+    """The version of `adapter`, in a rollout, that serves this request (`routing.rollout`)."""
+    chosen = choose_version(adapter, user)
+    timer.version = str(chosen.version)
+    return ModelTarget(id=context.catalog.adapter_id(chosen.name), adapter=chosen)
+
+
+def _traced(context: RouterContext, key: Principal, endpoint: Endpoint, target: ModelTarget) -> str | None:
+    """The `traceparent` the replica continues for a request whose span is recorded (tracing on); None otherwise."""
+    if context.tracer is None:
+        return None
+    describe_request(key, endpoint, target.id, target.adapter.name if target.adapter is not None else None)
+    return traceparent_of(get_current_span())
 
 
 async def _admit(context: RouterContext, key: Principal, endpoint: Endpoint, body: dict[str, Any]) -> Admission:

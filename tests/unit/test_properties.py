@@ -113,7 +113,7 @@ def test_adapter_ids_round_trip(name: str) -> None:
 def check_body(raw: bytes, endpoint: Endpoint) -> dict[str, Any] | OpenAIError:
     """`parse_body`'s contract: a dict, or an `OpenAIError` with 400; never any other exception."""
     try:
-        return parse_body(raw, endpoint, max_n=MAX_N)
+        return parse_body(raw, endpoint, max_n=MAX_N).body
     except OpenAIError as exc:
         assert isinstance(exc, InvalidRequest)
         assert exc.status == 400
@@ -191,13 +191,13 @@ def utf8_safe(body: dict[str, Any]) -> bool:
 @deterministic
 @given(completion_bodies().filter(utf8_safe))
 def test_valid_completion_bodies_are_accepted_unchanged(body: dict[str, Any]) -> None:
-    assert parse_body(json.dumps(body, ensure_ascii=False).encode(), "completions", max_n=MAX_N) == body
+    assert parse_body(json.dumps(body, ensure_ascii=False).encode(), "completions", max_n=MAX_N).body == body
 
 
 @deterministic
 @given(chat_bodies().filter(utf8_safe))
 def test_valid_chat_bodies_are_accepted_unchanged(body: dict[str, Any]) -> None:
-    assert parse_body(json.dumps(body).encode(), "chat", max_n=MAX_N) == body
+    assert parse_body(json.dumps(body).encode(), "chat", max_n=MAX_N).body == body
 
 
 @deterministic
