@@ -23,7 +23,7 @@ from routing.openapi import TEXT_ROUTE_ERRORS
 from routing.principals import Principal
 from routing.protocol import ComposeSpec, JSONRoute
 from routing.read_access import ReadKeyDep
-from serve.wire import AdapterRecord, WireError
+from serve.wire import ADAPTER_NAME_PATTERN, AdapterRecord, WireError
 
 router = APIRouter(route_class=JSONRoute)
 LIST_LIMIT, LIST_MAX = 1000, 10_000
@@ -35,7 +35,7 @@ class RegisterAdapter(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=64, description="Adapter name, `[A-Za-z0-9._-]`.")
+    name: str = Field(min_length=1, max_length=64, description=f"Adapter name, matching `{ADAPTER_NAME_PATTERN}`.")
     compose: ComposeSpec | None = Field(
         default=None,
         description=(

@@ -52,7 +52,7 @@ from routing.protocol import (
 )
 from routing.rollout import choose_version
 from routing.tracing import describe_request, record_usage
-from serve.wire import GENERATING, AdapterRecord, Composition, Usage, WireError
+from serve.wire import GENERATING, INLINE_COMPOSITE_LABEL, AdapterRecord, Composition, Usage, WireError
 from serve.wire.channel import ReplicaFailed
 from serve.wire.tracing import traceparent_of
 
@@ -66,8 +66,6 @@ TOKEN_EVENTS: dict[Endpoint, str] = {
 """Marks a streamed event that carries about one generated token, in each API's server-sent events (the event
 line is written before its data, so no generated text can fake it): what a stream is charged at least when
 its usage never comes (the client left)."""
-INLINE_COMPOSITE_LABEL = "~compose"
-"""The one metrics label of every inline composite (their names come from request bodies: unbounded)."""
 router = APIRouter()
 
 

@@ -3,7 +3,6 @@ read from YAML by `load_config`."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +15,7 @@ from serve.config.engine import EngineConfig
 from serve.config.registry import RegistryConfig
 from serve.config.router import RouterConfig
 from serve.config.tracing import TracingConfig
-
-ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
-_ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
-
-
-def is_adapter_name(value: str) -> bool:
-    """Whether `value` is a usable adapter name: the whole string matches (`$` alone lets a trailing newline
-    through) and it is not `.` or `..` (it names folders in the node cache and in sources)."""
-    return _ADAPTER_NAME.fullmatch(value) is not None and value.strip(".") != ""
+from serve.wire import ADAPTER_NAME_PATTERN, is_adapter_name
 
 
 class AdapterConfig(_Strict):

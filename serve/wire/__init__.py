@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from collections import deque
 from collections.abc import Iterable
@@ -129,8 +130,19 @@ WEIGHT_DECIMALS = 4
 built once."""
 MAX_WEIGHT = 16.0
 """The largest weight, either sign, a component of a composite may have."""
-INLINE_COMPOSITE_PREFIX = "~compose-"
+INLINE_COMPOSITE_LABEL = "~compose"
+"""The one metrics label of every inline composite (their names come from request bodies: unbounded)."""
+INLINE_COMPOSITE_PREFIX = INLINE_COMPOSITE_LABEL + "-"
 """Names of composites built for one request's `compose` field: `~` is not allowed in a registered name."""
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+"""A registered adapter's name: what the config, the registry and the registration route accept."""
+_ADAPTER_NAME = re.compile(ADAPTER_NAME_PATTERN)
+
+
+def is_adapter_name(value: str) -> bool:
+    """Whether `value` is a usable adapter name: the whole string matches (`$` alone lets a trailing newline
+    through) and it is not `.` or `..` (it names folders in the node cache and in sources)."""
+    return _ADAPTER_NAME.fullmatch(value) is not None and value.strip(".") != ""
 
 
 @dataclass(frozen=True)
