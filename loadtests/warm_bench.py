@@ -21,7 +21,6 @@ import tempfile
 import time
 from contextlib import aclosing
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from routing.policy import rendezvous_order
@@ -41,16 +40,6 @@ ROUNDS = 3
 PROMPT = "Summarise the following sentence in one word: the quick brown fox jumps over the lazy dog."
 
 
-class Handle:
-    """The registry as a Serve handle shows it to a replica: every method called with `.remote`."""
-
-    def __init__(self, target: AdapterRegistry) -> None:
-        self._target = target
-
-    def __getattr__(self, name: str) -> SimpleNamespace:
-        return SimpleNamespace(remote=getattr(self._target, name))
-
-
 async def first_token_s(replica: Replica, model: str, adapter: AdapterRecord | None) -> float:
     body = {"model": model, "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True}
     started = time.perf_counter()
@@ -68,7 +57,7 @@ async def measure(app: AppConfig, registry: AdapterRegistry, warm_adapters: int)
     names = sorted(registry._records)
     await registry.report(ReplicaReport(replica="old", adapters=tuple(names), engine_loras=len(names),
                                         stats=LoaderStats(), requests=dict.fromkeys(names, 1)))  # fmt: skip
-    replica = Replica(VLLMEngine(app), Handle(registry), 0.0, warm_adapters=warm_adapters, replica_id="new")
+    replica = Replica(VLLMEngine(app), registry, 0.0, warm_adapters=warm_adapters, replica_id="new")
     started = time.perf_counter()
     await replica.start()
     start_s = time.perf_counter() - started

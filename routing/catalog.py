@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from routing.errors import AdapterUnavailable, ModelNotFound, NotReady, UpstreamError
-from routing.registry_client import RegistryClient
 from serve.wire import (
     ADAPTER_ID_SEPARATOR,
     AdapterRecord,
@@ -23,6 +22,7 @@ from serve.wire import (
     adapter_model_id,
     composition_key,
 )
+from serve.wire.registry import RegistryClient
 
 SEPARATOR = ADAPTER_ID_SEPARATOR
 logger = logging.getLogger("loraplex.router")

@@ -26,9 +26,9 @@ from routing.catalog import ModelCatalog
 from routing.console.summary import ServerFacts
 from routing.engine_client import ServeEngineClient
 from routing.ratelimit import ServeRateLimiter
-from routing.registry_client import ServeRegistryClient
 from serve.config import EngineConfig, EngineDeploymentConfig, RouterConfig, TracingConfig
 from serve.wire.channel import ChannelServer
+from serve.wire.registry import ServeRegistryClient
 from serve.wire.tracing import process_tracer
 
 logger = logging.getLogger("loraplex.router")

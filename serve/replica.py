@@ -41,6 +41,7 @@ from serve.wire import (
     versioned_name,
 )
 from serve.wire.channel import Links
+from serve.wire.registry import RegistryClient, ServeRegistryClient
 from serve.wire.tracing import process_tracer
 
 logger = logging.getLogger("loraplex.replica")
@@ -57,14 +58,15 @@ class Replica:
     def __init__(
         self,
         engine: Engine,
-        registry: Any,
+        registry: RegistryClient | None,
         stream_batch_s: float,
         warm_adapters: int = 0,
         replica_id: str | None = None,
         tracer: Tracer | None = None,
     ) -> None:
-        """`registry`: the registry deployment's handle; `replica_id`: this replica's id in reports and routing
-        (default: Serve's id of the replica this runs in); `tracer`: spans for traced requests (None: tracing off)."""
+        """`registry`: how it reaches the registry (None: it follows none, in tests); `replica_id`: this replica's id
+        in reports and routing (default: Serve's id of the replica this runs in); `tracer`: spans for traced requests
+        (None: tracing off)."""
         self._engine = engine
         self._tracer = tracer
         self._id = replica_id
@@ -89,11 +91,13 @@ class Replica:
 
     async def start(self) -> None:
         await self._engine.start()
-        self._watcher = asyncio.create_task(self._follow_registry())
+        if self._registry is None:
+            return
+        self._watcher = asyncio.create_task(self._follow_registry(self._registry))
         if self._warm_adapters:
-            self._warmer = asyncio.create_task(self._warm())
+            self._warmer = asyncio.create_task(self._warm(self._registry))
 
-    async def _warm(self) -> None:
+    async def _warm(self, registry: RegistryClient) -> None:
         """Loads, in the background, the adapters this replica is likely to serve (the registry's `warm_plan`).
 
         The replica takes requests meanwhile: base requests and the spill-over of busy replicas at once, while
@@ -101,7 +105,7 @@ class Replica:
         """
         started = time.perf_counter()
         try:
-            plan: list[AdapterRecord] = await self._registry.warm_plan.remote(self._replica(), self._warm_adapters)
+            plan: list[AdapterRecord] = await registry.warm_plan(self._replica(), self._warm_adapters)
         except Exception:
             logger.warning("could not ask the adapter registry what to warm", exc_info=True)
             return
@@ -115,7 +119,7 @@ class Replica:
                 logger.warning("could not warm adapter %s", record.name, exc_info=True)
         logger.info("warmed %d of %d hot adapters in %.2f s", warmed, len(plan), time.perf_counter() - started)
 
-    async def _follow_registry(self) -> None:
+    async def _follow_registry(self, registry: RegistryClient) -> None:
         """Reports this replica to the registry; frees adapters that were unregistered (or became unusable),
         learning of them by what changed since the generation it last saw.
 
@@ -127,10 +131,10 @@ class Replica:
             try:
                 report = replace(await self._engine.report(replica), requests=dict(self._requests))
                 self._requests.clear()
-                generation = await self._registry.report.remote(report)
+                generation = await registry.report(report)
                 if generation == self._generation:
                     continue
-                changes: Changes = await self._registry.changes.remote(self._generation)
+                changes: Changes = await registry.changes(self._generation)
                 for name in sorted(self._gone(changes, set(self._engine.held()))):
                     await self._engine.forget(name)
                 self._generation = changes.generation
@@ -333,7 +337,9 @@ class EngineReplica(Replica):
         scaling = app.engine_deployment
         tracer = process_tracer(app.tracing, "engine")
         engine = build_engine(app)
-        super().__init__(engine, registry, scaling.stream_batch_ms / 1000, scaling.warm_adapters, tracer=tracer)
+        super().__init__(
+            engine, ServeRegistryClient(registry), scaling.stream_batch_ms / 1000, scaling.warm_adapters, tracer=tracer
+        )
         await self.start()
 
 

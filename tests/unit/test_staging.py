@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 import serve.replica
-from loadtests.warm_bench import Handle
 from serve.config import EngineConfig
 from serve.engines.simulated import SimulatedEngine
 from serve.replica import Replica
@@ -125,7 +124,7 @@ async def test_a_replica_stages_new_registrations_newest_first_until_the_node_ca
         "older": record("older", 2), "gone": None,
     })  # fmt: skip
     engine = StagingEngine(room=4)
-    replica = Replica(engine, Handle(registry), 0.0, replica_id="r")  # type: ignore[arg-type]
+    replica = Replica(engine, registry, 0.0, replica_id="r")  # type: ignore[arg-type]
     await replica.start()
     await until(lambda: replica._stager is not None and replica._stager.done())
     # A failure is logged and passed over; once the cache is full the rest (`old`) waits for nothing.

@@ -58,10 +58,6 @@ class ReplicaHandle(FakeHandle):
         return StreamCall(self.replica.generate(endpoint, body, adapter=adapter, reply_to=reply_to, trace=trace))
 
 
-class NoRegistry:
-    """The replica's registry handle: never reached within a test (the replica reports after 2 s)."""
-
-
 @pytest.fixture
 def spans() -> InMemorySpanExporter:
     return InMemorySpanExporter()
@@ -72,9 +68,7 @@ async def replica(spans: InMemorySpanExporter) -> AsyncIterator[Replica]:
     config = EngineConfig.model_validate(
         {"kind": "simulated", "model": "/models/sim", "simulated": {"step_ms": 2, "adapter_load_ms": 5}}
     )
-    replica = Replica(
-        SimulatedEngine(config), NoRegistry(), 0.0, replica_id="r1", tracer=build_tracer(ON, "engine", spans)
-    )
+    replica = Replica(SimulatedEngine(config), None, 0.0, replica_id="r1", tracer=build_tracer(ON, "engine", spans))
     await replica.start()
     yield replica
     replica.__del__()

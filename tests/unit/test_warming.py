@@ -1,7 +1,7 @@
 """A replica that joins warms the hot adapters whose rendezvous home it becomes (issue 16, item 3).
 
-The registry is the real one on SQLite; the replicas are real `Replica`s around the simulated engine, talking
-to the registry as they do through Serve's handle (each call `.remote`). The real-stack run is in
+The registry is the real one on SQLite; the replicas are real `Replica`s around the simulated engine, calling it
+directly where a deployed replica calls it through `ServeRegistryClient`. The real-stack run is in
 tests/integration/test_autoscaling.py.
 """
 
@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 import serve.replica
-from loadtests.warm_bench import Handle
 from routing.policy import rendezvous_order
 from serve.adapters import registry as registry_module
 from serve.adapters.registry import AdapterRegistry
@@ -122,7 +120,7 @@ async def test_a_replica_reports_its_requests_and_a_new_one_warms_its_share_befo
     registry: AdapterRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(serve.replica, "REGISTRY_POLL_S", 0.05)
-    first = Replica(engine(), Handle(registry), 0.0, warm_adapters=8, replica_id="first")
+    first = Replica(engine(), registry, 0.0, warm_adapters=8, replica_id="first")
     await first.start()
     hot = NAMES[:8]
     for name in hot:
@@ -130,7 +128,7 @@ async def test_a_replica_reports_its_requests_and_a_new_one_warms_its_share_befo
     # Reported by `first`, every one: a report sent while the requests ran holds only those made by then.
     await wait_until(lambda: all(sum(c.get(name, 0) for _, c in registry._heat) == 1 for name in hot))
 
-    second = Replica(engine(), Handle(registry), 0.0, warm_adapters=8, replica_id="second")
+    second = Replica(engine(), registry, 0.0, warm_adapters=8, replica_id="second")
     await second.start()
     assert second._warmer is not None
     await asyncio.wait_for(second._warmer, 10)
@@ -143,7 +141,7 @@ async def test_a_replica_reports_its_requests_and_a_new_one_warms_its_share_befo
     stats = (await second._engine.report("second")).stats
     assert (stats.misses, stats.hits) == (0, 1)  # its first request found the adapter loaded
 
-    third = Replica(engine(max_cpu_loras=1), Handle(registry), 0.0, warm_adapters=8, replica_id="third")
+    third = Replica(engine(max_cpu_loras=1), registry, 0.0, warm_adapters=8, replica_id="third")
     await third.start()
     assert third._warmer is not None
     await asyncio.wait_for(third._warmer, 10)
@@ -155,16 +153,16 @@ async def test_a_replica_reports_its_requests_and_a_new_one_warms_its_share_befo
 async def test_warming_off_or_a_registry_that_cannot_answer_leaves_the_replica_serving(
     registry: AdapterRegistry,
 ) -> None:
-    off = Replica(engine(), Handle(registry), 0.0, warm_adapters=0, replica_id="off")
+    off = Replica(engine(), registry, 0.0, warm_adapters=0, replica_id="off")
     await off.start()
     assert off._warmer is None
 
     class Unreachable:
-        def __getattr__(self, name: str) -> SimpleNamespace:
+        def __getattr__(self, name: str) -> Any:
             async def fails(*_: Any) -> None:
                 raise ConnectionError("registry restarting")
 
-            return SimpleNamespace(remote=fails)
+            return fails
 
     lonely = Replica(engine(), Unreachable(), 0.0, warm_adapters=8, replica_id="lonely")
     await lonely.start()

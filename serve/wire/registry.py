@@ -1,4 +1,5 @@
-"""How the router reaches the adapter registry: a protocol, and its Ray Serve handle implementation."""
+"""How routers and engine replicas reach the adapter registry: a protocol of its operations, and its Ray Serve handle
+implementation. Both sides call the registry through it, never through an untyped handle."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from serve.wire import AdapterRecord, Changes, Composition, ReplicaReport, Snaps
 
 
 class RegistryClient(Protocol):
-    """The registry operations the router uses."""
+    """The registry operations routers (reads, writes) and engine replicas (`report`, `warm_plan`) use."""
 
     async def generation(self) -> int: ...
     async def snapshot(self) -> Snapshot: ...
@@ -29,6 +30,13 @@ class RegistryClient(Protocol):
     async def promote(self, name: str) -> AdapterRecord | WireError: ...
     async def rollback(self, name: str) -> AdapterRecord | WireError: ...
     async def replica_reports(self) -> list[ReplicaReport]: ...
+    async def report(self, report: ReplicaReport) -> int:
+        """An engine replica's report; answers the registry's generation (`changes` tells what it brought)."""
+        ...
+
+    async def warm_plan(self, replica: str, limit: int) -> list[AdapterRecord]:
+        """What a joining engine `replica` should load before it is preferred for it, hottest first."""
+        ...
 
 
 class ServeRegistryClient:
@@ -95,3 +103,10 @@ class ServeRegistryClient:
     async def replica_reports(self) -> list[ReplicaReport]:
         reports: list[ReplicaReport] = await self._handle.replica_reports.remote()
         return reports
+
+    async def report(self, report: ReplicaReport) -> int:
+        return int(await self._handle.report.remote(report))
+
+    async def warm_plan(self, replica: str, limit: int) -> list[AdapterRecord]:
+        plan: list[AdapterRecord] = await self._handle.warm_plan.remote(replica, limit)
+        return plan
