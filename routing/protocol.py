@@ -259,7 +259,7 @@ class RoutedRequest:
 
     @property
     def user(self) -> str | None:
-        """The client's `user`: which version of an adapter in a rollout it gets (`routing.rollout`)."""
+        """The client's `user`: which version of an adapter in a rollout it gets (`routing.rollout_choice`)."""
         user = self.body.get("user")
         return user if isinstance(user, str) else None
 

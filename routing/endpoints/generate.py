@@ -50,7 +50,7 @@ from routing.protocol import (
     TokenizeBody,
     parse_body,
 )
-from routing.rollout import choose_version
+from routing.rollout_choice import choose_version
 from routing.tracing import describe_request, record_usage
 from serve.wire import GENERATING, INLINE_COMPOSITE_LABEL, AdapterRecord, Composition, Usage, WireError
 from serve.wire.channel import ReplicaFailed
@@ -184,7 +184,7 @@ async def _named_target(
 def _rollout_version(
     context: RouterContext, adapter: AdapterRecord, user: str | None, timer: RequestTimer
 ) -> ModelTarget:
-    """The version of `adapter`, in a rollout, that serves this request (`routing.rollout`)."""
+    """The version of `adapter`, in a rollout, that serves this request (`routing.rollout_choice`)."""
     chosen = choose_version(adapter, user)
     timer.version = str(chosen.version)
     return ModelTarget(id=context.catalog.adapter_id(chosen.name), adapter=chosen)

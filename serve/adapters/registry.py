@@ -15,15 +15,15 @@ import shutil
 import tempfile
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from serve.adapters.builds import BuildBudget, BuildLimits
-from serve.adapters.compose import Composer, CompositeStore
-from serve.adapters.composites import Composites
+from serve.adapters.builds import BuildLimits
+from serve.adapters.composite_adapters import CompositeAdapters
+from serve.adapters.peft_compose import Composer, CompositeStore
 from serve.adapters.resolver import make_resolver, s3_connection
-from serve.adapters.rollouts import Rollouts
+from serve.adapters.rollout_writes import RolloutWrites
 from serve.adapters.sources import UNREACHABLE, SourceResolver, SourceUnreachable
 from serve.adapters.store import (
     BaseIdentity,
@@ -84,8 +84,9 @@ def fresh_generation() -> int:
     return ((time.time_ns() // 1_000_000) << 20) + secrets.randbelow(1 << 16)
 
 
-class AdapterRegistry(Composites, Rollouts):
-    """Validates and records adapters in its store; serves snapshots to routers and replicas."""
+class AdapterRegistry:
+    """Validates and records adapters in its store; serves snapshots to routers and replicas. Composites and rollouts
+    are its collaborators' (`CompositeAdapters`, `RolloutWrites`), which write through its `RecordWriter`."""
 
     def __init__(
         self,
@@ -108,14 +109,6 @@ class AdapterRegistry(Composites, Rollouts):
         """The tool-call parsers the engines load, that an adapter may name (`EngineConfig.tool_parsers`)."""
         self._max_pinned = max_pinned
         """Engine entries pinned adapters may take (`engine.max_pinned_loras`); None: no bound."""
-        self._composites = composites
-        self._composer = composer or Composer(base_model)
-        self._build_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-compose")
-        self._budget = BuildBudget(build_limits or BuildLimits())
-        self.builds = 0
-        """Composites PEFT built in this process (the others were found in the composite store)."""
-        self._inline: dict[str, AdapterRecord] = {}
-        self._building: dict[str, asyncio.Future[tuple[AdapterRecord, bool] | WireError]] = {}
         self._resolver = resolver
         self._max_rank = max_rank
         self._max_bytes = max_bytes
@@ -124,16 +117,21 @@ class AdapterRegistry(Composites, Rollouts):
         self._base = BaseIdentity.of(base_id or base_model.name, base_model)
         state = store.load()
         self._records: dict[str, AdapterRecord] = state.records
-        self._users: dict[str, set[str]] = {}
-        """The registered composites each adapter is a component of."""
+        self._lock = asyncio.Lock()
+        writer = _Writer(self)
+        self._composites = CompositeAdapters(
+            writer, resolver=resolver, max_rank=max_rank, max_bytes=max_bytes, base_shapes=self._base_shapes,
+            base_model=base_model, store=composites, composer=composer or Composer(base_model),
+            limits=build_limits or BuildLimits(),
+        )  # fmt: skip
+        self._rollouts = RolloutWrites(writer, self._composites.rebuild_users_of)
         for record in self._records.values():
-            self._index_components(None, record)
+            self._composites.index(None, record)
         self._generation = fresh_generation()
         self._log: list[str] = []
         """The name each write since `_log_floor` changed, in order: entry i made generation `_log_floor + 1 + i`."""
         self._log_floor = self._generation
         """The oldest generation `changes` answers from the log; older ones (another run's too) get every record."""
-        self._lock = asyncio.Lock()
         self._resyncing: asyncio.Task[None] | None = None
         self._reports: dict[str, tuple[float, ReplicaReport]] = {}
         self._heat: deque[tuple[float, dict[str, int]]] = deque()
@@ -147,6 +145,33 @@ class AdapterRegistry(Composites, Rollouts):
             outcome = self._validate_and_record(name, source, pinned, parser)
             if isinstance(outcome, WireError):
                 raise AdapterInvalid(f"adapter {name!r}: {outcome.message}")
+
+    @property
+    def builds(self) -> int:
+        """Composites PEFT built in this process (the others were found in the composite store)."""
+        return self._composites.builds
+
+    async def compose(
+        self, name: str, composition: Composition, pinned: bool = False, tool_call_parser: str | None = None
+    ) -> AdapterRecord | WireError:
+        """Registers `name` as a composite, or a new version of it (`CompositeAdapters.compose`)."""
+        return await self._composites.compose(name, composition, pinned, tool_call_parser)
+
+    async def materialize(self, composition: Composition, owner: str) -> tuple[AdapterRecord, bool] | WireError:
+        """The inline composite a request of key `owner` asked for (`CompositeAdapters.materialize`)."""
+        return await self._composites.materialize(composition, owner)
+
+    async def rollout(self, name: str, source: str, percent: float) -> AdapterRecord | WireError:
+        return await self._rollouts.rollout(name, source, percent)
+
+    async def split(self, name: str, percent: float) -> AdapterRecord | WireError:
+        return await self._rollouts.split(name, percent)
+
+    async def promote(self, name: str) -> AdapterRecord | WireError:
+        return await self._rollouts.promote(name)
+
+    async def rollback(self, name: str) -> AdapterRecord | WireError:
+        return await self._rollouts.rollback(name)
 
     async def snapshot(self) -> Snapshot:
         return Snapshot(generation=self._generation, records=dict(self._records))
@@ -253,7 +278,7 @@ class AdapterRegistry(Composites, Rollouts):
                                       "roll it back first", "name")  # fmt: skip
             outcome = await self._record(self._next(name, source, pinned, meta, tool_call_parser=tool_call_parser))
         if isinstance(outcome, AdapterRecord) and (previous is None or previous.content_hash != outcome.content_hash):
-            await self._rebuild_composites_of(name)
+            await self._composites.rebuild_users_of(name)
         return outcome
 
     async def unregister(self, name: str) -> AdapterRecord | WireError:
@@ -261,7 +286,7 @@ class AdapterRegistry(Composites, Rollouts):
             record = self._records.get(name)
             if record is None:
                 return WireError(404, f"adapter {name!r} is not registered", "name")
-            if users := self._composites_of(name):
+            if users := self._composites.users_of(name):
                 message = f"adapter {name!r} is a component of {', '.join(users)}: delete or recompose those first"
                 return WireError(409, message, "name")
             return await self._write(name, record, None) or record
@@ -382,7 +407,7 @@ class AdapterRegistry(Composites, Rollouts):
         if stored.failure is not None:
             logger.error("could not save adapter %r in %s: %s", name, self._store, stored.failure)
             return WireError(500, f"the registry could not save its state ({stored.failure}); nothing changed")
-        self._index_components(previous, record)
+        self._composites.index(previous, record)
         if record is None:
             self._records.pop(name, None)
         else:
@@ -421,7 +446,7 @@ class AdapterRegistry(Composites, Rollouts):
 
     def _replace(self, name: str, current: AdapterRecord | None) -> None:
         """Takes `current` (None: none) as `name`'s record: what the store holds, re-read after a conflict."""
-        self._index_components(self._records.pop(name, None), current)
+        self._composites.index(self._records.pop(name, None), current)
         if current is not None:
             self._records[current.name] = current
         self._changed(name)
@@ -456,6 +481,44 @@ class AdapterRegistry(Composites, Rollouts):
                          unchecked, self._base.model_id)  # fmt: skip
         # A digest no base has: whichever base starts next checks every record again.
         self._store.set_base(replace(self._base, digest="unchecked") if unchecked else self._base)
+
+
+class _Writer:
+    """The registry's `RecordWriter`: what its collaborators may use of it, kept off its Ray-callable methods."""
+
+    def __init__(self, registry: AdapterRegistry) -> None:
+        self._registry = registry
+
+    @property
+    def records(self) -> Mapping[str, AdapterRecord]:
+        return self._registry._records
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        return self._registry._lock
+
+    def fetch_and_check(self, name: str, source: str) -> tuple[str, AdapterMetadata] | WireError:
+        return self._registry._fetch_and_check(name, source)
+
+    def unknown_parser(self, tool_call_parser: str | None) -> WireError | None:
+        return self._registry._unknown_parser(tool_call_parser)
+
+    def next_version(
+        self,
+        name: str,
+        source: str,
+        pinned: bool,
+        meta: AdapterMetadata,
+        composition: Composition | None = None,
+        tool_call_parser: str | None = None,
+    ) -> AdapterRecord:
+        return self._registry._next(name, source, pinned, meta, composition, tool_call_parser)
+
+    async def record(self, record: AdapterRecord) -> AdapterRecord | WireError:
+        return await self._registry._record(record)
+
+    async def write(self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None) -> WireError | None:
+        return await self._registry._write(name, previous, record)
 
 
 def _pinned_entries(record: AdapterRecord | None) -> int:

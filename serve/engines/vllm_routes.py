@@ -75,7 +75,7 @@ def with_tool_parser(state: Any, parser: str, args: Any) -> Any:
     adapters registered with that parser: its chat, Responses and Messages serving objects and the renderer they share,
     copied with that parser (`ParserManager.get_parser`, which vLLM checks against the tokenizer); the rest, the engine
     and the adapters' ids are shared. vLLM builds one parser per server; an adapter fine-tuned on another chat format
-    needs its own (issue 18)."""
+    needs its own."""
     from starlette.datastructures import State
     from vllm.parser.parser_manager import ParserManager
 

@@ -281,8 +281,8 @@ def versioned_name(name: str, version: int) -> str:
 
 def user_point(name: str, version: int, user: str) -> float:
     """Where `user` falls on [0, 100) for the rollout of `version` of adapter `name`: a request naming `user` gets
-    that version while the point is under the rollout's percentage (`routing.rollout`), and `loraplex verify` picks
-    a `user` so to get the version it checks."""
+    that version while the point is under the rollout's percentage (`routing.rollout_choice`), and `loraplex verify`
+    picks a `user` so to get the version it checks."""
     digest = hashlib.sha256(f"{name}\0{version}\0{user}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 * 100
 

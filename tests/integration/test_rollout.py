@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from routing.rollout import user_point
+from routing.rollout_choice import user_point
 from serve.demo.reference import Greedy, Reference, assert_close, served_greedy
 from tests.integration.conftest import Stack, restart_the_registry_and_check_its_records
 from tests.integration.test_adapters import MAX_TOKENS, PROMPT, new_adapter, register

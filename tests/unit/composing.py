@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from serve.adapters.compose import CompositeStore
+from serve.adapters.peft_compose import CompositeStore
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.store import SqliteStore

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from routing.app import create_app
 from routing.catalog import ModelCatalog
-from serve.adapters.compose import CompositeStore
+from serve.adapters.peft_compose import CompositeStore
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.store import S3Store

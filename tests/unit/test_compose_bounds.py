@@ -19,7 +19,7 @@ import pytest
 from routing.app import create_app
 from routing.catalog import ModelCatalog
 from serve.adapters.builds import BuildBudget, BuildLimits
-from serve.adapters.compose import Composer
+from serve.adapters.peft_compose import Composer
 from serve.adapters.registry import AdapterRegistry
 from serve.config import AuthConfig, RouterConfig
 from serve.wire import AdapterRecord, Composition, WireError, composition_key

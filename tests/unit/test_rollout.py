@@ -16,7 +16,7 @@ import pytest
 
 from routing.app import create_app
 from routing.catalog import ModelCatalog
-from routing.rollout import choose_version, user_point
+from routing.rollout_choice import choose_version, user_point
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, SourceResolver
 from serve.adapters.store import SqliteStore

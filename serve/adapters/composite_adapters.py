@@ -1,7 +1,8 @@
-"""The registry's side of composite adapters (issue 17, item 1): composites registered by name, which follow their
-components' versions, and composites asked for inline by one request, built once however many ask at once.
+"""The registry's composite adapters: composites registered by name, which follow their components' versions, and
+composites asked for inline by one request, built once however many ask at once.
 
-PEFT builds them (`serve.adapters.compose`); this decides what to build from which versions, and records it.
+PEFT builds them and the composite store keeps the files (`serve.adapters.peft_compose`); this decides what to build
+from which versions, bounds the builds, and records the result through the registry's writer.
 """
 
 from __future__ import annotations
@@ -14,20 +15,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from serve.adapters.builds import BuildBudget
-from serve.adapters.compose import Composer, CompositeStore, check_arguments, composite_rank
+from serve.adapters.builds import BuildBudget, BuildLimits
+from serve.adapters.peft_compose import Composer, CompositeStore, check_arguments, composite_rank
 from serve.adapters.sources import UNREACHABLE, SourceResolver, SourceUnreachable
 from serve.adapters.validation import AdapterInvalid, AdapterMetadata, content_hash, validate_adapter
-from serve.config import ADAPTER_NAME_PATTERN, is_adapter_name
+from serve.adapters.writer import RecordWriter
 from serve.wire import (
+    ADAPTER_NAME_PATTERN,
     INLINE_COMPOSITE_PREFIX,
     AdapterRecord,
     Composition,
     WireError,
     canonical,
     composition_key,
+    is_adapter_name,
 )
 
 logger = logging.getLogger("loraplex.registry")
@@ -35,44 +37,40 @@ INLINE_KEPT = 4096
 """Inline composites the registry remembers (their files stay in the composite store; one forgotten is re-read)."""
 
 
-class Composites:
-    """Composite writes of `serve.adapters.registry.AdapterRegistry`, which provides the state declared here."""
+class CompositeAdapters:
+    """Builds and records composites for the registry, through its `writer`; knows which composites use which
+    adapter (`users_of`), so a component's new version rebuilds them."""
 
-    _records: dict[str, AdapterRecord]
-    _lock: asyncio.Lock
-    _resolver: SourceResolver
-    _max_rank: int
-    _max_bytes: int
-    _base_shapes: dict[str, list[int]]
-    _base_model: Path
-    _composites: CompositeStore | None
-    _composer: Composer
-    _build_pool: ThreadPoolExecutor
-    """One thread: PEFT builds one composite at a time (`Composer`), here rather than in the default pool."""
-    _budget: BuildBudget
-    builds: int
-    """Composites PEFT built in this process (the others were found in the composite store)."""
-    _inline: dict[str, AdapterRecord]
-    _building: dict[str, asyncio.Future[tuple[AdapterRecord, bool] | WireError]]
-    _users: dict[str, set[str]]
-    """The registered composites each adapter is a component of."""
-
-    if TYPE_CHECKING:
-
-        async def _record(self, record: AdapterRecord) -> AdapterRecord | WireError: ...
-        def _next(
-            self,
-            name: str,
-            source: str,
-            pinned: bool,
-            meta: AdapterMetadata,
-            composition: Composition | None = None,
-            tool_call_parser: str | None = None,
-        ) -> AdapterRecord: ...
-        def _unknown_parser(self, tool_call_parser: str | None) -> WireError | None: ...
-        async def _write(
-            self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None
-        ) -> WireError | None: ...
+    def __init__(
+        self,
+        writer: RecordWriter,
+        *,
+        resolver: SourceResolver,
+        max_rank: int,
+        max_bytes: int,
+        base_shapes: dict[str, list[int]],
+        base_model: Path,
+        store: CompositeStore | None,
+        composer: Composer,
+        limits: BuildLimits,
+    ) -> None:
+        self._writer = writer
+        self._resolver = resolver
+        self._max_rank = max_rank
+        self._max_bytes = max_bytes
+        self._base_shapes = base_shapes
+        self._base_model = base_model
+        self._store = store
+        self._composer = composer
+        self._build_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-compose")
+        """One thread: PEFT builds one composite at a time (`Composer`), here rather than in the default pool."""
+        self._budget = BuildBudget(limits)
+        self.builds = 0
+        """Composites PEFT built in this process (the others were found in the composite store)."""
+        self._inline: dict[str, AdapterRecord] = {}
+        self._building: dict[str, asyncio.Future[tuple[AdapterRecord, bool] | WireError]] = {}
+        self._users: dict[str, set[str]] = {}
+        """The registered composites each adapter is a component of."""
 
     async def compose(
         self, name: str, composition: Composition, pinned: bool = False, tool_call_parser: str | None = None
@@ -82,21 +80,23 @@ class Composites:
         version of one rebuilds it (`register`)."""
         if not is_adapter_name(name):
             return WireError(400, f"adapter name must match {ADAPTER_NAME_PATTERN}", "name")
-        if (refused := self._unknown_parser(tool_call_parser)) is not None:
+        if (refused := self._writer.unknown_parser(tool_call_parser)) is not None:
             return refused
         if name in composition.adapters:
             return WireError(400, "a composite cannot be one of its own components", "compose.adapters")
-        if users := self._composites_of(name):
+        if users := self.users_of(name):
             return WireError(409, f"adapter {name!r} is a component of {', '.join(users)}; it cannot be a composite")
-        if (current := self._records.get(name)) is not None and current.canary is not None:
+        if (current := self._writer.records.get(name)) is not None and current.canary is not None:
             return WireError(409, f"v{current.canary.version} of {name!r} is being rolled out: promote it or roll it "
                                   "back first", "name")  # fmt: skip
         built = await self._build(composition)
         if isinstance(built, WireError):
             return built
         source, meta, resolved, _ = built
-        async with self._lock:
-            return await self._record(self._next(name, source, pinned, meta, resolved, tool_call_parser))
+        async with self._writer.lock:
+            return await self._writer.record(
+                self._writer.next_version(name, source, pinned, meta, resolved, tool_call_parser)
+            )
 
     async def materialize(self, composition: Composition, owner: str) -> tuple[AdapterRecord, bool] | WireError:
         """The composite a request of key `owner` asked for inline (not registered), and whether this call built it
@@ -146,11 +146,12 @@ class Composites:
             del self._building[key]
             self._budget.give_back(owner)
 
-    def _composites_of(self, name: str) -> list[str]:
+    def users_of(self, name: str) -> list[str]:
         """The registered composites that have `name` as a component."""
         return sorted(self._users.get(name, ()))
 
-    def _index_components(self, previous: AdapterRecord | None, record: AdapterRecord | None) -> None:
+    def index(self, previous: AdapterRecord | None, record: AdapterRecord | None) -> None:
+        """Follows a write that replaced `previous` by `record` (either None): which composites use which adapter."""
         for old, new in ((previous, False), (record, True)):
             if old is None or old.composition is None:
                 continue
@@ -168,7 +169,7 @@ class Composites:
         check_arguments(composition)
         hashes = []
         for i, component in enumerate(composition.adapters):
-            record = self._records.get(component)
+            record = self._writer.records.get(component)
             if record is None:
                 raise AdapterInvalid(f"component {component!r} is not registered", f"compose.adapters.{i}.name")
             if record.unusable:
@@ -178,22 +179,22 @@ class Composites:
                 raise AdapterInvalid(f"component {component!r} is itself a composite; compose plain adapters",
                                      f"compose.adapters.{i}.name")  # fmt: skip
             hashes.append(record.content_hash)
-        ranks = {c: self._records[c].rank for c in composition.adapters}
+        ranks = {c: self._writer.records[c].rank for c in composition.adapters}
         composite_rank(composition.method, ranks, self._max_rank)
         return replace(composition, built_from=tuple(hashes))
 
     async def _build(self, composition: Composition) -> tuple[str, AdapterMetadata, Composition, bool] | WireError:
         """(source, metadata, the composition with its components' versions, whether PEFT ran) of a composite."""
-        if self._composites is None:
+        if self._store is None:
             return WireError(400, "this registry has no composite store configured", "compose")
         try:
             resolved = self._resolve(composition)
         except AdapterInvalid as exc:
             return WireError(400, str(exc), exc.param)
-        sources = [self._records[c].source for c in resolved.adapters]
+        sources = [self._writer.records[c].source for c in resolved.adapters]
         loop = asyncio.get_running_loop()
         try:  # in the build pool: registrations' downloads (the default pool) never queue behind builds
-            return await loop.run_in_executor(self._build_pool, self._build_files, self._composites, resolved, sources)
+            return await loop.run_in_executor(self._build_pool, self._build_files, self._store, resolved, sources)
         except SourceUnreachable as exc:
             return WireError(400, f"a component could not be read: {exc}", "compose.adapters", code=UNREACHABLE)
         except AdapterInvalid as exc:
@@ -227,19 +228,19 @@ class Composites:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    async def _rebuild_composites_of(self, name: str) -> None:
+    async def rebuild_users_of(self, name: str) -> None:
         """Builds again the composites that have `name` as a component, after it changed; one that cannot be built
         is marked unusable with the reason (never served with a component version it was not made of)."""
-        for user in self._composites_of(name):
-            record = self._records[user]
+        for user in self.users_of(name):
+            record = self._writer.records[user]
             if record.composition is None:
                 continue
             outcome = await self.compose(user, replace(record.composition, built_from=()), record.pinned,
                                          record.tool_call_parser)  # fmt: skip
             if isinstance(outcome, WireError):
                 logger.error("composite %r could not be rebuilt after %r changed: %s", user, name, outcome.message)
-                async with self._lock:
-                    current = self._records.get(user)
+                async with self._writer.lock:
+                    current = self._writer.records.get(user)
                     if current is not None:
                         reason = f"could not be rebuilt after its component {name!r} changed: {outcome.message}"
-                        await self._write(user, current, replace(current, unusable=reason))
+                        await self._writer.write(user, current, replace(current, unusable=reason))

@@ -1,47 +1,39 @@
-"""The registry's side of rolling out a new version of an adapter beside its current one (issue 17, item 3).
+"""The registry's writes for rolling out a new version of an adapter beside its current one.
 
 The record of an adapter being rolled out carries the new version as its `canary` and the share of requests it
-gets; routers choose per request (`routing.rollout`). Every change is one store write, so the split survives a
-restart of the registry.
+gets; routers choose per request (`routing.rollout_choice`). Every change is one store write, so the split survives
+a restart of the registry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
+from serve.adapters.writer import RecordWriter
 from serve.wire import AdapterRecord, WireError
 
-if TYPE_CHECKING:
-    from serve.adapters.validation import AdapterMetadata
 
+class RolloutWrites:
+    """Starts, splits, promotes and rolls back rollouts through the registry's `writer`; `rebuild` remakes the
+    composites of an adapter whose version changed (`CompositeAdapters.rebuild_users_of`)."""
 
-class Rollouts:
-    """Rollout writes of `serve.adapters.registry.AdapterRegistry`, which provides the state declared here."""
-
-    _records: dict[str, AdapterRecord]
-    _lock: asyncio.Lock
-
-    if TYPE_CHECKING:
-
-        def _fetch_and_check(self, name: str, source: str) -> tuple[str, AdapterMetadata] | WireError: ...
-        async def _write(
-            self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None
-        ) -> WireError | None: ...
-        async def _rebuild_composites_of(self, name: str) -> None: ...
+    def __init__(self, writer: RecordWriter, rebuild: Callable[[str], Awaitable[None]]) -> None:
+        self._writer = writer
+        self._rebuild = rebuild
 
     async def rollout(self, name: str, source: str, percent: float) -> AdapterRecord | WireError:
         """Starts rolling out `source` as the next version of `name`, to `percent` of its requests; the current
         version keeps the rest until `promote` or `rollback`."""
         if isinstance(refused := self._settled(name), WireError):
             return refused
-        fetched = await asyncio.to_thread(self._fetch_and_check, name, source)
+        fetched = await asyncio.to_thread(self._writer.fetch_and_check, name, source)
         if isinstance(fetched, WireError):
             return fetched
         source, checked = fetched  # the source pinned: an hf:// branch is recorded as its commit
-        async with self._lock:
+        async with self._writer.lock:
             current = self._settled(name)
             if isinstance(current, WireError):
                 return current
@@ -54,36 +46,36 @@ class Rollouts:
                 warnings=checked.warnings, tool_call_parser=current.tool_call_parser, options=checked.options,
             )  # fmt: skip
             record = replace(current, canary=canary, canary_percent=percent)
-            return await self._write(name, current, record) or record
+            return await self._writer.write(name, current, record) or record
 
     async def split(self, name: str, percent: float) -> AdapterRecord | WireError:
         """Sends `percent` of `name`'s requests to the version being rolled out."""
-        async with self._lock:
+        async with self._writer.lock:
             if isinstance(rolling := self._rolling(name), WireError):
                 return rolling
             current, _ = rolling
             record = replace(current, canary_percent=percent)
-            return await self._write(name, current, record) or record
+            return await self._writer.write(name, current, record) or record
 
     async def promote(self, name: str) -> AdapterRecord | WireError:
         """Makes the version being rolled out `name`'s only version."""
-        async with self._lock:
+        async with self._writer.lock:
             if isinstance(rolling := self._rolling(name), WireError):
                 return rolling
             current, canary = rolling
-            if (failure := await self._write(name, current, canary)) is not None:
+            if (failure := await self._writer.write(name, current, canary)) is not None:
                 return failure
-        await self._rebuild_composites_of(name)
+        await self._rebuild(name)
         return canary
 
     async def rollback(self, name: str) -> AdapterRecord | WireError:
         """Drops the version being rolled out; `name`'s current version takes every request again."""
-        async with self._lock:
+        async with self._writer.lock:
             if isinstance(rolling := self._rolling(name), WireError):
                 return rolling
             current, _ = rolling
             record = replace(current, canary=None, canary_percent=0.0)
-            return await self._write(name, current, record) or record
+            return await self._writer.write(name, current, record) or record
 
     def _settled(self, name: str) -> AdapterRecord | WireError:
         """`name`'s record, which no rollout is under way for; or why a rollout cannot start."""
@@ -103,7 +95,7 @@ class Rollouts:
         return current, current.canary
 
     def _rollable(self, name: str) -> AdapterRecord | WireError:
-        current = self._records.get(name)
+        current = self._writer.records.get(name)
         if current is None:
             return WireError(404, f"adapter {name!r} is not registered", "name")
         if current.composition is not None:

@@ -1,4 +1,4 @@
-"""Which version of an adapter a request gets while a new one is rolled out beside it (issue 17, item 3).
+"""Which version of an adapter a request gets while a new one is rolled out beside it.
 
 A request that names a `user` gets the same version every time (sticky: the user's point on [0, 100) is a hash
 of the adapter, the new version and the user, so raising the percentage only moves users onto the new version);
