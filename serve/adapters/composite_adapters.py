@@ -20,7 +20,7 @@ from serve.adapters.builds import BuildBudget, BuildLimits
 from serve.adapters.peft_compose import Composer, CompositeStore, check_arguments, composite_rank
 from serve.adapters.sources import UNREACHABLE, SourceResolver, SourceUnreachable
 from serve.adapters.validation import AdapterInvalid, AdapterMetadata, content_hash, validate_adapter
-from serve.adapters.writer import RecordWriter
+from serve.adapters.writer import RecordWriter, next_record
 from serve.wire import (
     ADAPTER_NAME_PATTERN,
     INLINE_COMPOSITE_PREFIX,
@@ -95,7 +95,7 @@ class CompositeAdapters:
         source, meta, resolved, _ = built
         async with self._writer.lock:
             return await self._writer.record(
-                self._writer.next_version(name, source, pinned, meta, resolved, tool_call_parser)
+                next_record(self._writer.records.get(name), name, source, pinned, meta, resolved, tool_call_parser)
             )
 
     async def materialize(self, composition: Composition, owner: str) -> tuple[AdapterRecord, bool] | WireError:

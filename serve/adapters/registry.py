@@ -38,6 +38,7 @@ from serve.adapters.validation import (
     base_linear_shapes,
     validate_adapter,
 )
+from serve.adapters.writer import next_record
 from serve.config import ADAPTER_NAME_PATTERN, AppConfig, is_adapter_name
 from serve.processes import die_with_parent_if_asked
 from serve.wire import (
@@ -276,7 +277,9 @@ class AdapterRegistry:
             if previous is not None and previous.canary is not None:
                 return WireError(409, f"v{previous.canary.version} of {name!r} is being rolled out: promote it or "
                                       "roll it back first", "name")  # fmt: skip
-            outcome = await self._record(self._next(name, source, pinned, meta, tool_call_parser=tool_call_parser))
+            outcome = await self._record(
+                next_record(previous, name, source, pinned, meta, tool_call_parser=tool_call_parser)
+            )
         if isinstance(outcome, AdapterRecord) and (previous is None or previous.content_hash != outcome.content_hash):
             await self._composites.rebuild_users_of(name)
         return outcome
@@ -299,7 +302,7 @@ class AdapterRegistry:
         if isinstance(checked, WireError):
             return checked
         previous = self._records.get(name)
-        record = self._next(name, checked[0], pinned, checked[1], tool_call_parser=tool_call_parser)
+        record = next_record(previous, name, checked[0], pinned, checked[1], tool_call_parser=tool_call_parser)
         if record == previous:
             return record
         return self._write_at_start(name, previous, record) or record
@@ -331,35 +334,11 @@ class AdapterRegistry:
             shutil.rmtree(staging, ignore_errors=True)
 
     async def _record(self, record: AdapterRecord) -> AdapterRecord | WireError:
-        """Makes `record` (from `_next`) current unless it already is; under the registry's lock."""
+        """Makes `record` (from `next_record`) current unless it already is; under the registry's lock."""
         previous = self._records.get(record.name)
         if record == previous:
             return record
         return await self._write(record.name, previous, record) or record
-
-    def _next(
-        self,
-        name: str,
-        source: str,
-        pinned: bool,
-        meta: AdapterMetadata,
-        composition: Composition | None = None,
-        tool_call_parser: str | None = None,
-    ) -> AdapterRecord:
-        """The record `name` gets from these checked files: its current one updated, or a new version."""
-        previous = self._records.get(name)
-        if previous is not None and previous.content_hash == meta.content_hash and previous.source == source:
-            record = replace(previous, pinned=pinned, unusable=None, warnings=meta.warnings, composition=composition,
-                             tool_call_parser=tool_call_parser, options=meta.options)  # fmt: skip
-        else:
-            record = AdapterRecord(
-                name=name, source=source, version=(previous.version + 1) if previous else 1,
-                content_hash=meta.content_hash, rank=meta.rank, alpha=meta.alpha,
-                target_modules=meta.target_modules, size_bytes=meta.size_bytes, pinned=pinned,
-                created=int(time.time()), warnings=meta.warnings, composition=composition,
-                tool_call_parser=tool_call_parser, options=meta.options,
-            )  # fmt: skip
-        return record
 
     async def _write(self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None) -> WireError | None:
         """Stores `record` (None: deletes `name`), then makes it current: a write that fails changes nothing,
@@ -502,17 +481,6 @@ class _Writer:
 
     def unknown_parser(self, tool_call_parser: str | None) -> WireError | None:
         return self._registry._unknown_parser(tool_call_parser)
-
-    def next_version(
-        self,
-        name: str,
-        source: str,
-        pinned: bool,
-        meta: AdapterMetadata,
-        composition: Composition | None = None,
-        tool_call_parser: str | None = None,
-    ) -> AdapterRecord:
-        return self._registry._next(name, source, pinned, meta, composition, tool_call_parser)
 
     async def record(self, record: AdapterRecord) -> AdapterRecord | WireError:
         return await self._registry._record(record)

@@ -4,7 +4,9 @@ read-only view of its records, its write lock, and its checks and writes. Nothin
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Protocol
 
 from serve.adapters.validation import AdapterMetadata
@@ -28,22 +30,33 @@ class RecordWriter(Protocol):
         """400 when the server loads no tool-call parser of that name."""
         ...
 
-    def next_version(
-        self,
-        name: str,
-        source: str,
-        pinned: bool,
-        meta: AdapterMetadata,
-        composition: Composition | None = None,
-        tool_call_parser: str | None = None,
-    ) -> AdapterRecord:
-        """The record `name` gets from these checked files: its current one updated, or a new version."""
-        ...
-
     async def record(self, record: AdapterRecord) -> AdapterRecord | WireError:
-        """Makes `record` (from `next_version`) current unless it already is; under `lock`."""
+        """Makes `record` (from `next_record`) current unless it already is; under `lock`."""
         ...
 
     async def write(self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None) -> WireError | None:
         """Stores `record` (None: deletes `name`) and makes it current, or says why not; under `lock`."""
         ...
+
+
+def next_record(
+    previous: AdapterRecord | None,
+    name: str,
+    source: str,
+    pinned: bool,
+    meta: AdapterMetadata,
+    composition: Composition | None = None,
+    tool_call_parser: str | None = None,
+) -> AdapterRecord:
+    """The record `name` (now `previous`, or None) gets from these checked files: `previous` updated when the files
+    are the same, else a new version."""
+    if previous is not None and previous.content_hash == meta.content_hash and previous.source == source:
+        return replace(previous, pinned=pinned, unusable=None, warnings=meta.warnings, composition=composition,
+                       tool_call_parser=tool_call_parser, options=meta.options)  # fmt: skip
+    return AdapterRecord(
+        name=name, source=source, version=(previous.version + 1) if previous else 1,
+        content_hash=meta.content_hash, rank=meta.rank, alpha=meta.alpha,
+        target_modules=meta.target_modules, size_bytes=meta.size_bytes, pinned=pinned,
+        created=int(time.time()), warnings=meta.warnings, composition=composition,
+        tool_call_parser=tool_call_parser, options=meta.options,
+    )  # fmt: skip
