@@ -338,11 +338,17 @@ async def test_losing_an_engine_replica_under_load_loses_no_request_that_had_not
             for i in range(24)
         ]  # fmt: skip
 
+        seen: list[tuple[int, dict[str, float]]] = []
+
         async def both_busy() -> bool:
             values = await running(server)
+            seen.append((sum(event.is_set() for event in started), values))
             return all(event.is_set() for event in started) and all(values.get(r, 0) > 0 for r in before)
 
-        await eventually(both_busy, 60, "every stream started and both replicas busy")
+        try:
+            await eventually(both_busy, 60, "every stream started and both replicas busy")
+        except AssertionError as exc:  # failed once in a full run, never alone: say what was seen
+            raise AssertionError(f"{exc}; replicas {sorted(before)}; (streams started, reports): {seen[-4:]}") from None
         victim = replicas[0]
         core = engine_core_of(server, victim)
         os.kill(victim.pid, signal.SIGKILL)
