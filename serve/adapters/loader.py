@@ -114,8 +114,6 @@ class AdapterLoader:
         """Fetches `record` into the node's cache ahead of any request (`NodeCache.stage`), in a thread of its own,
         one adapter at a time. Not at a lower CPU priority: a thread the OS rarely runs while it holds the GIL
         stops the replica's event loop with it (measured: a replica answered nothing for a minute under load)."""
-        if record.unusable:
-            return "here"  # never served: nothing to fetch
         staged = await asyncio.get_running_loop().run_in_executor(_stager(), self.cache.stage, record, budget)
         if staged == "fetched":
             self.stats.staged += 1
