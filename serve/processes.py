@@ -8,6 +8,14 @@ parent 1, holding gigabytes. So the CLI makes itself a *child subreaper* (Linux 
 descendants are re-parented to it, not to init, and `sweep` ends every descendant that is still there when
 the CLI stops. Processes whose own parent died while the CLI was killed outright (SIGKILL of the group)
 end through `die_with_parent`, which the replicas and the engine processes call on themselves.
+
+A signal to the CLI's whole process group (systemd's `KillMode=control-group`, `kill -- -PGID`) must drain like a
+signal to the CLI alone, yet a SIGKILL to that group must still end everything. Process groups alone cannot do
+both, so a local `loraplex serve` runs as two processes (`supervise`): a small supervisor stays in the caller's
+group and forwards SIGINT, SIGTERM and SIGHUP to the server, which runs in a group of its own with Ray's daemons.
+A group SIGTERM then reaches the supervisor alone and the server drains; a group SIGKILL kills the supervisor, and
+the server, which follows it through a pipe (`follow_supervisor`), kills its own group at once: the same processes
+die as when everything was in one group, and what is below them dies with its parent as before.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ import ctypes
 import logging
 import os
 import signal
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +39,10 @@ KILL_ROUNDS_S = 10.0
 DIE_WITH_PARENT_ENV = "LORAPLEX_DIE_WITH_PARENT"
 """Set (to 1) in the deployments' environment, which their vLLM processes inherit: each asks to die with its
 parent (`die_with_parent_if_asked`). Not a default of the functions, so tests and libraries are not affected."""
+SUPERVISOR_FD_ENV = "LORAPLEX_SUPERVISOR_FD"
+"""Set by `supervise` in the server's environment: the descriptor of the pipe whose other end the supervisor holds."""
+FORWARDED = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
+"""The signals the supervisor passes on, and as what (a closed terminal stops the server like SIGTERM)."""
 
 
 def _prctl(option: int, value: int) -> bool:
@@ -155,3 +169,53 @@ def node_processes_alive(children: list[int]) -> Callable[[], bool]:
     """Whether the local Ray cluster's GCS and raylet (among `children`, started by this process) still run."""
     watched = [pid for pid in children if program(pid).endswith(("gcs_server", "raylet"))]
     return lambda: all(alive(pid) for pid in watched)
+
+
+def supervised() -> bool:
+    """Whether this process is a server that `supervise` started."""
+    return SUPERVISOR_FD_ENV in os.environ
+
+
+def supervise(command: list[str]) -> int:
+    """Runs `command` (this CLI again) in a process group of its own and waits for it, passing on the stop signals
+    this process gets (`FORWARDED`); returns its exit status (128 + N if signal N ended it, as a shell says).
+
+    The server keeps this process's session. It holds the read end of a pipe whose write end only this process
+    has: when this process dies, however, the server's `follow_supervisor` sees the pipe close.
+    """
+    read_end, write_end = os.pipe()
+    env = dict(os.environ, **{SUPERVISOR_FD_ENV: str(read_end)})
+    server = subprocess.Popen(command, env=env, pass_fds=(read_end,), process_group=0)
+    os.close(read_end)
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            server.send_signal(FORWARDED[signal.Signals(signum)])
+
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
+    try:
+        code = server.wait()  # retried after each signal handler (PEP 475)
+    finally:
+        os.close(write_end)
+    return code if code >= 0 else 128 - code
+
+
+def follow_supervisor() -> bool:
+    """In a server that `supervise` started: when the supervisor dies (a SIGKILL of the caller's group, which the
+    supervisor is in and the server is not), kill this process's group at once (this process, Ray's daemons), as
+    that SIGKILL would have without the supervisor. False when not supervised."""
+    descriptor = os.environ.pop(SUPERVISOR_FD_ENV, None)  # Ray's processes need not see it
+    if descriptor is None:
+        return False
+    fd = int(descriptor)
+    os.set_inheritable(fd, False)
+
+    def watch() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(fd, 64):  # nothing is ever written: b"" is the pipe closing
+                pass
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="loraplex-supervisor", daemon=True).start()
+    return True

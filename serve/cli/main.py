@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from routing.keys import OPEN_WARNING
+from serve import processes
 from serve.cli.manage import DEFAULT_ASSETS, adapters_app, keys_app, verify
 from serve.config import AppConfig, load_config
 
@@ -109,6 +111,10 @@ def serve_command(
     if (refusal := app_config.router.open_refusal(app_config.router.host)) is not None:
         typer.echo(f"loraplex: {refusal}", err=True)
         raise typer.Exit(2)
+    if not os.environ.get("RAY_ADDRESS") and not processes.supervised():
+        # A local server: this process stays a supervisor in the caller's process group, and the server runs with
+        # Ray's daemons in a group of its own, so a signal to the caller's group drains (`serve.processes`).
+        raise typer.Exit(processes.supervise([sys.executable, "-m", "serve.cli", *sys.argv[1:]]))
     run(app_config, infra_cpus)
 
 
@@ -151,15 +157,15 @@ CONTROL_LOOP_INTERVAL_S = "0.5"
 def run(config: AppConfig, infra_cpus: str = "auto") -> None:
     """Starts (or joins, with RAY_ADDRESS) a Ray cluster, deploys the app, blocks, then cleans up.
 
-    However it is stopped (SIGINT or SIGTERM to it or its whole process group, a second signal, a signal
-    while starting, Ray's processes dying under it), it ends everything it started on a local cluster:
+    However it is stopped (SIGINT or SIGTERM to it or, through its supervisor, to the caller's whole process group,
+    a second signal, a signal while starting, Ray's processes dying under it), it ends everything it started on a
+    local cluster:
     it is a child subreaper (`serve.processes`), so orphaned workers and engines are still its descendants
     and are swept at the end; a drain step that cannot reach Ray gives up at once.
     """
     import ray
     from ray import serve
 
-    from serve import processes
     from serve.app import build_application
 
     stop, hurry = threading.Event(), threading.Event()
@@ -176,6 +182,7 @@ def run(config: AppConfig, infra_cpus: str = "auto") -> None:
     local = not address
     ray_up: Callable[[], bool] = lambda: True  # noqa: E731  (a cluster we joined: its calls are bounded instead)
     if local:
+        processes.follow_supervisor()
         processes.become_subreaper()
     try:
         if address:

@@ -9,6 +9,7 @@ Ray's own processes can die under the CLI. (SIGTERM to the CLI alone is how ever
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from serve.demo.assets import prepare
@@ -37,7 +39,7 @@ STOPPED_WITHIN_S = GRACE_S + 60
 """The drain's grace, Serve's and Ray's shutdown, the sweep, on a loaded 2-core machine."""
 
 
-def start(work: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+def start(work: Path, grace_s: float = GRACE_S) -> tuple[subprocess.Popen[bytes], str, Path]:
     """`loraplex serve` with the demo model in a session of its own: (process, base URL, log)."""
     model, _ = prepare(ASSETS)
     config = work / "loraplex.yaml"
@@ -45,8 +47,8 @@ def start(work: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
         json.dumps(
             {
                 "engine": {"model": str(model), "max_model_len": 512},
-                "engine_deployment": {"graceful_shutdown_timeout_s": GRACE_S},
-                "router": {"graceful_shutdown_timeout_s": GRACE_S},
+                "engine_deployment": {"graceful_shutdown_timeout_s": grace_s},
+                "router": {"graceful_shutdown_timeout_s": grace_s},
                 "registry": {"state_file": str(work / "registry.json"), "cache_dir": str(work / "cache")},
             }
         )
@@ -80,27 +82,46 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
         time.sleep(0.5)
 
 
-def stopped_with_nothing_left(process: subprocess.Popen[bytes], log: Path) -> None:
+def stopped_with_nothing_left(process: subprocess.Popen[bytes], log: Path, within_s: float = STOPPED_WITHIN_S) -> None:
     try:
-        process.wait(timeout=STOPPED_WITHIN_S)
+        process.wait(timeout=within_s)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        pytest.fail(f"loraplex serve still running {STOPPED_WITHIN_S}s after the stop:\n{tail(log)}")
+        pytest.fail(f"loraplex serve still running {within_s}s after the stop:\n{tail(log)}")
     assert_nothing_left_behind(process.pid)
 
 
-def test_sigterm_to_the_whole_process_group_stops_everything(tmp_path: Path) -> None:
-    """What systemd does on stop: the GCS and raylet die at once, the CLI must not hang in its drain."""
-    process, url, log = start(tmp_path)
+DRAIN_GRACE_S = 60
+STREAMED_TOKENS = 60
+
+
+def test_sigterm_to_the_whole_process_group_drains_like_a_single_one(tmp_path: Path) -> None:
+    """What systemd does on stop (`KillMode=control-group`), and `kill -- -PGID`: the signal reaches the CLI's
+    supervisor alone (the server and Ray's daemons are in a group of their own), which passes it on, and the server
+    drains: a stream in flight ends whole, then everything stops."""
+    process, url, log = start(tmp_path, grace_s=DRAIN_GRACE_S)
     wait_until_ready(process, url, log)
     assert engine_processes(process.pid), "the engine's processes run before the stop"
-    os.killpg(process.pid, signal.SIGTERM)
-    stopped_with_nothing_left(process, log)
+    gcs = [pid for pid in session_processes(process.pid) if is_gcs(pid)]
+    assert gcs and all(os.getpgid(pid) != process.pid for pid in gcs), "Ray's GCS is outside the caller's group"
+    body = {"model": "SmolLM2-135M-Instruct", "prompt": "Tell me a story.", "max_tokens": STREAMED_TOKENS,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    events: list[str] = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+        lines = response.iter_lines()
+        events += [line for line in itertools.islice(lines, 4) if line.startswith("data: ")]
+        os.killpg(process.pid, signal.SIGTERM)
+        events += [line for line in lines if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]", events[-3:]
+    assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == STREAMED_TOKENS, "the stream was cut"
+    stopped_with_nothing_left(process, log, within_s=DRAIN_GRACE_S + 60)
+    assert "draining" in log.read_text()
 
 
 def test_sigkill_to_the_whole_process_group_leaves_no_engine(tmp_path: Path) -> None:
-    """A supervisor's last resort: the CLI cannot clean up, so every process below it must die with its parent."""
+    """A supervisor's last resort: the CLI cannot clean up, so every process below it must die with its parent
+    (the server and Ray's daemons, in a group of their own, kill that group when the CLI's supervisor dies)."""
     process, url, log = start(tmp_path)
     wait_until_ready(process, url, log)
     assert engine_processes(process.pid)
