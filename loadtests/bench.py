@@ -23,8 +23,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -48,6 +49,8 @@ class Setup:
     engine: EngineConfig
     adapters: list[AdapterConfig]
     work: Path
+    deployment: dict[str, Any] = field(default_factory=dict)
+    """loraplex's `engine_deployment` settings (replicas, routing); its defaults when empty."""
 
 
 def free_port() -> int:
@@ -114,6 +117,7 @@ def start_loraplex(setup: Setup) -> Iterator[str]:
     config = {
         "engine": setup.engine.model_dump(),
         "adapters": [a.model_dump() for a in setup.adapters],
+        "engine_deployment": setup.deployment,
         # Every start a node of its own: a cache left by the system measured before would spare this one its fetches.
         "registry": {"state_file": str(setup.work / "registry.json"), "cache_dir": str(setup.work / f"cache-{port}")},
     }

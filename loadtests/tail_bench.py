@@ -11,7 +11,9 @@ Workloads (streamed completions of 64 tokens, `ignore_eos`; loadtests/loadgen.py
   tells the slot waits from that cold start;
 - rare: 64 requests over 4 adapters, 32 streams, and one request a second for each of 30 adapters never used before.
 Systems: `vllm` (vLLM's OpenAI server: first come, first served within `max_loras`), `loraplex-fcfs` (loraplex
-with `slot_wait_s: null`, today's rule) and `loraplex` (the slot policy, serve/slots.py), all with the same engine
+with `slot_wait_s: null`, today's rule), `loraplex` (the slot policy, serve/slots.py) and, with `--replicas` above 1,
+`loraplex-slot-unaware` (the slot policy in each engine, but the request router choosing by affinity alone:
+`engine_deployment.affinity_slot_aware: false`; vLLM's server has no replicas of its own), all with the same engine
 settings and the same ops: vLLM's server loads loraplex's vLLM plugin too (its CPU LoRA ops and base-row fix; the
 slot policy is off there, as no `additional_config` asks for it). vLLM's own CPU LoRA ops are several times
 slower at rank bound 64 (docs/benchmarks/same-ops), which would compare ops, not scheduling.
@@ -38,6 +40,8 @@ from serve.demo.assets import DEFAULT_MODEL_NAME, bench_adapters, build_adapters
 from serve.wire import adapter_model_id
 
 SYSTEMS = ("vllm", "loraplex-fcfs", "loraplex")
+REPLICATED = ("loraplex-fcfs", "loraplex-slot-unaware", "loraplex")
+"""The systems of a run with `--replicas` above 1."""
 DISTINCT, ZIPF_ADAPTERS, RARE_ADAPTERS = 64, 512, 30
 Figures = dict[str, float | int | str]
 
@@ -89,8 +93,10 @@ def figures_of(report: Report, workload: Workload) -> Figures:
 def measure(system: str, setup: Setup, chosen: list[Workload]) -> dict[str, Figures]:
     """Starts `system`, runs every workload against it, stops it; a failure is recorded, not raised."""
     starter = STARTERS["loraplex" if system.startswith("loraplex") else system]
-    if system != "loraplex":  # first come, first served within max_loras
+    if system in ("vllm", "loraplex-fcfs"):  # first come, first served within max_loras
         setup = replace(setup, engine=setup.engine.model_copy(update={"slot_wait_s": None}))
+    if system == "loraplex-slot-unaware":
+        setup = replace(setup, deployment={**setup.deployment, "affinity_slot_aware": False})
     results: dict[str, Figures] = {}
     try:
         with starter(setup) as url:
@@ -109,13 +115,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--assets", type=Path, default=Path(".loraplex"))
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS + REPLICATED, help="[every one the run can have]")
+    parser.add_argument("--replicas", type=int, default=1, help="loraplex's engine replicas (above 1: no vllm)")
     parser.add_argument("--workloads", nargs="+", default=["base", "zipf64", "zipf64-warm", "zipf512", "rare"])
     parser.add_argument("--engine", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument(
         "--rounds", type=int, default=2, help="passes over all systems, the order reversed every other one; medians"
     )
     args = parser.parse_args(argv)
+    args.systems = args.systems or list(SYSTEMS if args.replicas == 1 else REPLICATED)
+    if args.replicas > 1 and "vllm" in args.systems:
+        parser.error("vLLM's server has no replicas of its own: --replicas above 1 runs loraplex's systems only")
     STOCK_VLLM.clear()  # the same ops in every system: see the module's docstring
 
     model_dir = build_default_model(args.assets / "models" / DEFAULT_MODEL_NAME)
@@ -131,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
 
     rounds: list[dict[str, dict[str, Figures]]] = []
     with tempfile.TemporaryDirectory(prefix="loraplex-tail-") as tmp:
-        setup = Setup(engine=engine, adapters=adapters, work=Path(tmp))
+        deployment = {"num_replicas": args.replicas} if args.replicas > 1 else {}
+        setup = Setup(engine=engine, adapters=adapters, work=Path(tmp), deployment=deployment)
         for number in range(args.rounds):  # the VM drifts: no system always runs first or last
             order = args.systems if number % 2 == 0 else list(reversed(args.systems))
             rounds.append({system: measure(system, setup, chosen) for system in order})

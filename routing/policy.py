@@ -50,6 +50,8 @@ class AffinityPolicy:
 
     epsilon: float = 0.25
     min_load: int = 0
+    slot_aware: bool = True
+    """Rank replicas within the bound by `ReplicaState.slot_rank` (False: affinity alone)."""
 
     def bound(self, replicas: Sequence[ReplicaState]) -> float:
         """The most requests any replica may hold once this one is placed."""
@@ -69,4 +71,7 @@ class AffinityPolicy:
         holders = sorted((r for r in under if adapter in r.adapters), key=lambda r: r.ongoing)
         others = [r for r in under if adapter not in r.adapters]
         over = sorted((r for r in order if r.ongoing + 1 > cap), key=lambda r: r.ongoing)
-        return sorted(holders + others, key=lambda r: r.slot_rank(adapter)) + over  # stable: affinity within
+        within = holders + others
+        if self.slot_aware:
+            within.sort(key=lambda r: r.slot_rank(adapter))  # stable: affinity within each rank
+        return within + over

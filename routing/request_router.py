@@ -59,10 +59,15 @@ class AdapterAffinityRouter(FIFOMixin, RequestRouter):
     """Adapter affinity under a (1 + epsilon) x mean load bound; base requests to the least loaded."""
 
     def initialize_state(
-        self, epsilon: float = 0.25, min_load: int = 0, tracing: dict[str, Any] | None = None, **_: Any
+        self,
+        epsilon: float = 0.25,
+        min_load: int = 0,
+        slot_aware: bool = True,
+        tracing: dict[str, Any] | None = None,
+        **_: Any,
     ) -> None:
         """`tracing`: the app's `TracingConfig` as a dict, given only when tracing is on."""
-        self._policy = AffinityPolicy(epsilon=epsilon, min_load=min_load)
+        self._policy = AffinityPolicy(epsilon=epsilon, min_load=min_load, slot_aware=slot_aware)
         self._recent: dict[tuple[str, str], float] = {}
         self._tracer = process_tracer(TracingConfig.model_validate(tracing), "router") if tracing else None
 

@@ -99,7 +99,11 @@ def request_router_config(scaling: EngineDeploymentConfig, tracing: TracingConfi
     config: dict[str, Any] = {"request_routing_stats_period_s": scaling.routing_stats_period_s}
     if scaling.request_router == "affinity":
         config["request_router_class"] = ROUTER_CLASS_PATH
-        config["request_router_kwargs"] = {"epsilon": scaling.affinity_epsilon, "min_load": scaling.affinity_min_load}
+        config["request_router_kwargs"] = {
+            "epsilon": scaling.affinity_epsilon,
+            "min_load": scaling.affinity_min_load,
+            "slot_aware": scaling.affinity_slot_aware,
+        }
         if tracing is not None and tracing.enabled:
             config["request_router_kwargs"]["tracing"] = tracing.model_dump()
     return config

@@ -24,7 +24,8 @@ ENGINE_FIELDS = (
     "tool_call_parsers",
 )  # fmt: skip
 DEPLOYMENT_FIELDS = (
-    "num_replicas", "request_router", "affinity_epsilon", "affinity_min_load", "routing_stats_period_s",
+    "num_replicas", "request_router", "affinity_epsilon", "affinity_min_load", "affinity_slot_aware",
+    "routing_stats_period_s",
     "warm_adapters", "num_cpus", "max_ongoing_requests", "max_queued_requests", "stream_batch_ms",
     "health_check_period_s", "graceful_shutdown_timeout_s",
 )  # fmt: skip

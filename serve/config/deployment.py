@@ -61,6 +61,12 @@ class EngineDeploymentConfig(_Strict):
         description="Load bound of adapter-affine routing: no replica gets more than (1 + epsilon) x the mean "
         "requests in flight; smaller spreads load more evenly, larger loads adapters less often.",
     )
+    affinity_slot_aware: bool = Field(
+        default=True,
+        description="Within the load bound, prefer a replica where the adapter already has one of the engine's LoRA "
+        "slots, then one with a free slot, over one whose slots other adapters hold (where the request would wait "
+        "for a slot). false: affinity alone (docs/slots.md, 'Across replicas').",
+    )
     affinity_min_load: int = Field(
         default=8,
         ge=0,

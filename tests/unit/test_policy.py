@@ -67,3 +67,10 @@ def test_slots_never_outweigh_the_load_bound_and_unknown_slots_keep_affinity() -
     assert POLICY.rank("sql", over)[-1].replica_id == "busy"  # bound = ceil(1.25 * 12 / 3) = 5
     unknown = [slotted(2, name="x"), slotted(2, "sql", name="holder")]
     assert POLICY.rank("sql", unknown)[0].replica_id == "holder"
+
+
+def test_slot_unaware_affinity_keeps_the_holder_whose_slots_are_taken() -> None:
+    """`engine_deployment.affinity_slot_aware: false` (what `make bench-tail --replicas 2` compares against)."""
+    state = [slotted(2, "sql", "a b c d", free=0, name="full-holder"), slotted(2, "", "a", free=3, name="free")]
+    unaware = AffinityPolicy(epsilon=0.25, slot_aware=False)
+    assert [r.replica_id for r in unaware.rank("sql", state)] == ["full-holder", "free"]
