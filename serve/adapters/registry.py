@@ -21,6 +21,7 @@ from pathlib import Path
 
 from serve.adapters.builds import BuildLimits
 from serve.adapters.composite_adapters import CompositeAdapters
+from serve.adapters.composite_collection import InlineCollection
 from serve.adapters.peft_compose import Composer, CompositeStore
 from serve.adapters.resolver import make_resolver, s3_connection
 from serve.adapters.rollout_writes import RolloutWrites
@@ -104,6 +105,7 @@ class AdapterRegistry:
         tool_parsers: tuple[str, ...] = (),
         build_limits: BuildLimits | None = None,
         composer: Composer | None = None,
+        inline_collection: InlineCollection | None = None,
     ) -> None:
         self._store = store
         self._tool_parsers = tool_parsers
@@ -123,7 +125,7 @@ class AdapterRegistry:
         self._composites = CompositeAdapters(
             writer, resolver=resolver, max_rank=max_rank, max_bytes=max_bytes, base_shapes=self._base_shapes,
             base_model=base_model, store=composites, composer=composer or Composer(base_model),
-            limits=build_limits or BuildLimits(),
+            limits=build_limits or BuildLimits(), collection=inline_collection,
         )  # fmt: skip
         self._rollouts = RolloutWrites(writer, self._composites.rebuild_users_of)
         for record in self._records.values():
@@ -161,6 +163,10 @@ class AdapterRegistry:
     async def materialize(self, composition: Composition, owner: str) -> tuple[AdapterRecord, bool] | WireError:
         """The inline composite a request of key `owner` asked for (`CompositeAdapters.materialize`)."""
         return await self._composites.materialize(composition, owner)
+
+    async def collect(self) -> list[str]:
+        """Deletes the inline composites no one used for a while (`CompositeAdapters.collect`); their keys."""
+        return await self._composites.collect()
 
     async def rollout(self, name: str, source: str, percent: float) -> AdapterRecord | WireError:
         return await self._rollouts.rollout(name, source, percent)
@@ -218,13 +224,16 @@ class AdapterRegistry:
 
     async def report(self, report: ReplicaReport) -> int:
         """An engine replica's periodic report; returns the generation so it knows whether to sync. The first one
-        starts the store's periodic re-read (`RESYNC_S`; the replicas' reports come every 2 s while any serves)."""
+        starts the store's periodic re-read (`RESYNC_S`; the replicas' reports come every 2 s while any serves) and
+        the collection of unused inline composites, which the reports' requests count as used."""
         if self._resyncing is None:
             self._resyncing = asyncio.create_task(self._resync_every(RESYNC_S))
+            self._composites.start_collecting()
         now = time.monotonic()
         self._reports[report.replica] = (now, report)
         if report.requests:
             self._heat.append((now, report.requests))
+            self._composites.used(report.requests)
         while self._heat and self._heat[0][0] < now - HOT_WINDOW_S:
             self._heat.popleft()
         return self._generation
@@ -528,4 +537,5 @@ class RegistryDeployment(AdapterRegistry):
                 pending_per_key=config.registry.max_pending_builds_per_key,
                 per_key_per_minute=config.registry.builds_per_key_per_minute,
             ),
+            inline_collection=InlineCollection(ttl) if (ttl := config.registry.inline_composite_ttl_s) else None,
         )
