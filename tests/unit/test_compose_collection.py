@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from routing.catalog import INLINE_IDLE_S, ModelCatalog
 from serve.adapters.composite_collection import InlineCollection
 from serve.adapters.peft_compose import CompositeStore
 from serve.adapters.registry import AdapterRegistry
@@ -174,6 +175,46 @@ async def test_the_store_lists_stamps_and_deletes_a_composite_whole(
     assert composites.stored()["a" * 64] >= listed["a" * 64] + 1
     composites.remove("a" * 64)
     assert set(composites.stored()) == {"b" * 64} and not composites.has("a" * 64) and composites.has("b" * 64)
+
+
+class Asking:
+    """The registry, counting the inline composites a router asks it for."""
+
+    def __init__(self, registry: AdapterRegistry) -> None:
+        self.registry = registry
+        self.asked = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.registry, name)
+
+    async def materialize(self, composition: Composition, owner: str) -> tuple[AdapterRecord, bool] | WireError:
+        self.asked += 1
+        return await self.registry.materialize(composition, owner)
+
+
+@pytest.mark.parametrize("composites", ["folder"], indirect=True)  # the router's part; the store's is above
+async def test_a_router_asks_again_for_an_inline_composite_it_left_idle_so_a_collected_one_is_built_again(
+    registry: AdapterRegistry, composites: CompositeStore, clock: Clock
+) -> None:
+    """A router keeps the inline composites it was given, and engines fetch one's files when they load it. One in use
+    is never collected (each request's replica reports it); one this router left idle for `INLINE_IDLE_S` may have
+    been, so the router asks the registry again rather than send engines a record whose files are gone."""
+    router_clock = Clock()
+    asking = Asking(registry)
+    catalog = ModelCatalog("tiny-base", asking, clock=router_clock)  # type: ignore[arg-type]
+    target, built = await catalog.composite(cat(0.5), "tenant")
+    assert built and target.adapter is not None and target.adapter.composition is not None
+    key = composition_key(target.adapter.composition)
+    for _ in range(4):  # in use: served from the router's memory, whatever its age
+        router_clock.now += INLINE_IDLE_S * 0.9
+        assert await catalog.composite(cat(0.5), "tenant") == (target, False)
+    assert asking.asked == 1
+    clock.now += 1.1 * TTL
+    assert await registry.collect() == [key] and not composites.has(key)
+    router_clock.now += INLINE_IDLE_S
+    again, built = await catalog.composite(cat(0.5), "tenant")
+    assert asking.asked == 2 and built and registry.builds == 2 and composites.has(key)
+    assert again.adapter is not None and again.adapter.source == target.adapter.source
 
 
 def test_what_a_pass_collects_and_what_it_stamps() -> None:
