@@ -202,11 +202,7 @@ class AdapterRegistry:
         its own routers and replicas then follow like any change. Under the write lock, so none of this registry's
         own writes is overtaken by an older listing. Returns how many records changed."""
         async with self._lock:
-            changed = await self._reread()
-        if changed:
-            logger.warning("the registry store held %d records this registry did not write: %s", len(changed),
-                           ", ".join(changed[:10]))  # fmt: skip
-        return len(changed)
+            return len(await self._reread())
 
     async def _reread(self) -> list[str]:
         """`resync`'s part under the lock (the caller holds it): the store loaded in a thread, and every record that
@@ -220,6 +216,9 @@ class AdapterRegistry:
                          if self._records.get(n) != state.records.get(n))  # fmt: skip
         for name in changed:
             self._replace(name, state.records.get(name))
+        if changed:
+            logger.warning("the registry store held %d records this registry did not write: %s", len(changed),
+                           ", ".join(changed[:10]))  # fmt: skip
         return changed
 
     async def report(self, report: ReplicaReport) -> int:
