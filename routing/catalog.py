@@ -30,6 +30,10 @@ REGISTRY_TIMEOUT_S = 5.0
 REFRESH_S = 1.0
 INLINE_KEPT = 1024
 """Inline composites a router remembers by what they are made of (a forgotten one is asked of the registry again)."""
+INLINE_IDLE_S = 60.0
+"""An inline composite this router has not used for this long is asked of the registry again. One in use is never
+collected (`registry.inline_composite_ttl_s`, at least 600 s: each request's replica reports it); an idle one may have
+been, and engines would find its files gone."""
 REPORTS_S = 1.0
 """Read routes share the engine replicas' reports for this long instead of asking the registry once each."""
 VISIBLE_KEPT = 64
@@ -49,16 +53,18 @@ class ModelTarget:
 class ModelCatalog:
     """Resolves `BASE`, `BASE:NAME` and bare `NAME`; follows the registry within `REFRESH_S` seconds."""
 
-    def __init__(self, base_id: str, registry: RegistryClient) -> None:
+    def __init__(self, base_id: str, registry: RegistryClient, clock: Callable[[], float] = time.monotonic) -> None:
         self.base_id = base_id
         self.registry = registry
+        self._clock = clock
         self._snapshot = Snapshot(generation=0, records={})
         self._ordered: tuple[int, list[str]] = (0, [])
         """(generation, the adapters' names in order): sorted once per generation, not per list request; names only,
         as the records are in the snapshot (a second list of them cost 8 bytes per adapter)."""
         self._checked = 0.0
         self._created = int(time.time())
-        self._composites: OrderedDict[str, AdapterRecord] = OrderedDict()
+        self._composites: OrderedDict[str, tuple[float, AdapterRecord]] = OrderedDict()
+        """Inline composites by key: when this router last used each, and its record."""
         self._reports: tuple[float, list[ReplicaReport]] | None = None
         self._reports_call: asyncio.Future[list[ReplicaReport]] | None = None
         self._listing = 0
@@ -76,7 +82,7 @@ class ModelCatalog:
         False when the registry did not answer within `REGISTRY_TIMEOUT_S`: the adapters known so far keep
         being served rather than every request waiting on an unreachable registry.
         """
-        now = time.monotonic()
+        now = self._clock()
         if not force and now - self._checked < REFRESH_S:
             return True
         self._checked = now
@@ -135,15 +141,18 @@ class ModelCatalog:
         if all(record is not None for record in records):
             made_of = tuple(record.content_hash for record in records if record is not None)
             key = composition_key(replace(composition, built_from=made_of))
-            if (known := self._composites.get(key)) is not None:
+            if (known := self._composites.get(key)) is not None and self._clock() - known[0] < INLINE_IDLE_S:
+                self._composites[key] = (self._clock(), known[1])
                 self._composites.move_to_end(key)
-                return ModelTarget(id=self.adapter_id(known.name), adapter=known), False
+                return ModelTarget(id=self.adapter_id(known[1].name), adapter=known[1]), False
         outcome = await self.registry.materialize(composition, owner)
         if isinstance(outcome, WireError):
             raise UpstreamError(outcome)
         record, built = outcome
         if record.composition is not None:  # the registry's record says what it was built from
-            self._composites[composition_key(record.composition)] = record
+            key = composition_key(record.composition)
+            self._composites[key] = (self._clock(), record)
+            self._composites.move_to_end(key)
             if len(self._composites) > INLINE_KEPT:
                 self._composites.popitem(last=False)
         return ModelTarget(id=self.adapter_id(record.name), adapter=record), built
@@ -170,7 +179,7 @@ class ModelCatalog:
         """The engine replicas' latest reports, asked of the registry at most every `REPORTS_S`, one call shared by
         the requests that want them meanwhile (the console, `/metrics`, an adapter's card): not one registry call per
         request. A caller that leaves does not cancel the shared call."""
-        if self._reports is not None and time.monotonic() - self._reports[0] < REPORTS_S:
+        if self._reports is not None and self._clock() - self._reports[0] < REPORTS_S:
             return self._reports[1]
         if self._reports_call is None or self._reports_call.done():
             self._reports_call = asyncio.ensure_future(self._ask_reports())
@@ -178,7 +187,7 @@ class ModelCatalog:
 
     async def _ask_reports(self) -> list[ReplicaReport]:
         reports = await self.registry.replica_reports()
-        self._reports = (time.monotonic(), reports)
+        self._reports = (self._clock(), reports)
         return reports
 
     async def visible(self, scope: Hashable, shows: Callable[[str], bool]) -> list[str]:

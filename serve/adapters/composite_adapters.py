@@ -12,18 +12,20 @@ import logging
 import shutil
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 from serve.adapters.builds import BuildBudget, BuildLimits
+from serve.adapters.composite_collection import InlineCollection, Sweep, inline_name
 from serve.adapters.peft_compose import Composer, CompositeStore, check_arguments, composite_rank
 from serve.adapters.sources import UNREACHABLE, SourceResolver, SourceUnreachable
 from serve.adapters.validation import AdapterInvalid, AdapterMetadata, content_hash, validate_adapter
 from serve.adapters.writer import RecordWriter, next_record
 from serve.wire import (
     ADAPTER_NAME_PATTERN,
-    INLINE_COMPOSITE_PREFIX,
     AdapterRecord,
     Composition,
     WireError,
@@ -39,7 +41,8 @@ INLINE_KEPT = 4096
 
 class CompositeAdapters:
     """Builds and records composites for the registry, through its `writer`; knows which composites use which
-    adapter (`users_of`), so a component's new version rebuilds them."""
+    adapter (`users_of`), so a component's new version rebuilds them; with a `collection`, deletes the inline
+    composites no one used for its TTL from the composite store (`collect`)."""
 
     def __init__(
         self,
@@ -53,6 +56,7 @@ class CompositeAdapters:
         store: CompositeStore | None,
         composer: Composer,
         limits: BuildLimits,
+        collection: InlineCollection | None = None,
     ) -> None:
         self._writer = writer
         self._resolver = resolver
@@ -69,6 +73,10 @@ class CompositeAdapters:
         """Composites PEFT built in this process (the others were found in the composite store)."""
         self._inline: dict[str, AdapterRecord] = {}
         self._building: dict[str, asyncio.Future[tuple[AdapterRecord, bool] | WireError]] = {}
+        self._busy: Counter[str] = Counter()
+        """Keys of the composites being built (inline or registered): no collection deletes them meanwhile."""
+        self._collection = collection
+        self._collecting: asyncio.Task[None] | None = None
         self._users: dict[str, set[str]] = {}
         """The registered composites each adapter is a component of."""
 
@@ -112,6 +120,7 @@ class CompositeAdapters:
             return WireError(400, str(exc), exc.param)
         key = composition_key(resolved)
         if (known := self._inline.get(key)) is not None:
+            self.used((known.name,))
             return known, False
         if (pending := self._building.get(key)) is not None:
             outcome = await asyncio.shield(pending)
@@ -127,7 +136,7 @@ class CompositeAdapters:
             else:
                 source, meta, _, did_build = built
                 record = AdapterRecord(
-                    name=INLINE_COMPOSITE_PREFIX + key[:24], source=source, version=1, content_hash=meta.content_hash,
+                    name=inline_name(key), source=source, version=1, content_hash=meta.content_hash,
                     rank=meta.rank, alpha=meta.alpha, target_modules=meta.target_modules, size_bytes=meta.size_bytes,
                     pinned=False, created=int(time.time()), warnings=meta.warnings, composition=resolved,
                     options=meta.options,
@@ -193,12 +202,19 @@ class CompositeAdapters:
             return WireError(400, str(exc), exc.param)
         sources = [self._writer.records[c].source for c in resolved.adapters]
         loop = asyncio.get_running_loop()
+        key = composition_key(resolved)
+        self._busy[key] += 1
         try:  # in the build pool: registrations' downloads (the default pool) never queue behind builds
             return await loop.run_in_executor(self._build_pool, self._build_files, self._store, resolved, sources)
         except SourceUnreachable as exc:
             return WireError(400, f"a component could not be read: {exc}", "compose.adapters", code=UNREACHABLE)
         except AdapterInvalid as exc:
             return WireError(400, str(exc), exc.param if exc.param.startswith("compose") else "compose.adapters")
+        finally:  # used now: a registered composite's record is written after this, under the lock
+            self.used((inline_name(key),))
+            self._busy[key] -= 1
+            if self._busy[key] <= 0:
+                del self._busy[key]
 
     def _build_files(
         self, store: CompositeStore, resolved: Composition, sources: list[str]
@@ -228,6 +244,47 @@ class CompositeAdapters:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    def used(self, names: Iterable[str]) -> None:
+        """The adapters `names` (an engine replica's report, a router's request) were used now: the inline composites
+        among them count as used (`InlineCollection`)."""
+        if self._collection is not None:
+            self._collection.used_names(names)
+
+    def start_collecting(self) -> None:
+        """Starts the periodic `collect` (`InlineCollection.period_s`), once; without a collection, nothing."""
+        if self._collection is not None and self._collecting is None:
+            self._collecting = asyncio.create_task(self._collect_every(self._collection.period_s))
+
+    async def collect(self) -> list[str]:
+        """Deletes from the composite store the inline composites no one used for the collection's TTL, never one a
+        registered record names (any version it keeps) or one being built; returns their keys.
+
+        The listing runs in a thread; the deletions run in the build pool (one thread), queued before the registry
+        hears of any later request: a build asked for after this pass decided runs after the deletion and builds the
+        composite again, and one already under way is never collected."""
+        if self._store is None or self._collection is None:
+            return []
+        store = self._store
+        stored = await asyncio.to_thread(store.stored)
+        sources = {v.source for r in self._writer.records.values() for v in (r, r.canary) if v is not None}
+        held = {key for key in stored if store.url(key) in sources} | set(self._busy)
+        sweep = self._collection.sweep(stored, held)
+        for key in sweep.forgotten:
+            self._inline.pop(key, None)
+        removed = await asyncio.get_running_loop().run_in_executor(self._build_pool, _apply, store, sweep)
+        if removed:
+            logger.info("collected %d inline composites unused for %.0f s from %s", len(removed),
+                        self._collection.ttl_s, store.root)  # fmt: skip
+        return removed
+
+    async def _collect_every(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await self.collect()
+            except Exception:  # a store that failed once must not end the collection
+                logger.exception("could not collect inline composites from %s", self._store)
+
     async def rebuild_users_of(self, name: str) -> None:
         """Builds again the composites that have `name` as a component, after it changed; one that cannot be built
         is marked unusable with the reason (never served with a component version it was not made of)."""
@@ -244,3 +301,21 @@ class CompositeAdapters:
                     if current is not None:
                         reason = f"could not be rebuilt after its component {name!r} changed: {outcome.message}"
                         await self._writer.write(user, current, replace(current, unusable=reason))
+
+
+def _apply(store: CompositeStore, sweep: Sweep) -> list[str]:
+    """Deletes `sweep`'s forgotten composites and moves its touched ones' timestamps; the keys deleted. One the store
+    refuses is logged and left for the next pass, not allowed to stop the others."""
+    removed = []
+    for key in sweep.forgotten:
+        try:
+            store.remove(key)
+            removed.append(key)
+        except Exception:
+            logger.exception("could not delete the unused inline composite %s", store.url(key))
+    for key, at in sweep.touched:
+        try:
+            store.touch(key, at)
+        except Exception:
+            logger.warning("could not record the last use of composite %s", store.url(key), exc_info=True)
+    return removed

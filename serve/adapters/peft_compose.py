@@ -10,6 +10,8 @@ that is never touched (a 7B base costs no resident memory), since combining LoRA
 from __future__ import annotations
 
 import math
+import os
+import re
 import shutil
 import tempfile
 import threading
@@ -24,6 +26,9 @@ from serve.wire import DENSITY_METHODS, MAX_WEIGHT, WEIGHT_DECIMALS, Composition
 
 SAME_RANK_METHODS = frozenset({"linear", "ties", "dare_linear", "dare_ties"})
 """PEFT combines these element-wise, so every component must have the same rank."""
+_KEY = re.compile(r"[0-9a-f]{64}")
+"""A composite's name in its store (`serve.wire.composition_key`); the store lists nothing else."""
+CONFIG = "adapter_config.json"
 
 
 def composite_rank(method: str, ranks: dict[str, int], max_rank: int) -> int:
@@ -121,14 +126,61 @@ class CompositeStore:
 
     def has(self, key: str) -> bool:
         if not self._is_s3():
-            return (Path(self.root) / key / "adapter_config.json").is_file()
+            return (Path(self.root) / key / CONFIG).is_file()
         bucket, prefix = self._bucket_prefix(key)
-        listing = self.s3.client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/adapter_config.json", MaxKeys=1)
+        listing = self.s3.client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/{CONFIG}", MaxKeys=1)
         return bool(listing.get("Contents"))
+
+    def stored(self) -> dict[str, float]:
+        """Every composite in the store, whole or not, with the store's own timestamp of it (seconds since the epoch):
+        a folder's mtime, or the newest LastModified of its S3 objects."""
+        if not self._is_s3():
+            root = Path(self.root)
+            entries = root.iterdir() if root.is_dir() else ()
+            return {entry.name: entry.stat().st_mtime for entry in entries if _KEY.fullmatch(entry.name)}
+        bucket, prefix = self._bucket_prefix("")
+        stamps: dict[str, float] = {}
+        for page in self.s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", ()):
+                key = item["Key"][len(prefix) :].split("/", 1)[0]
+                if _KEY.fullmatch(key):
+                    stamps[key] = max(stamps.get(key, 0.0), item["LastModified"].timestamp())
+        return stamps
+
+    def touch(self, key: str, at: float) -> None:
+        """Moves composite `key`'s timestamp (`stored`) to `at`; on S3, where only a write moves it, to now."""
+        if not self._is_s3():
+            os.utime(Path(self.root) / key, (at, at))
+            return
+        bucket, prefix = self._bucket_prefix(key)
+        config = f"{prefix}/{CONFIG}"
+        self.s3.client().copy_object(Bucket=bucket, Key=config, CopySource={"Bucket": bucket, "Key": config},
+                                     MetadataDirective="REPLACE")  # fmt: skip
+
+    def remove(self, key: str) -> None:
+        """Deletes composite `key`: its config first, so `has` never sees half a composite (as `publish`)."""
+        if not self._is_s3():
+            gone = Path(tempfile.mkdtemp(prefix=".gone-", dir=self.root))
+            try:
+                (Path(self.root) / key).rename(gone / key)  # at once: no reader sees it half deleted
+            except FileNotFoundError:
+                pass  # another registry on this store removed it first
+            finally:
+                shutil.rmtree(gone)
+            return
+        bucket, prefix = self._bucket_prefix(key)
+        client = self.s3.client()
+        client.delete_object(Bucket=bucket, Key=f"{prefix}/{CONFIG}")
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+            objects = [{"Key": item["Key"]} for item in page.get("Contents", ())]
+            if objects:  # a page holds at most 1,000 keys, as many as one delete_objects takes
+                failed = client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True}).get("Errors")
+                if failed:
+                    raise OSError(f"could not delete {len(failed)} objects of {self.url(key)}: {failed[0]}")
 
     def publish(self, folder: Path, key: str) -> None:
         """Stores `folder`'s files as composite `key`; the config last, so `has` never sees half a composite."""
-        files = sorted(folder.iterdir(), key=lambda file: file.name == "adapter_config.json")
+        files = sorted(folder.iterdir(), key=lambda file: file.name == CONFIG)
         if self._is_s3():
             bucket, prefix = self._bucket_prefix(key)
             client = self.s3.client()
@@ -153,5 +205,7 @@ class CompositeStore:
         return self.root.startswith("s3://")
 
     def _bucket_prefix(self, key: str) -> tuple[str, str]:
+        """The bucket and object prefix of composite `key`; of the whole store for "" (ending in `/` unless empty)."""
         parsed = urlparse(self.url(key))
-        return parsed.netloc, parsed.path.strip("/")
+        prefix = parsed.path.strip("/")
+        return parsed.netloc, prefix if key or not prefix else prefix + "/"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from serve.adapters.builds import BuildLimits
 from serve.adapters.composite_adapters import CompositeAdapters
+from serve.adapters.composite_collection import InlineCollection
 from serve.adapters.peft_compose import Composer, CompositeStore
 from serve.adapters.resolver import make_resolver, s3_connection
 from serve.adapters.rollout_writes import RolloutWrites
@@ -104,6 +105,7 @@ class AdapterRegistry:
         tool_parsers: tuple[str, ...] = (),
         build_limits: BuildLimits | None = None,
         composer: Composer | None = None,
+        inline_collection: InlineCollection | None = None,
     ) -> None:
         self._store = store
         self._tool_parsers = tool_parsers
@@ -123,7 +125,7 @@ class AdapterRegistry:
         self._composites = CompositeAdapters(
             writer, resolver=resolver, max_rank=max_rank, max_bytes=max_bytes, base_shapes=self._base_shapes,
             base_model=base_model, store=composites, composer=composer or Composer(base_model),
-            limits=build_limits or BuildLimits(),
+            limits=build_limits or BuildLimits(), collection=inline_collection,
         )  # fmt: skip
         self._rollouts = RolloutWrites(writer, self._composites.rebuild_users_of)
         for record in self._records.values():
@@ -162,6 +164,10 @@ class AdapterRegistry:
         """The inline composite a request of key `owner` asked for (`CompositeAdapters.materialize`)."""
         return await self._composites.materialize(composition, owner)
 
+    async def collect(self) -> list[str]:
+        """Deletes the inline composites no one used for a while (`CompositeAdapters.collect`); their keys."""
+        return await self._composites.collect()
+
     async def rollout(self, name: str, source: str, percent: float) -> AdapterRecord | WireError:
         return await self._rollouts.rollout(name, source, percent)
 
@@ -196,29 +202,37 @@ class AdapterRegistry:
         its own routers and replicas then follow like any change. Under the write lock, so none of this registry's
         own writes is overtaken by an older listing. Returns how many records changed."""
         async with self._lock:
-            try:
-                state = await asyncio.to_thread(self._store.load)
-            except StoreUnavailable as exc:
-                logger.warning("could not re-read the registry store %s: %s", self._store, exc)
-                return 0
-            changed = [n for n in set(self._records) | set(state.records)
-                       if self._records.get(n) != state.records.get(n)]  # fmt: skip
-            for name in sorted(changed):
-                self._replace(name, state.records.get(name))
+            return len(await self._reread())
+
+    async def _reread(self) -> list[str]:
+        """`resync`'s part under the lock (the caller holds it): the store loaded in a thread, and every record that
+        differs taken from it; the names taken, in order (none when the store cannot be read)."""
+        try:
+            state = await asyncio.to_thread(self._store.load)
+        except StoreUnavailable as exc:
+            logger.warning("could not re-read the registry store %s: %s", self._store, exc)
+            return []
+        changed = sorted(n for n in set(self._records) | set(state.records)
+                         if self._records.get(n) != state.records.get(n))  # fmt: skip
+        for name in changed:
+            self._replace(name, state.records.get(name))
         if changed:
             logger.warning("the registry store held %d records this registry did not write: %s", len(changed),
-                           ", ".join(sorted(changed)[:10]))  # fmt: skip
-        return len(changed)
+                           ", ".join(changed[:10]))  # fmt: skip
+        return changed
 
     async def report(self, report: ReplicaReport) -> int:
         """An engine replica's periodic report; returns the generation so it knows whether to sync. The first one
-        starts the store's periodic re-read (`RESYNC_S`; the replicas' reports come every 2 s while any serves)."""
+        starts the store's periodic re-read (`RESYNC_S`; the replicas' reports come every 2 s while any serves) and
+        the collection of unused inline composites, which the reports' requests count as used."""
         if self._resyncing is None:
             self._resyncing = asyncio.create_task(self._resync_every(RESYNC_S))
+            self._composites.start_collecting()
         now = time.monotonic()
         self._reports[report.replica] = (now, report)
         if report.requests:
             self._heat.append((now, report.requests))
+            self._composites.used(report.requests)
         while self._heat and self._heat[0][0] < now - HOT_WINDOW_S:
             self._heat.popleft()
         return self._generation
@@ -344,16 +358,20 @@ class AdapterRegistry:
         """Stores `record` (None: deletes `name`), then makes it current: a write that fails changes nothing,
         here or in the store. A record another registry changed meanwhile is re-read, and the write refused.
         Under the registry's lock; the store's I/O runs in a thread, so a slow store (S3) holds up other writes,
-        never the reads, reports and health checks the event loop answers meanwhile."""
-        if (refused := self._pin_refused(previous, record)) is not None:
+        never the reads, reports and health checks the event loop answers meanwhile. A write that pins more engine
+        entries first re-reads the store (`_reread`): another registry's pins count too, not only this one's."""
+        if self._max_pinned is not None and _pinned_entries(record) > _pinned_entries(previous):
+            await self._reread()
+        if (refused := self._pin_refused(name, record)) is not None:
             return refused
         return self._commit(name, previous, record, await asyncio.to_thread(self._store_write, name, previous, record))
 
     def _write_at_start(
         self, name: str, previous: AdapterRecord | None, record: AdapterRecord | None
     ) -> WireError | None:
-        """`_write` before the registry serves (its constructor): the store's I/O in this thread."""
-        if (refused := self._pin_refused(previous, record)) is not None:
+        """`_write` before the registry serves (its constructor, which just loaded the store): the store's I/O in this
+        thread."""
+        if (refused := self._pin_refused(name, record)) is not None:
             return refused
         return self._commit(name, previous, record, self._store_write(name, previous, record))
 
@@ -395,10 +413,11 @@ class AdapterRegistry:
         self._changed(name)
         return None
 
-    def _pin_refused(self, previous: AdapterRecord | None, record: AdapterRecord | None) -> WireError | None:
-        """409 when `record` would pin more engine entries than `max_pinned` allows (each pinned version takes one
-        in every replica's adapter cache: one more would evict adapters a full step needs)."""
-        added = _pinned_entries(record) - _pinned_entries(previous)
+    def _pin_refused(self, name: str, record: AdapterRecord | None) -> WireError | None:
+        """409 when `record`, as `name`'s record, would pin more engine entries than `max_pinned` allows (each pinned
+        version takes one in every replica's adapter cache: one more would evict adapters a full step needs). Counted
+        from the records held now, which a pinning `_write` has just re-read from the store."""
+        added = _pinned_entries(record) - _pinned_entries(self._records.get(name))
         if self._max_pinned is None or added <= 0:
             return None
         taken = sum(_pinned_entries(r) for r in self._records.values())
@@ -517,4 +536,5 @@ class RegistryDeployment(AdapterRegistry):
                 pending_per_key=config.registry.max_pending_builds_per_key,
                 per_key_per_minute=config.registry.builds_per_key_per_minute,
             ),
+            inline_collection=InlineCollection(ttl) if (ttl := config.registry.inline_composite_ttl_s) else None,
         )

@@ -108,8 +108,8 @@ class EngineConfig(_Strict):
         description=(
             "Adapters that may be pinned (a version being rolled out of a pinned adapter counts as one more). The "
             "engine's adapter cache holds them beside max_cpu_loras unpinned ones (and one spare for a version "
-            "switch), so a step of max_loras other adapters never evicts one of its own; a pin beyond this is "
-            "refused (409)."
+            "switch), so a step of max_loras other adapters never evicts one of its own; a pin beyond this, counted "
+            "in the registry's store (another registry's pins too), is refused (409)."
         ),
     )
     slot_wait_s: float | None = Field(

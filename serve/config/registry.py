@@ -62,6 +62,17 @@ class RegistryConfig(_Strict):
             "None: no bound."
         ),
     )
+    inline_composite_ttl_s: float | None = Field(
+        default=86400.0,
+        ge=600,
+        description=(
+            "An inline composite no request used for this long is deleted from the composite store (asked for again, "
+            "it is built again); never one a registered adapter's record names. Its last use survives a restart of "
+            "the registry as the store's timestamp of it (a folder's mtime, S3's LastModified), which the registry "
+            "moves to the uses it saw at each check (every quarter of this, at most hourly). At least 600 s: a router "
+            "asks the registry again for an inline composite it left idle for a minute. None: never deleted."
+        ),
+    )
     cache_dir: str = Field(
         default=".loraplex/adapter-cache", description="Per-node copies of adapters, one folder per content hash."
     )

@@ -674,6 +674,24 @@ def test_pins_beyond_the_engines_room_are_refused_and_a_rollout_counts_as_one_mo
     assert isinstance(asyncio.run(open_registry().register("unpinned", sources[2], pinned=True)), AdapterRecord)
 
 
+def test_a_pin_counts_what_the_store_holds_not_only_this_registrys_own_writes(
+    tmp_path: Path, open_registry: Opener
+) -> None:
+    """A split brain: two registries on one store, each opened before the other's pin. The second re-reads the store
+    before a write that pins, so the first one's pin counts: 409, and the store keeps what it held."""
+    first, second = open_registry(max_pinned=1), open_registry(max_pinned=1)
+    one = str(write_adapter(tmp_path / "adapters" / "one"))
+    two = str(write_adapter(tmp_path / "adapters" / "two", rank=8))
+    assert isinstance(asyncio.run(first.register("one", one, pinned=True)), AdapterRecord)
+    refused = asyncio.run(second.register("two", two, pinned=True))
+    assert isinstance(refused, WireError) and (refused.status, refused.param) == (409, "pinned"), refused
+    assert "1 of the 1 pinned" in refused.message
+    assert asyncio.run(second.snapshot()).records["one"].pinned, "it took the record it re-read"
+    assert set(asyncio.run(open_registry().snapshot()).records) == {"one"}
+    unpinned = asyncio.run(second.register("two", two))  # a write that pins nothing is not refused
+    assert isinstance(unpinned, AdapterRecord) and not unpinned.pinned
+
+
 def test_an_adapters_tool_call_parser_is_one_the_server_loads_and_survives_a_restart(
     tmp_path: Path, open_registry: Opener
 ) -> None:
