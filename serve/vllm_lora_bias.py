@@ -19,6 +19,7 @@ Turned off only with the rest of the plugin: an adapter with `lora_bias` is then
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -95,8 +96,8 @@ def _reading_biases(from_tensors: Callable[..., Any]) -> Callable[..., Any]:
         biases = {name: tensors[name] for name in tensors if name.endswith(BIAS_SUFFIX)}
         weights = {name: tensor for name, tensor in tensors.items() if name not in biases}
         model = from_tensors(cls, lora_model_id, weights, *args, **kwargs)
-        mapper = kwargs.get("weights_mapper")
-        device, dtype = kwargs.get("device", "cuda"), kwargs.get("dtype")
+        bound = inspect.signature(from_tensors).bind(cls, lora_model_id, weights, *args, **kwargs)
+        mapper = bound.arguments.get("weights_mapper")
         for name, bias in biases.items():
             module, _ = parse_fine_tuned_lora_name(name, mapper)
             lora = model.loras.get(module)
@@ -104,7 +105,8 @@ def _reading_biases(from_tensors: Callable[..., Any]) -> Callable[..., Any]:
                 raise ValueError(f"{name}: a LoRA bias without the lora_B weight of its module {module}")
             if bias.dim() != 1 or bias.shape[0] != lora.lora_b.shape[0]:
                 raise ValueError(f"{name} has shape {list(bias.shape)}; its lora_B has {lora.lora_b.shape[0]} rows")
-            lora.output_bias = (bias.to(torch.float32) * lora.scaling).to(device=device, dtype=dtype or bias.dtype)
+            scaled = bias.to(torch.float32) * lora.scaling  # as the weights: on their device, in their dtype
+            lora.output_bias = scaled.to(device=lora.lora_b.device, dtype=lora.lora_b.dtype)
         return model
 
     return from_lora_tensors
