@@ -11,6 +11,7 @@ import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -276,3 +277,49 @@ def test_a_slot_given_a_plain_adapter_after_a_bias_one_adds_nothing(
         assert not layer.__dict__[BUFFER].any()
     write_slot(layers["down_proj"], 1, None)  # a slot with no LoRA on this layer
     assert not layers["down_proj"].__dict__[BUFFER].any()
+
+
+def test_the_manager_writes_a_slots_biases_when_it_activates_an_adapter_there(
+    peft_block: tuple[Any, dict[str, Path]], process_group: None
+) -> None:
+    """vLLM's LoRAModelManager.activate_adapter, wrapped by the plugin: after vLLM's own activation (here a stand-in
+    that packs and calls set_lora, as vLLM does), the slot's row of every layer holds the adapter's vector."""
+    from vllm.lora.lora_weights import PackedLoRALayerWeights
+    from vllm.lora.model_manager import LoRAModelManager
+
+    from serve.vllm_lora_bias import BUFFER, _writing_biases, output_vector
+
+    model, folders = peft_block
+    layers = vllm_layers(model.base_model.model)
+    lora_model = load(folders["biased"])
+    packed = {}
+    for name in layers:
+        parts = [lora_model.loras[part] for part in PACKED[name]]
+        packed[name] = PackedLoRALayerWeights.pack(parts) if len(parts) > 1 else parts[0].optimize()
+    lora_model.loras = packed
+    manager = SimpleNamespace(lora_index_to_id=[None, 7, None], _registered_adapters={7: lora_model}, modules=layers,
+                              _get_lora_layer_weights=lambda lora, name: lora.loras.get(name))  # fmt: skip
+    for method in (LoRAModelManager._create_lora_modules, LoRAModelManager._create_merged_loras_inplace):
+        assert getattr(method, "_loraplex_bias", False), method  # register() installed the manager's side
+    assert _writing_biases(lambda self, lora_id: True)(manager, 7)
+    for name, layer in layers.items():
+        assert torch.equal(layer.__dict__[BUFFER][1], output_vector(layer, packed[name], name)), name
+        assert not layer.__dict__[BUFFER][[0, 2, 3]].any(), name
+
+
+def test_an_adapter_whose_biases_vllm_would_drop_while_packing_fails_its_load(
+    peft_block: tuple[Any, dict[str, Path]], process_group: None
+) -> None:
+    """vLLM packs fused MoE experts into new weights (`pack_moe`) that do not carry the bias: counted before and
+    after vLLM's merge, the load fails rather than serve the adapter without them."""
+    from serve.vllm_lora_bias import _checking_biases
+
+    model, folders = peft_block
+    lora_model = load(folders["biased"])
+
+    def merge_dropping(self: Any, lora: Any) -> None:
+        lora.loras["down_proj"].output_bias = None
+
+    manager = SimpleNamespace(modules=vllm_layers(model.base_model.model))
+    with pytest.raises(ValueError, match="packs in a way loraplex does not carry"):
+        _checking_biases(merge_dropping)(manager, lora_model)
