@@ -49,8 +49,8 @@ def install() -> None:
         (peft_helper.PEFTHelper, "_validate_features", _features_but_bias(peft_helper.PEFTHelper._validate_features)),
         (lora_model, "parse_fine_tuned_lora_name", _parse_bias_as_b(lora_model.parse_fine_tuned_lora_name)),
         (lora_model.LoRAModel, "from_lora_tensors",
-         classmethod(_reading_biases(lora_model.LoRAModel.from_lora_tensors.__func__))),
-        (PackedLoRALayerWeights, "pack", classmethod(_packing_biases(PackedLoRALayerWeights.pack.__func__))),
+         classmethod(_reading_biases(vars(lora_model.LoRAModel)["from_lora_tensors"].__func__))),
+        (PackedLoRALayerWeights, "pack", classmethod(_packing_biases(vars(PackedLoRALayerWeights)["pack"].__func__))),
         (manager, "_create_lora_modules", _with_buffers(manager._create_lora_modules)),
         (manager, "_create_merged_loras_inplace", _checking_biases(manager._create_merged_loras_inplace)),
         (manager, "activate_adapter", _writing_biases(manager.activate_adapter)),
@@ -58,7 +58,7 @@ def install() -> None:
         (layer, "_apply_async_impl", _adding_bias(layer._apply_async_impl)),
     ]  # fmt: skip
     for owner, name, function in patched:
-        target = function.__func__ if isinstance(function, classmethod) else function
+        target: Any = function.__func__ if isinstance(function, classmethod) else function
         target._loraplex_bias = True
         setattr(owner, name, function)
     logger.debug("loraplex: LoRA biases (lora_bias) read, packed and added per slot")
@@ -207,9 +207,12 @@ def output_vector(layer: Any, lora: Any, name: str) -> torch.Tensor | None:
     widths = list(layer.output_slices) if len(slices) == len(layer.output_slices) else [None] * len(slices)
     parts = []
     for bias, width in zip(slices, widths, strict=True):
-        if bias is None and width is None:
+        if bias is not None:
+            parts.append(bias.to(stacked.dtype).cpu())
+        elif width is not None:
+            parts.append(torch.zeros(width, dtype=stacked.dtype))
+        else:
             raise ValueError(f"{name}: a lora_bias on some slices of a layer packed as vLLM splits it differently")
-        parts.append(torch.zeros(width, dtype=stacked.dtype) if bias is None else bias.to(stacked.dtype).cpu())
     vector = torch.cat(parts)
     if vector.shape[0] != stacked.shape[1]:
         raise ValueError(f"{name}: lora_bias of {vector.shape[0]} values, the layer's output has {stacked.shape[1]}")
