@@ -22,7 +22,13 @@ from serve.adapters.builds import BuildBudget, BuildLimits
 from serve.adapters.composite_collection import InlineCollection, Sweep, inline_name
 from serve.adapters.peft_compose import Composer, CompositeStore, check_arguments, composite_rank
 from serve.adapters.sources import UNREACHABLE, SourceResolver, SourceUnreachable
-from serve.adapters.validation import AdapterInvalid, AdapterMetadata, content_hash, validate_adapter
+from serve.adapters.validation import (
+    LORA_BIAS_OPTION,
+    AdapterInvalid,
+    AdapterMetadata,
+    content_hash,
+    validate_adapter,
+)
 from serve.adapters.writer import RecordWriter, next_record
 from serve.wire import (
     ADAPTER_NAME_PATTERN,
@@ -187,6 +193,9 @@ class CompositeAdapters:
             if record.composition is not None:
                 raise AdapterInvalid(f"component {component!r} is itself a composite; compose plain adapters",
                                      f"compose.adapters.{i}.name")  # fmt: skip
+            if LORA_BIAS_OPTION in record.options:  # PEFT's add_weighted_adapter combines A and B, not B's bias
+                raise AdapterInvalid(f"component {component!r} has a bias on LoRA's B (lora_bias), which PEFT does "
+                                     "not combine", f"compose.adapters.{i}.name")  # fmt: skip
             hashes.append(record.content_hash)
         ranks = {c: self._writer.records[c].rank for c in composition.adapters}
         composite_rank(composition.method, ranks, self._max_rank)

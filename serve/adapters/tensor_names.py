@@ -15,6 +15,7 @@ PEFT_PREFIX = "base_model.model."
 LORA_SUFFIXES = (
     ("lora_A", ".lora_A.weight"),
     ("lora_B", ".lora_B.weight"),
+    ("lora_bias", ".lora_B.bias"),
     ("lora_embedding_A", ".lora_embedding_A"),
     ("lora_embedding_B", ".lora_embedding_B"),
 )
@@ -29,7 +30,8 @@ def engine_name(name: str) -> str:
 
 
 def split(name: str) -> tuple[str | None, str]:
-    """`base_model.model.<module>.lora_A.weight` → (`<module>`, `lora_A`), `...embed_tokens.lora_embedding_B` →
+    """`base_model.model.<module>.lora_A.weight` → (`<module>`, `lora_A`), `<module>.lora_B.bias` → (`<module>`,
+    `lora_bias`), `...embed_tokens.lora_embedding_B` →
     (`...embed_tokens`, `lora_embedding_B`), `...embed_tokens.base_layer.weight` → (`...embed_tokens`, `base_layer`);
     (None, "") for other tensors. `<module>` is the name vLLM looks the LoRA up by."""
     read = engine_name(name)

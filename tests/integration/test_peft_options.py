@@ -1,6 +1,7 @@
-"""PEFT options that vLLM 0.32 serves, on the real stack: per-module rank and scale (rank_pattern, alpha_pattern) and
-LoRA on embed_tokens, each served in one batch with the base model and a plain adapter and checked against
-transformers + PEFT under the project's top-5 rule; what it would not serve faithfully is a 400 naming the field."""
+"""PEFT options served on the real stack: per-module rank and scale (rank_pattern, alpha_pattern), LoRA on
+embed_tokens, and a bias on LoRA's B (lora_bias, through loraplex's vLLM plugin), each served in one batch with the
+base model and a plain adapter and checked against transformers + PEFT under the project's top-5 rule; what would not
+be served faithfully is a 400 naming the field."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from serve.adapters.validation import LORA_BIAS_OPTION
 from serve.demo.reference import Greedy, Reference, assert_close, served_greedy
 from tests.integration.conftest import Stack
 
@@ -38,17 +40,23 @@ OPTIONS = {
         {"r": 8, "lora_alpha": 16, "target_modules": ["embed_tokens", "q_proj", "v_proj"]},
         82, ["embed_tokens: LoRA"],
     ),
+    # Every linear layer of every block, packed (q/k/v, gate/up) and not (o, down), gains a bias on its adapter's rows.
+    "opt-bias": (
+        {"r": 8, "lora_alpha": 16, "target_modules": ALL_LINEAR, "lora_bias": True},
+        83, [LORA_BIAS_OPTION],
+    ),
 }  # fmt: skip
 
 
 def make_peft_adapter(model_dir: Path, dest: Path, seed: int, **settings: object) -> Path:
     """A PEFT adapter with seeded weights that change the output: A ~ N(0, 1/in), B ~ N(0, 0.3²/rank); an
-    embedding's A (rank, vocabulary) ~ N(0, 1) and B ~ N(0, 0.02²/rank), a change of the size of the embedding's."""
+    embedding's A (rank, vocabulary) ~ N(0, 1) and B ~ N(0, 0.02²/rank), a change of the size of the embedding's;
+    B's bias (lora_bias) ~ N(0, 0.05²)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    with warnings.catch_warnings():  # about tied embeddings, and saving the embedding with its LoRA
+    with warnings.catch_warnings():  # about tied embeddings, saving the embedding with its LoRA, 1-D lora_B biases
         warnings.simplefilter("ignore", UserWarning)
         model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **settings))  # type: ignore[arg-type]
         generator = torch.Generator().manual_seed(seed)
@@ -61,6 +69,8 @@ def make_peft_adapter(model_dir: Path, dest: Path, seed: int, **settings: object
                     param.copy_(0.02 * noise / param.shape[1] ** 0.5)
                 elif "lora_A" in name:
                     param.copy_(noise / param.shape[1] ** 0.5)
+                elif "lora_B" in name and name.endswith(".bias"):
+                    param.copy_(0.05 * noise)
                 elif "lora_B" in name:
                     param.copy_(0.3 * noise / param.shape[1] ** 0.5)
         model.save_pretrained(dest)
@@ -124,12 +134,13 @@ def without(folder: Path, dest: Path, config: dict[str, object], drop: str = "")
 def test_what_the_options_change_shows_in_the_reference(
     stack: Stack, option_adapters: dict[str, Path], option_reference: Reference, tmp_path: Path
 ) -> None:
-    """Guards the batch test: a server that dropped the per-module scales or the embedding LoRA, or applied none of
-    the adapter, would answer differently from PEFT with the whole adapter."""
+    """Guards the batch test: a server that dropped the per-module scales, the embedding LoRA or LoRA's biases, or
+    applied none of the adapter, would answer differently from PEFT with the whole adapter."""
     no_embedding = {"target_modules": ["q_proj", "v_proj"]}
     stripped = Reference(stack.model_dir, {
         "opt-patterns": without(option_adapters["opt-patterns"], tmp_path / "a", {"alpha_pattern": {}}),
         "opt-embed": without(option_adapters["opt-embed"], tmp_path / "e", no_embedding, drop="embed_tokens"),
+        "opt-bias": without(option_adapters["opt-bias"], tmp_path / "b", {"lora_bias": False}, drop="lora_B.bias"),
     })  # fmt: skip
     prompts = [option_reference.chat_prompt(text) for text in PROMPTS]
     for name in OPTIONS:
@@ -158,6 +169,8 @@ REFUSED = [
      trained_embedding, "target_modules", "differ from the base model's"),
     ("opt-bad-pattern", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "rank_pattern": {"q_proj": 4}},
      lambda f: set_config(f, rank_pattern={"q_proj": 8}), "rank_pattern", "has rank 4, but"),
+    ("opt-bias-unset", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "lora_bias": True},
+     lambda f: set_config(f, lora_bias=False), "lora_bias", "PEFT would ignore them"),
 ]  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from serve.adapters.tensor_names import split
 from serve.adapters.validation import (
+    LORA_BIAS_OPTION,
     NO_OP_WARNING,
     AdapterInvalid,
     AdapterMetadata,
@@ -156,12 +157,13 @@ PEFT_ADAPTERS = {
         {"r": 8, "target_modules": ["embed_tokens", "v_proj"], "rank_pattern": {"embed_tokens": 4}},
         8, ("rank_pattern: per-module rank", "embed_tokens: LoRA"),
     ),
+    "lora-bias": ({"r": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "lora_bias": True}, 8,
+                  (LORA_BIAS_OPTION,)),
     # PEFT's ensure_weight_tying adds a LoRA to the lm_head that SmolLM2 ties to its embedding: refused below.
     "embed-tokens-tied": ({"r": 8, "target_modules": ["embed_tokens", "q_proj"], "ensure_weight_tying": True}, 0, ()),
     "lm-head": ({"r": 8, "target_modules": ["lm_head", "q_proj"]}, 0, ()),
     # Options loraplex does not serve yet: refused by name (`NOT_SERVED_YET`).
     "dora": ({"r": 8, "target_modules": ["q_proj", "v_proj"], "use_dora": True}, 0, ()),
-    "lora-bias": ({"r": 8, "target_modules": ["q_proj", "v_proj"], "lora_bias": True}, 0, ()),
     "modules-to-save": ({"r": 8, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, 0, ()),
     "trainable-tokens": ({"r": 8, "target_modules": ["q_proj"], "trainable_token_indices": [0, 5]}, 0, ()),
     "added-tokens": ({"r": 8, "target_modules": ["q_proj"]}, 0, ()),  # on a base given 8 more tokens (`ADDED_TOKENS`)
@@ -289,6 +291,20 @@ REFUSED_PEFT = [
     ("tied lm_head LoRA", "embed-tokens-tied", lambda f: None,
      "ensure_weight_tying", "a LoRA on lm_head, which this base model ties to its embedding"),
     ("lm_head LoRA", "lm-head", lambda f: None, "target_modules", "ties to its embedding"),
+    ("lora_bias of the wrong shape", "lora-bias",
+     lambda f: edit_tensors(f, lambda t: t.update({f"{LAYER}.v_proj.lora_B.bias": torch.ones(576)})),
+     "lora_bias", r"v_proj.lora_B.bias has shape \[576\], the base model needs \[192\]"),
+    ("lora_bias without its config", "lora-bias", lambda f: edit_config(f, lora_bias=False),
+     "lora_bias", r"tensors such as '\S+lora_B.bias' carry a bias .* PEFT would ignore them"),
+    ("lora_bias not a flag", "lora-bias", lambda f: edit_config(f, lora_bias="yes"), "lora_bias", "true or false"),
+    ("a lora_bias missing", "lora-bias", lambda f: edit_tensors(f, lambda t: t.pop(f"{LAYER}.q_proj.lora_B.bias")),
+     "lora_bias", r"sets lora_bias, but \S+q_proj has no lora_B.bias"),
+    ("a bias without its LoRA", "lora-bias",
+     lambda f: edit_tensors(f, lambda t: t.update({f"{LAYER}.k_proj.lora_B.bias": torch.ones(192)})),
+     "lora_bias", r"k_proj has a lora_B.bias but no LoRA"),
+    ("a bias on lora_A", "lora-bias",
+     lambda f: edit_tensors(f, lambda t: t.update({f"{LAYER}.q_proj.lora_A.bias": torch.ones(8)})),
+     "source", r"unsupported tensor '\S+q_proj.lora_A.bias'"),
 ]  # fmt: skip
 
 
@@ -326,8 +342,6 @@ NOT_SERVED_YET = [
     ("dora", lambda f: None, "use_dora", r"use_dora: DoRA .* is not served yet \(adapter_config.json has "
      r"use_dora=true; tensors such as '\S+lora_magnitude_vector'\)"),
     ("dora", lambda f: edit_config(f, use_dora=False), "use_dora", "DoRA .* not served yet .*lora_magnitude_vector"),
-    ("lora-bias", lambda f: None, "lora_bias", r"lora_bias: a bias on LoRA's B .* not served yet .*lora_B.bias"),
-    ("lora-bias", lambda f: edit_config(f, lora_bias=False), "lora_bias", r"not served yet .*lora_B.bias"),
     ("modules-to-save", lambda f: None, "modules_to_save",
      r"modules_to_save: whole modules .* not served yet \(adapter_config.json has modules_to_save=\[\"lm_head\"\]"),
     ("modules-to-save", lambda f: edit_tensors(f, lambda t: t.update({

@@ -29,6 +29,7 @@ from tests.conftest import S3_KEYS
 from tests.unit.composing import ASSETS, component_folders, make_registry, registered
 from tests.unit.fake_engine import FakeEngine, engine_client
 from tests.unit.tenancy import api_key, bearer
+from tests.unit.test_adapter_validation import LAYER, write_adapter
 
 METHODS = [
     ("cat", ("alpha", "beta"), (0.7, 0.4), None, 8 + 16),
@@ -119,6 +120,18 @@ async def test_a_registered_composite_follows_its_components_and_survives_a_rest
     restarted = make_registry(folders, tmp_path)
     assert (await restarted.snapshot()).records["mix"] == second
     assert isinstance(await restarted.unregister("alpha"), WireError)
+
+
+async def test_a_component_with_a_lora_bias_is_refused_naming_it(folders: dict[str, Path], tmp_path: Path) -> None:
+    """PEFT's add_weighted_adapter combines A and B only: a composite would drop the component's lora_bias."""
+    registry = await registered(folders, tmp_path)
+    biased = write_adapter(tmp_path / "biased", lora_bias=True, tensors={
+        f"{LAYER}.q_proj.lora_A.weight": torch.ones(4, 576), f"{LAYER}.q_proj.lora_B.weight": torch.ones(576, 4),
+        f"{LAYER}.q_proj.lora_B.bias": torch.ones(576)})  # fmt: skip
+    assert isinstance(await registry.register("biased", str(biased)), AdapterRecord)
+    refused = await registry.compose("mix", Composition("cat", ("alpha", "biased"), (1.0, 1.0)))
+    assert isinstance(refused, WireError) and (refused.status, refused.param) == (400, "compose.adapters.1.name")
+    assert "lora_bias" in refused.message
 
 
 async def test_a_composite_that_cannot_be_rebuilt_is_marked_unusable(folders: dict[str, Path], tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from serve.adapters import store as store_module
 from serve.adapters.registry import AdapterRegistry
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.store import BaseIdentity, RegistryStore, S3Store, SqliteStore, StoreUnavailable, open_store
-from serve.adapters.validation import NO_OP_WARNING
+from serve.adapters.validation import LORA_BIAS_OPTION, NO_OP_WARNING
 from serve.config import RegistryConfig
 from serve.demo.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.wire import AdapterRecord, Changes, WireError
@@ -201,6 +201,11 @@ def test_the_peft_options_an_adapter_carries_are_recorded_and_a_malformed_one_re
     assert isinstance(record, AdapterRecord), record
     assert record.options == ("rank_pattern: per-module rank", "alpha_pattern: per-module scale")
     assert asyncio.run(open_registry().snapshot()).records["p"] == record  # the store keeps them
+    biased = write_adapter(tmp_path / "adapters" / "b", lora_bias=True, tensors={
+        f"{LAYER}.q_proj.lora_A.weight": torch.ones(4, 576), f"{LAYER}.q_proj.lora_B.weight": torch.ones(576, 4),
+        f"{LAYER}.q_proj.lora_B.bias": torch.ones(576)})  # fmt: skip
+    record = asyncio.run(registry.register("b", str(biased)))
+    assert isinstance(record, AdapterRecord) and record.options == (LORA_BIAS_OPTION,), record
     bad = write_adapter(tmp_path / "adapters" / "bad", rank_pattern={"q_proj": 8})  # the weights have rank 4
     refused = asyncio.run(registry.register("bad", str(bad)))
     assert isinstance(refused, WireError) and (refused.status, refused.param) == (400, "rank_pattern"), refused
@@ -212,7 +217,7 @@ NOT_RECORDED = [
     ("DoRA", None, {"use_dora": True}, 400, "use_dora", "use_dora: DoRA .* not served yet"),
     ("LoRA bias", {f"{LAYER}.q_proj.lora_A.weight": torch.ones(4, 576), f"{LAYER}.q_proj.lora_B.weight":
                    torch.ones(576, 4), f"{LAYER}.q_proj.lora_B.bias": torch.ones(576)}, {}, 400, "lora_bias",
-     "lora_bias: .* not served yet .*lora_B.bias"),
+     r"carry a bias on LoRA's B, but adapter_config.json does not set lora_bias: PEFT would ignore them"),
     ("modules_to_save", None, {"modules_to_save": ["lm_head"]}, 400, "modules_to_save", "not served yet"),
     ("a wrapper's prefix", {"language_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(4, 576),
                             "language_model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(576, 4)}, {},
