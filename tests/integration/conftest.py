@@ -178,6 +178,10 @@ def stack_server(
                     uploads=uploads, s3_url=s3_url)  # fmt: skip
 
 
+SESSIONS: dict[str, int] = {}
+"""A running server's base URL → the session its processes run in (`session_processes`)."""
+
+
 @contextmanager
 def running_server(config: Path, adapters: dict[str, Path], work: Path) -> Iterator[tuple[str, Path]]:
     """`loraplex serve --config CONFIG --adapter ...` on a free port until the block ends; yields (url, log)."""
@@ -190,10 +194,12 @@ def running_server(config: Path, adapters: dict[str, Path], work: Path) -> Itera
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}"
+    SESSIONS[base_url] = process.pid
     try:
         wait_until_ready(process, base_url, log)
         yield base_url, log
     finally:
+        SESSIONS.pop(base_url, None)
         stop(process)
 
 

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from serve.engines.simulated import WORDS
-from tests.integration.conftest import running_server
+from tests.integration.conftest import SESSIONS, running_server, session_processes
 
 pytestmark = pytest.mark.own_server
 STEP_MS = 10
@@ -163,8 +163,9 @@ def test_health_is_readiness_an_engine_replica_lost_is_503_until_serve_replaces_
 ) -> None:
     base_url, _ = sim_server
     assert httpx.get(f"{base_url}/health", timeout=10).status_code == 200
-    (engine,) = [p for p in Path("/proc").iterdir() if p.name.isdigit() and b"LoraplexEngine" in _cmdline(p)]
-    os.kill(int(engine.name), signal.SIGKILL)
+    session = SESSIONS[base_url]  # this server's engine replica, not another server's on the machine
+    (engine,) = [pid for pid in session_processes(session) if b"LoraplexEngine" in _cmdline(Path(f"/proc/{pid}"))]
+    os.kill(engine, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while (health := httpx.get(f"{base_url}/health", timeout=10)).status_code == 200:
         assert time.monotonic() < deadline, "/health stayed 200 without an engine replica"

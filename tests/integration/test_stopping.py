@@ -9,6 +9,7 @@ Ray's own processes can die under the CLI. (SIGTERM to the CLI alone is how ever
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -16,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -39,6 +40,26 @@ STOPPED_WITHIN_S = GRACE_S + 60
 """The drain's grace, Serve's and Ray's shutdown, the sweep, on a loaded 2-core machine."""
 
 
+STARTED: list[subprocess.Popen[bytes]] = []
+"""The servers this module's tests started; `nothing_left_after_a_failure` ends any a failed test left running."""
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_after_a_failure() -> Iterator[None]:
+    """A test that fails before it stops its server (an assertion before the signal) must not leave the server
+    running for the modules after it (which find its processes: a second engine)."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        for pid in session_processes(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def start(work: Path, grace_s: float = GRACE_S) -> tuple[subprocess.Popen[bytes], str, Path]:
     """`loraplex serve` with the demo model in a session of its own: (process, base URL, log)."""
     model, _ = prepare(ASSETS)
@@ -59,6 +80,7 @@ def start(work: Path, grace_s: float = GRACE_S) -> tuple[subprocess.Popen[bytes]
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    STARTED.append(process)
     return process, f"http://127.0.0.1:{port}", log
 
 
