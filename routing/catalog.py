@@ -141,8 +141,9 @@ class ModelCatalog:
         if all(record is not None for record in records):
             made_of = tuple(record.content_hash for record in records if record is not None)
             key = composition_key(replace(composition, built_from=made_of))
-            if (known := self._composites.get(key)) is not None and self._clock() - known[0] < INLINE_IDLE_S:
-                self._composites[key] = (self._clock(), known[1])
+            now = self._clock()
+            if (known := self._composites.get(key)) is not None and now - known[0] < INLINE_IDLE_S:
+                self._composites[key] = (now, known[1])
                 self._composites.move_to_end(key)
                 return ModelTarget(id=self.adapter_id(known[1].name), adapter=known[1]), False
         outcome = await self.registry.materialize(composition, owner)
