@@ -1,5 +1,6 @@
-"""What the server does when things go wrong, on a real two-replica server: bad input, clients that
-leave, a burst past capacity, an engine replica killed under load, an engine core that dies, SIGTERM.
+"""A real two-replica server: first, placement (each adapter lives on one replica behind the affinity router, and
+metrics show it); then what the server does when things go wrong: bad input, clients that leave, a burst past
+capacity, an engine replica killed under load, an engine core that dies, SIGTERM.
 
 The server here is its own (two engine replicas, so there is one to fail over to, and small limits,
 so overload is quick to reach); tests/conftest.py runs this module before the shared stack starts.
@@ -53,6 +54,9 @@ ABORTED_WITHIN_S = 6.5
 RUNNING = "loraplex_replica_running_requests"
 ENGINE_REPLICA = "ServeReplica:loraplex:LoraplexEngine"
 ENGINE_CORE = "EngineCore"
+PLACED = [f"tenant{i}" for i in range(8)]
+"""Adapters the placement test spreads over the two replicas (served by no other test)."""
+ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                     "max_queued_requests": MAX_INFLIGHT,
                     "health_check_period_s": 2,
                     "graceful_shutdown_timeout_s": GRACE_S,
+                    # Placement by routing alone: a replica that comes up after the first requests would otherwise
+                    # warm the hot adapters whose home it is (tests/integration/test_autoscaling.py), holding them
+                    # twice; the tests here do not depend on warming.
+                    "warm_adapters": 0,
                 },
                 "router": {
                     "max_inflight": MAX_INFLIGHT,
@@ -93,7 +101,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             }
         )
     )
-    with running_server(config, {"alpha": demo["alpha"], "beta": demo["beta"]}, work) as (url, log):
+    adapters = {"alpha": demo["alpha"], "beta": demo["beta"]}
+    adapters |= {name: demo["alpha" if i % 2 else "beta"] for i, name in enumerate(PLACED)}
+    with running_server(config, adapters, work) as (url, log):
         yield Server(url=url, pid=serve_process(url), base=model_dir.name, log=log)
 
 
@@ -236,6 +246,36 @@ def assert_openai_error(response: httpx.Response, status: int | set[int]) -> dic
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"], error
     return dict(error)
+
+
+async def test_each_adapter_is_loaded_on_one_replica_and_metrics_show_it(server: Server) -> None:
+    """First in the file: no adapter has been loaded yet, and no replica replaced."""
+    client = openai_client(server)
+    try:
+        for _ in range(ROUNDS):  # 4 at a time: below affinity's min_load (8), so nothing spills
+            for group in (PLACED[:4], PLACED[4:]):
+                await asyncio.gather(*(client.completions.create(model=n, prompt="Hi", max_tokens=2) for n in group))
+        await asyncio.gather(*(client.completions.create(model=server.base, prompt="Hi", max_tokens=2)
+                               for _ in range(8)))  # fmt: skip
+    finally:
+        await client.close()
+
+    deadline = time.monotonic() + 30
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        while True:  # replicas report every 2 s
+            text = (await http.get("/metrics")).text
+            misses = series(text, "loraplex_adapter_cache_misses_total")
+            hits = series(text, "loraplex_adapter_cache_hits_total")
+            if len(misses) == 2 and sum(misses.values()) + sum(hits.values()) >= len(PLACED) * ROUNDS:
+                break
+            assert time.monotonic() < deadline, text
+            await asyncio.sleep(1)
+        placements = {name: (await http.get(f"/v1/adapters/{name}")).json()["replicas"] for name in PLACED}
+    assert all(len(where) == 1 for where in placements.values()), placements
+    assert sum(misses.values()) == len(PLACED)  # one load per adapter, on its home replica only
+    assert sum(hits.values()) == len(PLACED) * (ROUNDS - 1)
+    loaded = series(text, "loraplex_replica_adapters_loaded")
+    assert sorted(loaded) == sorted(misses) and sum(loaded.values()) == len(PLACED)
 
 
 BAD_BODIES = [
