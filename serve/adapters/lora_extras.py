@@ -16,7 +16,7 @@ DORA_OPTION = "use_dora: per-channel magnitude, computed at load against the bas
 """The `options` entry of a DoRA adapter (`use_dora`: a `lora_magnitude_vector` on each LoRA'd linear layer)."""
 
 
-def bias_shape(name: str, shape: list[int], base_shape: list[int]) -> Refusal | None:
+def bias_shape_refusal(name: str, shape: list[int], base_shape: list[int]) -> Refusal | None:
     """A lora_B.bias is one value per output of the base layer (out, in)."""
     if shape != base_shape[:1]:
         return (f"{name} has shape {shape}, the base model needs {base_shape[:1]} (one value per output of the layer; "
@@ -24,7 +24,7 @@ def bias_shape(name: str, shape: list[int], base_shape: list[int]) -> Refusal | 
     return None
 
 
-def lora_bias(config: dict[str, Any], biased: tuple[str, ...], unbiased: tuple[str, ...]) -> Refusal | None:
+def lora_bias_refusal(config: dict[str, Any], biased: tuple[str, ...], unbiased: tuple[str, ...]) -> Refusal | None:
     """`lora_bias` and the biases saved must agree, as PEFT loads them: without the flag PEFT's lora_B has no bias
     and ignores saved ones; with it, each LoRA'd linear layer has one, and PEFT saves them all. `biased`: the modules
     whose lora_B has a bias; `unbiased`: the linear modules whose lora_B has none."""
@@ -40,7 +40,7 @@ def lora_bias(config: dict[str, Any], biased: tuple[str, ...], unbiased: tuple[s
     return None
 
 
-def magnitude_shape(name: str, shape: list[int], module: str, base_shape: list[int]) -> Refusal | None:
+def magnitude_refusal(name: str, shape: list[int], module: str, base_shape: list[int]) -> Refusal | None:
     """A `lora_magnitude_vector` is one value per output of a linear layer (out, in); DoRA on the embedding (or on
     lm_head, which vLLM's logits LoRA layer serves) is not served."""
     leaf = module.rsplit(".", 1)[-1]
@@ -54,7 +54,7 @@ def magnitude_shape(name: str, shape: list[int], module: str, base_shape: list[i
     return None
 
 
-def dora(config: dict[str, Any], magnitudes: tuple[str, ...], plain: tuple[str, ...],
+def dora_refusal(config: dict[str, Any], magnitudes: tuple[str, ...], plain: tuple[str, ...],
          embeddings: tuple[str, ...]) -> Refusal | None:  # fmt: skip
     """`use_dora` and the magnitudes saved must agree, as PEFT loads them: without the flag PEFT has no magnitude and
     ignores saved ones; with it, every LoRA'd layer has one, and PEFT saves them all. `magnitudes`: the modules with a

@@ -23,8 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve.adapters import lora_extras
-from serve.adapters.lora_extras import DORA_OPTION, LORA_BIAS_OPTION
+from serve.adapters.lora_extras import (
+    DORA_OPTION,
+    LORA_BIAS_OPTION,
+    bias_shape_refusal,
+    dora_refusal,
+    lora_bias_refusal,
+    magnitude_refusal,
+)
 from serve.adapters.tensor_names import PEFT_PREFIX, engine_name, misplaced_message, relocated, split
 from serve.adapters.unserved import Refusal, unserved
 
@@ -175,8 +181,8 @@ def validate_adapter(
     if (refusal := unserved(config, tensors, base_shapes)) is not None:
         raise AdapterInvalid(*refusal)
     checked = _check_shapes(tensors, base_shapes, options, config)
-    _refuse(lora_extras.dora(config, checked.magnitudes, checked.plain, checked.embeddings))
-    _refuse(lora_extras.lora_bias(config, checked.biased, checked.unbiased))
+    _refuse(dora_refusal(config, checked.magnitudes, checked.plain, checked.embeddings))
+    _refuse(lora_bias_refusal(config, checked.biased, checked.unbiased))
     for name in checked.saved_embeddings:
         _check_saved_embedding(weights, name, base_model)
     # DoRA's magnitudes change the base output even where lora_B is zero: the warning is for plain LoRA only.
@@ -348,11 +354,11 @@ def _check_shapes(
             saved.append(name)
             continue
         if part == "lora_bias" and leaf not in EMBEDDINGS:
-            _refuse(lora_extras.bias_shape(name, shape, base[module]))
+            _refuse(bias_shape_refusal(name, shape, base[module]))
             biased.append(module)
             continue
         if part == "lora_magnitude":
-            _refuse(lora_extras.magnitude_shape(name, shape, module, base[module]))
+            _refuse(magnitude_refusal(name, shape, module, base[module]))
             magnitudes.append(module)
             continue
         if (leaf in EMBEDDINGS) != part.startswith("lora_embedding"):
