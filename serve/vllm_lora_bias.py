@@ -19,6 +19,7 @@ Turned off only with the rest of the plugin: an adapter with `lora_bias` is then
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterable
@@ -68,6 +69,7 @@ def install() -> None:
 
 
 def _features_but_bias(validate: Callable[[Any], list[str]]) -> Callable[[Any], list[str]]:
+    @functools.wraps(validate)
     def _validate_features(self: Any) -> list[str]:
         return validate(dataclasses.replace(self, lora_bias=False) if self.lora_bias else self)
 
@@ -77,6 +79,7 @@ def _features_but_bias(validate: Callable[[Any], list[str]]) -> Callable[[Any], 
 def _parse_bias_as_b(parse: Callable[..., tuple[str, bool]]) -> Callable[..., tuple[str, bool]]:
     """The loader's name check: `<module>.lora_B.bias` names the module `<module>.lora_B.weight` does."""
 
+    @functools.wraps(parse)
     def parse_fine_tuned_lora_name(name: str, *args: Any, **kwargs: Any) -> tuple[str, bool]:
         return parse(_as_b_weight(name), *args, **kwargs)
 
@@ -88,6 +91,7 @@ def _as_b_weight(name: str) -> str:
 
 
 def _reading_biases(from_tensors: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(from_tensors)
     def from_lora_tensors(cls: type, lora_model_id: int, tensors: dict[str, torch.Tensor], *args: Any,
                           **kwargs: Any) -> Any:  # fmt: skip
         import torch
@@ -113,6 +117,7 @@ def _reading_biases(from_tensors: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _packing_biases(pack: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(pack)
     def packed(cls: type, loras: Any, *args: Any, **kwargs: Any) -> Any:
         result = pack(cls, loras, *args, **kwargs)
         biases = [getattr(lora, "output_bias", None) for lora in loras]
@@ -137,6 +142,7 @@ def bias_numel(loras: Iterable[Any]) -> int:
 
 
 def _with_buffers(create: Callable[[Any], None]) -> Callable[[Any], None]:
+    @functools.wraps(create)
     def _create_lora_modules(self: Any) -> None:
         from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
@@ -161,6 +167,7 @@ def give_buffer(layer: Any, slots: int) -> None:
 def _checking_biases(merge: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
     """Every bias of an adapter must reach a layer that adds it: else the load fails, before the adapter is used."""
 
+    @functools.wraps(merge)
     def _create_merged_loras_inplace(self: Any, lora_model: Any) -> None:
         loaded = bias_numel(lora_model.loras.values())
         merge(self, lora_model)
@@ -177,6 +184,7 @@ def _checking_biases(merge: Callable[[Any, Any], None]) -> Callable[[Any, Any], 
 
 
 def _writing_biases(activate: Callable[[Any, int], bool]) -> Callable[[Any, int], bool]:
+    @functools.wraps(activate)
     def activate_adapter(self: Any, lora_id: int) -> bool:
         activated = activate(self, lora_id)
         if activated:
@@ -236,6 +244,7 @@ def write_slot(layer: Any, index: int, lora: Any, name: str = "") -> None:
 
 
 def _adding_bias(apply: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(apply)
     def with_bias(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         return add_slot_bias(self, apply(self, *args, **kwargs))
 
@@ -245,16 +254,22 @@ def _adding_bias(apply: Callable[..., torch.Tensor]) -> Callable[..., torch.Tens
 def add_slot_bias(layer: Any, output: torch.Tensor) -> torch.Tensor:
     """`output` (tokens, width), or (1, tokens, width), with each token's slot's row of `layer`'s biases added."""
     stacked = layer.__dict__.get(BUFFER)
-    if stacked is None or (not layer.__dict__[HELD] and not _traced()):
+    if stacked is None or (not layer.__dict__[HELD] and not traced()):
         return output
     flat = output.view(-1, output.shape[-1])
-    # The wrapper's per-token slots (-1: base); rows past this step's tokens (graph padding) are clamped, not read.
-    slots = layer.punica_wrapper._token_lora_indices[: flat.shape[0]].clamp(-1, stacked.shape[0] - 2)
-    flat.add_(stacked[slots].to(flat.dtype))
+    flat.add_(stacked[token_slots(layer, flat.shape[0], stacked.shape[0])].to(flat.dtype))
     return output
 
 
-def _traced() -> bool:
+def token_slots(layer: Any, tokens: int, rows: int) -> torch.Tensor:
+    """The slot of each of a step's first `tokens` tokens in `layer` (a linear LoRA layer), read from its punica
+    wrapper, as row indices into a per-slot buffer of `rows` rows whose last row is zero: base tokens (slot -1) pick
+    it. Indices past the step's tokens (graph padding) are clamped, not read."""
+    indices: torch.Tensor = layer.punica_wrapper._token_lora_indices[:tokens]
+    return indices.clamp(-1, rows - 2)
+
+
+def traced() -> bool:
     """True while torch.compile traces or a CUDA graph is captured: the step must then be in the graph."""
     import torch
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from serve import vllm_lora_bias, vllm_slots
+from serve import vllm_dora, vllm_lora_bias, vllm_slots
 from serve.processes import die_with_parent_if_asked
 
 logger = logging.getLogger("loraplex.vllm_patches")
@@ -32,6 +32,9 @@ def register() -> None:
     _pin_adapters_in_memory_not_in_slots()
     vllm_slots.install()  # on only for an engine whose config asks for it
     _mask_base_rows_in_cpu_lora_ops()
+    # PEFT's DoRA: g folded at load, (g - 1) W x added per slot (serve/vllm_dora.py); first, so that it wraps vLLM's
+    # own loader (whose signature it reads) and lora_bias wraps it.
+    vllm_dora.install()
     vllm_lora_bias.install()  # PEFT's lora_bias: read at load, added per slot (serve/vllm_lora_bias.py)
     if os.environ.get(CPU_LORA_OPS_ENV, "grouped") == "grouped":
         _group_cpu_lora_ops_by_slot()

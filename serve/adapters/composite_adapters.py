@@ -23,6 +23,7 @@ from serve.adapters.composite_collection import InlineCollection, Sweep, inline_
 from serve.adapters.peft_compose import Composer, CompositeStore, check_arguments, composite_rank
 from serve.adapters.sources import UNREACHABLE, SourceResolver, SourceUnreachable
 from serve.adapters.validation import (
+    DORA_OPTION,
     LORA_BIAS_OPTION,
     AdapterInvalid,
     AdapterMetadata,
@@ -196,6 +197,10 @@ class CompositeAdapters:
             if LORA_BIAS_OPTION in record.options:  # PEFT's add_weighted_adapter combines A and B, not B's bias
                 raise AdapterInvalid(f"component {component!r} has a bias on LoRA's B (lora_bias), which PEFT does "
                                      "not combine", f"compose.adapters.{i}.name")  # fmt: skip
+            if DORA_OPTION in record.options:  # ... nor DoRA's magnitudes, which scale each adapter's own product
+                raise AdapterInvalid(f"component {component!r} is a DoRA adapter (use_dora): PEFT's "
+                                     "add_weighted_adapter does not combine its magnitudes",
+                                     f"compose.adapters.{i}.name")  # fmt: skip
             hashes.append(record.content_hash)
         ranks = {c: self._writer.records[c].rank for c in composition.adapters}
         composite_rank(composition.method, ranks, self._max_rank)

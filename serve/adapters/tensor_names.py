@@ -16,6 +16,7 @@ LORA_SUFFIXES = (
     ("lora_A", ".lora_A.weight"),
     ("lora_B", ".lora_B.weight"),
     ("lora_bias", ".lora_B.bias"),
+    ("lora_magnitude", ".lora_magnitude_vector"),
     ("lora_embedding_A", ".lora_embedding_A"),
     ("lora_embedding_B", ".lora_embedding_B"),
 )
@@ -31,8 +32,8 @@ def engine_name(name: str) -> str:
 
 def split(name: str) -> tuple[str | None, str]:
     """`base_model.model.<module>.lora_A.weight` → (`<module>`, `lora_A`), `<module>.lora_B.bias` → (`<module>`,
-    `lora_bias`), `...embed_tokens.lora_embedding_B` →
-    (`...embed_tokens`, `lora_embedding_B`), `...embed_tokens.base_layer.weight` → (`...embed_tokens`, `base_layer`);
+    `lora_bias`), `<module>.lora_magnitude_vector` → (`<module>`, `lora_magnitude`), `...embed_tokens.lora_embedding_B`
+    → (`...embed_tokens`, `lora_embedding_B`), `...embed_tokens.base_layer.weight` → (`...embed_tokens`, `base_layer`);
     (None, "") for other tensors. `<module>` is the name vLLM looks the LoRA up by."""
     read = engine_name(name)
     for part, suffix in LORA_SUFFIXES:

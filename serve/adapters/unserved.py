@@ -1,6 +1,6 @@
 """The PEFT options loraplex does not serve yet, each refused at registration by its own name.
 
-vLLM 0.32 fails on some of them when it loads the adapter (DoRA's magnitudes, trainable tokens), and
+vLLM 0.32 fails on some of them when it loads the adapter (trainable tokens), and
 silently serves others wrong (`modules_to_save` naming a LoRA'd module drops its LoRA, `layer_replication` and
 activated LoRA change which layers or tokens the LoRA applies to): either way the adapter is refused here, with the
 `adapter_config.json` field as the error's `param`, before anything is recorded.
@@ -26,7 +26,6 @@ class Unserved:
 
 
 UNSERVED = (
-    Unserved("use_dora", "DoRA (a per-channel magnitude over LoRA's direction)", (".lora_magnitude_vector",)),
     Unserved("modules_to_save", "whole modules trained and saved beside the LoRA",
              (".modules_to_save.", ".original_module.")),
     Unserved("trainable_token_indices", "trained rows of the embedding (trainable tokens)",

@@ -5,9 +5,10 @@ weights are refused; safetensors headers and `adapter_config.json` are read, and
 Every tensor of the checkpoint must be one vLLM 0.32 applies, as PEFT would: LoRA A/B of a linear layer at the
 rank `r` or `rank_pattern` gives its module, LoRA on the input embedding (`lora_embedding_A/B`), and the
 embedding's own weights PEFT saves beside it when they equal the base model's (vLLM skips them; PEFT loads them),
-and with `lora_bias` the bias of each linear layer's lora_B (which loraplex's vLLM plugin adds per slot,
-serve/vllm_lora_bias.py), each under the module name vLLM looks it up by (`tensor_names`). Options PEFT writes that
-are not served yet are refused by their own field (`unserved`).
+and with `lora_bias` the bias of each linear layer's lora_B, with `use_dora` each linear layer's DoRA magnitude
+(which loraplex's vLLM plugin serves, serve/vllm_lora_bias.py and serve/vllm_dora.py; checked by `lora_extras`),
+each under the module name vLLM looks it up by (`tensor_names`). Options PEFT writes that are not served yet are
+refused by their own field (`unserved`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serve.adapters.lora_extras import (
+    DORA_OPTION,
+    LORA_BIAS_OPTION,
+    bias_shape_refusal,
+    dora_refusal,
+    lora_bias_refusal,
+    magnitude_refusal,
+)
 from serve.adapters.tensor_names import PEFT_PREFIX, engine_name, misplaced_message, relocated, split
-from serve.adapters.unserved import unserved
+from serve.adapters.unserved import Refusal, unserved
+
+__all__ = ["DORA_OPTION", "LORA_BIAS_OPTION"]  # where the registry and the tests read them
 
 SUPPORTED_PEFT_TYPES = ("LORA",)
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -53,9 +64,6 @@ class AdapterMetadata:
     options: tuple[str, ...] = ()
     """The PEFT options beyond plain LoRA it carries, each with how it is served (`rank_pattern: per-module rank`)."""
 
-
-LORA_BIAS_OPTION = "lora_bias: lora_B.bias added to the adapter's tokens"
-"""The `options` entry of an adapter trained with `lora_bias` (its lora_B has a bias)."""
 
 EMBEDDINGS = ("embed_tokens",)
 """Input embeddings vLLM wraps with its embedding LoRA (the models' `embedding_modules`)."""
@@ -173,10 +181,12 @@ def validate_adapter(
     if (refusal := unserved(config, tensors, base_shapes)) is not None:
         raise AdapterInvalid(*refusal)
     checked = _check_shapes(tensors, base_shapes, options, config)
-    _check_lora_bias(config, checked)
+    _refuse(dora_refusal(config, checked.magnitudes, checked.plain, checked.embeddings))
+    _refuse(lora_bias_refusal(config, checked.biased, checked.unbiased))
     for name in checked.saved_embeddings:
         _check_saved_embedding(weights, name, base_model)
-    warnings = (NO_OP_WARNING,) if lora_b_all_zero(weights) else ()
+    # DoRA's magnitudes change the base output even where lora_B is zero: the warning is for plain LoRA only.
+    warnings = (NO_OP_WARNING,) if not checked.magnitudes and lora_b_all_zero(weights) else ()
     return AdapterMetadata(
         rank=checked.rank,
         alpha=options.alpha,
@@ -187,8 +197,14 @@ def validate_adapter(
         warnings=warnings,
         options=options.served()
         + (("embed_tokens: LoRA",) if "embed_tokens" in checked.targets else ())
-        + ((LORA_BIAS_OPTION,) if checked.biased else ()),
+        + ((LORA_BIAS_OPTION,) if checked.biased else ())
+        + ((DORA_OPTION,) if checked.magnitudes else ()),
     )
+
+
+def _refuse(refusal: Refusal | None) -> None:
+    if refusal is not None:
+        raise AdapterInvalid(*refusal)
 
 
 def read_options(config: dict[str, Any], max_rank: int) -> LoraOptions:
@@ -294,6 +310,12 @@ class Checked:
     """The modules whose lora_B carries a bias (`lora_bias`)."""
     unbiased: tuple[str, ...] = ()
     """The linear modules whose lora_B does not."""
+    magnitudes: tuple[str, ...] = ()
+    """The modules with a DoRA magnitude (`use_dora`)."""
+    plain: tuple[str, ...] = ()
+    """The linear modules with a LoRA and no magnitude."""
+    embeddings: tuple[str, ...] = ()
+    """The embedding modules with a LoRA."""
 
 
 def _check_shapes(
@@ -308,6 +330,7 @@ def _check_shapes(
     ranks = [0]
     saved = []
     biased: list[str] = []
+    magnitudes: list[str] = []
     held: dict[tuple[str, str], str] = {}
     misplaced: list[tuple[str, str, str, str]] = []
     for name, shape in tensors.items():
@@ -331,8 +354,12 @@ def _check_shapes(
             saved.append(name)
             continue
         if part == "lora_bias" and leaf not in EMBEDDINGS:
-            _check_bias_shape(name, shape, base[module])
+            _refuse(bias_shape_refusal(name, shape, base[module]))
             biased.append(module)
+            continue
+        if part == "lora_magnitude":
+            _refuse(magnitude_refusal(name, shape, module, base[module]))
+            magnitudes.append(module)
             continue
         if (leaf in EMBEDDINGS) != part.startswith("lora_embedding"):
             kind = "an embedding (lora_embedding_A/B)" if leaf in EMBEDDINGS else "a linear layer (lora_A/B)"
@@ -346,35 +373,16 @@ def _check_shapes(
             (half,) = pair
             other = half[:-1] + ("B" if half.endswith("A") else "A")
             raise AdapterInvalid(f"{module} has {half} but no {other}: vLLM cannot apply half a LoRA")
-    for module in biased:
+    for module, tensor, field in [(m, "lora_B.bias", "lora_bias") for m in biased] + [
+            (m, "lora_magnitude_vector", "use_dora") for m in magnitudes]:  # fmt: skip
         if "lora_B" not in parts.get(module, ()):
-            raise AdapterInvalid(f"{module} has a lora_B.bias but no LoRA (lora_A/lora_B weights)", "lora_bias")
+            raise AdapterInvalid(f"{module} has a {tensor} but no LoRA (lora_A/lora_B weights)", field)
     targets = tuple(sorted({module.rsplit(".", 1)[-1] for module in parts}))
-    unbiased = tuple(m for m, pair in parts.items() if "lora_B" in pair and m not in biased)
+    linear = [m for m, pair in parts.items() if "lora_B" in pair]
     return Checked(targets=targets, rank=max(ranks), saved_embeddings=tuple(saved), biased=tuple(biased),
-                   unbiased=unbiased)  # fmt: skip
-
-
-def _check_bias_shape(name: str, shape: list[int], base_shape: list[int]) -> None:
-    """A lora_B.bias is one value per output of the base layer (out, in)."""
-    if shape != base_shape[:1]:
-        raise AdapterInvalid(f"{name} has shape {shape}, the base model needs {base_shape[:1]} (one value per output "
-                             "of the layer; wrong base model?)", "lora_bias")  # fmt: skip
-
-
-def _check_lora_bias(config: dict[str, Any], checked: Checked) -> None:
-    """`lora_bias` and the biases saved must agree, as PEFT loads them: without the flag PEFT's lora_B has no bias
-    and ignores saved ones; with it, each LoRA'd linear layer has one, and PEFT saves them all."""
-    flag = config.get("lora_bias", False)
-    if not isinstance(flag, bool):
-        raise AdapterInvalid(f"adapter_config.json has lora_bias {flag!r}; true or false", "lora_bias")
-    if checked.biased and not flag:
-        message = (f"tensors such as '{checked.biased[0]}.lora_B.bias' carry a bias on LoRA's B, but "
-                   "adapter_config.json does not set lora_bias: PEFT would ignore them")  # fmt: skip
-        raise AdapterInvalid(message, "lora_bias")
-    if flag and checked.unbiased:
-        raise AdapterInvalid(f"adapter_config.json sets lora_bias, but {checked.unbiased[0]} has no lora_B.bias "
-                             "(PEFT saves one for every LoRA'd layer)", "lora_bias")  # fmt: skip
+                   unbiased=tuple(m for m in linear if m not in biased), magnitudes=tuple(magnitudes),
+                   plain=tuple(m for m in linear if m not in magnitudes),
+                   embeddings=tuple(m for m, pair in parts.items() if "lora_embedding_B" in pair))  # fmt: skip
 
 
 def _check_pair_shape(

@@ -1,7 +1,7 @@
 """PEFT options served on the real stack: per-module rank and scale (rank_pattern, alpha_pattern), LoRA on
-embed_tokens, and a bias on LoRA's B (lora_bias, through loraplex's vLLM plugin), each served in one batch with the
-base model and a plain adapter and checked against transformers + PEFT under the project's top-5 rule; what would not
-be served faithfully is a 400 naming the field."""
+embed_tokens, a bias on LoRA's B (lora_bias) and DoRA's per-channel magnitudes (use_dora), the last two through
+loraplex's vLLM plugin, each served in one batch with the base model and a plain adapter and checked against
+transformers + PEFT under the project's top-5 rule; what would not be served faithfully is a 400 naming the field."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from serve.adapters.validation import LORA_BIAS_OPTION
-from serve.demo.reference import Greedy, Reference, assert_close, served_greedy
+from serve.adapters.validation import DORA_OPTION, LORA_BIAS_OPTION
+from serve.demo.reference import Greedy, Reference, assert_close, divergence, served_greedy
 from tests.integration.conftest import Stack
 
 MAX_TOKENS = 12
@@ -45,13 +45,20 @@ OPTIONS = {
         {"r": 8, "lora_alpha": 16, "target_modules": ALL_LINEAR, "lora_bias": True},
         83, [LORA_BIAS_OPTION],
     ),
+    # DoRA on every linear layer, packed and not, its magnitudes moved off the row norms (`make_peft_adapter`).
+    "opt-dora": (
+        {"r": 8, "lora_alpha": 16, "target_modules": ALL_LINEAR, "use_dora": True},
+        84, [DORA_OPTION],
+    ),
 }  # fmt: skip
 
 
 def make_peft_adapter(model_dir: Path, dest: Path, seed: int, **settings: object) -> Path:
     """A PEFT adapter with seeded weights that change the output: A ~ N(0, 1/in), B ~ N(0, 0.3²/rank); an
     embedding's A (rank, vocabulary) ~ N(0, 1) and B ~ N(0, 0.02²/rank), a change of the size of the embedding's;
-    B's bias (lora_bias) ~ N(0, 0.05²)."""
+    B's bias (lora_bias) ~ N(0, 0.05²); DoRA's magnitude (use_dora: PEFT sets it to the row norms of W + sBA for its
+    own initial A and B, replaced here) scaled per channel by 1 + 0.1·N(0, 1) clamped to [0.9, 1.1], as training
+    moves it: g = m/||W + sBA|| of the saved weights spans about 0.6 to 1.1 (seed 84)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -73,6 +80,8 @@ def make_peft_adapter(model_dir: Path, dest: Path, seed: int, **settings: object
                     param.copy_(0.05 * noise)
                 elif "lora_B" in name:
                     param.copy_(0.3 * noise / param.shape[1] ** 0.5)
+                elif "lora_magnitude_vector" in name:
+                    param.mul_(1 + 0.1 * noise.clamp(-1, 1))
         model.save_pretrained(dest)
     return dest
 
@@ -134,19 +143,26 @@ def without(folder: Path, dest: Path, config: dict[str, object], drop: str = "")
 def test_what_the_options_change_shows_in_the_reference(
     stack: Stack, option_adapters: dict[str, Path], option_reference: Reference, tmp_path: Path
 ) -> None:
-    """Guards the batch test: a server that dropped the per-module scales, the embedding LoRA or LoRA's biases, or
-    applied none of the adapter, would answer differently from PEFT with the whole adapter."""
+    """Guards the batch test: a server that dropped the per-module scales, the embedding LoRA, LoRA's biases or DoRA's
+    magnitudes (serving it as plain LoRA), or applied none of the adapter, would answer differently from PEFT with the
+    whole adapter."""
     no_embedding = {"target_modules": ["q_proj", "v_proj"]}
     stripped = Reference(stack.model_dir, {
         "opt-patterns": without(option_adapters["opt-patterns"], tmp_path / "a", {"alpha_pattern": {}}),
         "opt-embed": without(option_adapters["opt-embed"], tmp_path / "e", no_embedding, drop="embed_tokens"),
         "opt-bias": without(option_adapters["opt-bias"], tmp_path / "b", {"lora_bias": False}, drop="lora_B.bias"),
+        "opt-dora": without(option_adapters["opt-dora"], tmp_path / "d", {"use_dora": False},
+                            drop="lora_magnitude_vector"),
     })  # fmt: skip
     prompts = [option_reference.chat_prompt(text) for text in PROMPTS]
     for name in OPTIONS:
         full = [option_reference.greedy(name, prompt, MAX_TOKENS).tokens for prompt in prompts]
         assert full != [stripped.greedy(name, prompt, MAX_TOKENS).tokens for prompt in prompts], name
         assert full != [option_reference.greedy(None, prompt, MAX_TOKENS).tokens for prompt in prompts], name
+    # Beyond the top-5 rule's tolerance: DoRA served as plain LoRA (its magnitudes dropped) would fail the batch test.
+    failures = [divergence(option_reference.greedy("opt-dora", prompt, MAX_TOKENS), stripped.greedy(
+        "opt-dora", prompt, MAX_TOKENS))[1] for prompt in prompts]  # fmt: skip
+    assert any(failure is not None for failure in failures), failures
 
 
 def set_config(folder: Path, **changes: object) -> None:
@@ -171,6 +187,8 @@ REFUSED = [
      lambda f: set_config(f, rank_pattern={"q_proj": 8}), "rank_pattern", "has rank 4, but"),
     ("opt-bias-unset", {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "lora_bias": True},
      lambda f: set_config(f, lora_bias=False), "lora_bias", "PEFT would ignore them"),
+    ("opt-dora-embedding", {"r": 8, "lora_alpha": 16, "target_modules": ["embed_tokens", "q_proj"], "use_dora": True},
+     None, "use_dora", "use_dora: DoRA on embed_tokens"),
 ]  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from serve.adapters.tensor_names import split
 from serve.adapters.validation import (
+    DORA_OPTION,
     LORA_BIAS_OPTION,
     NO_OP_WARNING,
     AdapterInvalid,
@@ -162,8 +163,8 @@ PEFT_ADAPTERS = {
     # PEFT's ensure_weight_tying adds a LoRA to the lm_head that SmolLM2 ties to its embedding: refused below.
     "embed-tokens-tied": ({"r": 8, "target_modules": ["embed_tokens", "q_proj"], "ensure_weight_tying": True}, 0, ()),
     "lm-head": ({"r": 8, "target_modules": ["lm_head", "q_proj"]}, 0, ()),
+    "dora": ({"r": 8, "target_modules": ["q_proj", "v_proj"], "use_dora": True}, 8, (DORA_OPTION,)),
     # Options loraplex does not serve yet: refused by name (`NOT_SERVED_YET`).
-    "dora": ({"r": 8, "target_modules": ["q_proj", "v_proj"], "use_dora": True}, 0, ()),
     "modules-to-save": ({"r": 8, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, 0, ()),
     "trainable-tokens": ({"r": 8, "target_modules": ["q_proj"], "trainable_token_indices": [0, 5]}, 0, ()),
     "added-tokens": ({"r": 8, "target_modules": ["q_proj"]}, 0, ()),  # on a base given 8 more tokens (`ADDED_TOKENS`)
@@ -339,9 +340,6 @@ def test_an_embedding_lora_whose_b_is_zero_is_registered_with_a_warning(
 
 NOT_SERVED_YET = [
     # (adapter, change, the field named in `param`, words of the message)
-    ("dora", lambda f: None, "use_dora", r"use_dora: DoRA .* is not served yet \(adapter_config.json has "
-     r"use_dora=true; tensors such as '\S+lora_magnitude_vector'\)"),
-    ("dora", lambda f: edit_config(f, use_dora=False), "use_dora", "DoRA .* not served yet .*lora_magnitude_vector"),
     ("modules-to-save", lambda f: None, "modules_to_save",
      r"modules_to_save: whole modules .* not served yet \(adapter_config.json has modules_to_save=\[\"lm_head\"\]"),
     ("modules-to-save", lambda f: edit_tensors(f, lambda t: t.update({

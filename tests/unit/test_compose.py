@@ -134,6 +134,18 @@ async def test_a_component_with_a_lora_bias_is_refused_naming_it(folders: dict[s
     assert "lora_bias" in refused.message
 
 
+async def test_a_dora_component_is_refused_naming_it(folders: dict[str, Path], tmp_path: Path) -> None:
+    """PEFT's add_weighted_adapter combines A and B only: a composite would drop the component's DoRA magnitudes."""
+    registry = await registered(folders, tmp_path)
+    dora = write_adapter(tmp_path / "dora", use_dora=True, tensors={
+        f"{LAYER}.q_proj.lora_A.weight": torch.ones(4, 576), f"{LAYER}.q_proj.lora_B.weight": torch.ones(576, 4),
+        f"{LAYER}.q_proj.lora_magnitude_vector": torch.ones(576)})  # fmt: skip
+    assert isinstance(await registry.register("dora", str(dora)), AdapterRecord)
+    refused = await registry.compose("mix", Composition("cat", ("alpha", "dora"), (1.0, 1.0)))
+    assert isinstance(refused, WireError) and (refused.status, refused.param) == (400, "compose.adapters.1.name")
+    assert "DoRA" in refused.message and "use_dora" in refused.message
+
+
 async def test_a_composite_that_cannot_be_rebuilt_is_marked_unusable(folders: dict[str, Path], tmp_path: Path) -> None:
     registry = await registered(folders, tmp_path)
     assert isinstance(

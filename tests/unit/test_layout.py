@@ -53,7 +53,8 @@ def test_the_runtime_imports_none_of_the_tooling() -> None:
 
 CONFIG_READS = {("serve/config/engine.py", "serve.adapters.validation")}
 """The config sizes its LoRA slots from the base model's weight shapes, read from the safetensors headers by the
-adapters' validation, which loads no engine, no torch and nothing else of serve/ but two modules of names."""
+adapters' validation, which loads no engine, no torch and nothing else of serve/ but three small modules of names
+and option checks."""
 
 
 def test_the_contract_imports_nothing_else_of_serve_so_routing_reaches_nothing_else_indirectly() -> None:
@@ -67,5 +68,5 @@ def test_the_contract_imports_nothing_else_of_serve_so_routing_reaches_nothing_e
     tree = ast.parse((ROOT / "serve/adapters/validation.py").read_text())
     loaded = {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
     loaded |= {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
-    names = {"serve.adapters.tensor_names", "serve.adapters.unserved"}
+    names = {"serve.adapters.tensor_names", "serve.adapters.unserved", "serve.adapters.lora_extras"}
     assert not any(within(name, ("serve", "routing", "torch", "vllm")) for name in loaded - names), sorted(loaded)

@@ -7,39 +7,34 @@ base tokens: every row must equal what PEFT's module gives that row.
 
 from __future__ import annotations
 
-import socket
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
-from serve.vllm_patches import register
+from serve.vllm_lora_bias import give_buffer
+from tests.unit.lora_layers import (
+    HIDDEN,
+    INTER,
+    PACKED,
+    PROJECTIONS,
+    SLOTS,
+    Block,
+    load,
+    pack,
+    process_group,
+    punica,
+    vllm_layers,
+)
 
-HIDDEN, HEAD, HEADS, KV_HEADS, INTER = 24, 8, 4, 2, 40
-SLOTS = 3
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+__all__ = ["process_group"]  # a fixture of these tests
 ADAPTERS = {"biased": (1, True, 31), "plain": (2, False, 32)}
 """name: (vLLM's LoRA id, lora_bias, seed); each in the slot of its id - 1."""
 TOKENS = [1, 1, 2, 0, 1, 0, 2, 1]
 """The LoRA id of each token of the batch (0: the base model)."""
-
-
-class Block(nn.Module):
-    """The linear layers of a decoder block, as PEFT sees them (vLLM packs q/k/v and gate/up)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.q_proj = nn.Linear(HIDDEN, HEADS * HEAD, bias=False)
-        self.k_proj = nn.Linear(HIDDEN, KV_HEADS * HEAD, bias=False)
-        self.v_proj = nn.Linear(HIDDEN, KV_HEADS * HEAD, bias=False)
-        self.gate_proj = nn.Linear(HIDDEN, INTER, bias=False)
-        self.up_proj = nn.Linear(HIDDEN, INTER, bias=False)
-        self.down_proj = nn.Linear(INTER, HIDDEN, bias=True)
 
 
 @pytest.fixture(scope="module")
@@ -77,95 +72,15 @@ def peft_block(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str,
     return model, folders
 
 
-@pytest.fixture(scope="module")
-def process_group() -> Iterator[None]:
-    """vLLM's parallel state for one process (its linear layers read their tensor-parallel rank from it)."""
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
-    from vllm.distributed.parallel_state import model_parallel_is_initialized
-
-    register()  # loraplex's vLLM plugin, as in every vLLM process
-    with set_current_vllm_config(VllmConfig()):
-        if not model_parallel_is_initialized():
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-            init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                         distributed_init_method=f"tcp://127.0.0.1:{port}")  # fmt: skip
-            initialize_model_parallel(1, 1)
-        yield
-
-
-def load(folder: Path) -> Any:
-    """vLLM's LoRAModel for a PEFT folder, read as its worker reads it (the plugin's patches in place)."""
-    from vllm.lora.lora_model import LoRAModel
-    from vllm.lora.peft_helper import PEFTHelper
-
-    helper = PEFTHelper.from_local_dir(str(folder), max_position_embeddings=None)
-    return LoRAModel.from_local_checkpoint(str(folder), set(PROJECTIONS), helper, lora_model_id=1, device="cpu",
-                                           dtype=torch.float32)  # fmt: skip
-
-
-def vllm_layers(block: Block) -> dict[str, Any]:
-    """vLLM's LoRA layers over `block`'s weights: qkv_proj, gate_up_proj (packed) and down_proj, each with the
-    per-slot bias buffer the plugin gives every linear LoRA layer."""
-    from vllm.config.lora import LoRAConfig
-    from vllm.lora.layers import (
-        MergedColumnParallelLinearWithLoRA,
-        MergedQKVParallelLinearWithLoRA,
-        RowParallelLinearWithLoRA,
-    )
-    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-
-    from serve.vllm_lora_bias import give_buffer
-
-    qkv = QKVParallelLinear(HIDDEN, HEAD, HEADS, KV_HEADS, bias=False, prefix="qkv_proj")
-    gate_up = MergedColumnParallelLinear(HIDDEN, [INTER, INTER], bias=False, prefix="gate_up_proj")
-    down = RowParallelLinear(INTER, HIDDEN, bias=True, prefix="down_proj")
-    with torch.no_grad():
-        qkv.weight.copy_(torch.cat([block.q_proj.weight, block.k_proj.weight, block.v_proj.weight]))
-        gate_up.weight.copy_(torch.cat([block.gate_proj.weight, block.up_proj.weight]))
-        down.weight.copy_(block.down_proj.weight)
-        down.bias.copy_(block.down_proj.bias)
-    for base in (qkv, gate_up, down):
-        base.quant_method.process_weights_after_loading(base)  # what vLLM's loader does: picks the CPU GEMM
-    layers = {"qkv_proj": MergedQKVParallelLinearWithLoRA(qkv), "gate_up_proj": MergedColumnParallelLinearWithLoRA(
-        gate_up), "down_proj": RowParallelLinearWithLoRA(down)}  # fmt: skip
-    config = LoRAConfig(max_loras=SLOTS, max_lora_rank=8, lora_dtype=torch.float32)
-    for layer in layers.values():
-        layer.create_lora_weights(SLOTS, config)
-        give_buffer(layer, SLOTS)
-    return layers
-
-
-PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
-          "down_proj": ("down_proj",)}  # fmt: skip
-
-
 def activate(layers: dict[str, Any], slot: int, lora_model: Any) -> None:
     """What vLLM's LoRAModelManager does to put an adapter in a slot (packing, then set_lora), with the plugin's
     bias write (its `activate_adapter` wrapper)."""
-    from vllm.lora.lora_weights import PackedLoRALayerWeights
-
     from serve.vllm_lora_bias import write_slot
 
     for name, layer in layers.items():
-        parts = [lora_model.loras[part] for part in PACKED[name]]
-        weights = PackedLoRALayerWeights.pack(parts) if len(parts) > 1 else parts[0].optimize()
+        weights = pack(lora_model, name)
         layer.set_lora(slot, weights.lora_a, weights.lora_b)
         write_slot(layer, slot, weights, name)
-
-
-def punica(kind: str, tokens: list[int]) -> Any:
-    """A CPU punica wrapper told each token's LoRA id, as vLLM's manager tells it every step."""
-    from vllm.lora.layers import LoRAMapping
-
-    from serve.cpu_lora import GroupedPunicaWrapperCPU, PunicaWrapperCPU
-
-    wrapper = (GroupedPunicaWrapperCPU if kind == "grouped" else PunicaWrapperCPU)(64, 16, "cpu")
-    mapping = LoRAMapping(index_mapping=tuple(tokens), prompt_mapping=tuple(tokens), is_prefill=True)
-    wrapper.update_metadata(mapping, [1, 2, None], SLOTS + 1, 100)
-    return wrapper
 
 
 def peft_rows(model: Any, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +106,7 @@ def test_a_batch_of_a_bias_adapter_a_plain_one_and_base_rows_matches_peft(
     peft_block: tuple[Any, dict[str, Path]], process_group: None, ops: str
 ) -> None:
     model, folders = peft_block
-    layers = vllm_layers(model.base_model.model)
+    layers = vllm_layers(model.base_model.model, (give_buffer,))
     for name, (lora_id, _, _) in ADAPTERS.items():
         activate(layers, lora_id - 1, load(folders[name]))
     wrapper = punica(ops, TOKENS)
@@ -240,8 +155,8 @@ def test_vllm_still_refuses_what_is_not_served_beside_lora_bias(
     config = LoRAConfig(max_loras=SLOTS, max_lora_rank=8)
     settings = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "lora_bias": True}
     PEFTHelper.from_dict(settings).validate_legal(config)
-    with pytest.raises(ValueError, match="DoRA"):
-        PEFTHelper.from_dict({**settings, "use_dora": True}).validate_legal(config)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        PEFTHelper.from_dict({**settings, "modules_to_save": ["lm_head"]}).validate_legal(config)
 
 
 def test_a_bias_that_no_layer_can_add_fails_the_load(
@@ -252,7 +167,7 @@ def test_a_bias_that_no_layer_can_add_fails_the_load(
     from serve.vllm_lora_bias import output_vector
 
     model, folders = peft_block
-    layers = vllm_layers(model.base_model.model)
+    layers = vllm_layers(model.base_model.model, (give_buffer,))
     down = load(folders["biased"]).loras["down_proj"]
     with pytest.raises(ValueError, match="not a linear LoRA layer"):
         output_vector(None, down, "down_proj")
@@ -269,7 +184,7 @@ def test_a_slot_given_a_plain_adapter_after_a_bias_one_adds_nothing(
     from serve.vllm_lora_bias import BUFFER, write_slot
 
     model, folders = peft_block
-    layers = vllm_layers(model.base_model.model)
+    layers = vllm_layers(model.base_model.model, (give_buffer,))
     activate(layers, 0, load(folders["biased"]))
     assert layers["down_proj"].__dict__[BUFFER][0].abs().max() > 0
     activate(layers, 0, load(folders["plain"]))
@@ -284,18 +199,16 @@ def test_the_manager_writes_a_slots_biases_when_it_activates_an_adapter_there(
 ) -> None:
     """vLLM's LoRAModelManager.activate_adapter, wrapped by the plugin: after vLLM's own activation (here a stand-in
     that packs and calls set_lora, as vLLM does), the slot's row of every layer holds the adapter's vector."""
-    from vllm.lora.lora_weights import PackedLoRALayerWeights
     from vllm.lora.model_manager import LoRAModelManager
 
     from serve.vllm_lora_bias import BUFFER, _writing_biases, output_vector
 
     model, folders = peft_block
-    layers = vllm_layers(model.base_model.model)
+    layers = vllm_layers(model.base_model.model, (give_buffer,))
     lora_model = load(folders["biased"])
     packed = {}
     for name in layers:
-        parts = [lora_model.loras[part] for part in PACKED[name]]
-        packed[name] = PackedLoRALayerWeights.pack(parts) if len(parts) > 1 else parts[0].optimize()
+        packed[name] = pack(lora_model, name)
     lora_model.loras = packed
     manager = SimpleNamespace(lora_index_to_id=[None, 7, None], _registered_adapters={7: lora_model}, modules=layers,
                               _get_lora_layer_weights=lambda lora, name: lora.loras.get(name))  # fmt: skip
@@ -320,6 +233,6 @@ def test_an_adapter_whose_biases_vllm_would_drop_while_packing_fails_its_load(
     def merge_dropping(self: Any, lora: Any) -> None:
         lora.loras["down_proj"].output_bias = None
 
-    manager = SimpleNamespace(modules=vllm_layers(model.base_model.model))
+    manager = SimpleNamespace(modules=vllm_layers(model.base_model.model, (give_buffer,)))
     with pytest.raises(ValueError, match="packs in a way loraplex does not carry"):
         _checking_biases(merge_dropping)(manager, lora_model)

@@ -214,7 +214,8 @@ def test_the_peft_options_an_adapter_carries_are_recorded_and_a_malformed_one_re
 
 NOT_RECORDED = [
     # (case, the adapter's tensors (None: a plain LoRA on q_proj) and config, status, param, words of the message)
-    ("DoRA", None, {"use_dora": True}, 400, "use_dora", "use_dora: DoRA .* not served yet"),
+    ("DoRA without its magnitudes", None, {"use_dora": True}, 400, "use_dora",
+     r"sets use_dora, but \S+q_proj has no lora_magnitude_vector"),
     ("LoRA bias", {f"{LAYER}.q_proj.lora_A.weight": torch.ones(4, 576), f"{LAYER}.q_proj.lora_B.weight":
                    torch.ones(576, 4), f"{LAYER}.q_proj.lora_B.bias": torch.ones(576)}, {}, 400, "lora_bias",
      r"carry a bias on LoRA's B, but adapter_config.json does not set lora_bias: PEFT would ignore them"),
