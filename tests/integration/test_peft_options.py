@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import warnings
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from serve.adapters.validation import DORA_OPTION, LORA_BIAS_OPTION
+from serve.demo.option_adapters import ALL_LINEAR, make_peft_adapter
 from serve.demo.reference import Greedy, Reference, assert_close, divergence, served_greedy
 from tests.integration.conftest import Stack
 
@@ -24,7 +25,6 @@ MAX_TOKENS = 12
 PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.")
 GREEDY = {"max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 5}
 TOKEN_IDS = {"return_tokens_as_token_ids": True, "ignore_eos": True}
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PLAIN = "ext-qv"
 """A plain adapter of the stack (tests/integration/conftest.py EXTERNAL_ADAPTERS)."""
 
@@ -51,39 +51,6 @@ OPTIONS = {
         84, [DORA_OPTION],
     ),
 }  # fmt: skip
-
-
-def make_peft_adapter(model_dir: Path, dest: Path, seed: int, **settings: object) -> Path:
-    """A PEFT adapter with seeded weights that change the output: A ~ N(0, 1/in), B ~ N(0, 0.3²/rank); an
-    embedding's A (rank, vocabulary) ~ N(0, 1) and B ~ N(0, 0.02²/rank), a change of the size of the embedding's;
-    B's bias (lora_bias) ~ N(0, 0.05²); DoRA's magnitude (use_dora: PEFT sets it to the row norms of W + sBA for its
-    own initial A and B, replaced here) scaled per channel by 1 + 0.1·N(0, 1) clamped to [0.9, 1.1], as training
-    moves it: g = m/||W + sBA|| of the saved weights spans about 0.6 to 1.1 (seed 84)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    with warnings.catch_warnings():  # about tied embeddings, saving the embedding with its LoRA, 1-D lora_B biases
-        warnings.simplefilter("ignore", UserWarning)
-        model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **settings))  # type: ignore[arg-type]
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                noise = torch.randn(param.shape, generator=generator)
-                if "lora_embedding_A" in name:
-                    param.copy_(noise)
-                elif "lora_embedding_B" in name:
-                    param.copy_(0.02 * noise / param.shape[1] ** 0.5)
-                elif "lora_A" in name:
-                    param.copy_(noise / param.shape[1] ** 0.5)
-                elif "lora_B" in name and name.endswith(".bias"):
-                    param.copy_(0.05 * noise)
-                elif "lora_B" in name:
-                    param.copy_(0.3 * noise / param.shape[1] ** 0.5)
-                elif "lora_magnitude_vector" in name:
-                    param.mul_(1 + 0.1 * noise.clamp(-1, 1))
-        model.save_pretrained(dest)
-    return dest
 
 
 def register(stack: Stack, name: str, source: Path) -> httpx.Response:
@@ -128,6 +95,21 @@ async def test_each_option_in_a_batch_with_base_and_a_plain_adapter_matches_peft
     for (adapter, prompt), got in zip(jobs, served, strict=True):
         want = option_reference.greedy(adapter, prompt, MAX_TOKENS)
         assert_close(want, got, f"{adapter or 'base'} in a batch with base, {PLAIN} and the PEFT options")
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_loraplex_verify_passes_on_each_option(stack: Stack, option_adapters: dict[str, Path], name: str,
+                                               tmp_path: Path) -> None:  # fmt: skip
+    """What a user runs to check an adapter they publish: `loraplex verify` (transformers + PEFT in the CLI's process,
+    the server's answers, the top-5 rule, the files' hash against the served version); one prompt each."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS[1] + "\n")
+    command = [str(Path(sys.executable).parent / "loraplex"), "verify", name, "--model", str(stack.model_dir),
+               "--adapter", str(option_adapters[name]), "--prompts", str(prompts), "--tokens", str(MAX_TOKENS),
+               "--url", stack.base_url]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PASS: 1/1 prompts" in done.stdout and "FILES DIFFER" not in done.stdout, done.stdout
 
 
 def without(folder: Path, dest: Path, config: dict[str, object], drop: str = "") -> Path:
