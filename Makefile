@@ -12,7 +12,7 @@ DEMO_ADAPTERS := --adapter alpha=$(ASSETS)/adapters/alpha --adapter beta=$(ASSET
 	--adapter pirate=$(ASSETS)/adapters/pirate --adapter french=$(ASSETS)/adapters/french \
 	--adapter json=$(ASSETS)/adapters/json
 
-.PHONY: install assets serve test test-unit lint format bench bench-tail bench-adapters bench-fairness bench-autoscaling bench-warm soak locust sim cluster-demo
+.PHONY: install assets serve test test-unit lint format bench bench-tail bench-adapters bench-options bench-fairness bench-autoscaling bench-warm soak locust sim cluster-demo
 
 install: $(STAMP)
 
@@ -51,6 +51,10 @@ bench-tail: assets
 
 bench-adapters: assets
 	$(BIN)/python -m loadtests.adapters_bench
+
+# What each served PEFT option (rsLoRA, patterns, embedding LoRA, lora_bias, DoRA) costs in a mixed step, against plain LoRA.
+bench-options: assets
+	$(BIN)/python -m loadtests.options_bench
 
 bench-fairness: assets
 	$(BIN)/python -m loadtests.fairness_bench
