@@ -154,6 +154,10 @@ def stack_server(
                     # No tool-call parser of its own; `hermes` for adapters registered with it (test_api_surface).
                     "tool_call_parsers": ["hermes"],
                 },
+                # The suite's modules ask the shared stack for ~70 adapters; beyond the default 50 labels, the later
+                # ones would be counted as `other` and test_serving's metrics test (late in the run) would not find
+                # its adapters' series. The cap itself is a unit test's (test_router).
+                "router": {"max_adapter_labels": 1000},
                 "registry": {
                     "store": stores[store],
                     "state_file": str(work / "registry.json"),
