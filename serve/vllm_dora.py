@@ -36,7 +36,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from serve.vllm_lora_bias import token_slots, traced
+from serve.vllm_lora_bias import packing_slices, slices_numel, token_slots, traced, with_buffers, zero_rows
 
 if TYPE_CHECKING:
     import torch
@@ -155,51 +155,24 @@ def _reading_magnitudes(from_tensors: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _packing_magnitudes(pack: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(pack)
-    def packed(cls: type, loras: Any, *args: Any, **kwargs: Any) -> Any:
-        result = pack(cls, loras, *args, **kwargs)
-        magnitudes = [getattr(lora, "dora_magnitude", None) for lora in loras]
-        if any(magnitude is not None for magnitude in magnitudes):
-            result.dora_magnitude = magnitudes
-        return result
-
-    return packed
+    return packing_slices(pack, "dora_magnitude")
 
 
 def magnitude_numel(loras: Iterable[Any]) -> int:
     """How many magnitude values the weights `loras` carry (a packed layer's, slice by slice)."""
-    total = 0
-    for lora in loras:
-        held = getattr(lora, "dora_magnitude", None)
-        for magnitude in held if isinstance(held, list) else [held]:
-            total += 0 if magnitude is None else int(magnitude.numel())
-    return total
+    return slices_numel(loras, "dora_magnitude")
 
 
 # The manager: buffers made with the layers, g computed and folded at load, written at activation.
 
 
 def _with_buffers(create: Callable[[Any], None]) -> Callable[[Any], None]:
-    @functools.wraps(create)
-    def _create_lora_modules(self: Any) -> None:
-        from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
-
-        create(self)
-        for module in self.modules.values():
-            if isinstance(module, BaseLinearLayerWithLoRA) and hasattr(module, "lora_b_stacked"):
-                give_buffer(module, self.lora_slots)
-
-    return _create_lora_modules
+    return with_buffers(create, give_buffer)
 
 
 def give_buffer(layer: Any, slots: int) -> None:
     """`layer` (a linear LoRA layer whose LoRA buffers exist) gets its per-slot output scales, all zero."""
-    import torch
-
-    width = sum(layer.output_slices)
-    dtype = layer.lora_b_stacked[0].dtype
-    layer.__dict__[BUFFER] = torch.zeros(slots + 1, width, dtype=dtype, device=layer.device)
-    layer.__dict__[HELD] = set()
+    zero_rows(layer, slots, BUFFER, HELD)
 
 
 def _folding_magnitudes(merge: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:

@@ -117,12 +117,19 @@ def _reading_biases(from_tensors: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _packing_biases(pack: Callable[..., Any]) -> Callable[..., Any]:
+    return packing_slices(pack, "output_bias")
+
+
+def packing_slices(pack: Callable[..., Any], attribute: str) -> Callable[..., Any]:
+    """vLLM's packing of q/k/v or gate/up weights, carrying each slice's `attribute` (None where it has none) as a
+    list on the packed weights, when any slice has one."""
+
     @functools.wraps(pack)
     def packed(cls: type, loras: Any, *args: Any, **kwargs: Any) -> Any:
         result = pack(cls, loras, *args, **kwargs)
-        biases = [getattr(lora, "output_bias", None) for lora in loras]
-        if any(bias is not None for bias in biases):
-            result.output_bias = biases
+        held = [getattr(lora, attribute, None) for lora in loras]
+        if any(value is not None for value in held):
+            setattr(result, attribute, held)
         return result
 
     return packed
@@ -130,11 +137,16 @@ def _packing_biases(pack: Callable[..., Any]) -> Callable[..., Any]:
 
 def bias_numel(loras: Iterable[Any]) -> int:
     """How many bias values the weights `loras` carry (a packed layer's, slice by slice)."""
+    return slices_numel(loras, "output_bias")
+
+
+def slices_numel(loras: Iterable[Any], attribute: str) -> int:
+    """How many values of `attribute` the weights `loras` carry (a packed layer's, slice by slice)."""
     total = 0
     for lora in loras:
-        held = getattr(lora, "output_bias", None)
-        for bias in held if isinstance(held, list) else [held]:
-            total += 0 if bias is None else int(bias.numel())
+        held = getattr(lora, attribute, None)
+        for value in held if isinstance(held, list) else [held]:
+            total += 0 if value is None else int(value.numel())
     return total
 
 
@@ -142,6 +154,12 @@ def bias_numel(loras: Iterable[Any]) -> int:
 
 
 def _with_buffers(create: Callable[[Any], None]) -> Callable[[Any], None]:
+    return with_buffers(create, give_buffer)
+
+
+def with_buffers(create: Callable[[Any], None], give: Callable[[Any, int], None]) -> Callable[[Any], None]:
+    """vLLM's creation of the LoRA layers, then `give(layer, slots)` for each linear LoRA layer."""
+
     @functools.wraps(create)
     def _create_lora_modules(self: Any) -> None:
         from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
@@ -149,19 +167,25 @@ def _with_buffers(create: Callable[[Any], None]) -> Callable[[Any], None]:
         create(self)
         for module in self.modules.values():
             if isinstance(module, BaseLinearLayerWithLoRA) and hasattr(module, "lora_b_stacked"):
-                give_buffer(module, self.lora_slots)
+                give(module, self.lora_slots)
 
     return _create_lora_modules
 
 
 def give_buffer(layer: Any, slots: int) -> None:
     """`layer` (a linear LoRA layer whose LoRA buffers exist) gets its per-slot output vectors, all zero."""
+    zero_rows(layer, slots, BUFFER, HELD)
+
+
+def zero_rows(layer: Any, slots: int, buffer: str, held: str) -> None:
+    """`layer`'s `buffer`: (slots + 1, output width) zeros in its LoRA weights' dtype, and `held`, its slots that are
+    not zero (none)."""
     import torch
 
     width = sum(layer.output_slices)
     dtype = layer.lora_b_stacked[0].dtype
-    layer.__dict__[BUFFER] = torch.zeros(slots + 1, width, dtype=dtype, device=layer.device)
-    layer.__dict__[HELD] = set()
+    layer.__dict__[buffer] = torch.zeros(slots + 1, width, dtype=dtype, device=layer.device)
+    layer.__dict__[held] = set()
 
 
 def _checking_biases(merge: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
