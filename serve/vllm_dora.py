@@ -29,14 +29,23 @@ Turned off only with the rest of the plugin: an adapter with `use_dora` is then 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import inspect
 import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from serve.vllm_lora_bias import packing_slices, slices_numel, token_slots, traced, with_buffers, zero_rows
+from serve.vllm_lora_bias import (
+    lifting_refusal,
+    packing_slices,
+    parsing_as_b,
+    reading_vectors,
+    slices_numel,
+    token_slots,
+    traced,
+    with_buffers,
+    writing_slots,
+    zero_rows,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -107,51 +116,20 @@ def record_row_norms(layer: Any) -> None:
 
 
 def _features_but_dora(validate: Callable[[Any], list[str]]) -> Callable[[Any], list[str]]:
-    @functools.wraps(validate)
-    def _validate_features(self: Any) -> list[str]:
-        return validate(dataclasses.replace(self, use_dora=False) if self.use_dora else self)
-
-    return _validate_features
+    return lifting_refusal(validate, "use_dora")
 
 
 def _parse_magnitude_as_b(parse: Callable[..., tuple[str, bool]]) -> Callable[..., tuple[str, bool]]:
-    """The loader's name check: `<module>.lora_magnitude_vector` names the module `<module>.lora_B.weight` does."""
-
-    @functools.wraps(parse)
-    def parse_fine_tuned_lora_name(name: str, *args: Any, **kwargs: Any) -> tuple[str, bool]:
-        return parse(_as_b_weight(name), *args, **kwargs)
-
-    return parse_fine_tuned_lora_name
-
-
-def _as_b_weight(name: str) -> str:
-    return name.removesuffix(MAGNITUDE_SUFFIX) + ".lora_B.weight" if name.endswith(MAGNITUDE_SUFFIX) else name
+    return parsing_as_b(parse, MAGNITUDE_SUFFIX)
 
 
 def _reading_magnitudes(from_tensors: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(from_tensors)
-    def from_lora_tensors(cls: type, lora_model_id: int, tensors: dict[str, torch.Tensor], *args: Any,
-                          **kwargs: Any) -> Any:  # fmt: skip
+    def keep(lora: Any, magnitude: torch.Tensor) -> None:
         import torch
-        from vllm.lora.lora_model import parse_fine_tuned_lora_name
 
-        magnitudes = {name: tensors[name] for name in tensors if name.endswith(MAGNITUDE_SUFFIX)}
-        weights = {name: tensor for name, tensor in tensors.items() if name not in magnitudes}
-        model = from_tensors(cls, lora_model_id, weights, *args, **kwargs)
-        bound = inspect.signature(from_tensors).bind(cls, lora_model_id, weights, *args, **kwargs)
-        mapper = bound.arguments.get("weights_mapper")
-        for name, magnitude in magnitudes.items():
-            module, _ = parse_fine_tuned_lora_name(name, mapper)
-            lora = model.loras.get(module)
-            if lora is None or lora.lora_b is None:
-                raise ValueError(f"{name}: a DoRA magnitude without the lora_B weight of its module {module}")
-            if magnitude.dim() != 1 or magnitude.shape[0] != lora.lora_b.shape[0]:
-                raise ValueError(f"{name} has shape {list(magnitude.shape)}; its lora_B has {lora.lora_b.shape[0]} "
-                                 "rows")  # fmt: skip
-            lora.dora_magnitude = magnitude.to(device=lora.lora_b.device, dtype=torch.float32)
-        return model
+        lora.dora_magnitude = magnitude.to(device=lora.lora_b.device, dtype=torch.float32)
 
-    return from_lora_tensors
+    return reading_vectors(from_tensors, MAGNITUDE_SUFFIX, "a DoRA magnitude", keep)
 
 
 def _packing_magnitudes(pack: Callable[..., Any]) -> Callable[..., Any]:
@@ -276,18 +254,7 @@ def magnitude_scale(row_norms: torch.Tensor, projected: torch.Tensor, lora_a: to
 
 
 def _writing_scales(activate: Callable[[Any, int], bool]) -> Callable[[Any, int], bool]:
-    @functools.wraps(activate)
-    def activate_adapter(self: Any, lora_id: int) -> bool:
-        activated = activate(self, lora_id)
-        if activated:
-            index = self.lora_index_to_id.index(lora_id)
-            lora_model = self._registered_adapters[lora_id]
-            for name, module in self.modules.items():
-                if BUFFER in module.__dict__:
-                    write_slot(module, index, self._get_lora_layer_weights(lora_model, name), name)
-        return bool(activated)
-
-    return activate_adapter
+    return writing_slots(activate, BUFFER, write_slot)
 
 
 def write_slot(layer: Any, index: int, lora: Any, name: str = "") -> None:

@@ -69,48 +69,68 @@ def install() -> None:
 
 
 def _features_but_bias(validate: Callable[[Any], list[str]]) -> Callable[[Any], list[str]]:
+    return lifting_refusal(validate, "lora_bias")
+
+
+def lifting_refusal(validate: Callable[[Any], list[str]], field: str) -> Callable[[Any], list[str]]:
+    """PEFTHelper's feature check, run as if the config's `field` were off (the plugin serves it)."""
+
     @functools.wraps(validate)
     def _validate_features(self: Any) -> list[str]:
-        return validate(dataclasses.replace(self, lora_bias=False) if self.lora_bias else self)
+        return validate(dataclasses.replace(self, **{field: False}) if getattr(self, field) else self)
 
     return _validate_features
 
 
 def _parse_bias_as_b(parse: Callable[..., tuple[str, bool]]) -> Callable[..., tuple[str, bool]]:
-    """The loader's name check: `<module>.lora_B.bias` names the module `<module>.lora_B.weight` does."""
+    return parsing_as_b(parse, BIAS_SUFFIX)
+
+
+def parsing_as_b(parse: Callable[..., tuple[str, bool]], suffix: str) -> Callable[..., tuple[str, bool]]:
+    """The loader's name check: `<module><suffix>` names the module `<module>.lora_B.weight` does."""
 
     @functools.wraps(parse)
     def parse_fine_tuned_lora_name(name: str, *args: Any, **kwargs: Any) -> tuple[str, bool]:
-        return parse(_as_b_weight(name), *args, **kwargs)
+        as_b = name.removesuffix(suffix) + ".lora_B.weight" if name.endswith(suffix) else name
+        return parse(as_b, *args, **kwargs)
 
     return parse_fine_tuned_lora_name
 
 
-def _as_b_weight(name: str) -> str:
-    return name.removesuffix(BIAS_SUFFIX) + ".lora_B.weight" if name.endswith(BIAS_SUFFIX) else name
-
-
 def _reading_biases(from_tensors: Callable[..., Any]) -> Callable[..., Any]:
+    def keep(lora: Any, bias: torch.Tensor) -> None:
+        import torch
+
+        scaled = bias.to(torch.float32) * lora.scaling  # as the weights: on their device, in their dtype
+        lora.output_bias = scaled.to(device=lora.lora_b.device, dtype=lora.lora_b.dtype)
+
+    return reading_vectors(from_tensors, BIAS_SUFFIX, "a LoRA bias", keep)
+
+
+def reading_vectors(from_tensors: Callable[..., Any], suffix: str, what: str,
+                    keep: Callable[[Any, torch.Tensor], None]) -> Callable[..., Any]:  # fmt: skip
+    """vLLM's loading of an adapter's tensors, the `<module><suffix>` vectors (one value per row of the module's
+    lora_B) set aside and each handed to `keep(its module's LoRALayerWeights, vector)` once the rest is loaded; a
+    vector without its lora_B, or of another length, fails the load."""
+
     @functools.wraps(from_tensors)
     def from_lora_tensors(cls: type, lora_model_id: int, tensors: dict[str, torch.Tensor], *args: Any,
                           **kwargs: Any) -> Any:  # fmt: skip
-        import torch
         from vllm.lora.lora_model import parse_fine_tuned_lora_name
 
-        biases = {name: tensors[name] for name in tensors if name.endswith(BIAS_SUFFIX)}
-        weights = {name: tensor for name, tensor in tensors.items() if name not in biases}
+        vectors = {name: tensors[name] for name in tensors if name.endswith(suffix)}
+        weights = {name: tensor for name, tensor in tensors.items() if name not in vectors}
         model = from_tensors(cls, lora_model_id, weights, *args, **kwargs)
         bound = inspect.signature(from_tensors).bind(cls, lora_model_id, weights, *args, **kwargs)
         mapper = bound.arguments.get("weights_mapper")
-        for name, bias in biases.items():
+        for name, vector in vectors.items():
             module, _ = parse_fine_tuned_lora_name(name, mapper)
             lora = model.loras.get(module)
             if lora is None or lora.lora_b is None:
-                raise ValueError(f"{name}: a LoRA bias without the lora_B weight of its module {module}")
-            if bias.dim() != 1 or bias.shape[0] != lora.lora_b.shape[0]:
-                raise ValueError(f"{name} has shape {list(bias.shape)}; its lora_B has {lora.lora_b.shape[0]} rows")
-            scaled = bias.to(torch.float32) * lora.scaling  # as the weights: on their device, in their dtype
-            lora.output_bias = scaled.to(device=lora.lora_b.device, dtype=lora.lora_b.dtype)
+                raise ValueError(f"{name}: {what} without the lora_B weight of its module {module}")
+            if vector.dim() != 1 or vector.shape[0] != lora.lora_b.shape[0]:
+                raise ValueError(f"{name} has shape {list(vector.shape)}; its lora_B has {lora.lora_b.shape[0]} rows")
+            keep(lora, vector)
         return model
 
     return from_lora_tensors
@@ -208,6 +228,14 @@ def _checking_biases(merge: Callable[[Any, Any], None]) -> Callable[[Any, Any], 
 
 
 def _writing_biases(activate: Callable[[Any, int], bool]) -> Callable[[Any, int], bool]:
+    return writing_slots(activate, BUFFER, write_slot)
+
+
+def writing_slots(activate: Callable[[Any, int], bool], buffer: str,
+                  write: Callable[[Any, int, Any, str], None]) -> Callable[[Any, int], bool]:  # fmt: skip
+    """vLLM's activation of an adapter into a slot, then `write(layer, slot, its weights there or None, name)` for
+    each layer that holds `buffer`."""
+
     @functools.wraps(activate)
     def activate_adapter(self: Any, lora_id: int) -> bool:
         activated = activate(self, lora_id)
@@ -215,8 +243,8 @@ def _writing_biases(activate: Callable[[Any, int], bool]) -> Callable[[Any, int]
             index = self.lora_index_to_id.index(lora_id)
             lora_model = self._registered_adapters[lora_id]
             for name, module in self.modules.items():
-                if BUFFER in module.__dict__:
-                    write_slot(module, index, self._get_lora_layer_weights(lora_model, name), name)
+                if buffer in module.__dict__:
+                    write(module, index, self._get_lora_layer_weights(lora_model, name), name)
         return bool(activated)
 
     return activate_adapter
