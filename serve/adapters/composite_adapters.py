@@ -46,6 +46,13 @@ INLINE_KEPT = 4096
 """Inline composites the registry remembers (their files stay in the composite store; one forgotten is re-read)."""
 
 
+UNCOMBINED = {
+    LORA_BIAS_OPTION: "has a bias on LoRA's B (lora_bias), which PEFT does not combine",
+    DORA_OPTION: "is a DoRA adapter (use_dora): PEFT's add_weighted_adapter does not combine its magnitudes",
+}
+"""Options a component may not carry, and why: PEFT's add_weighted_adapter combines LoRA's A and B only."""
+
+
 class CompositeAdapters:
     """Builds and records composites for the registry, through its `writer`; knows which composites use which
     adapter (`users_of`), so a component's new version rebuilds them; with a `collection`, deletes the inline
@@ -194,13 +201,9 @@ class CompositeAdapters:
             if record.composition is not None:
                 raise AdapterInvalid(f"component {component!r} is itself a composite; compose plain adapters",
                                      f"compose.adapters.{i}.name")  # fmt: skip
-            if LORA_BIAS_OPTION in record.options:  # PEFT's add_weighted_adapter combines A and B, not B's bias
-                raise AdapterInvalid(f"component {component!r} has a bias on LoRA's B (lora_bias), which PEFT does "
-                                     "not combine", f"compose.adapters.{i}.name")  # fmt: skip
-            if DORA_OPTION in record.options:  # ... nor DoRA's magnitudes, which scale each adapter's own product
-                raise AdapterInvalid(f"component {component!r} is a DoRA adapter (use_dora): PEFT's "
-                                     "add_weighted_adapter does not combine its magnitudes",
-                                     f"compose.adapters.{i}.name")  # fmt: skip
+            for option in record.options:
+                if (why := UNCOMBINED.get(option)) is not None:
+                    raise AdapterInvalid(f"component {component!r} {why}", f"compose.adapters.{i}.name")
             hashes.append(record.content_hash)
         ranks = {c: self._writer.records[c].rank for c in composition.adapters}
         composite_rank(composition.method, ranks, self._max_rank)

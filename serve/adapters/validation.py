@@ -178,8 +178,7 @@ def validate_adapter(
     if size > max_bytes:
         raise AdapterInvalid(f"adapter is {size} bytes; the limit is {max_bytes}")
     tensors = tensor_shapes(weights)
-    if (refusal := unserved(config, tensors, base_shapes)) is not None:
-        raise AdapterInvalid(*refusal)
+    _refuse(unserved(config, tensors, base_shapes))
     checked = _check_shapes(tensors, base_shapes, options, config)
     _refuse(dora_refusal(config, checked.magnitudes, checked.plain, checked.embeddings))
     _refuse(lora_bias_refusal(config, checked.biased, checked.unbiased))
