@@ -122,28 +122,27 @@ async def test_a_registered_composite_follows_its_components_and_survives_a_rest
     assert isinstance(await restarted.unregister("alpha"), WireError)
 
 
-async def test_a_component_with_a_lora_bias_is_refused_naming_it(folders: dict[str, Path], tmp_path: Path) -> None:
-    """PEFT's add_weighted_adapter combines A and B only: a composite would drop the component's lora_bias."""
-    registry = await registered(folders, tmp_path)
-    biased = write_adapter(tmp_path / "biased", lora_bias=True, tensors={
-        f"{LAYER}.q_proj.lora_A.weight": torch.ones(4, 576), f"{LAYER}.q_proj.lora_B.weight": torch.ones(576, 4),
-        f"{LAYER}.q_proj.lora_B.bias": torch.ones(576)})  # fmt: skip
-    assert isinstance(await registry.register("biased", str(biased)), AdapterRecord)
-    refused = await registry.compose("mix", Composition("cat", ("alpha", "biased"), (1.0, 1.0)))
-    assert isinstance(refused, WireError) and (refused.status, refused.param) == (400, "compose.adapters.1.name")
-    assert "lora_bias" in refused.message
+UNCOMBINED_COMPONENTS = [
+    # (the option in adapter_config.json, the tensor it saves beside LoRA's, words the refusal must hold)
+    pytest.param("lora_bias", "lora_B.bias", ("lora_bias",), id="lora_bias"),
+    pytest.param("use_dora", "lora_magnitude_vector", ("DoRA", "use_dora"), id="dora"),
+]
 
 
-async def test_a_dora_component_is_refused_naming_it(folders: dict[str, Path], tmp_path: Path) -> None:
-    """PEFT's add_weighted_adapter combines A and B only: a composite would drop the component's DoRA magnitudes."""
+@pytest.mark.parametrize(("option", "tensor", "words"), UNCOMBINED_COMPONENTS)
+async def test_a_component_whose_option_peft_does_not_combine_is_refused_naming_it(
+    folders: dict[str, Path], tmp_path: Path, option: str, tensor: str, words: tuple[str, ...]
+) -> None:
+    """PEFT's add_weighted_adapter combines A and B only: a composite would drop the component's lora_bias or DoRA
+    magnitudes."""
     registry = await registered(folders, tmp_path)
-    dora = write_adapter(tmp_path / "dora", use_dora=True, tensors={
+    component = write_adapter(tmp_path / option, **{option: True}, tensors={
         f"{LAYER}.q_proj.lora_A.weight": torch.ones(4, 576), f"{LAYER}.q_proj.lora_B.weight": torch.ones(576, 4),
-        f"{LAYER}.q_proj.lora_magnitude_vector": torch.ones(576)})  # fmt: skip
-    assert isinstance(await registry.register("dora", str(dora)), AdapterRecord)
-    refused = await registry.compose("mix", Composition("cat", ("alpha", "dora"), (1.0, 1.0)))
+        f"{LAYER}.q_proj.{tensor}": torch.ones(576)})  # fmt: skip
+    assert isinstance(await registry.register(option, str(component)), AdapterRecord)
+    refused = await registry.compose("mix", Composition("cat", ("alpha", option), (1.0, 1.0)))
     assert isinstance(refused, WireError) and (refused.status, refused.param) == (400, "compose.adapters.1.name")
-    assert "DoRA" in refused.message and "use_dora" in refused.message
+    assert all(word in refused.message for word in words), refused.message
 
 
 async def test_a_composite_that_cannot_be_rebuilt_is_marked_unusable(folders: dict[str, Path], tmp_path: Path) -> None:
