@@ -176,7 +176,12 @@ class Case:
     policies: tuple[SlotPolicy, ...]
 
 
-SWEEP = tuple(SlotPolicy(w, h) for w in (0.5, 1.0, 2.0, 4.0) for h in (0.5, 1.0, 2.0))
+SWEEP = (
+    *(SlotPolicy(w, 1.0, p) for w in (0.25, 0.5, 1.0) for p in (1.0, 2.0, 4.0)),
+    *(SlotPolicy(0.25, h, 2.0) for h in (0.5, 2.0)),
+)
+"""Each bound, the first token's (`wait_s`) and a paused stream's (`pause_s`), at the default hold, then the hold
+around the defaults."""
 CASES = {
     # This VM: the real bench's engine and load (loadtests/tail_bench.py).
     "cpu": Case("cpu", Engine(), adapters=512, requests=64, concurrency=32, policies=SWEEP),
@@ -187,7 +192,7 @@ CASES = {
         adapters=10_000,
         requests=1000,
         concurrency=64,
-        policies=(SlotPolicy(), SlotPolicy(0.5, 0.25), SlotPolicy(0.25, 0.1)),
+        policies=(SlotPolicy(1.0, 1.0), SlotPolicy(0.25, 1.0, 2.0), SlotPolicy(0.5, 0.25), SlotPolicy(0.25, 0.1)),
     ),
 }
 
@@ -197,7 +202,13 @@ def run_case(case: Case) -> list[tuple[str, str, dict[str, float]]]:
     for workload in workloads(case.adapters, case.requests, case.concurrency):
         for policy in (None, *case.policies) if workload.name != "base" else (None,):  # base has no adapters
             summary = simulate(workload, replace(case.engine, policy=policy), COSTS[case.costs]).summary()
-            label = "fcfs" if policy is None else f"wait {policy.wait_s:g} s, hold {policy.hold_s:g} s"
+            label = (
+                "fcfs"
+                if policy is None
+                else (
+                    f"wait {policy.wait_s:g} s, pause {policy.pause_s or policy.wait_s:g} s, hold {policy.hold_s:g} s"
+                )
+            )
             rows.append((workload.name, label, summary))
             print(case.costs, workload.name, label, summary, flush=True)
     return rows

@@ -5,11 +5,12 @@ until it finishes (vLLM's and SGLang's rule). Popular adapters nearly always hav
 load a rare adapter's request waits until a gap happens to open: tens of seconds, the length of a whole
 generation. This policy bounds that wait, in two moves made before each step:
 
-- **Aging.** Requests of an adapter that has waited `wait_s` for a slot (since its oldest request arrived, or
-  since the adapter lost its slot) go to the front of the waiting queue, ahead of newer requests of other
-  adapters, so the next slot that opens is theirs: first the adapters with a request waiting for its first
-  token, then those whose requests were paused (they have streamed already; a pause delays their next token,
-  not their first), the longest-waiting first in each.
+- **Aging.** Requests of an adapter that has waited for a slot past its bound go to the front of the waiting
+  queue, ahead of newer requests of other adapters, so the next slot that opens is theirs. The bound is `wait_s`
+  (short) for an adapter with a request waiting for its first token, counted from its oldest request's arrival,
+  and `pause_s` (longer) for one whose requests were paused, counted from when it lost its slot: those have
+  streamed already, a pause delays their next token, not their first, and a longer pause means fewer slot
+  switches. The first-token adapters go first, then the paused ones, the longest-waiting first in each.
 - **Pausing.** If no slot is free, a holder gives its slot up: the one with the fewest running requests
   (the fewest streams paused), the longest-held on a tie. Its running requests pause: they keep their KV cache
   and their place, and are left out of the engine's steps until the adapter has a slot again (into a slot that
@@ -18,9 +19,10 @@ generation. This policy bounds that wait, in two moves made before each step:
   holder with more streams than the waiting adapter brings is passed over while one with no more will be
   free to go within `hold_s`, so a swap does not shrink the batch when it need not.
 
-So a request waits for a slot at most `wait_s + hold_s` (plus a step) while fewer adapters are overdue than
-there are slots; with more, overdue adapters take slots oldest first. What a popular adapter gives up: nothing
-while rare adapters can take slots from each other; otherwise a pause of about `wait_s` for its fewest streams.
+So a request waits for its first slot at most `wait_s + hold_s` (plus a step) while fewer adapters are overdue
+than there are slots; with more, overdue adapters take slots oldest first. What a popular adapter gives up:
+nothing while rare adapters can take slots from each other; otherwise a pause of about `pause_s` for its fewest
+streams.
 
 The same code decides in vLLM's scheduler (`serve.vllm_patches`) and in the simulated engine
 (`serve.engines.sim_scheduler`), which the slot simulator (`loadtests/slot_sim.py`) runs on a virtual clock.
@@ -65,15 +67,20 @@ class Plan:
 
 @dataclass(frozen=True)
 class SlotPolicy:
-    """A bound of `wait_s` on an adapter's wait for a slot; `hold_s`, the least time a gained slot is kept."""
+    """A bound of `wait_s` on an adapter's wait for a slot for a first token and of `pause_s` for paused requests to
+    go on; `hold_s`, the least time a gained slot is kept."""
 
-    wait_s: float = 1.0
+    wait_s: float = 0.25
     hold_s: float = 1.0
+    pause_s: float | None = 2.0
+    """The bound for an adapter whose requests were paused (they have answered already); None: `wait_s`."""
 
     def overdue(self, waiters: Sequence[Waiter], now: float) -> list[Waiter]:
-        """Waiting adapters past the bound: those with a request waiting for its first token first, then those whose
-        requests were paused; the longest-waiting first in each."""
-        return sorted((w for w in waiters if now - w.since >= self.wait_s), key=lambda w: (not w.fresh, w.since))
+        """Waiting adapters past their bound (`wait_s` for a first token, `pause_s` to go on): those with a request
+        waiting for its first token first, then those whose requests were paused; the longest-waiting first in each."""
+        pause_s = self.wait_s if self.pause_s is None else self.pause_s
+        due = (w for w in waiters if now - w.since >= (self.wait_s if w.fresh else pause_s))
+        return sorted(due, key=lambda w: (not w.fresh, w.since))
 
     def plan(self, holders: Sequence[Holder], waiters: Sequence[Waiter], slots: int, now: float) -> Plan:
         """The plan for the next step of an engine with `slots` LoRA slots."""

@@ -113,20 +113,30 @@ class EngineConfig(_Strict):
         ),
     )
     slot_wait_s: float | None = Field(
-        default=1.0,
+        default=0.25,
         gt=0,
         description=(
-            "Bound on an adapter's wait for one of the engine's max_loras slots, in seconds: past it, its requests "
-            "go first and, when no slot is free, the holder with the fewest running requests gives its slot up "
-            "(those requests pause, keeping their KV cache, and go on later; serve/slots.py). A request then waits "
-            "at most slot_wait_s + slot_hold_s while fewer adapters are overdue than there are slots. None: vLLM's own "
-            "rule (first come, first served; a running request keeps its slot until it ends)."
+            "Bound on an adapter's wait for one of the engine's max_loras slots for a request's first token, in "
+            "seconds: past it, its requests go first and, when no slot is free, the holder with the fewest running "
+            "requests gives its slot up (those requests pause, keeping their KV cache, and go on later; "
+            "serve/slots.py). A request then waits at most slot_wait_s + slot_hold_s for its first token while fewer "
+            "adapters are overdue than there are slots. None: vLLM's own rule (first come, first served; a running "
+            "request keeps its slot until it ends)."
         ),
     )
     slot_hold_s: float = Field(
         default=1.0,
         ge=0,
         description="Least time an adapter keeps a slot it gained before the slot policy may take it for another.",
+    )
+    slot_pause_s: float | None = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "Least time the requests an adapter had paused stay paused before it claims a slot back (they have "
+            "answered already: a pause delays their next token, not their first); longer pauses, fewer slot "
+            "switches. None: slot_wait_s."
+        ),
     )
     max_model_len: int = Field(default=2048, ge=16, description="Longest prompt plus completion, in tokens.")
     max_num_seqs: int = Field(default=64, ge=1, description="Sequences the engine batches in one step.")
@@ -209,7 +219,8 @@ class EngineConfig(_Strict):
         """vLLM's `additional_config` for loraplex's slot policy (serve/vllm_slots.py); empty when it is off."""
         if self.slot_wait_s is None:
             return {}
-        return {"loraplex_slots": {"wait_s": self.slot_wait_s, "hold_s": self.slot_hold_s}}
+        pause_s = self.slot_wait_s if self.slot_pause_s is None else self.slot_pause_s
+        return {"loraplex_slots": {"wait_s": self.slot_wait_s, "hold_s": self.slot_hold_s, "pause_s": pause_s}}
 
     def tool_parsers(self) -> tuple[str, ...]:
         """Every tool-call parser the engine loads: the server's, then the adapters' others."""

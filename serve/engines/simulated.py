@@ -57,7 +57,8 @@ class SimulatedEngine:
         self._config = config
         self._sim = config.simulated
         slots = config.lora_slots(on_cpu=False) if self._sim.lora_slots else None
-        policy = SlotPolicy(config.slot_wait_s, config.slot_hold_s) if config.slot_wait_s is not None else None
+        wait_s = config.slot_wait_s
+        policy = SlotPolicy(wait_s, config.slot_hold_s, config.slot_pause_s) if wait_s is not None else None
         self.scheduler = SimScheduler(config.max_num_seqs, slots, policy)
         self._requests: dict[Queued, _Request] = {}
         self._wake = asyncio.Event()

@@ -93,7 +93,7 @@ def test_vllm_args_register_adapters_under_their_public_ids(tmp_path: Path) -> N
     assert fcfs[fcfs.index("--max-cpu-loras") + 1] == "4"
     assert "--additional-config" not in fcfs
     assert json.loads(unpinned[unpinned.index("--additional-config") + 1]) == {
-        "loraplex_slots": {"wait_s": 1.0, "hold_s": 1.0}
+        "loraplex_slots": {"wait_s": 0.25, "hold_s": 1.0, "pause_s": 2.0}
     }
 
 

@@ -79,6 +79,19 @@ def test_an_adapter_that_lost_its_slot_waits_from_then_not_from_its_arrival() ->
     assert keeper.plan([rare], [popular], now=4.7) == Plan(first=("pop",), evict=("rare",))
 
 
+def test_a_paused_adapter_claims_its_slot_back_after_pause_s_while_a_first_token_waits_wait_s() -> None:
+    policy = SlotPolicy(wait_s=0.25, hold_s=1.0, pause_s=2.0)
+    keeper: SlotKeeper[Queued] = SlotKeeper(policy, 1, adapter_of=lambda q: q.adapter, arrived_of=lambda q: q.arrived)
+    popular, rare = Queued("pop", 1, arrived=0.0), Queued("rare", 1, arrived=1.0)
+    assert keeper.plan([], [popular], now=0.0) == Plan()  # the step made now gives `pop` the slot
+    assert keeper.plan([popular], [rare], now=1.2) == Plan()
+    assert keeper.plan([popular], [rare], now=1.3) == Plan(first=("rare",), evict=("pop",))  # wait_s after arriving
+    # The popular adapter's request is paused now: it has answered already, so it waits pause_s, not wait_s.
+    assert keeper.plan([rare], [], now=1.6, paused=[popular]) == Plan()
+    assert keeper.plan([rare], [], now=3.2, paused=[popular]) == Plan()
+    assert keeper.plan([rare], [], now=3.4, paused=[popular]) == Plan(first=("pop",), evict=("rare",))
+
+
 def test_a_slot_is_held_from_the_step_that_gave_it_not_from_when_the_keeper_first_sees_it() -> None:
     keeper: SlotKeeper[Queued] = SlotKeeper(POLICY, 1, adapter_of=lambda q: q.adapter, arrived_of=lambda q: q.arrived)
     first, late = Queued("first", 1, arrived=0.0), Queued("late", 1, arrived=0.0)
