@@ -40,7 +40,8 @@ def write(out: Path, results: Results, engine: EngineConfig, machine: str, comma
         "median over the rounds).  ",
         f"Engine (every system): max_loras={slots}, max_cpu_loras={engine.unpinned_cache_entries(slots)}, "
         f"max_num_seqs={engine.max_num_seqs}, max_lora_rank={engine.max_lora_rank}, SmolLM2-135M-Instruct, rank-8 "
-        f"adapters; loraplex's slot policy: slot_wait_s={engine.slot_wait_s}, slot_hold_s={engine.slot_hold_s}.\n",
+        f"adapters; loraplex's slot policy: slot_wait_s={engine.slot_wait_s}, slot_pause_s={engine.slot_pause_s}, "
+        f"slot_hold_s={engine.slot_hold_s}.\n",
         "Workloads and systems: see the docstring of `loadtests/tail_bench.py`. `p99/base` is a workload's TTFT p99 "
         "over the same system's base-only p99; `worst` the longest single TTFT; `rare worst` the longest TTFT of "
         "the never-used adapters of `rare`.\n",
