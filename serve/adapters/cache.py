@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from serve.adapters.safetensors_files import content_hash
 from serve.adapters.sources import SourceResolver
-from serve.adapters.validation import AdapterInvalid, content_hash
+from serve.adapters.validation import AdapterInvalid
 from serve.wire import AdapterRecord
 
 logger = logging.getLogger("loraplex.adapters")

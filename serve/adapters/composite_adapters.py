@@ -21,15 +21,9 @@ from pathlib import Path
 from serve.adapters.builds import BuildBudget, BuildLimits
 from serve.adapters.composite_collection import InlineCollection, Sweep, inline_name
 from serve.adapters.peft_compose import Composer, CompositeStore, check_arguments, composite_rank
+from serve.adapters.safetensors_files import content_hash
 from serve.adapters.sources import UNREACHABLE, SourceResolver, SourceUnreachable
-from serve.adapters.validation import (
-    DORA_OPTION,
-    LORA_BIAS_OPTION,
-    AdapterInvalid,
-    AdapterMetadata,
-    content_hash,
-    validate_adapter,
-)
+from serve.adapters.validation import DORA_OPTION, LORA_BIAS_OPTION, AdapterInvalid, AdapterMetadata, validate_adapter
 from serve.adapters.writer import RecordWriter, next_record
 from serve.wire import (
     ADAPTER_NAME_PATTERN,

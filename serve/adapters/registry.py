@@ -25,6 +25,7 @@ from serve.adapters.composite_collection import InlineCollection
 from serve.adapters.peft_compose import Composer, CompositeStore
 from serve.adapters.resolver import make_resolver, s3_connection
 from serve.adapters.rollout_writes import RolloutWrites
+from serve.adapters.safetensors_files import base_linear_shapes
 from serve.adapters.sources import UNREACHABLE, SourceResolver, SourceUnreachable
 from serve.adapters.store import (
     BaseIdentity,
@@ -33,12 +34,7 @@ from serve.adapters.store import (
     StoreUnavailable,
     open_store,
 )
-from serve.adapters.validation import (
-    AdapterInvalid,
-    AdapterMetadata,
-    base_linear_shapes,
-    validate_adapter,
-)
+from serve.adapters.validation import AdapterInvalid, AdapterMetadata, validate_adapter
 from serve.adapters.writer import next_record
 from serve.config import ADAPTER_NAME_PATTERN, AppConfig, is_adapter_name
 from serve.processes import die_with_parent_if_asked

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
+from serve.adapters.safetensors_files import base_linear_shapes
 from serve.adapters.sources import S3Source
-from serve.adapters.validation import base_linear_shapes
 from serve.wire import AdapterRecord, Composition, keyed
 
 logger = logging.getLogger("loraplex.registry")

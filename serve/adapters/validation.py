@@ -13,11 +13,9 @@ refused by their own field (`unserved`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,22 +29,19 @@ from serve.adapters.lora_extras import (
     lora_bias_refusal,
     magnitude_refusal,
 )
+from serve.adapters.safetensors_files import (
+    NO_OP_WARNING,
+    AdapterInvalid,
+    content_hash,
+    lora_b_all_zero,
+    tensor_shapes,
+)
 from serve.adapters.tensor_names import PEFT_PREFIX, engine_name, misplaced_message, relocated, split
 from serve.adapters.unserved import Refusal, unserved
 
-__all__ = ["DORA_OPTION", "LORA_BIAS_OPTION"]  # where the registry and the tests read them
+__all__ = ["DORA_OPTION", "LORA_BIAS_OPTION", "AdapterInvalid"]  # where the registry and the tests read them
 
 SUPPORTED_PEFT_TYPES = ("LORA",)
-MAX_HEADER_BYTES = 64 * 1024 * 1024
-FLOAT_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
-
-
-class AdapterInvalid(ValueError):
-    """An adapter that must not be registered; `param` names the request field at fault."""
-
-    def __init__(self, message: str, param: str = "source") -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
@@ -98,60 +93,6 @@ class LoraOptions:
             )
             if present
         )
-
-
-def tensor_shapes(file: Path) -> dict[str, list[int]]:
-    """Tensor names and shapes from a safetensors header, without reading the tensors."""
-    with file.open("rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise AdapterInvalid(f"{file.name} is not a safetensors file")
-        (length,) = struct.unpack("<Q", raw)
-        if length > MAX_HEADER_BYTES:
-            raise AdapterInvalid(f"{file.name} has an implausible safetensors header")
-        try:
-            header: dict[str, Any] = json.loads(handle.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise AdapterInvalid(f"{file.name} is not a safetensors file") from None
-    if not isinstance(header, dict):
-        raise AdapterInvalid(f"{file.name} is not a safetensors file: its header is not a JSON object")
-    data_bytes = file.stat().st_size - 8 - length
-    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
-    # The engine reads these weights in the middle of a step, where a bad file would stop it: check the
-    # layout now (float dtypes, each tensor's bytes = its shape, every byte inside the file).
-    try:
-        for name, info in tensors.items():
-            start, end = info["data_offsets"]
-            itemsize = FLOAT_DTYPE_BYTES.get(info["dtype"])
-            if itemsize is None:
-                raise AdapterInvalid(f"{name} has dtype {info['dtype']}; LoRA weights must be floating point")
-            if not 0 <= start <= end <= data_bytes or end - start != itemsize * math.prod(info["shape"]):
-                raise AdapterInvalid(f"{file.name} is truncated or corrupt: {name} does not fit its data")
-    except (KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, AdapterInvalid):
-            raise
-        raise AdapterInvalid(f"{file.name} has a malformed safetensors header") from None
-    return {name: list(info["shape"]) for name, info in tensors.items()}
-
-
-def base_linear_shapes(model_dir: Path) -> dict[str, list[int]]:
-    """`module path → [out, in]` of every 2-D weight of the base model (e.g. `model.layers.0.mlp.up_proj`)."""
-    shapes: dict[str, list[int]] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        for name, shape in tensor_shapes(file).items():
-            if name.endswith(".weight") and len(shape) == 2:
-                shapes[name.removesuffix(".weight")] = shape
-    return shapes
-
-
-def content_hash(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        digest.update(file.relative_to(folder).as_posix().encode() + b"\0")
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def validate_adapter(
@@ -253,35 +194,6 @@ def _pattern(config: dict[str, Any], field: str, valid: Callable[[object], bool]
             kind = "a positive integer" if field == "rank_pattern" else "a positive number"
             raise AdapterInvalid(f"{field} gives {key!r} {value!r}; it must be {kind}", field)
     return tuple(pattern.items())
-
-
-NO_OP_WARNING = (
-    "every lora_B weight is zero, so the adapter changes nothing: a freshly initialized adapter, not a trained one?"
-)
-
-
-def lora_b_all_zero(file: Path) -> bool:
-    """True when every lora_B weight in the safetensors `file` is zero (either sign): LoRA's output is B·A·x, so such
-    an adapter answers exactly as the base model (PEFT initializes B to zeros; vLLM issue #34186). The header was
-    checked by `tensor_shapes`; only the lora_B tensors are read."""
-    import numpy as np
-
-    with file.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header: dict[str, Any] = json.loads(handle.read(length))
-        found = False
-        for name, info in header.items():
-            if name == "__metadata__" or not name.endswith((".lora_B.weight", ".lora_embedding_B")):
-                continue
-            found = True
-            start, end = info["data_offsets"]
-            bits = 8 * FLOAT_DTYPE_BYTES[info["dtype"]]
-            handle.seek(8 + length + start)
-            words = np.frombuffer(handle.read(end - start), dtype=f"<u{bits // 8}")
-            magnitude = np.array((1 << (bits - 1)) - 1, dtype=words.dtype)  # every bit but the sign
-            if np.any(words & magnitude):
-                return False
-    return found
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

@@ -21,8 +21,8 @@ from urllib.parse import urlparse
 
 import httpx
 
+from serve.adapters.safetensors_files import content_hash
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
-from serve.adapters.validation import content_hash
 from serve.demo.reference import Greedy, Reference, divergence, served_greedy
 from serve.wire import VERSION_SEPARATOR, user_point
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from serve.adapters.validation import AdapterInvalid, base_linear_shapes
+from serve.adapters.safetensors_files import AdapterInvalid, base_linear_shapes
 from serve.config._base import _Strict
 
 # vLLM sizes its LoRA buffers by max_lora_rank and accepts only these bounds.

@@ -185,7 +185,7 @@ def build_trained_adapters(
     names = list(names)
     todo = [name for name in names if not _is_complete(root / name)]
     if todo and cache is not None:
-        from serve.adapters.validation import content_hash
+        from serve.adapters.safetensors_files import content_hash
         from serve.demo.training import RECIPE
 
         model_hash = content_hash(model_dir)  # once: the model is the same for every adapter
@@ -275,7 +275,8 @@ def bench_adapters(count: int, rank: int = 8) -> list[DemoAdapter]:
 def check_adapters(model_dir: Path, adapters: dict[str, Path], stages: Stages = QUIET) -> None:
     """Runs the registry's own checks on each adapter (its config, its safetensors layout, its shapes against
     `model_dir`'s), so an adapter the server would refuse fails here and not at `serve`; raises `AdapterInvalid`."""
-    from serve.adapters.validation import base_linear_shapes, validate_adapter
+    from serve.adapters.safetensors_files import base_linear_shapes
+    from serve.adapters.validation import validate_adapter
 
     shapes = base_linear_shapes(model_dir)
     for name, folder in adapters.items():

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from serve.adapters.validation import NO_OP_WARNING
+from serve.adapters.safetensors_files import NO_OP_WARNING
 from serve.demo.reference import Greedy, Reference, assert_close, served_greedy
 from tests.integration.conftest import (
     EXTERNAL_ADAPTERS,
@@ -267,7 +267,7 @@ def test_a_registered_adapter_reaches_the_nodes_cache_before_any_request_asks_fo
     client: openai.OpenAI, stack: Stack
 ) -> None:
     """Its first request then finds the copy fetched and hash-checked (issue 33, item 2)."""
-    from serve.adapters.validation import content_hash
+    from serve.adapters.safetensors_files import content_hash
 
     staged_before = replica_counter(stack, "loraplex_adapter_staged_total")
     folder = new_adapter(stack, "ahead", seed=97)
@@ -346,7 +346,7 @@ def test_the_node_cache_holds_installed_adapters_and_lets_go_of_unregistered_one
     never deletes a folder vLLM may re-read after an eviction; unregistering lets go (issue 15)."""
     import fcntl
 
-    from serve.adapters.validation import content_hash
+    from serve.adapters.safetensors_files import content_hash
 
     folder = new_adapter(stack, "held", seed=95)
     assert register(stack, "held", str(folder)).status_code == 201

@@ -144,7 +144,7 @@ def test_concurrent_fetches_of_the_same_content_share_one_cached_copy(tmp_path: 
     from dataclasses import replace
 
     from serve.adapters.cache import NodeCache
-    from serve.adapters.validation import content_hash
+    from serve.adapters.safetensors_files import content_hash
 
     source = tmp_path / "adapter"
     source.mkdir()

@@ -15,16 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from serve.adapters.safetensors_files import NO_OP_WARNING, base_linear_shapes
 from serve.adapters.tensor_names import split
-from serve.adapters.validation import (
-    DORA_OPTION,
-    LORA_BIAS_OPTION,
-    NO_OP_WARNING,
-    AdapterInvalid,
-    AdapterMetadata,
-    base_linear_shapes,
-    validate_adapter,
-)
+from serve.adapters.validation import DORA_OPTION, LORA_BIAS_OPTION, AdapterInvalid, AdapterMetadata, validate_adapter
 from serve.demo.assets import DEFAULT_MODEL_NAME, build_default_model
 
 ASSETS = Path(__file__).resolve().parents[2] / ".loraplex"

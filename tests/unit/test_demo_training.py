@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve.adapters.validation import content_hash
+from serve.adapters.safetensors_files import content_hash
 from serve.demo import training as demo_training
 from serve.demo.assets import (
     DEFAULT_MODEL_NAME,

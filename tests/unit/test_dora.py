@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from serve import vllm_dora, vllm_lora_bias
-from serve.adapters.validation import DORA_OPTION, NO_OP_WARNING, AdapterInvalid, base_linear_shapes, validate_adapter
+from serve.adapters.safetensors_files import NO_OP_WARNING, base_linear_shapes
+from serve.adapters.validation import DORA_OPTION, AdapterInvalid, validate_adapter
 from serve.demo.assets import DEFAULT_MODEL_NAME, build_default_model
 from tests.unit.lora_layers import (
     HIDDEN,

@@ -51,10 +51,10 @@ def test_the_runtime_imports_none_of_the_tooling() -> None:
     assert sorted(runtime) == []
 
 
-CONFIG_READS = {("serve/config/engine.py", "serve.adapters.validation")}
+CONFIG_READS = {("serve/config/engine.py", "serve.adapters.safetensors_files")}
 """The config sizes its LoRA slots from the base model's weight shapes, read from the safetensors headers by the
-adapters' validation, which loads no engine, no torch and nothing else of serve/ but three small modules of names
-and option checks."""
+adapters' file reader, which loads no engine, no torch and nothing of serve/; validation, beside it, nothing of
+serve/ but four small modules of names, option checks and that reader."""
 
 
 def test_the_contract_imports_nothing_else_of_serve_so_routing_reaches_nothing_else_indirectly() -> None:
@@ -65,8 +65,9 @@ def test_the_contract_imports_nothing_else_of_serve_so_routing_reaches_nothing_e
         if within(name, ("serve", "routing")) and not within(name, CONTRACT)
     }
     assert sorted(reached - CONFIG_READS) == []
-    tree = ast.parse((ROOT / "serve/adapters/validation.py").read_text())
-    loaded = {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
-    loaded |= {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
-    names = {"serve.adapters.tensor_names", "serve.adapters.unserved", "serve.adapters.lora_extras"}
-    assert not any(within(name, ("serve", "routing", "torch", "vllm")) for name in loaded - names), sorted(loaded)
+    small = {"serve.adapters.tensor_names", "serve.adapters.unserved", "serve.adapters.lora_extras"}
+    for module, allowed in (("safetensors_files", set()), ("validation", small | {"serve.adapters.safetensors_files"})):
+        tree = ast.parse((ROOT / f"serve/adapters/{module}.py").read_text())
+        loaded = {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
+        loaded |= {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+        assert not any(within(name, ("serve", "routing", "torch", "vllm")) for name in loaded - allowed), sorted(loaded)

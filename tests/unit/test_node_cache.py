@@ -14,8 +14,9 @@ import pytest
 
 from serve.adapters import cache as cache_module
 from serve.adapters.cache import CacheUnavailable, NodeCache
+from serve.adapters.safetensors_files import content_hash
 from serve.adapters.sources import LocalSource, SourceResolver
-from serve.adapters.validation import AdapterInvalid, content_hash
+from serve.adapters.validation import AdapterInvalid
 from serve.wire import AdapterRecord
 
 

@@ -25,9 +25,10 @@ from safetensors.torch import save_file
 from serve.adapters import registry as registry_module
 from serve.adapters import store as store_module
 from serve.adapters.registry import AdapterRegistry
+from serve.adapters.safetensors_files import NO_OP_WARNING
 from serve.adapters.sources import LocalSource, S3Source, SourceResolver
 from serve.adapters.store import BaseIdentity, RegistryStore, S3Store, SqliteStore, StoreUnavailable, open_store
-from serve.adapters.validation import LORA_BIAS_OPTION, NO_OP_WARNING
+from serve.adapters.validation import LORA_BIAS_OPTION
 from serve.config import RegistryConfig
 from serve.demo.assets import DEFAULT_MODEL_NAME, build_default_model
 from serve.wire import AdapterRecord, Changes, WireError

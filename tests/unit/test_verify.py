@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 
-from serve.adapters.validation import content_hash
+from serve.adapters.safetensors_files import content_hash
 from serve.cli import verify as verify_module
 from serve.cli.verify import MAX_ANSWER_BYTES, VerifyError, verify
 from serve.demo.reference import Greedy
