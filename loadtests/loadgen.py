@@ -98,6 +98,8 @@ class Result:
     latency: float = 0.0
     completion_tokens: int = 0
     error: str | None = None
+    sent: float = 0.0
+    """When it was sent (`time.perf_counter`); `ttft` and `latency` count from then."""
 
 
 @dataclass
@@ -107,6 +109,8 @@ class Report:
     workload: str
     duration_s: float
     results: list[Result] = field(default_factory=list)
+    started: float = 0.0
+    """When the run began (`time.perf_counter`)."""
 
     @property
     def ok(self) -> list[Result]:
@@ -127,6 +131,24 @@ class Report:
     @property
     def requests_per_s(self) -> float:
         return len(self.ok) / self.duration_s if self.duration_s else 0.0
+
+    def steady_tokens_per_s(self, besides: tuple[str, ...] = ()) -> float:
+        """Tokens per second while the run was still sending: from its start to the last request sent (the models
+        in `besides`, sent on their own schedule, aside). A closed loop of N requests ends by draining the last
+        ones in small batches, which `tokens_per_s` counts too; this leaves that drain out. Each request's tokens
+        are taken as evenly spaced between its first token and its end."""
+        main = [r for r in self.results if r.model not in besides]
+        end = max((r.sent for r in main), default=self.started)
+        if end <= self.started:
+            return float("nan")
+        tokens = 0
+        for r in self.ok:
+            if r.ttft is None or r.completion_tokens < 1 or r.sent + r.ttft > end:
+                continue
+            first, n = r.sent + r.ttft, r.completion_tokens
+            spacing = (r.latency - r.ttft) / (n - 1) if n > 1 else 0.0
+            tokens += n if spacing <= 0 else min(n, int((end - first) / spacing) + 1)
+        return tokens / (end - self.started)
 
     def ttft_ms(self, q: float) -> float:
         return 1000 * quantile([r.ttft for r in self.ok if r.ttft is not None], q)
@@ -161,6 +183,7 @@ class Report:
             "errors": self.errors,
             "duration_s": round(self.duration_s, 2),
             "tok_per_s": round(self.tokens_per_s, 1),
+            "steady_tok_per_s": round(self.steady_tokens_per_s(rare), 1),
             "req_per_s": round(self.requests_per_s, 2),
             "ttft_p50_ms": round(self.ttft_ms(0.5), 1),
             "ttft_p99_ms": round(self.ttft_ms(0.99), 1),
@@ -197,8 +220,8 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: str, max_to
         "stream_options": {"include_usage": True},
         "ignore_eos": True,
     }
-    result = Result(model=model, status=0)
     started = time.perf_counter()
+    result = Result(model=model, status=0, sent=started)
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
             result.status = response.status_code
@@ -234,7 +257,8 @@ async def run(base_url: str, workload: Workload, timeout_s: float = 600) -> Repo
         else:
             results = await _open_loop(client, workload, schedule, workload.rate)
         results += await rare
-        return Report(workload=workload.name, duration_s=time.perf_counter() - started, results=results)
+        return Report(workload=workload.name, duration_s=time.perf_counter() - started, results=results,
+                      started=started)  # fmt: skip
 
 
 async def _closed_loop(client: httpx.AsyncClient, workload: Workload, schedule: list[Planned]) -> list[Result]:

@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replicas", type=int, default=1, help="loraplex's engine replicas (above 1: no vllm)")
     parser.add_argument("--workloads", nargs="+", default=["base", "zipf64", "zipf64-warm", "zipf512", "rare"])
     parser.add_argument("--engine", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--requests", type=int, default=64, help="requests of each closed-loop workload")
     parser.add_argument(
         "--rounds", type=int, default=2, help="passes over all systems, the order reversed every other one; medians"
     )
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = engine.model_copy(update={"max_cpu_loras": engine.unpinned_cache_entries(slots)})
     adapters = [AdapterConfig(name=name, path=str(path.resolve())) for name, path in folders.items()]
     ids = {a.name: adapter_model_id(engine.model_id, a.name) for a in adapters}
-    chosen = [w for w in tail_workloads(engine.model_id, ids) if w.name in args.workloads]
+    chosen = [w for w in tail_workloads(engine.model_id, ids, requests=args.requests) if w.name in args.workloads]
 
     rounds: list[dict[str, dict[str, Figures]]] = []
     with tempfile.TemporaryDirectory(prefix="loraplex-tail-") as tmp:

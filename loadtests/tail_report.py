@@ -23,8 +23,8 @@ def p99_vs_base(results: Results, system: str, workload: str) -> float:
     return _get(results, system, workload, "ttft_p99_ms") / _get(results, system, "base", "ttft_p99_ms")
 
 
-def tok_vs(results: Results, system: str, other: str, workload: str) -> float:
-    return _get(results, system, workload, "tok_per_s") / _get(results, other, workload, "tok_per_s")
+def tok_vs(results: Results, system: str, other: str, workload: str, column: str = "tok_per_s") -> float:
+    return _get(results, system, workload, column) / _get(results, other, workload, column)
 
 
 def write(out: Path, results: Results, engine: EngineConfig, machine: str, command: str) -> str:
@@ -43,11 +43,12 @@ def write(out: Path, results: Results, engine: EngineConfig, machine: str, comma
         f"adapters; loraplex's slot policy: slot_wait_s={engine.slot_wait_s}, slot_pause_s={engine.slot_pause_s}, "
         f"slot_hold_s={engine.slot_hold_s}.\n",
         "Workloads and systems: see the docstring of `loadtests/tail_bench.py`. `p99/base` is a workload's TTFT p99 "
-        "over the same system's base-only p99; `worst` the longest single TTFT; `rare worst` the longest TTFT of "
+        "over the same system's base-only p99; `steady` counts the tokens streamed until the last request was sent "
+        "(a closed loop's drain left out); `worst` the longest single TTFT; `rare worst` the longest TTFT of "
         "the never-used adapters of `rare`.\n",
-        "| system | workload | tok/s | tok/s vs fcfs | TTFT p50 ms | TTFT p99 ms | p99/base | worst ms | rare worst ms "
-        "| TPOT p99 ms | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| system | workload | tok/s | tok/s vs fcfs | steady tok/s vs fcfs | TTFT p50 ms | TTFT p99 ms | p99/base "
+        "| worst ms | rare worst ms | TPOT p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for system, per_workload in results.items():
         if "failure" in per_workload:
@@ -56,8 +57,9 @@ def write(out: Path, results: Results, engine: EngineConfig, machine: str, comma
             if workload == "failure":
                 continue
             versus = tok_vs(results, system, "loraplex-fcfs", workload)
+            steady = tok_vs(results, system, "loraplex-fcfs", workload, "steady_tok_per_s")
             lines.append(
-                f"| {system} | {workload} | {f['tok_per_s']} | {versus:.2f} "
+                f"| {system} | {workload} | {f['tok_per_s']} | {versus:.2f} | {steady:.2f} "
                 f"| {f['ttft_p50_ms']} | {f['ttft_p99_ms']} | {p99_vs_base(results, system, workload):.2f} "
                 f"| {f['ttft_max_ms']} | {f.get('rare_ttft_max_ms', '-')} | {f['tpot_p99_ms']} | {f['errors']} |"
             )
@@ -77,7 +79,8 @@ def write(out: Path, results: Results, engine: EngineConfig, machine: str, comma
         f"zipf64_warm_p99_vs_base={p99_vs_base(results, 'loraplex', 'zipf64-warm'):.2f} "
         f"zipf512_p99_vs_base={p99_vs_base(results, 'loraplex', 'zipf512'):.2f} "
         f"rare_worst_ms={_get(results, 'loraplex', 'rare', 'rare_ttft_max_ms'):.0f} "
-        f"zipf64_tok_vs_fcfs={tok_vs(results, 'loraplex', 'loraplex-fcfs', 'zipf64'):.2f}"
+        f"zipf64_tok_vs_fcfs={tok_vs(results, 'loraplex', 'loraplex-fcfs', 'zipf64'):.2f} "
+        f"zipf64_steady_tok_vs_fcfs={tok_vs(results, 'loraplex', 'loraplex-fcfs', 'zipf64', 'steady_tok_per_s'):.2f}"
     )
     lines += ["```", summary, "```", ""]
     (out / "tail-latency.md").write_text("\n".join(lines))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,19 @@ def test_report_statistics() -> None:
     assert quantile([], 0.5) != quantile([], 0.5)  # NaN when there is nothing to measure
     assert report.summary()["first_error"] == "HTTP 503: overloaded"
     assert "first_error" not in Report("w", duration_s=1.0, results=results[:3]).summary()
+
+
+def test_steady_throughput_leaves_out_the_drain_after_the_last_request_is_sent() -> None:
+    # Sent at 0 and 1 s, 11 tokens each from 0.5 s after sending, one every 0.1 s; a rare one at 5 s is aside.
+    results = [Result("m", 200, ttft=0.5, latency=1.5, completion_tokens=11, sent=100.0 + i) for i in range(2)]
+    results.append(Result("rare", 200, ttft=0.1, latency=0.2, completion_tokens=2, sent=105.0))
+    report = Report("w", duration_s=2.5, results=results, started=100.0)
+    # By the last send (1 s), the first request has streamed its tokens at 0.5-1.0 s (6), the second none yet.
+    assert report.steady_tokens_per_s(besides=("rare",)) == 6.0
+    assert report.summary(rare=("rare",))["steady_tok_per_s"] == 6.0
+    assert report.steady_tokens_per_s() == 22 / 5  # counting the rare one's send, the window runs to 5 s
+    alone = Report("w", duration_s=1.5, results=results[:1], started=100.0)
+    assert math.isnan(alone.steady_tokens_per_s())  # everything was sent at once: no window to measure
 
 
 def test_report_ends_with_ratio_line(tmp_path: Path) -> None:
