@@ -207,13 +207,8 @@ def run_case(case: Case) -> list[tuple[str, str, dict[str, float]]]:
     for workload in workloads(case.adapters, case.requests, case.concurrency):
         for policy in (None, *case.policies) if workload.name != "base" else (None,):  # base has no adapters
             summary = simulate(workload, replace(case.engine, policy=policy), COSTS[case.costs]).summary()
-            label = (
-                "fcfs"
-                if policy is None
-                else (
-                    f"wait {policy.wait_s:g} s, pause {policy.pause_s or policy.wait_s:g} s, hold {policy.hold_s:g} s"
-                )
-            )
+            label = "fcfs" if policy is None else (
+                f"wait {policy.wait_s:g} s, pause {policy.pause_bound_s:g} s, hold {policy.hold_s:g} s")  # fmt: skip
             rows.append((workload.name, label, summary))
             print(case.costs, workload.name, label, summary, flush=True)
     return rows

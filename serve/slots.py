@@ -75,11 +75,15 @@ class SlotPolicy:
     pause_s: float | None = 2.0
     """The bound for an adapter whose requests were paused (they have answered already); None: `wait_s`."""
 
+    @property
+    def pause_bound_s(self) -> float:
+        """The bound for paused requests: `pause_s`, or `wait_s` when it is None."""
+        return self.wait_s if self.pause_s is None else self.pause_s
+
     def overdue(self, waiters: Sequence[Waiter], now: float) -> list[Waiter]:
         """Waiting adapters past their bound (`wait_s` for a first token, `pause_s` to go on): those with a request
         waiting for its first token first, then those whose requests were paused; the longest-waiting first in each."""
-        pause_s = self.wait_s if self.pause_s is None else self.pause_s
-        due = (w for w in waiters if now - w.since >= (self.wait_s if w.fresh else pause_s))
+        due = (w for w in waiters if now - w.since >= (self.wait_s if w.fresh else self.pause_bound_s))
         return sorted(due, key=lambda w: (not w.fresh, w.since))
 
     def plan(self, holders: Sequence[Holder], waiters: Sequence[Waiter], slots: int, now: float) -> Plan:

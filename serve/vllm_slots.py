@@ -41,11 +41,10 @@ def keeper_for(scheduler: Any) -> SlotKeeper[Any] | None:
     if not isinstance(scheduler.waiting, FCFSRequestQueue):
         logger.warning("loraplex: the adapter slot policy needs vLLM's fcfs scheduling policy; it is off")
         return None
-    wait_s, hold_s = float(settings["wait_s"]), float(settings["hold_s"])
-    policy = SlotPolicy(wait_s, hold_s, float(settings.get("pause_s", wait_s)))
-    logger.info(
-        "loraplex: adapter slot waits bounded (wait %.2f s, hold %.2f s, pause %.2f s)", wait_s, hold_s, policy.pause_s
-    )
+    pause_s = settings.get("pause_s")  # None: the first token's bound
+    policy = SlotPolicy(float(settings["wait_s"]), float(settings["hold_s"]), pause_s and float(pause_s))
+    logger.info("loraplex: adapter slot waits bounded (wait %.2f s, hold %.2f s, pause %.2f s)", policy.wait_s,
+                policy.hold_s, policy.pause_bound_s)  # fmt: skip
     # Arrival times are wall-clock times taken in the API process (vLLM's Request.arrival_time).
     return SlotKeeper(policy, int(lora.max_loras), adapter_of=_adapter, arrived_of=lambda r: r.arrival_time)
 

@@ -215,12 +215,12 @@ class EngineConfig(_Strict):
             slots = min(slots, self.max_cpu_loras)
         return slots
 
-    def slot_policy_config(self) -> dict[str, dict[str, float]]:
+    def slot_policy_config(self) -> dict[str, dict[str, float | None]]:
         """vLLM's `additional_config` for loraplex's slot policy (serve/vllm_slots.py); empty when it is off."""
         if self.slot_wait_s is None:
             return {}
-        pause_s = self.slot_wait_s if self.slot_pause_s is None else self.slot_pause_s
-        return {"loraplex_slots": {"wait_s": self.slot_wait_s, "hold_s": self.slot_hold_s, "pause_s": pause_s}}
+        policy = {"wait_s": self.slot_wait_s, "hold_s": self.slot_hold_s, "pause_s": self.slot_pause_s}
+        return {"loraplex_slots": policy}
 
     def tool_parsers(self) -> tuple[str, ...]:
         """Every tool-call parser the engine loads: the server's, then the adapters' others."""
